@@ -1,0 +1,36 @@
+# afc: `make demo` runs the main job end to end; `make test` runs the whole suite.
+# Both install what is missing and start the local test bed first.
+SHELL := /bin/bash
+PY := .venv/bin/python
+PYTEST := .venv/bin/pytest
+TESTBED := python3 scripts/testbed.py
+PYTEST_ARGS ?=
+
+.PHONY: deps testbed testbed-down testbed-clean testbed-status test unit demo bench crds
+
+deps:
+	bash scripts/install-deps.sh
+
+testbed: deps
+	$(TESTBED) up
+
+testbed-down:
+	$(TESTBED) down
+
+testbed-clean:
+	$(TESTBED) clean
+
+testbed-status:
+	$(TESTBED) status
+
+test: testbed
+	set -a; source .testbed/env; set +a; $(PYTEST) $(PYTEST_ARGS)
+
+unit: deps
+	$(PYTEST) -m unit $(PYTEST_ARGS)
+
+demo: testbed
+	set -a; source .testbed/env; set +a; $(PY) -m afc.runtime.demo
+
+bench: testbed
+	set -a; source .testbed/env; set +a; $(PY) bench/run.py

@@ -1,0 +1,1 @@
+"""afc.operator: the kopf operator reconciling AdaptiveConsumer resources."""

@@ -1,0 +1,1 @@
+"""afc.runtime: the adaptive consumer process (fetch, dedup, handle, commit, route)."""

@@ -1,0 +1,222 @@
+"""The runtime's configuration: one pydantic model, read from env vars and a JSON file.
+
+The operator renders the same model into a ConfigMap (and the CRD embeds its sections),
+so both sides agree on names, bounds and defaults. Field names are snake_case in Python
+and environment variables (`AFC_KAFKA__BOOTSTRAP_SERVERS`), camelCase in JSON and the CRD.
+Secrets (SASL password, Redis URL with a password) are never written to the file: they
+arrive as environment variables the pod takes from Secret references.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+HANDLER_PATH = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
+TOPIC_NAME = r"^[A-Za-z0-9._-]{1,249}$"
+
+
+class Section(BaseModel):
+    """camelCase in JSON and the CRD, snake_case in Python; unknown keys are errors."""
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid",
+                              validate_default=True)
+
+
+class KafkaSettings(Section):
+    bootstrap_servers: str = Field("localhost:9092", min_length=1,
+                                   description="Comma-separated host:port list of the brokers.")
+    topics: list[str] = Field(default_factory=list, description="Topics to consume (at least one to run).")
+    group_id: str = Field("afc", min_length=1, max_length=249, description="Consumer group id.")
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = Field(None, description="From a Secret; never rendered to files.")
+    ssl_ca_location: str | None = Field(None, description="Path of a CA bundle (a mounted Secret).")
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    fetch_max_bytes: int = Field(52_428_800, ge=1024)
+    max_partition_fetch_bytes: int = Field(1_048_576, ge=1024)
+    queued_max_messages_kbytes: int = Field(
+        16_384, ge=64, description="Bound on librdkafka's prefetch queue per consumer, in KiB.")
+    extra: dict[str, str] = Field(default_factory=dict,
+                                  description="Further librdkafka properties, passed through as given.")
+
+    @field_validator("topics")
+    @classmethod
+    def _topic_names(cls, v: list[str]) -> list[str]:
+        for t in v:
+            if not re.match(TOPIC_NAME, t):
+                raise ValueError(f"invalid topic name {t!r}")
+        if len(set(v)) != len(v):
+            raise ValueError("topics must be unique")
+        return v
+
+
+class MembershipSettings(Section):
+    static: bool = Field(True, description="Use group.instance.id (static membership).")
+    instance_id: str | None = Field(
+        None, description="group.instance.id; defaults to AFC_INSTANCE_ID, then POD_NAME, then HOSTNAME.")
+    session_timeout_ms: int = Field(45_000, ge=1_000, le=1_800_000)
+    max_poll_interval_ms: int = Field(300_000, ge=10_000, le=86_400_000)
+    group_protocol: Literal["classic", "consumer"] = Field(
+        "classic", description="classic (with cooperative-sticky assignment) or KIP-848 consumer.")
+
+    def resolved_instance_id(self) -> str | None:
+        if not self.static:
+            return None
+        return (self.instance_id or os.environ.get("AFC_INSTANCE_ID") or os.environ.get("POD_NAME")
+                or os.environ.get("HOSTNAME") or None)
+
+
+class FlowSettings(Section):
+    """Bounds of the adaptive fetch loop (see fetch_control)."""
+    min_inflight: int = Field(1, ge=1, description="Floor of the in-flight limit.")
+    max_inflight: int = Field(5_000, ge=1, description="Ceiling of the in-flight limit.")
+    initial_inflight: int | None = Field(None, ge=1, description="Start value; default min(100, maxInflight).")
+    min_batch: int = Field(1, ge=1)
+    max_batch: int = Field(1_000, ge=1, le=100_000, description="Most messages taken per fetch.")
+    target_latency_ms: float = Field(200.0, gt=0, description="Handler latency above which the limit is cut.")
+    max_error_rate: float = Field(0.2, ge=0, le=1, description="Error rate above which the limit is cut.")
+    decrease_factor: float = Field(0.5, gt=0, lt=1, description="Multiplicative cut on overload (AIMD).")
+    increase_ratio: float = Field(0.1, ge=0, le=1, description="Growth per healthy window, as a share of the limit (at least +1).")
+    window_ms: int = Field(250, ge=10, le=60_000, description="How often the controller decides.")
+    workers: int = Field(16, ge=1, le=1024, description="Handler concurrency (threads for sync handlers, tasks for async).")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "FlowSettings":
+        if self.min_inflight > self.max_inflight:
+            raise ValueError("minInflight must be <= maxInflight")
+        if self.min_batch > self.max_batch:
+            raise ValueError("minBatch must be <= maxBatch")
+        if self.initial_inflight is not None and not self.min_inflight <= self.initial_inflight <= self.max_inflight:
+            raise ValueError("initialInflight must lie within [minInflight, maxInflight]")
+        return self
+
+    @property
+    def start_inflight(self) -> int:
+        return self.initial_inflight or max(self.min_inflight, min(100, self.max_inflight))
+
+
+class IdempotencySettings(Section):
+    enabled: bool = True
+    redis_url: SecretStr | None = Field(
+        None, description="Redis URL (from a Secret); without one, an embedded store serves one process only.")
+    sqlite_path: str = Field(":memory:", description="Embedded store file when no Redis URL is given.")
+    key_prefix: str = Field("afc", min_length=1, max_length=64)
+    key_header: str = Field("idempotency-key", min_length=1)
+    key_field: str | None = Field(None, description="Dotted payload field used as key when the header is absent.")
+    lease_ms: int = Field(30_000, ge=100, le=3_600_000, description="How long a claim survives its worker.")
+    done_ttl_s: int = Field(7 * 86_400, ge=60, description="How long a done key is remembered.")
+
+
+class HandlerSettings(Section):
+    handler: str | None = Field(None, pattern=HANDLER_PATH, description="Import path `pkg.module:func`.")
+    http_sink_url: str | None = Field(None, pattern=r"^https?://.+",
+                                      description="POST each message (or batch) to this URL instead.")
+    http_batch: bool = False
+    http_timeout_s: float = Field(10.0, gt=0, le=300)
+    decoder: Literal["json", "raw", "text"] = "json"
+
+    @model_validator(mode="after")
+    def _one_target(self) -> "HandlerSettings":
+        if self.handler and self.http_sink_url:
+            raise ValueError("set either handler or httpSinkUrl, not both")
+        return self
+
+
+class OffsetSettings(Section):
+    commit_interval_ms: int = Field(1_000, ge=50, le=60_000)
+
+
+class ServerSettings(Section):
+    host: str = "0.0.0.0"
+    port: int = Field(8080, ge=0, le=65_535, description="/healthz, /readyz and /metrics; 0 disables.")
+    liveness_timeout_s: float = Field(30.0, gt=0, description="/healthz fails when the loop stalls longer.")
+
+
+class ShutdownSettings(Section):
+    drain_timeout_s: float = Field(20.0, ge=0, le=3_600,
+                                   description="How long SIGTERM waits for in-flight work before closing.")
+
+
+class RuntimeSettings(BaseSettings):
+    """Everything `afc-consumer` needs. Sources, strongest first: arguments, environment
+    (`AFC_` prefix, `__` between levels), the JSON file named by `AFC_CONFIG_FILE`."""
+    model_config = SettingsConfigDict(env_prefix="AFC_", env_nested_delimiter="__", extra="forbid",
+                                      alias_generator=to_camel, populate_by_name=True,
+                                      validate_default=True)
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    membership: MembershipSettings = Field(default_factory=MembershipSettings)
+    flow: FlowSettings = Field(default_factory=FlowSettings)
+    idempotency: IdempotencySettings = Field(default_factory=IdempotencySettings)
+    handler: HandlerSettings = Field(default_factory=HandlerSettings)
+    offsets: OffsetSettings = Field(default_factory=OffsetSettings)
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    shutdown: ShutdownSettings = Field(default_factory=ShutdownSettings)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", validation_alias=AliasChoices("logLevel", "log_level"))
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, JsonFileSource(settings_cls)
+
+    def require_runnable(self) -> None:
+        """What validation of each field alone cannot say: is there enough to run?"""
+        problems = []
+        if not self.kafka.topics:
+            problems.append("kafka.topics: at least one topic is required (AFC_KAFKA__TOPICS='[\"t\"]')")
+        if not (self.handler.handler or self.handler.http_sink_url):
+            problems.append("handler: set handler.handler (pkg.module:func) or handler.httpSinkUrl")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    def to_file_json(self) -> dict[str, Any]:
+        """The camelCase document for a ConfigMap: secrets are left out, not masked."""
+        return self.model_dump(mode="json", by_alias=True, exclude={
+            "kafka": {"sasl_password"}, "idempotency": {"redis_url"}})
+
+
+class ConfigError(ValueError):
+    """Configuration that cannot run; the message names the field."""
+
+
+class JsonFileSource(PydanticBaseSettingsSource):
+    """Reads `AFC_CONFIG_FILE` (JSON, camelCase or snake_case keys) if it is set."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover - unused
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = os.environ.get("AFC_CONFIG_FILE")
+        if not path:
+            return {}
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError as e:
+            raise ConfigError(f"AFC_CONFIG_FILE={path}: no such file") from e
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"AFC_CONFIG_FILE={path}: not valid JSON ({e})") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"AFC_CONFIG_FILE={path}: the top level must be an object")
+        return data
+
+
+def load_settings(**overrides: Any) -> RuntimeSettings:
+    """Build and validate settings; pydantic's errors become one ConfigError naming fields."""
+    from pydantic import ValidationError
+    try:
+        return RuntimeSettings(**overrides)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            lines.append(f"{loc}: {err['msg']}")
+        raise ConfigError("invalid configuration: " + "; ".join(lines)) from e
