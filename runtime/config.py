@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
-from pydantic.alias_generators import to_camel
+from pydantic.alias_generators import to_camel, to_snake
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 HANDLER_PATH = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
@@ -206,17 +206,32 @@ class JsonFileSource(PydanticBaseSettingsSource):
             raise ConfigError(f"AFC_CONFIG_FILE={path}: not valid JSON ({e})") from e
         if not isinstance(data, dict):
             raise ConfigError(f"AFC_CONFIG_FILE={path}: the top level must be an object")
+        return snake_keys(data)
+
+
+def snake_keys(data: Any) -> Any:
+    """camelCase keys to field names, so a file (camelCase) and the environment (snake_case)
+    merge per field. Free-form maps (`kafka.extra`: librdkafka names) are left as they are."""
+    if not isinstance(data, dict):
         return data
+    return {to_snake(k): (v if k == "extra" else snake_keys(v)) for k, v in data.items()}
+
+
+def field_label(loc: tuple[Any, ...]) -> str:
+    """`membership.sessionTimeoutMs (AFC_MEMBERSHIP__SESSION_TIMEOUT_MS)` for an error location."""
+    parts = [str(p) for p in loc if not isinstance(p, int)]
+    if not parts:
+        return "settings"
+    camel = ".".join(to_camel(p) for p in parts)
+    env = "AFC_" + "__".join(p.upper() for p in parts)
+    return f"{camel} ({env})"
 
 
 def load_settings(**overrides: Any) -> RuntimeSettings:
     """Build and validate settings; pydantic's errors become one ConfigError naming fields."""
     from pydantic import ValidationError
     try:
-        return RuntimeSettings(**overrides)
+        return RuntimeSettings(**snake_keys(overrides))
     except ValidationError as e:
-        lines = []
-        for err in e.errors():
-            loc = ".".join(str(p) for p in err["loc"])
-            lines.append(f"{loc}: {err['msg']}")
+        lines = [f"{field_label(err['loc'])}: {err['msg']}" for err in e.errors()]
         raise ConfigError("invalid configuration: " + "; ".join(lines)) from e

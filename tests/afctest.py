@@ -58,3 +58,136 @@ def wait_for(fn: Callable[[], T], timeout: float = 30, interval: float = 0.2, wh
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ConsumerProcess:
+    """`afc-consumer run` as a real subprocess, with its log in a file and a metrics port."""
+
+    def __init__(self, testbed: Testbed, topics: list[str], group: str, handler: str, log_path: Path,
+                 instance_id: str | None = None, env: dict[str, str] | None = None,
+                 redis_prefix: str = "afc") -> None:
+        self.port = free_port()
+        self.log_path = log_path
+        self.env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT / "tests"),
+            "AFC_KAFKA__BOOTSTRAP_SERVERS": testbed.bootstrap,
+            "AFC_KAFKA__TOPICS": json.dumps(topics),
+            "AFC_KAFKA__GROUP_ID": group,
+            "AFC_IDEMPOTENCY__REDIS_URL": testbed.redis_url,
+            "AFC_IDEMPOTENCY__KEY_PREFIX": redis_prefix.rstrip(":"),
+            "AFC_SERVER__HOST": "127.0.0.1",
+            "AFC_SERVER__PORT": str(self.port),
+            "AFC_TEST_REDIS_URL": testbed.redis_url,
+            **({"AFC_INSTANCE_ID": instance_id} if instance_id else {"AFC_MEMBERSHIP__STATIC": "false"}),
+            **(env or {}),
+        }
+        self.handler = handler
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> "ConsumerProcess":
+        exe = str(ROOT / ".venv" / "bin" / "afc-consumer")
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([exe, "run", "--handler", self.handler], env=self.env,
+                                     stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        return self
+
+    def http(self, path: str) -> tuple[int, str]:
+        import urllib.error
+        import urllib.request
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=2) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+        except OSError:
+            return 0, ""
+
+    def metrics(self) -> dict[str, float]:
+        """Prometheus text -> {'name{labels}': value} (histogram buckets included)."""
+        code, text = self.http("/metrics")
+        out: dict[str, float] = {}
+        if code != 200:
+            return out
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                out[name] = float(value)
+        return out
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        wait_for(lambda: self.http("/readyz")[0] == 200 or self._died(), timeout, what="consumer /readyz")
+        if self._died():
+            raise AssertionError(f"consumer exited {self.proc.returncode}:\n{self.log_tail()}")
+
+    def _died(self) -> bool:
+        return self.proc is not None and self.proc.poll() is not None
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM and wait for the drain; returns the exit code."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+                raise AssertionError(f"consumer did not stop within {timeout}s:\n{self.log_tail()}")
+        self._log.close()
+        return self.proc.returncode
+
+    def log_tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+def group_lag(bootstrap: str, topic: str, group: str) -> tuple[int, int]:
+    """(committed total, lag total) of a group on a topic, read from the broker."""
+    from confluent_kafka import Consumer, TopicPartition
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    try:
+        parts = c.list_topics(topic, timeout=10).topics[topic].partitions
+        committed = c.committed([TopicPartition(topic, p) for p in parts], timeout=10)
+        total = lag = 0
+        for tp in committed:
+            _, high = c.get_watermark_offsets(tp, timeout=10)
+            done = max(tp.offset, 0)
+            total += done
+            lag += high - done
+        return total, lag
+    finally:
+        c.close()
+
+
+def produce_json(bootstrap: str, topic: str, docs: list[dict], key_of=None, headers_of=None,
+                 partition_of=None) -> None:
+    import orjson
+    from confluent_kafka import Producer
+    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "enable.idempotence": True})
+    for i, d in enumerate(docs):
+        kw = {}
+        if partition_of is not None:
+            kw["partition"] = partition_of(i, d)
+        while True:
+            try:
+                p.produce(topic, value=orjson.dumps(d), key=key_of(i, d) if key_of else None,
+                          headers=headers_of(i, d) if headers_of else None, **kw)
+                break
+            except BufferError:
+                p.poll(0.05)
+    assert p.flush(60) == 0

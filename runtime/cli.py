@@ -1,0 +1,97 @@
+"""`afc-consumer`: run the adaptive consumer (and, later, tools around it).
+
+    afc-consumer run [--handler pkg.module:func | --http-sink URL] [--topic T ...] [--group G]
+                     [--bootstrap HOST:PORT] [--redis-url URL]
+
+Everything else comes from the environment (`AFC_...`) or `AFC_CONFIG_FILE`; see config.py.
+Exit codes: 0 after a clean stop, 2 for configuration errors (a restart would not help).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from typing import Any
+
+from .config import ConfigError, load_settings
+from .handlers import HandlerLoadError
+from .logs import setup_logging
+
+log = logging.getLogger("afc.runtime.cli")
+
+
+def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
+    o: dict[str, Any] = {}
+    if ns.handler or ns.http_sink:
+        o["handler"] = {k: v for k, v in (("handler", ns.handler), ("http_sink_url", ns.http_sink)) if v}
+    kafka = {k: v for k, v in (("topics", ns.topic), ("group_id", ns.group), ("bootstrap_servers", ns.bootstrap)) if v}
+    if kafka:
+        o["kafka"] = kafka
+    if ns.redis_url:
+        o["idempotency"] = {"redis_url": ns.redis_url}
+    return o
+
+
+def _merge(settings_cls: Any, overrides: dict[str, Any]) -> Any:
+    """Arguments override single fields; the rest of each section still comes from env/file."""
+    base = load_settings()
+    data = base.model_dump()
+    for section, fields in overrides.items():
+        data[section].update(fields)
+    for secret in (("kafka", "sasl_password"), ("idempotency", "redis_url")):
+        v = getattr(getattr(base, secret[0]), secret[1])
+        if secret[1] not in overrides.get(secret[0], {}) and v is not None:
+            data[secret[0]][secret[1]] = v.get_secret_value()
+    return settings_cls.model_validate(data)
+
+
+async def _run(settings: Any) -> int:
+    from .consumer import Runtime
+    from .server import start_server
+    rt = Runtime(settings)
+    await rt.start()
+    rt.install_signals()
+    runner = None
+    if settings.server.port:
+        runner = await start_server(rt, settings.server.host, settings.server.port)
+    try:
+        await rt.run()
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="afc-consumer", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd")
+    run = sub.add_parser("run", help="consume and handle")
+    run.add_argument("--handler", help="pkg.module:func")
+    run.add_argument("--http-sink", help="POST each message to this URL")
+    run.add_argument("--topic", action="append", help="topic to consume (repeatable)")
+    run.add_argument("--group", help="consumer group id")
+    run.add_argument("--bootstrap", help="bootstrap servers")
+    run.add_argument("--redis-url", help="idempotency store (prefer AFC_IDEMPOTENCY__REDIS_URL from a Secret)")
+    ns = p.parse_args(argv)
+    if ns.cmd is None:
+        ns = p.parse_args(["run", *(argv or sys.argv[1:])])
+    try:
+        from .config import RuntimeSettings
+        settings = _merge(RuntimeSettings, _overrides(ns))
+        setup_logging(settings.log_level)
+        settings.require_runnable()
+    except (ConfigError, ValueError) as e:
+        setup_logging()
+        log.error("event=config-error error=\"%s\"", str(e).replace('"', "'"))
+        return 2
+    try:
+        return asyncio.run(_run(settings))
+    except (HandlerLoadError, ConfigError) as e:
+        log.error("event=config-error error=\"%s\"", str(e).replace('"', "'"))
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,727 @@
+"""The consumer loop: fetch -> decode -> claim -> handle -> finish -> commit.
+
+One asyncio loop owns all state. Kafka calls run on one dedicated thread (librdkafka's
+rebalance callbacks fire there, inside poll); handlers run in `dispatch` lanes. The loop:
+
+1. asks the fetch controller how many messages it may take (0: pause every partition and
+   keep polling, so `max.poll.interval.ms` is never exceeded and the member stays in the group);
+2. fetches (blocks for the first message, then takes what is already buffered);
+3. decodes, derives idempotency keys and claims them in one store round trip (the previous
+   batch's done marks ride along);
+4. hands claimed messages to the lanes; done ones finish at once; busy ones wait in their lane;
+5. on results: marks offsets finished, queues done marks, routes failures;
+6. periodically: commits each partition's safe offset, renews long claims, lets the
+   controller decide, refreshes lag gauges.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+import uuid
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+
+from .config import RuntimeSettings
+from .dispatch import AsyncDispatcher, Outcome, Result, SyncDispatcher
+from .errors import StoreUnavailable
+from .fetch_control import FetchController, WindowStats
+from .handlers import build_handler, is_async
+from .idempotency import Claim, IdempotencyStore, RedisStore, SqliteStore
+from .message import DECODERS, Message, idempotency_key
+from .metrics import RuntimeMetrics
+from .offsets import OffsetTracker
+from .routing import InPlaceRetry, Router
+
+log = logging.getLogger("afc.runtime.consumer")
+TP = tuple[str, int]
+PAUSE_AFTER_S = 0.5       # saturation shorter than this waits; longer pauses the partitions
+RESUME_BELOW = 0.5        # paused partitions resume once in-flight is below this share of the limit
+
+
+class PartitionState:
+    """Per assigned partition; messages point at it so lanes can see a revocation."""
+    __slots__ = ("tp", "revoked", "inflight")
+
+    def __init__(self, tp: TP) -> None:
+        self.tp = tp
+        self.revoked = False
+        self.inflight = 0          # dispatched or parked, result not yet seen
+
+
+def kafka_config(s: RuntimeSettings, instance_id: str | None) -> dict[str, Any]:
+    k, m = s.kafka, s.membership
+    conf: dict[str, Any] = {
+        "bootstrap.servers": k.bootstrap_servers,
+        "group.id": k.group_id,
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": k.auto_offset_reset,
+        "fetch.max.bytes": k.fetch_max_bytes,
+        "max.partition.fetch.bytes": k.max_partition_fetch_bytes,
+        "queued.max.messages.kbytes": k.queued_max_messages_kbytes,
+        "max.poll.interval.ms": m.max_poll_interval_ms,
+        "client.id": f"afc-{instance_id or 'dynamic'}",
+        "security.protocol": k.security_protocol,
+    }
+    if m.group_protocol == "consumer":
+        conf["group.protocol"] = "consumer"
+    else:
+        conf["partition.assignment.strategy"] = "cooperative-sticky"
+        conf["session.timeout.ms"] = m.session_timeout_ms
+        conf["heartbeat.interval.ms"] = max(100, min(3000, m.session_timeout_ms // 3))
+    if instance_id:
+        conf["group.instance.id"] = instance_id
+    if k.sasl_mechanism:
+        conf["sasl.mechanism"] = k.sasl_mechanism
+        conf["sasl.username"] = k.sasl_username or ""
+        conf["sasl.password"] = k.sasl_password.get_secret_value() if k.sasl_password else ""
+    if k.ssl_ca_location:
+        conf["ssl.ca.location"] = k.ssl_ca_location
+    conf.update(k.extra)
+    return conf
+
+
+def build_store(s: RuntimeSettings, owner: str) -> IdempotencyStore | None:
+    i = s.idempotency
+    if not i.enabled:
+        return None
+    args = (i.key_prefix, s.kafka.group_id, owner, i.lease_ms, i.done_ttl_s)
+    if i.redis_url:
+        return RedisStore(i.redis_url.get_secret_value(), *args)
+    return SqliteStore(i.sqlite_path, *args)
+
+
+class Runtime:
+    def __init__(self, settings: RuntimeSettings, handler: Callable[[Message], Any] | None = None,
+                 router: Router | None = None) -> None:
+        self.s = settings
+        self.instance_id = settings.membership.resolved_instance_id()
+        # The owner of claims: this process incarnation, so a restart never mistakes an
+        # old claim of its own for a live one.
+        self.owner = f"{self.instance_id or 'dynamic'}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.metrics = RuntimeMetrics()
+        self.ctl = FetchController(settings.flow)
+        self.tracker = OffsetTracker()
+        self.parts: dict[TP, PartitionState] = {}
+        self.paused: set[TP] = set()
+        self.joined = False
+        self.outstanding = 0
+        self.decode = DECODERS[settings.handler.decoder]
+        self._handler = handler
+        self._close_handler: Callable[[], Any] | None = None
+        self.router = router or InPlaceRetry()
+        self.store: IdempotencyStore | None = None
+        self.store_down_since: float | None = None
+        self._unclaimed: list[Message] = []         # fetched while the store was down
+        self._claims: deque[asyncio.Task[None]] = deque()   # claim steps in flight, in batch order
+        self._done_keys: list[str] = []
+        self._release_keys: list[str] = []
+        # Keys this process claimed and whose done mark is not yet written (value: claim time,
+        # for lease renewal). A second copy of a held key waits instead of running.
+        self._claimed_at: dict[str, float] = {}
+        self._win = [0, 0, 0.0, 0]                  # completed, errors, latency sum, peak outstanding
+        self._stop = asyncio.Event()
+        self._results_in = asyncio.Event()
+        self._hard_stop = False
+        self.last_beat = time.monotonic()
+        self.consumer: Consumer | None = None
+        self._kafka = ThreadPoolExecutor(1, thread_name_prefix="afc-kafka")
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.dispatcher: SyncDispatcher | AsyncDispatcher | None = None
+        self.stopped = asyncio.Event()
+
+    # ------------------------------------------------------------------ kafka thread
+
+    async def _k(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        assert self.loop is not None
+        return await self.loop.run_in_executor(self._kafka, lambda: fn(*args, **kw))
+
+    def _fetch(self, budget: int, timeout: float) -> list[Any]:
+        """On the Kafka thread: wait for one message, then take what is already there."""
+        c = self.consumer
+        assert c is not None
+        first = c.poll(timeout)
+        if first is None:
+            return []
+        if budget <= 1:
+            return [first]
+        return [first, *c.consume(budget - 1, 0)]
+
+    def _fetch_async(self, budget: int, timeout: float) -> "asyncio.Future[list[Any]]":
+        assert self.loop is not None
+        return self.loop.run_in_executor(self._kafka, self._fetch, budget, timeout)
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for p in partitions:
+            tp = (p.topic, p.partition)
+            self.parts[tp] = PartitionState(tp)
+        self.joined = True
+        self.metrics.rebalances.labels("assign").inc()
+        self.metrics.assigned.set(len(self.parts))
+        log.info("event=assigned partitions=%s total=%d", _fmt(partitions), len(self.parts))
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._give_up(consumer, partitions, commit=True)
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._give_up(consumer, partitions, commit=False)
+
+    def _give_up(self, consumer: Consumer, partitions: list[TopicPartition], commit: bool) -> None:
+        """Partitions move away: finish or abandon their work, commit, forget them.
+
+        Runs on the Kafka thread inside poll; the loop is free meanwhile (it awaits the poll),
+        so it can collect the lanes' results for these partitions.
+        """
+        tps = {(p.topic, p.partition) for p in partitions}
+        states = [self.parts[tp] for tp in tps if tp in self.parts]
+        for st in states:
+            st.revoked = True
+        assert self.loop is not None
+        bound = min(self.s.shutdown.drain_timeout_s, self.s.membership.max_poll_interval_ms / 2000)
+        fut = asyncio.run_coroutine_threadsafe(self._drain(states, bound), self.loop)
+        try:
+            offsets = fut.result(bound + 5)
+        except Exception as e:  # noqa: BLE001 - a failed drain must not kill the rebalance
+            log.error("event=revoke-drain-failed error=%r", e)
+            offsets = {}
+        offsets = {tp: off for tp, off in offsets.items() if tp in tps}
+        if commit and offsets:
+            self._commit_sync(consumer, offsets, why="revoke")
+        for tp in tps:
+            self.parts.pop(tp, None)
+            self.paused.discard(tp)
+        self.tracker.drop(tps)
+        self.metrics.rebalances.labels("revoke" if commit else "lost").inc()
+        self.metrics.assigned.set(len(self.parts))
+        log.info("event=%s partitions=%s committed_now=%s", "revoked" if commit else "lost", _fmt(partitions),
+                 _fmt_offsets(offsets) if offsets else "nothing-new")
+
+    def _commit_sync(self, consumer: Consumer, offsets: dict[TP, int], why: str) -> bool:
+        t0 = time.perf_counter()
+        try:
+            consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
+                            asynchronous=False)
+        except KafkaException as e:
+            err = e.args[0] if e.args else e
+            if isinstance(err, KafkaError) and err.code() == KafkaError._NO_OFFSET:
+                return True
+            self.metrics.commit_errors.inc()
+            log.warning("event=commit-failed why=%s error=%s", why, err)
+            return False
+        self.metrics.commit_latency.observe(time.perf_counter() - t0)
+        self.tracker.committed(offsets)
+        return True
+
+    # ------------------------------------------------------------------ loop side
+
+    async def _drain(self, states: list[PartitionState], bound: float) -> dict[TP, int]:
+        deadline = time.monotonic() + bound
+        gone = [m for m in self._unclaimed if m._part.revoked]
+        if gone:
+            self._unclaimed = [m for m in self._unclaimed if not m._part.revoked]
+            for m in gone:
+                m._part.inflight -= 1
+            self.outstanding -= len(gone)
+        while any(st.inflight > 0 for st in states) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        left = sum(st.inflight for st in states)
+        if left:
+            log.warning("event=revoke-drain-timeout still_running=%d bound_s=%.1f", left, bound)
+        await self._flush_store()
+        tps = {st.tp for st in states}
+        return {tp: off for tp, off in self.tracker.to_commit().items() if tp in tps}
+
+    def on_results(self, results: list[Result]) -> None:
+        """Called on the loop with a chunk of lane results."""
+        tracker, done, win = self.tracker, self._done_keys, self._win
+        self._results_in.set()
+        latencies = []
+        e2es = []
+        handled = skipped = 0
+        failures: list[tuple[Message, BaseException]] = []
+        for msg, outcome, err, dt, e2e in results:
+            part = msg._part
+            fk = self._store_key(msg)
+            if outcome is not Outcome.FAILED:         # a failure stays outstanding until routed
+                part.inflight -= 1
+                self.outstanding -= 1
+            if outcome is Outcome.OK:
+                handled += 1
+                latencies.append(dt)
+                e2es.append(e2e)
+                if fk is not None:
+                    done.append(fk)               # held in _claimed_at until the mark is written
+                tracker.finish(part.tp, msg.offset)
+            elif outcome is Outcome.SKIPPED:
+                skipped += 1
+                tracker.finish(part.tp, msg.offset)
+            elif outcome is Outcome.FAILED:
+                latencies.append(dt)
+                assert err is not None
+                failures.append((msg, err))
+            elif fk is not None and msg.claimed:  # ABANDONED: free its claim for the next owner now
+                self._release_keys.append(fk)
+        n_lat = len(latencies)
+        win[0] += n_lat
+        win[1] += len(failures)
+        win[2] += sum(latencies)
+        m = self.metrics
+        if handled:
+            m.handled.inc(handled)
+            m.handler_latency.observe_many(latencies)
+            m.e2e_latency.observe_many(e2es)
+        if skipped:
+            m.skipped.inc(skipped)
+        for msg, err in failures:
+            m.errors.labels(type(err).__name__).inc()
+            self._route(msg, err)
+
+    def _route(self, msg: Message, err: BaseException) -> None:
+        """Hand a failure to the router; the message stays unfinished until it says so."""
+        assert self.loop is not None
+        self.loop.create_task(self._route_task(msg, err))
+
+    async def _route_task(self, msg: Message, err: BaseException) -> None:
+        assert self.dispatcher is not None
+        verdict = await self.router.route(msg, err, self)
+        part = msg._part
+        if verdict == "resubmit" and not part.revoked and not self._stop.is_set():
+            msg.attempts += 1
+            self._dispatch([(msg, False)])
+            return
+        part.inflight -= 1
+        self.outstanding -= 1
+        if verdict == "finished":
+            self.tracker.finish(part.tp, msg.offset)
+            fk = self._store_key(msg)
+            if fk is not None:
+                self._done_keys.append(fk)
+        else:  # abandoned
+            fk = self._store_key(msg)
+            if fk is not None and msg.claimed:
+                self._release_keys.append(fk)
+
+    def _store_key(self, msg: Message) -> str | None:
+        return None if self.store is None else msg.idempotency_key
+
+    def _dispatch(self, items: list[tuple[Message, bool]]) -> None:
+        assert self.dispatcher is not None
+        if self.outstanding > self._win[3]:
+            self._win[3] = self.outstanding
+        self.dispatcher.submit(items)
+
+    def _wrap(self, raw: list[Any]) -> list[Message]:
+        out = []
+        decode, parts, tracker, store = self.decode, self.parts, self.tracker, self.store
+        hdr, fld = self.s.idempotency.key_header, self.s.idempotency.key_field
+        for m in raw:
+            err = m.error()
+            if err is not None:
+                if err.code() != KafkaError._PARTITION_EOF:
+                    log.warning("event=fetch-error error=%s", err)
+                continue
+            tp = (m.topic(), m.partition())
+            part = parts.get(tp)
+            if part is None or part.revoked:
+                continue                      # not ours any more: the new owner fetches it
+            value = m.value()
+            try:
+                payload, derr = decode(value), None
+            except Exception as e:  # noqa: BLE001 - DecodeError and anything a decoder raises
+                payload, derr = None, e
+            msg = Message(tp[0], tp[1], m.offset(), m.key(), value, m.headers(), m.timestamp()[1],
+                          payload, derr)
+            msg.idempotency_key = idempotency_key(msg, hdr, fld)
+            msg._part = part
+            msg._store = store
+            part.inflight += 1
+            tracker.add(tp, msg.offset)
+            out.append(msg)
+        self.outstanding += len(out)
+        self.metrics.consumed.inc(len(out))
+        return out
+
+    def _claim_and_dispatch(self, msgs: list[Message]) -> None:
+        """Claim a batch and dispatch it, as a task: the next batch is fetched and decoded
+        while this claim is in flight. Dispatch still happens in batch order (each step
+        waits for the previous one before dispatching), which keeps same-key order."""
+        if self.store is None:
+            self._dispatch([(m, False) for m in msgs])
+            return
+        assert self.loop is not None
+        prev = self._claims[-1] if self._claims else None
+        self._claims.append(self.loop.create_task(self._claim_step(msgs, prev)))
+
+    async def _claim_step(self, msgs: list[Message], prev: "asyncio.Task[None] | None") -> None:
+        assert self.store is not None
+        keys = [m.idempotency_key for m in msgs]
+        done = self._done_keys
+        self._done_keys = []
+        codes: list[Claim] | None
+        try:
+            codes = await self.store.claim(keys, done)
+        except StoreUnavailable as e:
+            self._done_keys = done + self._done_keys
+            self._store_failed(e)
+            codes = None
+        except Exception as e:  # noqa: BLE001 - never lose a batch to an unexpected error
+            log.exception("event=claim-failed error=%r", e)
+            self._done_keys = done + self._done_keys
+            codes = None
+        if prev is not None and not prev.done():
+            await asyncio.shield(prev)
+        if codes is None or self._unclaimed:
+            # Retried, in order, once the store answers; a batch behind an unclaimed one
+            # waits too, so no key overtakes its predecessor (re-claiming our own key is fine).
+            self._unclaimed.extend(msgs)
+            return
+        self._store_ok()
+        now = time.monotonic()
+        items: list[tuple[Message, bool]] = []
+        skipped = 0
+        claimed_at, tracker = self._claimed_at, self.tracker
+        for k in done:
+            claimed_at.pop(k, None)
+        for m, k, c in zip(msgs, keys, codes):
+            part = m._part
+            if c is Claim.MINE:
+                c = Claim.BUSY if k in claimed_at else Claim.CLAIMED
+            m.claimed = c is Claim.CLAIMED
+            if c is Claim.DONE:
+                tracker.finish(part.tp, m.offset)
+                part.inflight -= 1
+                skipped += 1
+            elif part.revoked:
+                part.inflight -= 1
+                if c is Claim.CLAIMED:
+                    self._release_keys.append(k)
+            else:
+                if c is Claim.CLAIMED:
+                    claimed_at[k] = now
+                items.append((m, c is Claim.BUSY))
+        self.outstanding -= skipped + (len(msgs) - skipped - len(items))
+        if skipped:
+            self.metrics.skipped.inc(skipped)
+        if items:
+            self._dispatch(items)
+
+    async def _settle_claims(self, keep: int) -> None:
+        """Wait until at most `keep` claim steps are in flight."""
+        claims = self._claims
+        while claims and claims[0].done():
+            claims.popleft()
+        while len(claims) > keep:
+            await claims.popleft()
+
+    def _store_failed(self, e: Exception) -> None:
+        self.metrics.store_errors.inc()
+        if self.store_down_since is None:
+            self.store_down_since = time.monotonic()
+            log.error("event=idempotency-store-down action=pause-and-retry error=\"%s\"", e)
+
+    def _store_ok(self) -> None:
+        if self.store_down_since is not None:
+            log.warning("event=idempotency-store-back down_s=%.1f", time.monotonic() - self.store_down_since)
+            self.store_down_since = None
+
+    async def _retry_unclaimed(self) -> None:
+        msgs, self._unclaimed = self._unclaimed, []
+        gone = [m for m in msgs if m._part.revoked]
+        for m in gone:
+            m._part.inflight -= 1
+        self.outstanding -= len(gone)
+        self._claim_and_dispatch([m for m in msgs if not m._part.revoked])
+        await self._settle_claims(0)
+
+    async def _flush_store(self) -> None:
+        if self.store is None:
+            return
+        if self._done_keys:
+            done, self._done_keys = self._done_keys, []
+            try:
+                await self.store.mark_done(done)
+            except StoreUnavailable as e:
+                self._done_keys = done + self._done_keys
+                self._store_failed(e)
+                return
+            for k in done:
+                self._claimed_at.pop(k, None)
+        if self._release_keys:
+            rel, self._release_keys = self._release_keys, []
+            for k in rel:
+                self._claimed_at.pop(k, None)
+            try:
+                await self.store.release(rel)
+            except StoreUnavailable as e:
+                self.metrics.store_errors.inc()
+                log.warning("event=release-failed keys=%d error=\"%s\" detail=\"claims expire after the lease\"",
+                            len(rel), e)
+
+    async def _renew_leases(self) -> None:
+        if self.store is None or not self._claimed_at:
+            return
+        cutoff = time.monotonic() - self.s.idempotency.lease_ms / 3000
+        old = [k for k, t in self._claimed_at.items() if t < cutoff]
+        if not old:
+            return
+        try:
+            await self.store.renew(old)
+        except StoreUnavailable as e:
+            self._store_failed(e)
+            return
+        now = time.monotonic()
+        for k in old:
+            self._claimed_at[k] = now
+
+    async def _set_paused(self, pause_all: bool) -> None:
+        """Pause every partition while saturated (prefetch stops), resume when there is room."""
+        c = self.consumer
+        assert c is not None
+        want = set(self.parts) if pause_all else set()
+        to_pause = [TopicPartition(t, p) for t, p in want - self.paused]
+        to_resume = [TopicPartition(t, p) for t, p in self.paused - want if (t, p) in self.parts]
+        if to_pause:
+            await self._k(c.pause, to_pause)
+        if to_resume:
+            await self._k(c.resume, to_resume)
+        if to_pause or to_resume:
+            self.paused = want
+            self.metrics.paused.set(len(want))
+            log.info("event=%s partitions=%d inflight=%d limit=%d", "paused" if pause_all else "resumed",
+                     len(to_pause or to_resume), self.outstanding, self.ctl.limit)
+
+    async def _commit(self, why: str) -> None:
+        offsets = self.tracker.to_commit()
+        if not offsets:
+            return
+        await self._flush_store()
+        assert self.consumer is not None
+        await self._k(self._commit_sync, self.consumer, offsets, why)
+
+    def _decide(self) -> None:
+        completed, errors, lat, peak = self._win
+        self._win = [0, 0, 0.0, self.outstanding]
+        d = self.ctl.decide(WindowStats(completed, errors, lat, max(peak, self.outstanding)))
+        assert self.dispatcher is not None
+        self.dispatcher.tune(lat / completed if completed else 0.0, completed)
+        m = self.metrics
+        m.controller_decisions.labels(d.reason).inc()
+        m.inflight_limit.set(d.inflight_limit)
+        m.batch_size.set(d.batch_size)
+        m.inflight.set(self.outstanding)
+        if d.reason.startswith("overload"):
+            log.info("event=fetch-limit reason=%s limit=%d batch=%d mean_latency_ms=%.1f error_rate=%.2f",
+                     d.reason, d.inflight_limit, d.batch_size,
+                     1000 * lat / completed if completed else 0.0, errors / completed if completed else 0.0)
+
+    async def _update_lag(self) -> None:
+        c = self.consumer
+        if c is None or not self.parts:
+            return
+        tps = list(self.parts)
+
+        def read() -> list[tuple[TP, int]]:
+            out = []
+            for t, p in tps:
+                try:
+                    _, high = c.get_watermark_offsets(TopicPartition(t, p), cached=True)
+                except KafkaException:
+                    continue
+                st = self.tracker.parts.get((t, p))
+                pos = st.committed if st is not None and st.committed is not None else None
+                if high >= 0 and pos is not None:
+                    out.append(((t, p), max(0, high - pos)))
+            return out
+
+        for (t, p), lag in await self._k(read):
+            self.metrics.lag.labels(t, str(p)).set(lag)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Connect everything; after this the loop can run. Errors here are configuration errors."""
+        self.loop = asyncio.get_running_loop()
+        if self._handler is None:
+            self._handler, self._close_handler = build_handler(self.s.handler)
+        self.store = build_store(self.s, self.owner)
+        lanes = self.s.flow.workers
+        disp = AsyncDispatcher if is_async(self._handler) else SyncDispatcher
+        self.dispatcher = disp(self._handler, lanes, self.loop, self.on_results, self.store, self._claimed_at)
+        conf = kafka_config(self.s, self.instance_id)
+        conf["error_cb"] = lambda err: log.warning("event=kafka-error error=%s", err)
+
+        def make() -> Consumer:
+            c = Consumer(conf, logger=logging.getLogger("afc.runtime.librdkafka"))
+            c.subscribe(self.s.kafka.topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
+                        on_lost=self._on_lost)
+            return c
+
+        self.consumer = await self._k(make)
+        log.info("event=started group=%s instance=%s topics=%s workers=%d handler=%s store=%s",
+                 self.s.kafka.group_id, self.instance_id, ",".join(self.s.kafka.topics), lanes,
+                 self.s.handler.handler or self.s.handler.http_sink_url or getattr(self._handler, "__name__", "?"),
+                 type(self.store).__name__ if self.store else "none")
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def request_stop(self, hard: bool = False) -> None:
+        if hard:
+            self._hard_stop = True
+        self._stop.set()
+
+    async def run(self) -> None:
+        if self.consumer is None:
+            await self.start()
+        assert self.consumer is not None
+        interval = self.s.offsets.commit_interval_ms / 1000
+        window = self.s.flow.window_ms / 1000
+        now = time.monotonic()
+        next_commit, next_decide, next_lag, next_renew = now + interval, now + window, now + 1, now + 1
+        store_retry_at = 0.0
+        saturated_since: float | None = None
+        prefetch: asyncio.Future[list[Any]] | None = None
+        ctl = self.ctl
+        try:
+            while not self._stop.is_set():
+                now = time.monotonic()
+                self.last_beat = now
+                store_down = self.store_down_since is not None
+                if store_down and now >= store_retry_at and self._unclaimed:
+                    store_retry_at = now + 1.0
+                    await self._retry_unclaimed()
+                    store_down = self.store_down_since is not None
+                budget = 0 if store_down else ctl.fetch_budget(self.outstanding)
+                if prefetch is None and budget == 0 and not store_down and not self.paused:
+                    # Momentary saturation: wait for results rather than pause (a pause purges
+                    # librdkafka's prefetch). Saturation that lasts PAUSE_AFTER_S pauses.
+                    saturated_since = saturated_since or now
+                    if now - saturated_since < PAUSE_AFTER_S:
+                        self._results_in.clear()
+                        try:
+                            await asyncio.wait_for(self._results_in.wait(), 0.01)
+                        except asyncio.TimeoutError:
+                            pass
+                        continue
+                elif budget > 0:
+                    saturated_since = None
+                if self.paused and budget > 0 and self.outstanding > ctl.limit * RESUME_BELOW:
+                    budget = 0                     # hysteresis: resume once well below the limit
+                if prefetch is None:
+                    await self._set_paused(budget == 0)
+                    prefetch = self._fetch_async(max(budget, 1), 0.1 if budget == 0 else 0.05)
+                raw = await prefetch
+                prefetch = None
+                if raw:
+                    # Fetch the next batch on the Kafka thread while this one is decoded and
+                    # claimed here: the two overlap instead of taking turns.
+                    nxt = 0 if store_down or self.paused else ctl.fetch_budget(self.outstanding + len(raw))
+                    if nxt > 0:
+                        prefetch = self._fetch_async(nxt, 0.05)
+                    msgs = self._wrap(raw)
+                    if msgs:
+                        await self._settle_claims(1)
+                        self._claim_and_dispatch(msgs)
+                now = time.monotonic()
+                if now >= next_decide:
+                    self._decide()
+                    next_decide = now + window
+                if now >= next_commit:
+                    await self._commit("interval")
+                    next_commit = now + interval
+                elif self._done_keys and len(self._done_keys) >= 512:
+                    await self._flush_store()
+                if now >= next_renew:
+                    await self._renew_leases()
+                    next_renew = now + 1
+                if now >= next_lag:
+                    await self._update_lag()
+                    next_lag = now + 5
+                # Let results from the lanes in before the next fetch.
+                await asyncio.sleep(0)
+        finally:
+            await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        """Stop fetching, let in-flight work finish within the bound, commit, close."""
+        c = self.consumer
+        if self._hard_stop or c is None:
+            log.warning("event=hard-stop detail=\"no drain, no commit\"")
+            self.stopped.set()
+            return
+        bound = self.s.shutdown.drain_timeout_s
+        await self._settle_claims(0)
+        log.info("event=draining inflight=%d bound_s=%.1f", self.outstanding, bound)
+        try:
+            await self._set_paused(True)
+        except Exception as e:  # noqa: BLE001
+            log.warning("event=pause-on-shutdown-failed error=%r", e)
+        deadline = time.monotonic() + bound
+        while self.outstanding > len(self._unclaimed) and time.monotonic() < deadline and not self._hard_stop:
+            await asyncio.sleep(0.02)
+        assert self.dispatcher is not None
+        await self.dispatcher.close(max(0.0, deadline - time.monotonic()))
+        await asyncio.sleep(0)
+        if not self._hard_stop:
+            await self._commit("shutdown")
+            await self._flush_store()
+        left = self.outstanding
+        try:
+            await self._k(c.close)
+        except (KafkaException, RuntimeError) as e:
+            log.warning("event=close-failed error=%s", e)
+        self._kafka.shutdown(wait=False)
+        if self._close_handler is not None:
+            await self._close_handler()
+        if self.store is not None:
+            await self.store.close()
+        log.info("event=stopped unfinished=%d", left)
+        self.stopped.set()
+
+    def install_signals(self) -> None:
+        """SIGTERM/SIGINT: drain and stop; a second one: exit at once."""
+        assert self.loop is not None
+
+        def handler(signum: int) -> None:
+            if self._stop.is_set():
+                log.warning("event=second-signal signal=%s action=exit-now", signal.Signals(signum).name)
+                os._exit(128 + signum)
+            log.info("event=signal signal=%s action=drain", signal.Signals(signum).name)
+            self.request_stop()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(sig, handler, sig)
+
+    # ------------------------------------------------------------------ health
+
+    def health(self) -> tuple[bool, str]:
+        stall = time.monotonic() - self.last_beat
+        if stall > self.s.server.liveness_timeout_s:
+            return False, f"loop stalled {stall:.0f}s"
+        return True, "ok"
+
+    def readiness(self) -> tuple[bool, str]:
+        if self._stop.is_set():
+            return False, "stopping"
+        if not self.joined:
+            return False, "not joined"
+        if self.store_down_since is not None:
+            return True, f"ok (idempotency store down {time.monotonic() - self.store_down_since:.0f}s)"
+        if not self.parts:
+            return True, "ok (idle: no partitions assigned)"
+        return True, f"ok ({len(self.parts)} partitions)"
+
+
+def _fmt(partitions: list[TopicPartition]) -> str:
+    return ",".join(f"{p.topic}[{p.partition}]" for p in partitions) or "-"
+
+
+def _fmt_offsets(offsets: dict[TP, int]) -> str:
+    return ",".join(f"{t}[{p}]@{o}" for (t, p), o in sorted(offsets.items())) or "-"

@@ -1,0 +1,81 @@
+"""The adaptive fetch decision: how many messages may be in flight and how many to fetch.
+
+Loss-based AIMD (as in Netflix concurrency-limits): once per window, if the handler's mean
+latency is above target or its error rate above the bound, the in-flight limit is cut by
+`decrease_factor`; otherwise it grows by `increase_ratio` of itself (at least +1), or doubles
+while in slow start (from the start until the first overload, as TCP does). Growth
+happens only when the limit was actually used, so an idle consumer does not inflate a limit
+it never tested. The limit bounds messages fetched but not finished, so it bounds memory
+too; when it is reached, the loop pauses its partitions and keeps polling.
+
+Pure: no clock, no I/O. The loop feeds it one `WindowStats` per window.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .config import FlowSettings
+
+
+@dataclass(frozen=True)
+class WindowStats:
+    """What the handler did during one window."""
+    completed: int          # messages whose handler returned or raised
+    errors: int             # of which raised
+    latency_sum_s: float    # total handler time of `completed`
+    peak_outstanding: int   # most messages fetched-but-unfinished at any time in the window
+
+    @property
+    def mean_latency_ms(self) -> float:
+        return 1000.0 * self.latency_sum_s / self.completed if self.completed else 0.0
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / self.completed if self.completed else 0.0
+
+
+@dataclass(frozen=True)
+class FetchDecision:
+    inflight_limit: int
+    batch_size: int
+    reason: str             # "overload-latency", "overload-errors", "grow", "hold-idle", "hold"
+
+
+class FetchController:
+    def __init__(self, flow: FlowSettings) -> None:
+        self.flow = flow
+        self.limit = flow.start_inflight
+        self.slow_start = True
+
+    def decide(self, w: WindowStats) -> FetchDecision:
+        f = self.flow
+        if w.completed and w.mean_latency_ms > f.target_latency_ms:
+            self.limit = max(f.min_inflight, math.floor(self.limit * f.decrease_factor))
+            self.slow_start = False
+            reason = "overload-latency"
+        elif w.completed and w.error_rate > f.max_error_rate:
+            self.limit = max(f.min_inflight, math.floor(self.limit * f.decrease_factor))
+            self.slow_start = False
+            reason = "overload-errors"
+        elif w.peak_outstanding >= self.limit * 0.5 and w.completed:
+            step = self.limit if self.slow_start else max(1, math.ceil(self.limit * f.increase_ratio))
+            self.limit = min(f.max_inflight, self.limit + step)
+            reason = "grow"
+        else:
+            reason = "hold-idle" if not w.completed else "hold"
+        return FetchDecision(self.limit, self.batch_size(), reason)
+
+    def batch_size(self) -> int:
+        return max(self.flow.min_batch, min(self.flow.max_batch, self.limit))
+
+    def fetch_budget(self, outstanding: int) -> int:
+        """How many messages the next fetch may take; 0 means pause and only poll."""
+        room = self.limit - outstanding
+        if room <= 0:
+            return 0
+        return min(self.batch_size(), room)
+
+    @property
+    def at_floor(self) -> bool:
+        return self.limit <= self.flow.min_inflight

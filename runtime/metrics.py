@@ -1,0 +1,90 @@
+"""Prometheus metrics of one runtime (its own registry, so tests can run several).
+
+Per-message histograms use `FastHistogram`: plain bucket counting on the loop thread,
+exported by a collector, because prometheus_client's locked `observe()` per message costs
+more than a no-op handler does.
+"""
+from __future__ import annotations
+
+from bisect import bisect_left
+from typing import Iterable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+class FastHistogram(Collector):
+    def __init__(self, name: str, doc: str, bounds: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.name, self.doc, self.bounds = name, doc, bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, v: float) -> None:
+        self.counts[bisect_left(self.bounds, v)] += 1
+        self.sum += v
+        self.count += 1
+
+    def observe_many(self, values: Iterable[float]) -> None:
+        counts, bounds = self.counts, self.bounds
+        n, s = 0, 0.0
+        for v in values:
+            counts[bisect_left(bounds, v)] += 1
+            s += v
+            n += 1
+        self.sum += s
+        self.count += n
+
+    def quantile(self, q: float) -> float:
+        """Upper bound of the bucket holding quantile q (for logs and status, not for SLOs)."""
+        if not self.count:
+            return 0.0
+        target, acc = q * self.count, 0
+        for i, c in enumerate(self.counts):
+            acc += c
+            if acc >= target:
+                return self.bounds[i] if i < len(self.bounds) else float("inf")
+        return float("inf")
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        acc, buckets = 0, []
+        for bound, c in zip((*self.bounds, float("inf")), self.counts):
+            acc += c
+            buckets.append(("+Inf" if bound == float("inf") else repr(bound), acc))
+        fam = HistogramMetricFamily(self.name, self.doc)
+        fam.add_metric([], buckets, self.sum)
+        yield fam
+
+
+class RuntimeMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.consumed = Counter("afc_messages_consumed", "Messages fetched from Kafka.", registry=r)
+        self.handled = Counter("afc_messages_handled", "Messages whose handler returned.", registry=r)
+        self.skipped = Counter("afc_messages_skipped_duplicate",
+                               "Messages skipped because their idempotency key was done.", registry=r)
+        self.errors = Counter("afc_handler_errors", "Handler failures by exception class.",
+                              ["error_class"], registry=r)
+        self.handler_latency = FastHistogram("afc_handler_latency_seconds", "Time spent in the handler.")
+        self.e2e_latency = FastHistogram("afc_end_to_end_latency_seconds",
+                                         "Record timestamp to handler start.")
+        r.register(self.handler_latency)
+        r.register(self.e2e_latency)
+        self.batch_size = Gauge("afc_fetch_batch_size", "Most messages the next fetch may take.", registry=r)
+        self.inflight_limit = Gauge("afc_inflight_limit", "Adaptive bound on unfinished messages.", registry=r)
+        self.inflight = Gauge("afc_inflight_messages", "Messages fetched but not finished.", registry=r)
+        self.paused = Gauge("afc_paused_partitions", "Partitions paused by flow control.", registry=r)
+        self.assigned = Gauge("afc_assigned_partitions", "Partitions assigned to this member.", registry=r)
+        self.lag = Gauge("afc_partition_lag", "High watermark minus committed offset, as this consumer sees it.",
+                         ["topic", "partition"], registry=r)
+        self.commit_latency = Histogram("afc_commit_latency_seconds", "Offset commit round trip.",
+                                        buckets=LATENCY_BUCKETS, registry=r)
+        self.commit_errors = Counter("afc_commit_errors", "Failed offset commits.", registry=r)
+        self.rebalances = Counter("afc_rebalances", "Partition assignment changes.", ["kind"], registry=r)
+        self.store_errors = Counter("afc_idempotency_store_errors", "Idempotency store calls that failed.",
+                                    registry=r)
+        self.controller_decisions = Counter("afc_fetch_controller_decisions", "Fetch controller decisions.",
+                                            ["reason"], registry=r)

@@ -1,0 +1,46 @@
+"""Handlers the integration tests run inside `afc-consumer` (imported by path)."""
+from __future__ import annotations
+
+import os
+import time
+
+import redis
+
+_r: redis.Redis | None = None
+
+
+def _redis() -> redis.Redis:
+    global _r
+    if _r is None:
+        _r = redis.Redis.from_url(os.environ["AFC_TEST_REDIS_URL"])
+    return _r
+
+
+def append_effect(msg) -> None:
+    """The effect is an RPUSH of the message id; it commits atomically with the done mark."""
+    pipe = _redis().pipeline(transaction=True)
+    pipe.rpush(os.environ["AFC_TEST_LIST"], f"{msg.partition}:{msg.offset}:{msg.payload['n']}")
+    msg.mark_done_in(pipe)
+    pipe.execute()
+
+
+def append_with_latency(msg) -> None:
+    """Sleeps as long as the Redis key AFC_TEST_LATENCY_KEY says (ms), then appends."""
+    r = _redis()
+    ms = float(r.get(os.environ["AFC_TEST_LATENCY_KEY"]) or 0)
+    if ms:
+        time.sleep(ms / 1000)
+    r.rpush(os.environ["AFC_TEST_LIST"], msg.offset)
+
+
+def count_runs(msg) -> None:
+    """HINCRBY per idempotency key: counts how often the handler really ran for a key."""
+    ms = float(os.environ.get("AFC_TEST_SLEEP_MS", "0"))
+    if ms:
+        time.sleep(ms / 1000)
+    _redis().hincrby(os.environ["AFC_TEST_HASH"], msg.idempotency_key, 1)
+
+
+def record_time(msg) -> None:
+    """Remember when the handler ran for each idempotency key."""
+    _redis().hset(os.environ["AFC_TEST_HASH"], msg.idempotency_key, repr(time.time()))

@@ -1,0 +1,66 @@
+from afc.runtime.config import FlowSettings
+from afc.runtime.fetch_control import FetchController, WindowStats
+
+
+def flow(**kw) -> FlowSettings:
+    base = dict(min_inflight=2, max_inflight=1000, initial_inflight=100, max_batch=500,
+                target_latency_ms=50, max_error_rate=0.2, decrease_factor=0.5, increase_ratio=0.1)
+    return FlowSettings(**{**base, **kw})
+
+
+def healthy(limit: int, n: int = 100) -> WindowStats:
+    return WindowStats(completed=n, errors=0, latency_sum_s=n * 0.001, peak_outstanding=limit)
+
+
+def test_slow_start_doubles_until_the_first_overload_then_grows_additively() -> None:
+    c = FetchController(flow())
+    assert c.decide(healthy(100)).inflight_limit == 200
+    assert c.decide(healthy(200)).inflight_limit == 400
+    slow = WindowStats(completed=10, errors=0, latency_sum_s=10 * 0.3, peak_outstanding=400)
+    d = c.decide(slow)
+    assert (d.inflight_limit, d.reason) == (200, "overload-latency")
+    assert c.decide(healthy(200)).inflight_limit == 220          # +10%, no more doubling
+
+
+def test_latency_above_target_cuts_to_the_floor_and_not_below() -> None:
+    c = FetchController(flow())
+    slow = WindowStats(completed=4, errors=0, latency_sum_s=4 * 0.3, peak_outstanding=100)
+    limits = [c.decide(slow).inflight_limit for _ in range(10)]
+    assert limits[:3] == [50, 25, 12]
+    assert limits[-1] == 2 and c.at_floor
+    assert c.fetch_budget(outstanding=2) == 0                    # saturated: pause and only poll
+
+
+def test_error_rate_above_bound_cuts() -> None:
+    c = FetchController(flow())
+    d = c.decide(WindowStats(completed=100, errors=30, latency_sum_s=0.1, peak_outstanding=100))
+    assert (d.inflight_limit, d.reason) == (50, "overload-errors")
+    d = c.decide(WindowStats(completed=100, errors=10, latency_sum_s=0.1, peak_outstanding=50))
+    assert d.reason == "grow"
+
+
+def test_growth_stops_at_the_ceiling_and_batch_is_bounded() -> None:
+    c = FetchController(flow(max_inflight=300))
+    for _ in range(10):
+        d = c.decide(healthy(c.limit))
+    assert d.inflight_limit == 300
+    assert d.batch_size == 300
+    c2 = FetchController(flow(max_inflight=5000, max_batch=500))
+    for _ in range(10):
+        d = c2.decide(healthy(c2.limit))
+    assert d.batch_size == 500
+
+
+def test_unused_limit_does_not_grow() -> None:
+    c = FetchController(flow())
+    d = c.decide(WindowStats(completed=5, errors=0, latency_sum_s=0.005, peak_outstanding=3))
+    assert (d.inflight_limit, d.reason) == (100, "hold")
+    d = c.decide(WindowStats(completed=0, errors=0, latency_sum_s=0, peak_outstanding=0))
+    assert (d.inflight_limit, d.reason) == (100, "hold-idle")
+
+
+def test_budget_is_room_left_capped_by_batch() -> None:
+    c = FetchController(flow(initial_inflight=800))
+    assert c.fetch_budget(0) == 500
+    assert c.fetch_budget(700) == 100
+    assert c.fetch_budget(800) == 0

@@ -1,0 +1,74 @@
+import json
+
+import pytest
+
+from afc.runtime.config import ConfigError, load_settings
+from afc.runtime.errors import DecodeError
+from afc.runtime.message import Message, decode_json, decode_text, idempotency_key
+from afc.runtime.routing import backoff_s
+
+
+def msg(headers=None, payload=None, offset=7) -> Message:
+    return Message("orders", 3, offset, b"k", b"{}", headers, 0, payload)
+
+
+def test_idempotency_key_prefers_header_then_field_then_position() -> None:
+    assert idempotency_key(msg([("idempotency-key", b"abc")], {"id": 1}), "idempotency-key", "id") == "abc"
+    assert idempotency_key(msg(None, {"order": {"id": 42}}), "idempotency-key", "order.id") == "42"
+    assert idempotency_key(msg(None, {"order": {}}), "idempotency-key", "order.id") == "orders/3/7"
+    assert idempotency_key(msg([("idempotency-key", b"")], None), "idempotency-key", None) == "orders/3/7"
+
+
+def test_idempotency_key_with_nul_is_hashed() -> None:
+    k = idempotency_key(msg([("idempotency-key", b"a\x00b")]), "idempotency-key", None)
+    assert k.startswith("sha1:") and "\x00" not in k
+
+
+def test_decoders_raise_decode_error() -> None:
+    assert decode_json(b'{"a": 1}') == {"a": 1}
+    assert decode_json(None) is None
+    for bad in (b"{not json", b"", b"\xff\xfe"):
+        with pytest.raises(DecodeError):
+            decode_json(bad)
+    with pytest.raises(DecodeError):
+        decode_text(b"\xff")
+
+
+def test_settings_from_env_and_file(tmp_path, monkeypatch) -> None:
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"kafka": {"topics": ["a"], "groupId": "g1"}, "flow": {"maxInflight": 50}}))
+    monkeypatch.setenv("AFC_CONFIG_FILE", str(f))
+    monkeypatch.setenv("AFC_KAFKA__GROUP_ID", "from-env")
+    monkeypatch.setenv("AFC_IDEMPOTENCY__REDIS_URL", "redis://:secret@r:6379/0")
+    s = load_settings()
+    assert s.kafka.topics == ["a"] and s.kafka.group_id == "from-env" and s.flow.max_inflight == 50
+    assert s.flow.start_inflight == 50
+    doc = json.dumps(s.to_file_json())
+    assert "secret" not in doc and "redisUrl" not in doc and "maxInflight" in doc
+
+
+@pytest.mark.parametrize("bad, field", [
+    ({"flow": {"minInflight": 10, "maxInflight": 5}}, "flow"),
+    ({"handler": {"handler": "not a path"}}, "handler.handler"),
+    ({"kafka": {"topics": ["bad topic!"]}}, "kafka.topics"),
+    ({"membership": {"sessionTimeoutMs": -1}}, "membership.sessionTimeoutMs"),
+    ({"idempotency": {"leaseMs": 0}}, "idempotency.leaseMs"),
+    ({"kafka": {"nope": 1}}, "kafka.nope"),
+])
+def test_invalid_settings_name_the_field(bad, field) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_settings(**bad)
+    assert field in str(e.value)
+
+
+def test_not_runnable_without_topics_or_handler() -> None:
+    with pytest.raises(ConfigError, match="kafka.topics"):
+        load_settings().require_runnable()
+
+
+def test_backoff_is_exponential_capped_and_jittered() -> None:
+    import random
+    r = random.Random(1)
+    assert [backoff_s(a, 0.1, 1.0, jitter=0) for a in (1, 2, 3, 4, 5, 6)] == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
+    vals = {round(backoff_s(3, 0.1, 10, jitter=0.2, rnd=r), 4) for _ in range(50)}
+    assert len(vals) > 10 and all(0.32 <= v <= 0.48 for v in vals)
