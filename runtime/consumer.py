@@ -30,7 +30,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from .config import RuntimeSettings
 from .dispatch import AsyncDispatcher, Outcome, Result, SyncDispatcher
 from .errors import StoreUnavailable
-from .fetch_control import FetchController, WindowStats
+from .fetch_control import FetchController, WindowStats, should_pause
 from .handlers import build_handler, is_async
 from .idempotency import Claim, IdempotencyStore, RedisStore, SqliteStore
 from .message import DECODERS, Message, idempotency_key
@@ -40,8 +40,6 @@ from .routing import InPlaceRetry, Router
 
 log = logging.getLogger("afc.runtime.consumer")
 TP = tuple[str, int]
-PAUSE_AFTER_S = 0.5       # saturation shorter than this waits; longer pauses the partitions
-RESUME_BELOW = 0.5        # paused partitions resume once in-flight is below this share of the limit
 
 
 class PartitionState:
@@ -111,6 +109,8 @@ class Runtime:
         self.parts: dict[TP, PartitionState] = {}
         self.paused: set[TP] = set()
         self.joined = False
+        self.flow_state = "open"
+        self._last_limit = self.ctl.limit
         self.outstanding = 0
         self.decode = DECODERS[settings.handler.decoder]
         self._handler = handler
@@ -125,7 +125,7 @@ class Runtime:
         # Keys this process claimed and whose done mark is not yet written (value: claim time,
         # for lease renewal). A second copy of a held key waits instead of running.
         self._claimed_at: dict[str, float] = {}
-        self._win = [0, 0, 0.0, 0]                  # completed, errors, latency sum, peak outstanding
+        self._win: list[Any] = [0, 0, 0.0, 0, 0.0]  # completed, errors, latency sum, peak outstanding, queue wait
         self._stop = asyncio.Event()
         self._results_in = asyncio.Event()
         self._hard_stop = False
@@ -245,7 +245,9 @@ class Runtime:
         e2es = []
         handled = skipped = 0
         failures: list[tuple[Message, BaseException]] = []
-        for msg, outcome, err, dt, e2e in results:
+        qwait = 0.0
+        for msg, outcome, err, dt, e2e, wait in results:
+            qwait += wait
             part = msg._part
             fk = self._store_key(msg)
             if outcome is not Outcome.FAILED:         # a failure stays outstanding until routed
@@ -271,6 +273,7 @@ class Runtime:
         win[0] += n_lat
         win[1] += len(failures)
         win[2] += sum(latencies)
+        win[4] += qwait
         m = self.metrics
         if handled:
             m.handled.inc(handled)
@@ -479,6 +482,19 @@ class Runtime:
         for k in old:
             self._claimed_at[k] = now
 
+    async def _wait_results(self, timeout: float) -> None:
+        self._results_in.clear()
+        try:
+            await asyncio.wait_for(self._results_in.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+
+    def _flow_state(self, state: str) -> None:
+        if state != self.flow_state:
+            log.info("event=flow-state from=%s to=%s inflight=%d limit=%d", self.flow_state, state,
+                     self.outstanding, self.ctl.limit)
+            self.flow_state = state
+
     async def _set_paused(self, pause_all: bool) -> None:
         """Pause every partition while saturated (prefetch stops), resume when there is room."""
         c = self.consumer
@@ -493,8 +509,8 @@ class Runtime:
         if to_pause or to_resume:
             self.paused = want
             self.metrics.paused.set(len(want))
-            log.info("event=%s partitions=%d inflight=%d limit=%d", "paused" if pause_all else "resumed",
-                     len(to_pause or to_resume), self.outstanding, self.ctl.limit)
+            log.debug("event=%s partitions=%d inflight=%d limit=%d", "paused" if pause_all else "resumed",
+                      len(to_pause or to_resume), self.outstanding, self.ctl.limit)
 
     async def _commit(self, why: str) -> None:
         offsets = self.tracker.to_commit()
@@ -505,9 +521,9 @@ class Runtime:
         await self._k(self._commit_sync, self.consumer, offsets, why)
 
     def _decide(self) -> None:
-        completed, errors, lat, peak = self._win
-        self._win = [0, 0, 0.0, self.outstanding]
-        d = self.ctl.decide(WindowStats(completed, errors, lat, max(peak, self.outstanding)))
+        completed, errors, lat, peak, qwait = self._win
+        self._win = [0, 0, 0.0, self.outstanding, 0.0]
+        d = self.ctl.decide(WindowStats(completed, errors, lat, max(peak, self.outstanding), qwait))
         assert self.dispatcher is not None
         self.dispatcher.tune(lat / completed if completed else 0.0, completed)
         m = self.metrics
@@ -515,10 +531,11 @@ class Runtime:
         m.inflight_limit.set(d.inflight_limit)
         m.batch_size.set(d.batch_size)
         m.inflight.set(self.outstanding)
-        if d.reason.startswith("overload"):
+        if d.inflight_limit != self._last_limit and d.reason.startswith("overload"):
             log.info("event=fetch-limit reason=%s limit=%d batch=%d mean_latency_ms=%.1f error_rate=%.2f",
                      d.reason, d.inflight_limit, d.batch_size,
                      1000 * lat / completed if completed else 0.0, errors / completed if completed else 0.0)
+        self._last_limit = d.inflight_limit
 
     async def _update_lag(self) -> None:
         c = self.consumer
@@ -599,36 +616,35 @@ class Runtime:
                     await self._retry_unclaimed()
                     store_down = self.store_down_since is not None
                 budget = 0 if store_down else ctl.fetch_budget(self.outstanding)
-                if prefetch is None and budget == 0 and not store_down and not self.paused:
-                    # Momentary saturation: wait for results rather than pause (a pause purges
-                    # librdkafka's prefetch). Saturation that lasts PAUSE_AFTER_S pauses.
-                    saturated_since = saturated_since or now
-                    if now - saturated_since < PAUSE_AFTER_S:
-                        self._results_in.clear()
-                        try:
-                            await asyncio.wait_for(self._results_in.wait(), 0.01)
-                        except asyncio.TimeoutError:
-                            pass
-                        continue
-                elif budget > 0:
+                if budget > 0:
                     saturated_since = None
-                if self.paused and budget > 0 and self.outstanding > ctl.limit * RESUME_BELOW:
-                    budget = 0                     # hysteresis: resume once well below the limit
+                elif saturated_since is None:
+                    saturated_since = now
+                want_pause = should_pause(
+                    paused=bool(self.paused), outstanding=self.outstanding, limit=ctl.limit,
+                    overloaded=ctl.overloaded, store_down=store_down,
+                    saturated_for_s=0.0 if saturated_since is None else now - saturated_since)
+                self._flow_state("store-down" if store_down else "overloaded" if ctl.overloaded
+                                 else "saturated" if want_pause else "open")
                 if prefetch is None:
-                    await self._set_paused(budget == 0)
-                    prefetch = self._fetch_async(max(budget, 1), 0.1 if budget == 0 else 0.05)
-                raw = await prefetch
-                prefetch = None
-                if raw:
-                    # Fetch the next batch on the Kafka thread while this one is decoded and
-                    # claimed here: the two overlap instead of taking turns.
-                    nxt = 0 if store_down or self.paused else ctl.fetch_budget(self.outstanding + len(raw))
-                    if nxt > 0:
-                        prefetch = self._fetch_async(nxt, 0.05)
-                    msgs = self._wrap(raw)
-                    if msgs:
-                        await self._settle_claims(1)
-                        self._claim_and_dispatch(msgs)
+                    if want_pause or budget > 0:
+                        await self._set_paused(want_pause)
+                        prefetch = self._fetch_async(1 if want_pause else budget, 0.1 if want_pause else 0.05)
+                    else:
+                        await self._wait_results(0.01)      # momentary saturation
+                if prefetch is not None:
+                    raw = await prefetch
+                    prefetch = None
+                    if raw:
+                        # Fetch the next batch on the Kafka thread while this one is decoded
+                        # and claimed here: the two overlap instead of taking turns.
+                        nxt = 0 if want_pause else ctl.fetch_budget(self.outstanding + len(raw))
+                        if nxt > 0:
+                            prefetch = self._fetch_async(nxt, 0.05)
+                        msgs = self._wrap(raw)
+                        if msgs:
+                            await self._settle_claims(1)
+                            self._claim_and_dispatch(msgs)
                 now = time.monotonic()
                 if now >= next_decide:
                     self._decide()

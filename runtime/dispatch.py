@@ -39,8 +39,8 @@ class Outcome(IntEnum):
     ABANDONED = 3     # partition revoked or shutting down before it ran
 
 
-# (message, outcome, error, handler seconds, end-to-end seconds at start)
-Result = tuple[Message, Outcome, BaseException | None, float, float]
+# (message, outcome, error, handler seconds, end-to-end seconds at start, seconds queued in its lane)
+Result = tuple[Message, Outcome, BaseException | None, float, float, float]
 OnResults = Callable[[list[Result]], None]
 
 
@@ -79,11 +79,15 @@ class ThreadDispatcher:
     def submit(self, items: list[tuple[Message, bool]]) -> None:
         """items: (message, busy) where busy means another worker holds its claim."""
         n = self.lanes
+        t = time.perf_counter()
         if n == 1:
+            for item in items:
+                item[0]._queued = t
             self._queues[0].put(items)
             return
         chunks: list[list[tuple[Message, bool]] | None] = [None] * n
         for item in items:
+            item[0]._queued = t
             i = lane_of(item[0], n)
             c = chunks[i]
             if c is None:
@@ -115,22 +119,22 @@ class ThreadDispatcher:
         last_report = perf()
         for msg, busy in chunk:
             if gone(msg, self.stopping):
-                results.append((msg, Outcome.ABANDONED, None, 0.0, 0.0))
+                results.append((msg, Outcome.ABANDONED, None, 0.0, 0.0, 0.0))
                 continue
             if busy:
                 claim = self._wait_claim(msg)
                 msg.claimed = claim is Claim.CLAIMED
                 if claim is not Claim.CLAIMED:
                     results.append((msg, Outcome.SKIPPED if claim is Claim.DONE else Outcome.ABANDONED,
-                                    None, 0.0, 0.0))
+                                    None, 0.0, 0.0, 0.0))
                     continue
             e2e = now() - msg.timestamp / 1000.0
             t0 = perf()
             try:
                 handler(msg)
-                results.append((msg, Outcome.OK, None, perf() - t0, e2e))
+                results.append((msg, Outcome.OK, None, perf() - t0, e2e, t0 - msg._queued))
             except Exception as e:  # noqa: BLE001 - every failure is routed, none escapes
-                results.append((msg, Outcome.FAILED, e, perf() - t0, e2e))
+                results.append((msg, Outcome.FAILED, e, perf() - t0, e2e, t0 - msg._queued))
             t = perf()
             if t - last_report >= REPORT_EVERY_S:
                 report(results)
@@ -193,6 +197,9 @@ class SyncDispatcher:
 
     def submit(self, items: list[tuple[Message, bool]]) -> None:
         if self.inline and self.queued == 0 and not any(busy for _, busy in items):
+            t = time.perf_counter()
+            for item in items:
+                item[0]._queued = t
             self.lanes.run_chunk(items, self.on_results)
             return
         self.queued += len(items)
@@ -224,7 +231,9 @@ class AsyncDispatcher:
 
     def submit(self, items: list[tuple[Message, bool]]) -> None:
         n = self.lanes
+        t = time.perf_counter()
         for item in items:
+            item[0]._queued = t
             i = lane_of(item[0], n)
             self._lanes[i].append(item)
             t = self._tasks[i]
@@ -239,22 +248,22 @@ class AsyncDispatcher:
         while lane:
             msg, busy = lane.popleft()
             if gone(msg, self.stopping):
-                results.append((msg, Outcome.ABANDONED, None, 0.0, 0.0))
+                results.append((msg, Outcome.ABANDONED, None, 0.0, 0.0, 0.0))
                 continue
             if busy:
                 claim = await self._wait_claim(msg)
                 msg.claimed = claim is Claim.CLAIMED
                 if claim is not Claim.CLAIMED:
                     results.append((msg, Outcome.SKIPPED if claim is Claim.DONE else Outcome.ABANDONED,
-                                    None, 0.0, 0.0))
+                                    None, 0.0, 0.0, 0.0))
                     continue
             e2e = now() - msg.timestamp / 1000.0
             t0 = perf()
             try:
                 await handler(msg)
-                results.append((msg, Outcome.OK, None, perf() - t0, e2e))
+                results.append((msg, Outcome.OK, None, perf() - t0, e2e, t0 - msg._queued))
             except Exception as e:  # noqa: BLE001 - every failure is routed, none escapes
-                results.append((msg, Outcome.FAILED, e, perf() - t0, e2e))
+                results.append((msg, Outcome.FAILED, e, perf() - t0, e2e, t0 - msg._queued))
             t = perf()
             if t - last_report >= REPORT_EVERY_S or len(results) >= 256:
                 self.on_results(results)

@@ -5,7 +5,10 @@ latency is above target or its error rate above the bound, the in-flight limit i
 `decrease_factor`; otherwise it grows by `increase_ratio` of itself (at least +1), or doubles
 while in slow start (from the start until the first overload, as TCP does). Growth
 happens only when the limit was actually used, so an idle consumer does not inflate a limit
-it never tested. The limit bounds messages fetched but not finished, so it bounds memory
+it never tested, and only while messages wait in their lanes less than a handler call takes:
+queueing means the lanes are the bottleneck, and a larger limit would only buffer more
+(bufferbloat) and leave more to drain when the downstream slows (as CoDel judges a queue by
+its sojourn time, not its length). The limit bounds messages fetched but not finished, so it bounds memory
 too; when it is reached, the loop pauses its partitions and keeps polling.
 
 Pure: no clock, no I/O. The loop feeds it one `WindowStats` per window.
@@ -25,10 +28,18 @@ class WindowStats:
     errors: int             # of which raised
     latency_sum_s: float    # total handler time of `completed`
     peak_outstanding: int   # most messages fetched-but-unfinished at any time in the window
+    queue_wait_sum_s: float = 0.0   # total time `completed` messages waited in their lanes
 
     @property
     def mean_latency_ms(self) -> float:
         return 1000.0 * self.latency_sum_s / self.completed if self.completed else 0.0
+
+    @property
+    def queued(self) -> bool:
+        """Did messages wait longer in their lanes than the handler took (at least 1 ms)?"""
+        if not self.completed:
+            return False
+        return self.queue_wait_sum_s / self.completed > max(0.001, self.latency_sum_s / self.completed)
 
     @property
     def error_rate(self) -> float:
@@ -47,6 +58,7 @@ class FetchController:
         self.flow = flow
         self.limit = flow.start_inflight
         self.slow_start = True
+        self.overloaded = False     # the last window with completions was over target
 
     def decide(self, w: WindowStats) -> FetchDecision:
         f = self.flow
@@ -58,12 +70,14 @@ class FetchController:
             self.limit = max(f.min_inflight, math.floor(self.limit * f.decrease_factor))
             self.slow_start = False
             reason = "overload-errors"
-        elif w.peak_outstanding >= self.limit * 0.5 and w.completed:
+        elif w.peak_outstanding >= self.limit * 0.5 and w.completed and not w.queued:
             step = self.limit if self.slow_start else max(1, math.ceil(self.limit * f.increase_ratio))
             self.limit = min(f.max_inflight, self.limit + step)
             reason = "grow"
         else:
-            reason = "hold-idle" if not w.completed else "hold"
+            reason = "hold-idle" if not w.completed else ("hold-queued" if w.queued else "hold")
+        if w.completed:             # a window with nothing finished says nothing about the downstream
+            self.overloaded = reason.startswith("overload")
         return FetchDecision(self.limit, self.batch_size(), reason)
 
     def batch_size(self) -> int:
@@ -79,3 +93,27 @@ class FetchController:
     @property
     def at_floor(self) -> bool:
         return self.limit <= self.flow.min_inflight
+
+
+PAUSE_AFTER_S = 0.5    # saturation shorter than this waits for results; longer pauses
+RESUME_BELOW = 0.5     # paused partitions resume once in flight is at most this share of the limit
+
+
+def should_pause(*, paused: bool, outstanding: int, limit: int, overloaded: bool, store_down: bool,
+                 saturated_for_s: float) -> bool:
+    """Whether every partition should be paused now (prefetch stopped, polling goes on).
+
+    - The idempotency store is down: take nothing new (it could not be deduplicated).
+    - The downstream is overloaded: stay paused, topping up only to half the limit, so
+      librdkafka holds no prefetched backlog while the handler crawls.
+    - Healthy but at the limit: momentary saturation just waits for results (a pause
+      purges the prefetch, which would be refetched at once); saturation lasting
+      PAUSE_AFTER_S pauses, so polling continues and max.poll.interval.ms is never hit.
+    - Once paused, resume only below half the limit (hysteresis against flapping).
+    """
+    if store_down:
+        return True
+    low = outstanding <= limit * RESUME_BELOW
+    if overloaded or paused:
+        return not low
+    return saturated_for_s >= PAUSE_AFTER_S

@@ -43,7 +43,7 @@ class Message:
     the runtime routes the record as poison instead of calling the handler.
     """
     __slots__ = ("topic", "partition", "offset", "key", "value", "headers", "timestamp",
-                 "payload", "decode_error", "idempotency_key", "attempts", "claimed", "_part", "_store")
+                 "payload", "decode_error", "idempotency_key", "attempts", "claimed", "_part", "_store", "_queued")
 
     def __init__(self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None,
                  headers: list[tuple[str, bytes]] | None, timestamp: int, payload: Any = None,
@@ -62,6 +62,7 @@ class Message:
         self.claimed = False                # this message won its idempotency claim
         self._part: Any = None              # the runtime's partition state (revocation flag)
         self._store: Any = None             # the idempotency store, for mark_done_in
+        self._queued = 0.0                  # perf_counter when handed to a lane
 
     def mark_done_in(self, pipeline: Any) -> None:
         """Add this message's done mark to your own Redis MULTI/EXEC (same Redis as the

@@ -64,3 +64,26 @@ def test_budget_is_room_left_capped_by_batch() -> None:
     assert c.fetch_budget(0) == 500
     assert c.fetch_budget(700) == 100
     assert c.fetch_budget(800) == 0
+
+
+def test_queueing_in_the_lanes_stops_growth() -> None:
+    """Messages waiting longer than a handler call: the lanes are the bottleneck, hold."""
+    c = FetchController(flow())
+    d = c.decide(WindowStats(completed=100, errors=0, latency_sum_s=0.1, peak_outstanding=100,
+                             queue_wait_sum_s=100 * 0.05))
+    assert (d.inflight_limit, d.reason) == (100, "hold-queued")
+    d = c.decide(WindowStats(completed=100, errors=0, latency_sum_s=0.1, peak_outstanding=100,
+                             queue_wait_sum_s=100 * 0.0005))
+    assert d.reason == "grow"
+
+
+def test_pause_rules() -> None:
+    from afc.runtime.fetch_control import should_pause
+    base = dict(paused=False, outstanding=10, limit=10, overloaded=False, store_down=False, saturated_for_s=0.0)
+    assert not should_pause(**base)                                       # momentary saturation waits
+    assert should_pause(**{**base, "saturated_for_s": 0.6})               # lasting saturation pauses
+    assert should_pause(**{**base, "store_down": True, "outstanding": 0})
+    assert should_pause(**{**base, "overloaded": True, "outstanding": 6})  # overloaded: paused above half
+    assert not should_pause(**{**base, "overloaded": True, "outstanding": 5})  # top up to half
+    assert should_pause(**{**base, "paused": True, "outstanding": 7})     # hysteresis
+    assert not should_pause(**{**base, "paused": True, "outstanding": 4})
