@@ -114,6 +114,12 @@ class IdempotencySettings(Section):
     done_ttl_s: int = Field(7 * 86_400, ge=60, description="How long a done key is remembered.")
 
 
+    @field_validator("redis_url", mode="before")
+    @classmethod
+    def _empty_is_none(cls, v: Any) -> Any:
+        return None if v == "" else v
+
+
 class HandlerSettings(Section):
     handler: str | None = Field(None, pattern=HANDLER_PATH, description="Import path `pkg.module:func`.")
     http_sink_url: str | None = Field(None, pattern=r"^https?://.+",

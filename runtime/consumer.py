@@ -119,6 +119,7 @@ class Runtime:
         self.store: IdempotencyStore | None = None
         self.store_down_since: float | None = None
         self._unclaimed: list[Message] = []         # fetched while the store was down
+        self._parked: list[Message] = []            # their key is held elsewhere: re-checked, not queued
         self._claims: deque[asyncio.Task[None]] = deque()   # claim steps in flight, in batch order
         self._done_keys: list[str] = []
         self._release_keys: list[str] = []
@@ -222,12 +223,14 @@ class Runtime:
 
     async def _drain(self, states: list[PartitionState], bound: float) -> dict[TP, int]:
         deadline = time.monotonic() + bound
-        gone = [m for m in self._unclaimed if m._part.revoked]
-        if gone:
-            self._unclaimed = [m for m in self._unclaimed if not m._part.revoked]
-            for m in gone:
-                m._part.inflight -= 1
-            self.outstanding -= len(gone)
+        for attr in ("_unclaimed", "_parked"):
+            held = getattr(self, attr)
+            gone = [m for m in held if m._part.revoked]
+            if gone:
+                setattr(self, attr, [m for m in held if not m._part.revoked])
+                for m in gone:
+                    m._part.inflight -= 1
+                self.outstanding -= len(gone)
         while any(st.inflight > 0 for st in states) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         left = sum(st.inflight for st in states)
@@ -243,7 +246,7 @@ class Runtime:
         self._results_in.set()
         latencies = []
         e2es = []
-        handled = skipped = 0
+        handled = 0
         failures: list[tuple[Message, BaseException]] = []
         qwait = 0.0
         for msg, outcome, err, dt, e2e, wait in results:
@@ -259,9 +262,6 @@ class Runtime:
                 e2es.append(e2e)
                 if fk is not None:
                     done.append(fk)               # held in _claimed_at until the mark is written
-                tracker.finish(part.tp, msg.offset)
-            elif outcome is Outcome.SKIPPED:
-                skipped += 1
                 tracker.finish(part.tp, msg.offset)
             elif outcome is Outcome.FAILED:
                 latencies.append(dt)
@@ -279,8 +279,6 @@ class Runtime:
             m.handled.inc(handled)
             m.handler_latency.observe_many(latencies)
             m.e2e_latency.observe_many(e2es)
-        if skipped:
-            m.skipped.inc(skipped)
         for msg, err in failures:
             m.errors.labels(type(err).__name__).inc()
             self._route(msg, err)
@@ -296,7 +294,7 @@ class Runtime:
         part = msg._part
         if verdict == "resubmit" and not part.revoked and not self._stop.is_set():
             msg.attempts += 1
-            self._dispatch([(msg, False)])
+            self._dispatch([msg])
             return
         part.inflight -= 1
         self.outstanding -= 1
@@ -313,7 +311,7 @@ class Runtime:
     def _store_key(self, msg: Message) -> str | None:
         return None if self.store is None else msg.idempotency_key
 
-    def _dispatch(self, items: list[tuple[Message, bool]]) -> None:
+    def _dispatch(self, items: list[Message]) -> None:
         assert self.dispatcher is not None
         if self.outstanding > self._win[3]:
             self._win[3] = self.outstanding
@@ -355,7 +353,7 @@ class Runtime:
         while this claim is in flight. Dispatch still happens in batch order (each step
         waits for the previous one before dispatching), which keeps same-key order."""
         if self.store is None:
-            self._dispatch([(m, False) for m in msgs])
+            self._dispatch(msgs)
             return
         assert self.loop is not None
         prev = self._claims[-1] if self._claims else None
@@ -385,15 +383,21 @@ class Runtime:
             self._unclaimed.extend(msgs)
             return
         self._store_ok()
-        now = time.monotonic()
-        items: list[tuple[Message, bool]] = []
-        skipped = 0
-        claimed_at, tracker = self._claimed_at, self.tracker
         for k in done:
-            claimed_at.pop(k, None)
+            self._claimed_at.pop(k, None)
+        self._apply_claims(msgs, keys, codes)
+
+    def _apply_claims(self, msgs: list[Message], keys: list[str], codes: list[Claim]) -> None:
+        """Dispatch what we won, finish what is done, park what someone else holds."""
+        now = time.monotonic()
+        items: list[Message] = []
+        skipped = dropped = 0
+        claimed_at, tracker, parked = self._claimed_at, self.tracker, self._parked
         for m, k, c in zip(msgs, keys, codes):
             part = m._part
             if c is Claim.MINE:
+                # Ours: another copy of this key is in flight here (wait), or an earlier
+                # claim's answer was lost (take it).
                 c = Claim.BUSY if k in claimed_at else Claim.CLAIMED
             m.claimed = c is Claim.CLAIMED
             if c is Claim.DONE:
@@ -402,17 +406,37 @@ class Runtime:
                 skipped += 1
             elif part.revoked:
                 part.inflight -= 1
-                if c is Claim.CLAIMED:
+                dropped += 1
+                if m.claimed:
                     self._release_keys.append(k)
+            elif c is Claim.BUSY:
+                parked.append(m)
             else:
-                if c is Claim.CLAIMED:
-                    claimed_at[k] = now
-                items.append((m, c is Claim.BUSY))
-        self.outstanding -= skipped + (len(msgs) - skipped - len(items))
+                claimed_at[k] = now
+                items.append(m)
+        self.outstanding -= skipped + dropped
         if skipped:
             self.metrics.skipped.inc(skipped)
         if items:
             self._dispatch(items)
+
+    async def _recheck_parked(self) -> None:
+        """Parked messages: is their key done now (skip), free (run), or still held (wait)?"""
+        if self.store is None or not self._parked:
+            return
+        msgs, self._parked = self._parked, []
+        keys = [m.idempotency_key for m in msgs]
+        done, self._done_keys = self._done_keys, []
+        try:
+            codes = await self.store.claim(keys, done)
+        except StoreUnavailable as e:
+            self._done_keys = done + self._done_keys
+            self._parked = msgs + self._parked
+            self._store_failed(e)
+            return
+        for k in done:
+            self._claimed_at.pop(k, None)
+        self._apply_claims(msgs, keys, codes)
 
     async def _settle_claims(self, keep: int) -> None:
         """Wait until at most `keep` claim steps are in flight."""
@@ -513,10 +537,12 @@ class Runtime:
                       len(to_pause or to_resume), self.outstanding, self.ctl.limit)
 
     async def _commit(self, why: str) -> None:
+        # Done marks first, and whether or not an offset moved: a second copy of a key may be
+        # waiting on them while its own partition's commit point cannot move.
+        await self._flush_store()
         offsets = self.tracker.to_commit()
         if not offsets:
             return
-        await self._flush_store()
         assert self.consumer is not None
         await self._k(self._commit_sync, self.consumer, offsets, why)
 
@@ -569,7 +595,7 @@ class Runtime:
         self.store = build_store(self.s, self.owner)
         lanes = self.s.flow.workers
         disp = AsyncDispatcher if is_async(self._handler) else SyncDispatcher
-        self.dispatcher = disp(self._handler, lanes, self.loop, self.on_results, self.store, self._claimed_at)
+        self.dispatcher = disp(self._handler, lanes, self.loop, self.on_results)
         conf = kafka_config(self.s, self.instance_id)
         conf["error_cb"] = lambda err: log.warning("event=kafka-error error=%s", err)
 
@@ -602,6 +628,7 @@ class Runtime:
         window = self.s.flow.window_ms / 1000
         now = time.monotonic()
         next_commit, next_decide, next_lag, next_renew = now + interval, now + window, now + 1, now + 1
+        next_parked = now
         store_retry_at = 0.0
         saturated_since: float | None = None
         prefetch: asyncio.Future[list[Any]] | None = None
@@ -652,8 +679,11 @@ class Runtime:
                 if now >= next_commit:
                     await self._commit("interval")
                     next_commit = now + interval
-                elif self._done_keys and len(self._done_keys) >= 512:
-                    await self._flush_store()
+                elif self._done_keys and (len(self._done_keys) >= 512 or not self._claims):
+                    await self._flush_store()           # no claim step to carry them: send now
+                if self._parked and now >= next_parked:
+                    await self._recheck_parked()
+                    next_parked = now + 0.2
                 if now >= next_renew:
                     await self._renew_leases()
                     next_renew = now + 1
@@ -680,7 +710,8 @@ class Runtime:
         except Exception as e:  # noqa: BLE001
             log.warning("event=pause-on-shutdown-failed error=%r", e)
         deadline = time.monotonic() + bound
-        while self.outstanding > len(self._unclaimed) and time.monotonic() < deadline and not self._hard_stop:
+        while (self.outstanding > len(self._unclaimed) + len(self._parked) and time.monotonic() < deadline
+               and not self._hard_stop):
             await asyncio.sleep(0.02)
         assert self.dispatcher is not None
         await self.dispatcher.close(max(0.0, deadline - time.monotonic()))

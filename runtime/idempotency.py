@@ -82,7 +82,6 @@ class IdempotencyStore(Protocol):
     async def mark_done(self, keys: list[str]) -> None: ...
     async def release(self, keys: list[str]) -> int: ...
     async def renew(self, keys: list[str]) -> int: ...
-    def claim_one_blocking(self, key: str) -> Claim: ...
     async def close(self) -> None: ...
 
 
@@ -109,10 +108,8 @@ class RedisStore:
         self.done_ttl_s = done_ttl_s
         opts: dict[str, Any] = dict(socket_timeout=5, socket_connect_timeout=3, health_check_interval=30)
         self._r = aredis.Redis.from_url(url, **opts)
-        self._sync = redis.Redis.from_url(url, **opts)
         self._claim = self._r.register_script(_CLAIM_LUA)
         self._if_owner = self._r.register_script(_IF_OWNER_LUA)
-        self._claim_sync = self._sync.register_script(_CLAIM_LUA)
         self._errors = (redis.ConnectionError, redis.TimeoutError, OSError)
 
     def full_key(self, key: str) -> str:
@@ -148,13 +145,6 @@ class RedisStore:
     async def renew(self, keys: list[str]) -> int:
         return await self._owned(keys, "renew")
 
-    def claim_one_blocking(self, key: str) -> Claim:
-        """For a worker thread waiting on a BUSY key (keeps key order without the loop)."""
-        try:
-            return _parse(self._claim_sync(keys=[], args=self._claim_args([key], [])))[0]
-        except self._errors as e:
-            raise StoreUnavailable(f"redis: {e}") from e
-
     def done_in(self, pipeline: Any, key: str) -> None:
         """Add the done mark of `key` to the caller's Redis MULTI, so the effect and the mark
         commit together: exactly-once effects for handlers whose effect lives in this Redis."""
@@ -168,7 +158,6 @@ class RedisStore:
 
     async def close(self) -> None:
         await self._r.aclose()
-        self._sync.close()
 
 
 class SqliteStore:
@@ -234,10 +223,6 @@ class SqliteStore:
 
     async def renew(self, keys: list[str]) -> int:
         return self._owned(keys, False)
-
-    def claim_one_blocking(self, key: str) -> Claim:
-        with self._lock:
-            return self._claim_locked([self.namespace + key], [])[0]
 
     def done_in(self, pipeline: Any, key: str) -> None:
         raise TypeError("the embedded store has no shared transaction; configure idempotency.redisUrl")

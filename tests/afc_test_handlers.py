@@ -44,3 +44,37 @@ def count_runs(msg) -> None:
 def record_time(msg) -> None:
     """Remember when the handler ran for each idempotency key."""
     _redis().hset(os.environ["AFC_TEST_HASH"], msg.idempotency_key, repr(time.time()))
+
+
+def slow_count(msg) -> None:
+    """Sleeps AFC_TEST_SLEEP_MS, then counts the run (for drain and shutdown tests)."""
+    time.sleep(float(os.environ.get("AFC_TEST_SLEEP_MS", "0")) / 1000)
+    _redis().hincrby(os.environ["AFC_TEST_HASH"], msg.idempotency_key, 1)
+
+
+_running = 0
+
+
+async def async_ordered(msg) -> None:
+    """Async: records the sequence of each key, and the highest concurrency seen."""
+    import asyncio
+    import random
+    global _running
+    _running += 1
+    try:
+        r = _redis()
+        r.set(os.environ["AFC_TEST_MAX_CONC"], _running, get=False) if _running > int(
+            r.get(os.environ["AFC_TEST_MAX_CONC"]) or 0) else None
+        await asyncio.sleep(random.random() * 0.01)
+        r.rpush(f"{os.environ['AFC_TEST_LIST']}:{msg.key.decode()}", msg.payload["seq"])
+    finally:
+        _running -= 1
+
+
+def fails_until(msg) -> None:
+    """Raises ConnectionError while the Redis flag AFC_TEST_FAIL_KEY is set, then counts."""
+    r = _redis()
+    if r.get(os.environ["AFC_TEST_FAIL_KEY"]):
+        r.hincrby(os.environ["AFC_TEST_HASH"] + ":failures", msg.idempotency_key, 1)
+        raise ConnectionError("downstream refused")
+    r.hincrby(os.environ["AFC_TEST_HASH"], msg.idempotency_key, 1)

@@ -70,7 +70,7 @@ def free_port() -> int:
 class ConsumerProcess:
     """`afc-consumer run` as a real subprocess, with its log in a file and a metrics port."""
 
-    def __init__(self, testbed: Testbed, topics: list[str], group: str, handler: str, log_path: Path,
+    def __init__(self, testbed: Testbed, topics: list[str], group: str, handler: str | None, log_path: Path,
                  instance_id: str | None = None, env: dict[str, str] | None = None,
                  redis_prefix: str = "afc") -> None:
         self.port = free_port()
@@ -95,7 +95,8 @@ class ConsumerProcess:
     def start(self) -> "ConsumerProcess":
         exe = str(ROOT / ".venv" / "bin" / "afc-consumer")
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([exe, "run", "--handler", self.handler], env=self.env,
+        args = ["--handler", self.handler] if self.handler else []
+        self.proc = subprocess.Popen([exe, "run", *args], env=self.env,
                                      stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         return self
 

@@ -54,8 +54,8 @@ def test_racing_claimers_never_both_win(testbed, names) -> None:
         try:
             for i in range(0, len(keys), 100):
                 chunk = keys[i:i + 100]
-                got = [s.claim_one_blocking(k) for k in chunk[:50]]     # the lanes' path
-                got += await s.claim(chunk[50:], [])                     # the batch path
+                got = [(await s.claim([k], []))[0] for k in chunk[:50]]  # one by one (parked re-checks)
+                got += await s.claim(chunk[50:], [])                      # a batch
                 with lock:
                     for k, c in zip(chunk, got):
                         if c is Claim.CLAIMED:
