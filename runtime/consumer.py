@@ -129,6 +129,7 @@ class Runtime:
         self._win: list[Any] = [0, 0, 0.0, 0, 0.0]  # completed, errors, latency sum, peak outstanding, queue wait
         self._stop = asyncio.Event()
         self._results_in = asyncio.Event()
+        self._commit_sent: float | None = None      # an async commit awaiting its answer
         self._hard_stop = False
         self.last_beat = time.monotonic()
         self.consumer: Consumer | None = None
@@ -537,14 +538,45 @@ class Runtime:
                       len(to_pause or to_resume), self.outstanding, self.ctl.limit)
 
     async def _commit(self, why: str) -> None:
-        # Done marks first, and whether or not an offset moved: a second copy of a key may be
+        """Interval commits are asynchronous (a synchronous one holds the Kafka thread, and
+        so the next fetch, for a broker round trip); revoke and shutdown commit synchronously."""
+        # Done marks first, and whether or not an offset moved: a parked copy of a key may be
         # waiting on them while its own partition's commit point cannot move.
         await self._flush_store()
         offsets = self.tracker.to_commit()
         if not offsets:
             return
-        assert self.consumer is not None
-        await self._k(self._commit_sync, self.consumer, offsets, why)
+        c = self.consumer
+        assert c is not None
+        if why != "interval":
+            await self._k(self._commit_sync, c, offsets, why)
+            return
+        if self._commit_sent is not None:
+            return                      # the previous async commit has not been answered yet
+        self._commit_sent = time.perf_counter()
+        tps = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+        try:
+            await self._k(c.commit, offsets=tps, asynchronous=True)
+        except KafkaException as e:
+            self._commit_sent = None
+            self.metrics.commit_errors.inc()
+            log.warning("event=commit-failed why=%s error=%s", why, e)
+
+    def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        """librdkafka's commit callback (Kafka thread): hand the outcome to the loop."""
+        assert self.loop is not None
+        self.loop.call_soon_threadsafe(self._committed, err, [(p.topic, p.partition, p.offset, p.error)
+                                                              for p in partitions])
+
+    def _committed(self, err: KafkaError | None, parts: list[tuple[str, int, int, Any]]) -> None:
+        sent, self._commit_sent = self._commit_sent, None
+        if err is not None and err.code() != KafkaError._NO_OFFSET:
+            self.metrics.commit_errors.inc()
+            log.warning("event=commit-failed why=interval error=%s", err)
+            return
+        if sent is not None:
+            self.metrics.commit_latency.observe(time.perf_counter() - sent)
+        self.tracker.committed({(t, p): o for t, p, o, perr in parts if perr is None and o >= 0})
 
     def _decide(self) -> None:
         completed, errors, lat, peak, qwait = self._win
@@ -598,6 +630,7 @@ class Runtime:
         self.dispatcher = disp(self._handler, lanes, self.loop, self.on_results)
         conf = kafka_config(self.s, self.instance_id)
         conf["error_cb"] = lambda err: log.warning("event=kafka-error error=%s", err)
+        conf["on_commit"] = self._on_commit
 
         def make() -> Consumer:
             c = Consumer(conf, logger=logging.getLogger("afc.runtime.librdkafka"))

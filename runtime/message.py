@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+from functools import lru_cache
 from typing import Any, Callable
 
 import orjson
@@ -84,9 +85,14 @@ class Message:
         return f"Message({self.topic}[{self.partition}]@{self.offset} key={self.key!r})"
 
 
+@lru_cache(maxsize=64)
+def _path(dotted: str) -> tuple[str, ...]:
+    return tuple(dotted.split("."))
+
+
 def field_path(payload: Any, dotted: str) -> Any:
     cur = payload
-    for part in dotted.split("."):
+    for part in _path(dotted):
         if not isinstance(cur, dict) or part not in cur:
             return None
         cur = cur[part]
