@@ -2,6 +2,8 @@
 
     afc-consumer run [--handler pkg.module:func | --http-sink URL] [--topic T ...] [--group G]
                      [--bootstrap HOST:PORT] [--redis-url URL]
+    afc-consumer dlq inspect TOPIC [--records N] [--filter header=value]
+    afc-consumer dlq replay --from TOPIC [--to TOPIC] [--filter header=value] [--dry-run]
 
 Everything else comes from the environment (`AFC_...`) or `AFC_CONFIG_FILE`; see config.py.
 Exit codes: 0 after a clean stop, 2 for configuration errors (a restart would not help).
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from typing import Any
 
@@ -74,9 +77,26 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--group", help="consumer group id")
     run.add_argument("--bootstrap", help="bootstrap servers")
     run.add_argument("--redis-url", help="idempotency store (prefer AFC_IDEMPOTENCY__REDIS_URL from a Secret)")
+    dlq = sub.add_parser("dlq", help="inspect or replay a dead-letter or poison topic")
+    dsub = dlq.add_subparsers(dest="dlq_cmd", required=True)
+    bootstrap = os.environ.get("AFC_KAFKA__BOOTSTRAP_SERVERS", "localhost:9092")
+    ins = dsub.add_parser("inspect", help="counts by error class, oldest, newest, sample records (JSON)")
+    ins.add_argument("topic")
+    ins.add_argument("--records", type=int, default=10, help="how many records to show")
+    rep = dsub.add_parser("replay", help="re-inject records to their original topic")
+    rep.add_argument("--from", dest="source", required=True, help="the dead-letter (or poison) topic")
+    rep.add_argument("--to", help="another destination than each record's original topic")
+    rep.add_argument("--dry-run", action="store_true", help="count what would be replayed, send nothing")
+    for sp in (ins, rep):
+        sp.add_argument("--bootstrap", default=bootstrap, help="bootstrap servers (AFC_KAFKA__BOOTSTRAP_SERVERS)")
+        sp.add_argument("--filter", action="append", help="header=value (value* for a prefix); repeatable")
     ns = p.parse_args(argv)
     if ns.cmd is None:
         ns = p.parse_args(["run", *(argv or sys.argv[1:])])
+    if ns.cmd == "dlq":
+        from . import dlq as dlq_tool
+        setup_logging()
+        return dlq_tool.main(ns)
     try:
         from .config import RuntimeSettings
         settings = _merge(RuntimeSettings, _overrides(ns))

@@ -135,6 +135,35 @@ class HandlerSettings(Section):
         return self
 
 
+class RoutingSettings(Section):
+    """Failure routing (Spring Kafka's vocabulary): retry topic, dead-letter, poison."""
+    enabled: bool = Field(True, description="Off: a failing message is retried in place, holding its partition.")
+    retry_suffix: str = Field(".retry", pattern=r"^[A-Za-z0-9._-]+$")
+    dlq_suffix: str = Field(".dlq", pattern=r"^[A-Za-z0-9._-]+$")
+    poison_suffix: str = Field(".poison", pattern=r"^[A-Za-z0-9._-]+$")
+    max_attempts: int = Field(5, ge=1, le=100, description="Handler runs before a transient failure is dead-lettered.")
+    backoff_initial_ms: int = Field(5_000, ge=0, le=86_400_000)
+    backoff_max_ms: int = Field(300_000, ge=0, le=86_400_000)
+    backoff_multiplier: float = Field(2.0, ge=1.0, le=10.0)
+    jitter: float = Field(0.2, ge=0, le=1)
+    transient: list[str] = Field(default_factory=list, description="Exception class names that are TRANSIENT.")
+    permanent: list[str] = Field(default_factory=list, description="Exception class names that are PERMANENT.")
+    poison: list[str] = Field(default_factory=list, description="Exception class names that are POISON.")
+    poison_failures: int = Field(3, ge=0, description="A message failing this often within poisonWindowS is poison (0: off).")
+    poison_window_s: float = Field(10.0, gt=0)
+    max_message_bytes: int = Field(1_048_576, ge=1024, description="Larger values are poison, never handed to the handler.")
+    stacktrace_bytes: int = Field(8_192, ge=256, le=65_536)
+    create_topics: bool = Field(True, description="Create missing retry/DLQ/poison topics (source's partition count).")
+
+    @model_validator(mode="after")
+    def _distinct(self) -> "RoutingSettings":
+        if len({self.retry_suffix, self.dlq_suffix, self.poison_suffix}) != 3:
+            raise ValueError("retrySuffix, dlqSuffix and poisonSuffix must differ")
+        if self.backoff_max_ms < self.backoff_initial_ms:
+            raise ValueError("backoffMaxMs must be >= backoffInitialMs")
+        return self
+
+
 class OffsetSettings(Section):
     commit_interval_ms: int = Field(1_000, ge=50, le=60_000)
 
@@ -163,6 +192,7 @@ class RuntimeSettings(BaseSettings):
     idempotency: IdempotencySettings = Field(default_factory=IdempotencySettings)
     handler: HandlerSettings = Field(default_factory=HandlerSettings)
     offsets: OffsetSettings = Field(default_factory=OffsetSettings)
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
     shutdown: ShutdownSettings = Field(default_factory=ShutdownSettings)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(

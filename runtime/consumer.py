@@ -29,14 +29,14 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from .config import RuntimeSettings
 from .dispatch import AsyncDispatcher, Outcome, Result, SyncDispatcher
-from .errors import StoreUnavailable
+from .errors import PoisonError, StoreUnavailable
 from .fetch_control import FetchController, WindowStats, should_pause
 from .handlers import build_handler, is_async
-from .idempotency import Claim, IdempotencyStore, RedisStore, SqliteStore
+from .idempotency import Claim, Coalescer, IdempotencyStore, RedisStore, SqliteStore
 from .message import DECODERS, Message, idempotency_key
 from .metrics import RuntimeMetrics
 from .offsets import OffsetTracker
-from .routing import InPlaceRetry, Router
+from .routing import H_ATTEMPTS, H_DUE, Classification, InPlaceRetry, Router, TopicRouter, classify
 
 log = logging.getLogger("afc.runtime.consumer")
 TP = tuple[str, int]
@@ -44,12 +44,13 @@ TP = tuple[str, int]
 
 class PartitionState:
     """Per assigned partition; messages point at it so lanes can see a revocation."""
-    __slots__ = ("tp", "revoked", "inflight")
+    __slots__ = ("tp", "revoked", "inflight", "retry")
 
-    def __init__(self, tp: TP) -> None:
+    def __init__(self, tp: TP, retry: bool = False) -> None:
         self.tp = tp
         self.revoked = False
-        self.inflight = 0          # dispatched or parked, result not yet seen
+        self.inflight = 0          # fetched, result not yet seen
+        self.retry = retry         # a retry topic: records wait for their due time
 
 
 def kafka_config(s: RuntimeSettings, instance_id: str | None) -> dict[str, Any]:
@@ -115,8 +116,14 @@ class Runtime:
         self.decode = DECODERS[settings.handler.decoder]
         self._handler = handler
         self._close_handler: Callable[[], Any] | None = None
-        self.router = router or InPlaceRetry()
+        self._router = router
+        self.router: Router = InPlaceRetry()
+        r = settings.routing
+        self.retry_topics = {t + r.retry_suffix for t in settings.kafka.topics} if r.enabled else set()
+        self.deferred: dict[TP, float] = {}         # retry partitions paused until a record's due time
+        self._seeks: list[tuple[TP, int]] = []
         self.store: IdempotencyStore | None = None
+        self.markers: Coalescer | None = None       # single-key store calls, joined per loop tick
         self.store_down_since: float | None = None
         self._unclaimed: list[Message] = []         # fetched while the store was down
         self._parked: list[Message] = []            # their key is held elsewhere: re-checked, not queued
@@ -162,7 +169,7 @@ class Runtime:
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         for p in partitions:
             tp = (p.topic, p.partition)
-            self.parts[tp] = PartitionState(tp)
+            self.parts[tp] = PartitionState(tp, retry=p.topic in self.retry_topics)
         self.joined = True
         self.metrics.rebalances.labels("assign").inc()
         self.metrics.assigned.set(len(self.parts))
@@ -198,6 +205,7 @@ class Runtime:
         for tp in tps:
             self.parts.pop(tp, None)
             self.paused.discard(tp)
+            self.deferred.pop(tp, None)
         self.tracker.drop(tps)
         self.metrics.rebalances.labels("revoke" if commit else "lost").inc()
         self.metrics.assigned.set(len(self.parts))
@@ -272,7 +280,11 @@ class Runtime:
                 self._release_keys.append(fk)
         n_lat = len(latencies)
         win[0] += n_lat
-        win[1] += len(failures)
+        # Only transient failures (timeouts, refused connections) say the downstream is sick;
+        # bad data (permanent, poison) is routed without slowing the healthy records behind it.
+        rules = self.s.routing
+        win[1] += sum(1 for msg, err in failures
+                      if err is not msg.decode_error and classify(err, rules) is Classification.TRANSIENT)
         win[2] += sum(latencies)
         win[4] += qwait
         m = self.metrics
@@ -299,15 +311,13 @@ class Runtime:
             return
         part.inflight -= 1
         self.outstanding -= 1
-        if verdict == "finished":
+        if verdict == "routed":
+            # On another topic now, produce acknowledged: the offset may pass it. Its claim is
+            # released, not marked done: the retry (or a replay) must be able to claim it.
             self.tracker.finish(part.tp, msg.offset)
-            fk = self._store_key(msg)
-            if fk is not None:
-                self._done_keys.append(fk)
-        else:  # abandoned
-            fk = self._store_key(msg)
-            if fk is not None and msg.claimed:
-                self._release_keys.append(fk)
+        fk = self._store_key(msg)
+        if fk is not None and msg.claimed:
+            self._release_keys.append(fk)
 
     def _store_key(self, msg: Message) -> str | None:
         return None if self.store is None else msg.idempotency_key
@@ -322,6 +332,7 @@ class Runtime:
         out = []
         decode, parts, tracker, store = self.decode, self.parts, self.tracker, self.store
         hdr, fld = self.s.idempotency.key_header, self.s.idempotency.key_field
+        max_bytes, deferred = self.s.routing.max_message_bytes, self.deferred
         for m in raw:
             err = m.error()
             if err is not None:
@@ -330,15 +341,26 @@ class Runtime:
                 continue
             tp = (m.topic(), m.partition())
             part = parts.get(tp)
-            if part is None or part.revoked:
-                continue                      # not ours any more: the new owner fetches it
+            if part is None or part.revoked or tp in deferred:
+                continue                      # not ours, or waiting for a due time: fetched again later
+            headers = m.headers()
+            attempts = 0
+            if part.retry and headers:
+                due, attempts = _retry_header(headers)
+                if due and due > time.time() * 1000:
+                    self._defer(tp, m.offset(), due)
+                    continue
             value = m.value()
-            try:
-                payload, derr = decode(value), None
-            except Exception as e:  # noqa: BLE001 - DecodeError and anything a decoder raises
-                payload, derr = None, e
-            msg = Message(tp[0], tp[1], m.offset(), m.key(), value, m.headers(), m.timestamp()[1],
+            if value is not None and len(value) > max_bytes:
+                payload, derr = None, PoisonError(f"value of {len(value)} bytes exceeds maxMessageBytes {max_bytes}")
+            else:
+                try:
+                    payload, derr = decode(value), None
+                except Exception as e:  # noqa: BLE001 - DecodeError and anything a decoder raises
+                    payload, derr = None, e
+            msg = Message(tp[0], tp[1], m.offset(), m.key(), value, headers, m.timestamp()[1],
                           payload, derr)
+            msg.attempts = attempts
             msg.idempotency_key = idempotency_key(msg, hdr, fld)
             msg._part = part
             msg._store = store
@@ -520,11 +542,38 @@ class Runtime:
                      self.outstanding, self.ctl.limit)
             self.flow_state = state
 
+    def _defer(self, tp: TP, offset: int, due_ms: float) -> None:
+        """A retry record not yet due: its partition pauses until then, rewound to it
+        (Spring Kafka's retry topics pause likewise; nothing sleeps, nothing busy-polls)."""
+        delay = max(0.0, due_ms / 1000 - time.time())
+        self.deferred[tp] = time.monotonic() + delay
+        self._seeks.append((tp, offset))
+        log.debug("event=retry-deferred topic=%s partition=%d offset=%d due_in_s=%.2f", tp[0], tp[1], offset, delay)
+
+    async def _apply_deferrals(self) -> None:
+        """Seek deferred partitions back to their head record and resume those now due."""
+        if self._seeks:
+            seeks, self._seeks = self._seeks, []
+            c = self.consumer
+            assert c is not None
+
+            def seek() -> None:
+                c.pause([TopicPartition(t, p) for (t, p), _ in seeks])
+                for (t, p), off in seeks:
+                    c.seek(TopicPartition(t, p, off))
+            await self._k(seek)
+            self.paused |= {tp for tp, _ in seeks}
+        if self.deferred:
+            now = time.monotonic()
+            for tp in [tp for tp, due in self.deferred.items() if due <= now]:
+                del self.deferred[tp]
+
     async def _set_paused(self, pause_all: bool) -> None:
-        """Pause every partition while saturated (prefetch stops), resume when there is room."""
+        """Pause every partition while saturated (prefetch stops), resume when there is room;
+        retry partitions waiting for a due time stay paused either way."""
         c = self.consumer
         assert c is not None
-        want = set(self.parts) if pause_all else set()
+        want = (set(self.parts) if pause_all else set()) | set(self.deferred)
         to_pause = [TopicPartition(t, p) for t, p in want - self.paused]
         to_resume = [TopicPartition(t, p) for t, p in self.paused - want if (t, p) in self.parts]
         if to_pause:
@@ -533,7 +582,7 @@ class Runtime:
             await self._k(c.resume, to_resume)
         if to_pause or to_resume:
             self.paused = want
-            self.metrics.paused.set(len(want))
+            self.metrics.paused.set(len(want - set(self.deferred)))
             log.debug("event=%s partitions=%d inflight=%d limit=%d", "paused" if pause_all else "resumed",
                       len(to_pause or to_resume), self.outstanding, self.ctl.limit)
 
@@ -625,6 +674,7 @@ class Runtime:
         if self._handler is None:
             self._handler, self._close_handler = build_handler(self.s.handler)
         self.store = build_store(self.s, self.owner)
+        self.markers = Coalescer(self.store) if self.store is not None else None
         lanes = self.s.flow.workers
         disp = AsyncDispatcher if is_async(self._handler) else SyncDispatcher
         self.dispatcher = disp(self._handler, lanes, self.loop, self.on_results)
@@ -634,10 +684,16 @@ class Runtime:
 
         def make() -> Consumer:
             c = Consumer(conf, logger=logging.getLogger("afc.runtime.librdkafka"))
-            c.subscribe(self.s.kafka.topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
-                        on_lost=self._on_lost)
+            c.subscribe([*self.s.kafka.topics, *sorted(self.retry_topics)], on_assign=self._on_assign,
+                        on_revoke=self._on_revoke, on_lost=self._on_lost)
             return c
 
+        if self._router is not None:
+            self.router = self._router
+        elif self.s.routing.enabled:
+            if self.s.routing.create_topics:
+                await asyncio.to_thread(ensure_routing_topics, self.s)
+            self.router = TopicRouter(self.s, self.loop)
         self.consumer = await self._k(make)
         log.info("event=started group=%s instance=%s topics=%s workers=%d handler=%s store=%s",
                  self.s.kafka.group_id, self.instance_id, ",".join(self.s.kafka.topics), lanes,
@@ -670,11 +726,10 @@ class Runtime:
             while not self._stop.is_set():
                 now = time.monotonic()
                 self.last_beat = now
-                store_down = self.store_down_since is not None
-                if store_down and now >= store_retry_at and self._unclaimed:
-                    store_retry_at = now + 1.0
+                if self._unclaimed and now >= store_retry_at:
+                    store_retry_at = now + (1.0 if self.store_down_since is not None else 0.05)
                     await self._retry_unclaimed()
-                    store_down = self.store_down_since is not None
+                store_down = self.store_down_since is not None
                 budget = 0 if store_down else ctl.fetch_budget(self.outstanding)
                 if budget > 0:
                     saturated_since = None
@@ -714,6 +769,8 @@ class Runtime:
                     next_commit = now + interval
                 elif self._done_keys and (len(self._done_keys) >= 512 or not self._claims):
                     await self._flush_store()           # no claim step to carry them: send now
+                if self._seeks or self.deferred:
+                    await self._apply_deferrals()
                 if self._parked and now >= next_parked:
                     await self._recheck_parked()
                     next_parked = now + 0.2
@@ -760,6 +817,7 @@ class Runtime:
         self._kafka.shutdown(wait=False)
         if self._close_handler is not None:
             await self._close_handler()
+        await self.router.close()
         if self.store is not None:
             await self.store.close()
         log.info("event=stopped unfinished=%d", left)
@@ -805,3 +863,46 @@ def _fmt(partitions: list[TopicPartition]) -> str:
 
 def _fmt_offsets(offsets: dict[TP, int]) -> str:
     return ",".join(f"{t}[{p}]@{o}" for (t, p), o in sorted(offsets.items())) or "-"
+
+
+def _retry_header(headers: list[tuple[str, bytes]]) -> tuple[float, int]:
+    """(due time in ms, attempts so far) from a retry record's headers; zeros if absent or bad."""
+    due, attempts = 0.0, 0
+    for k, v in headers:
+        try:
+            if k == H_DUE:
+                due = float(v)
+            elif k == H_ATTEMPTS:
+                attempts = int(v)
+        except (TypeError, ValueError):
+            pass
+    return due, attempts
+
+
+def ensure_routing_topics(s: RuntimeSettings) -> None:
+    """Create missing retry, dead-letter and poison topics with their source's partition
+    count. Best effort and bounded: a failure is logged, and routing retries its produce."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+    r = s.routing
+    conf = {k: v for k, v in kafka_config(s, None).items()
+            if k.startswith(("bootstrap", "security", "sasl", "ssl"))}
+    admin = AdminClient(conf)
+    try:
+        md = admin.list_topics(timeout=10)
+        want = []
+        for t in s.kafka.topics:
+            src = md.topics.get(t)
+            n = len(src.partitions) if src is not None and not src.error else 1
+            for suffix in (r.retry_suffix, r.dlq_suffix, r.poison_suffix):
+                if t + suffix not in md.topics:
+                    want.append(NewTopic(t + suffix, n, -1))
+        if not want:
+            return
+        for name, fut in admin.create_topics(want, operation_timeout=15).items():
+            try:
+                fut.result(timeout=20)
+                log.info("event=topic-created topic=%s", name)
+            except Exception as e:  # noqa: BLE001 - TOPIC_ALREADY_EXISTS from a racing replica, or ACLs
+                log.warning("event=topic-create-failed topic=%s error=\"%s\"", name, e)
+    except Exception as e:  # noqa: BLE001
+        log.warning("event=topic-check-failed error=\"%s\"", e)

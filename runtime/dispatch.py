@@ -102,6 +102,9 @@ class ThreadDispatcher:
             if gone(msg, self.stopping):
                 results.append((msg, Outcome.ABANDONED, None, 0.0, 0.0, 0.0))
                 continue
+            if msg.decode_error is not None:       # poison: routed without calling the handler
+                results.append((msg, Outcome.FAILED, msg.decode_error, 0.0, 0.0, 0.0))
+                continue
             e2e = now() - msg.timestamp / 1000.0
             t0 = perf()
             try:
@@ -204,6 +207,9 @@ class AsyncDispatcher:
             msg = lane.popleft()
             if gone(msg, self.stopping):
                 results.append((msg, Outcome.ABANDONED, None, 0.0, 0.0, 0.0))
+                continue
+            if msg.decode_error is not None:       # poison: routed without calling the handler
+                results.append((msg, Outcome.FAILED, msg.decode_error, 0.0, 0.0, 0.0))
                 continue
             e2e = now() - msg.timestamp / 1000.0
             t0 = perf()

@@ -25,7 +25,7 @@ from .config import FlowSettings
 class WindowStats:
     """What the handler did during one window."""
     completed: int          # messages whose handler returned or raised
-    errors: int             # of which raised
+    errors: int             # of which failed transiently (bad data does not count)
     latency_sum_s: float    # total handler time of `completed`
     peak_outstanding: int   # most messages fetched-but-unfinished at any time in the window
     queue_wait_sum_s: float = 0.0   # total time `completed` messages waited in their lanes

@@ -106,8 +106,11 @@ class RedisStore:
         self.owner = owner
         self.lease_ms = lease_ms
         self.done_ttl_s = done_ttl_s
-        opts: dict[str, Any] = dict(socket_timeout=5, socket_connect_timeout=3, health_check_interval=30)
-        self._r = aredis.Redis.from_url(url, **opts)
+        # A bounded pool that waits for a free connection: many concurrent callers (routing a
+        # burst of failures) must queue, not fail with "Too many connections".
+        pool = aredis.BlockingConnectionPool.from_url(url, max_connections=16, timeout=10, socket_timeout=5,
+                                                      socket_connect_timeout=3, health_check_interval=30)
+        self._r = aredis.Redis(connection_pool=pool)
         self._claim = self._r.register_script(_CLAIM_LUA)
         self._if_owner = self._r.register_script(_IF_OWNER_LUA)
         self._errors = (redis.ConnectionError, redis.TimeoutError, OSError)
@@ -232,3 +235,50 @@ class SqliteStore:
 
     async def close(self) -> None:
         await asyncio.to_thread(self._db.close)
+
+
+class Coalescer:
+    """Joins single-key claims and done marks made in the same loop tick into one store
+    call, so a burst of concurrent callers (the router, one task per failed record) costs
+    one round trip instead of one connection each."""
+
+    def __init__(self, store: IdempotencyStore) -> None:
+        self.store = store
+        self._claims: list[tuple[str, asyncio.Future[Claim]]] = []
+        self._done: list[tuple[str, asyncio.Future[None]]] = []
+        self._scheduled = False
+
+    async def claim(self, key: str) -> Claim:
+        fut: asyncio.Future[Claim] = asyncio.get_running_loop().create_future()
+        self._claims.append((key, fut))
+        self._schedule()
+        return await fut
+
+    async def mark_done(self, key: str) -> None:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._done.append((key, fut))
+        self._schedule()
+        await fut
+
+    def _schedule(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self._flush()))
+
+    async def _flush(self) -> None:
+        claims, self._claims = self._claims, []
+        done, self._done = self._done, []
+        self._scheduled = False
+        try:
+            codes = await self.store.claim([k for k, _ in claims], [k for k, _ in done])
+        except Exception as e:  # noqa: BLE001 - every waiter sees the store's failure
+            for _, f in (*claims, *done):
+                if not f.done():
+                    f.set_exception(e)
+            return
+        for (_, f), c in zip(claims, codes):
+            if not f.done():
+                f.set_result(c)
+        for _, f in done:
+            if not f.done():
+                f.set_result(None)

@@ -86,5 +86,14 @@ class RuntimeMetrics:
         self.rebalances = Counter("afc_rebalances", "Partition assignment changes.", ["kind"], registry=r)
         self.store_errors = Counter("afc_idempotency_store_errors", "Idempotency store calls that failed.",
                                     registry=r)
+        self.routed = Counter("afc_routed_records", "Failed records routed, by route and classification.",
+                              ["route", "classification"], registry=r)
+        self.route_attempts = Histogram("afc_route_attempts", "Failed handler runs of a record when routed.",
+                                        buckets=(1, 2, 3, 4, 5, 7, 10, 15, 20, 50), registry=r)
+        self.poison = Counter("afc_poison_records", "Records routed to the poison topic.", registry=r)
+        self.route_errors = Counter("afc_route_errors", "Failed produces while routing (retried).", ["route"],
+                                    registry=r)
+        self.route_skipped = Counter("afc_route_skipped",
+                                     "Records already routed by an earlier run (crash before commit).", registry=r)
         self.controller_decisions = Counter("afc_fetch_controller_decisions", "Fetch controller decisions.",
                                             ["reason"], registry=r)

@@ -1,45 +1,210 @@
-"""What happens to a message whose handler failed.
+"""What happens to a message whose handler failed: the one place that decides.
 
-The router answers with a verdict the loop acts on:
-- "resubmit": run the handler again now (the router already waited its backoff);
-- "finished": the failure was dealt with (e.g. routed to another topic, produce
-  acknowledged), so the offset may move past it;
+`classify` maps an exception to TRANSIENT, PERMANENT or POISON (configuration first, then
+afc's own error types, then defaults; the most specific class in the exception's MRO wins).
+`decide` turns the classification and the record's history (carried in its headers, as
+Spring Kafka does) into a route: the retry topic with a due time, the dead-letter topic, or
+the poison topic. Both are pure. `TopicRouter` performs the route: produce, wait for the
+broker's acknowledgement, and only then let the source offset move on.
+
+The router answers the loop with a verdict:
+- "routed": the record is safely on another topic; its offset may be committed, its
+  idempotency claim is released (a retry or a replay must be able to claim it);
+- "resubmit": run the handler again now (in-place retry, when routing is off);
 - "abandoned": the partition moved away or the runtime stops; leave it unfinished.
-
-A failed message is never finished without a verdict, so its offset is never committed
-past an unhandled failure.
+A failed message is never finished without a verdict, so no offset passes an unrouted failure.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import random
-from typing import TYPE_CHECKING, Literal, Protocol
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from .config import RoutingSettings, RuntimeSettings
+from confluent_kafka import KafkaError
+
+from .errors import PermanentError, PoisonError, StoreUnavailable, TransientError
+from .idempotency import Claim
 from .message import Message
 
 if TYPE_CHECKING:
     from .consumer import Runtime
 
 log = logging.getLogger("afc.runtime.routing")
-Verdict = Literal["resubmit", "finished", "abandoned"]
+Verdict = Literal["resubmit", "routed", "abandoned"]
+
+# Headers every routed record carries (the record's own headers are kept as they were).
+H_ORIG_TOPIC = "afc-original-topic"
+H_ORIG_PARTITION = "afc-original-partition"
+H_ORIG_OFFSET = "afc-original-offset"
+H_ORIG_TIMESTAMP = "afc-original-timestamp"
+H_GROUP = "afc-consumer-group"
+H_ERR_CLASS = "afc-exception-class"
+H_ERR_MESSAGE = "afc-exception-message"
+H_ERR_STACK = "afc-exception-stacktrace"
+H_ATTEMPTS = "afc-attempts"
+H_FAILED_AT = "afc-failed-at"
+H_FAILURES = "afc-failure-times"
+H_CLASS = "afc-classification"
+H_DUE = "afc-due-at"
+H_ROUTING_ID = "afc-routing-id"
+H_TRUNCATED = "afc-value-truncated-from"
+AFC_HEADERS = frozenset({H_ORIG_TOPIC, H_ORIG_PARTITION, H_ORIG_OFFSET, H_ORIG_TIMESTAMP, H_GROUP, H_ERR_CLASS,
+                         H_ERR_MESSAGE, H_ERR_STACK, H_ATTEMPTS, H_FAILED_AT, H_FAILURES, H_CLASS, H_DUE,
+                         H_ROUTING_ID, H_TRUNCATED})
 
 
-class Router(Protocol):
-    async def route(self, msg: Message, err: BaseException, runtime: "Runtime") -> Verdict: ...
+class Classification(str, Enum):
+    TRANSIENT = "TRANSIENT"
+    PERMANENT = "PERMANENT"
+    POISON = "POISON"
 
 
-def backoff_s(attempt: int, base_s: float, cap_s: float, jitter: float = 0.2, rnd: random.Random | None = None) -> float:
-    """Capped exponential backoff with proportional jitter: base * 2^(attempt-1), +-jitter."""
-    d = min(cap_s, base_s * (2 ** max(0, attempt - 1)))
+DEFAULTS: dict[type, Classification] = {
+    PoisonError: Classification.POISON,             # DecodeError, oversized values
+    PermanentError: Classification.PERMANENT,
+    TransientError: Classification.TRANSIENT,
+    TimeoutError: Classification.TRANSIENT,         # asyncio.TimeoutError too (3.11)
+    ConnectionError: Classification.TRANSIENT,
+    OSError: Classification.TRANSIENT,
+    ValueError: Classification.PERMANENT,           # validation: retrying cannot help
+    TypeError: Classification.PERMANENT,
+    LookupError: Classification.PERMANENT,
+}
+
+
+def classify(err: BaseException, rules: RoutingSettings) -> Classification:
+    """Walk the exception's classes from the most specific; configured names win over
+    defaults at the same class. Unknown exceptions are TRANSIENT (retried, then
+    dead-lettered), as in Spring Kafka."""
+    configured: dict[str, Classification] = {}
+    for names, cls in ((rules.transient, Classification.TRANSIENT), (rules.permanent, Classification.PERMANENT),
+                       (rules.poison, Classification.POISON)):
+        for n in names:
+            configured[n] = cls
+    for k in type(err).__mro__:
+        for name in (f"{k.__module__}.{k.__qualname__}", k.__qualname__, k.__name__):
+            if name in configured:
+                return configured[name]
+        if k in DEFAULTS:
+            return DEFAULTS[k]
+    return Classification.TRANSIENT
+
+
+@dataclass(frozen=True)
+class History:
+    """What a record's headers say about its earlier failures."""
+    attempts: int = 0                    # handler runs that failed before this one
+    failure_times_ms: tuple[int, ...] = ()
+    original: tuple[str, int, int, int] | None = None   # topic, partition, offset, timestamp
+
+    @classmethod
+    def of(cls, msg: Message) -> "History":
+        def get(name: str) -> str | None:
+            v = msg.header(name)
+            return v.decode("utf-8", "replace") if v is not None else None
+        try:
+            attempts = int(get(H_ATTEMPTS) or 0)
+            times = tuple(int(x) for x in (get(H_FAILURES) or "").split(",") if x)
+            ot = get(H_ORIG_TOPIC)
+            original = (ot, int(get(H_ORIG_PARTITION) or 0), int(get(H_ORIG_OFFSET) or 0),
+                        int(get(H_ORIG_TIMESTAMP) or 0)) if ot else None
+        except ValueError:                 # headers mangled by someone: start a fresh history
+            return cls()
+        return cls(attempts, times, original)
+
+
+@dataclass(frozen=True)
+class Route:
+    kind: Literal["retry", "dlq", "poison"]
+    topic: str
+    classification: Classification
+    attempts: int                        # failed handler runs including this one
+    due_ms: int | None                   # retry only: not to be run before this time
+    reason: str                          # why this route, for logs and headers
+
+
+def backoff_s(attempt: int, base_s: float, cap_s: float, jitter: float = 0.2, rnd: random.Random | None = None,
+              multiplier: float = 2.0) -> float:
+    """Capped exponential backoff with proportional jitter: base * multiplier^(attempt-1), +-jitter."""
+    d = min(cap_s, base_s * (multiplier ** max(0, attempt - 1)))
     r = (rnd or random).uniform(-jitter, jitter)
     return max(0.0, d * (1 + r))
 
 
+def decide(classification: Classification, history: History, source_topic: str, now_ms: int,
+           rules: RoutingSettings, rnd: random.Random | None = None) -> Route:
+    attempts = history.attempts + 1
+    recent = [t for t in (*history.failure_times_ms, now_ms) if now_ms - t <= rules.poison_window_s * 1000]
+    if classification is Classification.POISON:
+        return Route("poison", source_topic + rules.poison_suffix, classification, attempts, None, "poison")
+    if rules.poison_failures and len(recent) >= rules.poison_failures:
+        return Route("poison", source_topic + rules.poison_suffix, Classification.POISON, attempts, None,
+                     f"failed {len(recent)} times within {rules.poison_window_s:g}s")
+    if classification is Classification.PERMANENT:
+        return Route("dlq", source_topic + rules.dlq_suffix, classification, attempts, None, "permanent")
+    if attempts >= rules.max_attempts:
+        return Route("dlq", source_topic + rules.dlq_suffix, classification, attempts, None,
+                     f"exhausted {attempts} attempts")
+    delay = backoff_s(attempts, rules.backoff_initial_ms / 1000, rules.backoff_max_ms / 1000, rules.jitter, rnd,
+                      rules.backoff_multiplier)
+    return Route("retry", source_topic + rules.retry_suffix, classification, attempts,
+                 now_ms + int(delay * 1000), f"retry {attempts}/{rules.max_attempts - 1}")
+
+
+def routed_headers(msg: Message, err: BaseException, route: Route, history: History, group: str, now_ms: int,
+                   rules: RoutingSettings) -> list[tuple[str, bytes]]:
+    """The record's own headers (afc's earlier ones replaced) plus its failure history."""
+    topic, partition, offset, ts = history.original or (msg.topic, msg.partition, msg.offset, msg.timestamp)
+    stack = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    stack_b = stack.encode("utf-8", "replace")
+    if len(stack_b) > rules.stacktrace_bytes:
+        stack_b = stack_b[: rules.stacktrace_bytes - 15] + b"...[truncated]"
+    keep = rules.poison_failures or 10
+    failures = (*history.failure_times_ms, now_ms)[-keep:]
+    own = [(k, v) for k, v in msg.headers if k not in AFC_HEADERS]
+    if msg.header("idempotency-key") is None and msg.idempotency_key:
+        # The key travels with the record, so a retry or a replay is deduplicated as the original.
+        own.append(("idempotency-key", msg.idempotency_key.encode()))
+    add = {
+        H_ORIG_TOPIC: topic, H_ORIG_PARTITION: partition, H_ORIG_OFFSET: offset, H_ORIG_TIMESTAMP: ts,
+        H_GROUP: group, H_ERR_CLASS: f"{type(err).__module__}.{type(err).__qualname__}",
+        H_ERR_MESSAGE: str(err)[:1024], H_ATTEMPTS: route.attempts, H_FAILED_AT: now_ms,
+        H_FAILURES: ",".join(str(t) for t in failures), H_CLASS: route.classification.value,
+        H_ROUTING_ID: f"{group}/{topic}/{partition}/{offset}/{route.attempts}",
+    }
+    if route.due_ms is not None:
+        add[H_DUE] = route.due_ms
+    return own + [(k, str(v).encode("utf-8", "replace")) for k, v in add.items()] + [(H_ERR_STACK, stack_b)]
+
+
+# --------------------------------------------------------------------------- routers (I/O)
+
+class Router(Protocol):
+    async def route(self, msg: Message, err: BaseException, runtime: "Runtime") -> Verdict: ...
+    async def close(self) -> None: ...
+
+
+async def _sleep_unless_gone(msg: Message, runtime: "Runtime", delay: float) -> bool:
+    """Sleep, waking early if the message's partition is revoked or the runtime stops."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + delay
+    while loop.time() < end:
+        if msg._part.revoked or runtime.stopping:
+            return False
+        await asyncio.sleep(min(0.05, max(0.0, end - loop.time())))
+    return not (msg._part.revoked or runtime.stopping)
+
+
 class InPlaceRetry:
-    """Retry in place with capped exponential backoff, holding the partition's commit point
-    (Karafka-style pause). Used when no failure topics are configured: nothing is lost,
-    the message simply is not passed."""
+    """Routing off: retry in place with capped exponential backoff, holding the partition's
+    commit point (Karafka-style). Nothing is lost; the message simply is not passed."""
 
     def __init__(self, base_s: float = 0.2, cap_s: float = 30.0) -> None:
         self.base_s, self.cap_s = base_s, cap_s
@@ -48,10 +213,170 @@ class InPlaceRetry:
         delay = backoff_s(msg.attempts + 1, self.base_s, self.cap_s)
         log.warning("event=handler-failed action=retry-in-place topic=%s partition=%d offset=%d attempt=%d "
                     "delay_s=%.2f error_class=%s error=\"%s\"", msg.topic, msg.partition, msg.offset,
-                    msg.attempts + 1, delay, type(err).__name__, str(err)[:200])
-        end = asyncio.get_running_loop().time() + delay
-        while asyncio.get_running_loop().time() < end:
-            if msg._part.revoked or runtime.stopping:
+                    msg.attempts + 1, delay, type(err).__name__, str(err)[:200].replace('"', "'"))
+        return "resubmit" if await _sleep_unless_gone(msg, runtime, delay) else "abandoned"
+
+    async def close(self) -> None:
+        return None
+
+
+def producer_config(s: RuntimeSettings) -> dict[str, Any]:
+    k = s.kafka
+    conf: dict[str, Any] = {
+        "bootstrap.servers": k.bootstrap_servers, "enable.idempotence": True, "acks": "all",
+        "linger.ms": 5, "message.max.bytes": 16 * 1024 * 1024, "security.protocol": k.security_protocol,
+        "delivery.timeout.ms": 30_000,
+    }
+    if k.sasl_mechanism:
+        conf.update({"sasl.mechanism": k.sasl_mechanism, "sasl.username": k.sasl_username or "",
+                     "sasl.password": k.sasl_password.get_secret_value() if k.sasl_password else ""})
+    if k.ssl_ca_location:
+        conf["ssl.ca.location"] = k.ssl_ca_location
+    return conf
+
+
+class TopicRouter:
+    """Routes failures to `<topic>.retry`, `<topic>.dlq` and `<topic>.poison`.
+
+    A route is done once the broker acknowledged the produce. A position already routed
+    (the marker `routed:<topic>/<partition>/<offset>` is done in the idempotency store) is
+    not routed again after a crash between the acknowledgement and the offset commit.
+    """
+
+    def __init__(self, settings: RuntimeSettings, loop: asyncio.AbstractEventLoop) -> None:
+        from confluent_kafka import Producer
+        self.s, self.rules, self.loop = settings, settings.routing, loop
+        self.producer = Producer(producer_config(settings), logger=logging.getLogger("afc.runtime.librdkafka"))
+        self._closing = False
+        self._poller = threading.Thread(target=self._poll, name="afc-route-producer", daemon=True)
+        self._poller.start()
+
+    def _poll(self) -> None:
+        while not self._closing:
+            self.producer.poll(0.1)
+
+    async def _produce(self, topic: str, key: bytes | None, value: bytes | None,
+                       headers: list[tuple[str, bytes]]) -> None:
+        fut: asyncio.Future[None] = self.loop.create_future()
+
+        def delivered(err: Any, _msg: Any) -> None:
+            def settle() -> None:
+                if fut.done():
+                    return
+                if err is None:
+                    fut.set_result(None)
+                else:
+                    fut.set_exception(RouteFailed(err))
+            self.loop.call_soon_threadsafe(settle)
+
+        while True:
+            try:
+                self.producer.produce(topic, value=value, key=key, headers=headers, on_delivery=delivered)
+                break
+            except BufferError:
+                await asyncio.sleep(0.05)           # local queue full: wait for deliveries
+            except Exception as e:  # noqa: BLE001 - e.g. KafkaException(MSG_SIZE_TOO_LARGE) raised locally
+                raise RouteFailed(e) from e
+        await fut
+
+    async def route(self, msg: Message, err: BaseException, runtime: "Runtime") -> Verdict:
+        cls = Classification.POISON if err is msg.decode_error else classify(err, self.rules)
+        history = History.of(msg)
+        source = history.original[0] if history.original else msg.topic
+        now_ms = int(time.time() * 1000)
+        route = decide(cls, history, source, now_ms, self.rules)
+        headers = routed_headers(msg, err, route, history, self.s.kafka.group_id, now_ms, self.rules)
+        marker = f"routed:{msg.topic}/{msg.partition}/{msg.offset}"
+        store = runtime.markers
+        if store is not None:
+            state = await self._claim_marker(store, marker, msg, runtime)
+            if state == "gone":
                 return "abandoned"
-            await asyncio.sleep(min(0.05, end - asyncio.get_running_loop().time()))
-        return "resubmit"
+            if state == "done":
+                runtime.metrics.route_skipped.inc()
+                log.info("event=route-skipped reason=already-routed topic=%s partition=%d offset=%d", msg.topic,
+                         msg.partition, msg.offset)
+                return "routed"
+        delay = 0.5
+        value = msg.value
+        while True:
+            try:
+                await self._produce(route.topic, msg.key, value, headers)
+                break
+            except RouteFailed as e:
+                if e.too_large and value is not None and len(value) > 65_536:
+                    # Never drop: keep the headers and the first 64 KiB; the original stays at
+                    # its source coordinates (in the headers) until retention.
+                    headers = headers + [(H_TRUNCATED, str(len(value)).encode())]
+                    value = value[:65_536]
+                    continue
+                runtime.metrics.route_errors.labels(route.kind).inc()
+                log.error("event=route-failed topic=%s partition=%d offset=%d to=%s error=\"%s\" "
+                          "action=retry delay_s=%.1f", msg.topic, msg.partition, msg.offset, route.topic,
+                          str(e).replace('"', "'"), delay)
+                if not await _sleep_unless_gone(msg, runtime, delay):
+                    if store is not None:
+                        await self._release(store, marker)
+                    return "abandoned"
+                delay = min(30.0, delay * 2)
+        if store is not None:
+            await self._mark(store, marker, runtime)
+        m = runtime.metrics
+        m.routed.labels(route.kind, route.classification.value).inc()
+        m.route_attempts.observe(route.attempts)
+        if route.kind == "poison":
+            m.poison.inc()
+        log.info("event=routed to=%s kind=%s classification=%s attempts=%d reason=\"%s\" topic=%s partition=%d "
+                 "offset=%d error_class=%s due_ms=%s", route.topic, route.kind, route.classification.value,
+                 route.attempts, route.reason, msg.topic, msg.partition, msg.offset, type(err).__name__,
+                 route.due_ms)
+        return "routed"
+
+    async def _claim_marker(self, store: Any, marker: str, msg: Message,
+                            runtime: "Runtime") -> Literal["go", "done", "gone"]:
+        """Claim the routing marker of this position: "done" means a run that crashed before
+        its commit routed it already; "gone" means the message left us while we waited."""
+        delay = 0.2
+        while True:
+            try:
+                c = await store.claim(marker)
+            except StoreUnavailable:
+                c = None
+            if c is Claim.DONE:
+                return "done"
+            if c in (Claim.CLAIMED, Claim.MINE):
+                return "go"
+            if not await _sleep_unless_gone(msg, runtime, delay):    # BUSY or store down: wait
+                return "gone"
+            delay = min(5.0, delay * 2)
+
+    async def _release(self, store: Any, marker: str) -> None:
+        try:
+            await store.store.release([marker])
+        except StoreUnavailable:
+            pass                                                     # it expires with its lease
+
+    async def _mark(self, store: Any, marker: str, runtime: "Runtime") -> None:
+        try:
+            await store.mark_done(marker)
+        except StoreUnavailable as e:
+            # The record is routed; without the marker a crash before the commit could route
+            # it twice, which replay deduplicates by routing id and idempotency key.
+            log.warning("event=route-marker-failed marker=%s error=\"%s\"", marker, e)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.producer.flush, 10)
+        self._closing = True
+
+
+_TOO_LARGE = {KafkaError.MSG_SIZE_TOO_LARGE, getattr(KafkaError, "_MSG_SIZE_TOO_LARGE", KafkaError.MSG_SIZE_TOO_LARGE)}
+
+
+class RouteFailed(Exception):
+    def __init__(self, err: Any) -> None:
+        super().__init__(str(err))
+        code = None
+        inner = err.args[0] if isinstance(err, Exception) and err.args else err
+        if hasattr(inner, "code"):
+            code = inner.code()
+        self.too_large = code in _TOO_LARGE

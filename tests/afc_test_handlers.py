@@ -78,3 +78,27 @@ def fails_until(msg) -> None:
         r.hincrby(os.environ["AFC_TEST_HASH"] + ":failures", msg.idempotency_key, 1)
         raise ConnectionError("downstream refused")
     r.hincrby(os.environ["AFC_TEST_HASH"], msg.idempotency_key, 1)
+
+
+def scripted(msg) -> None:
+    """Behaves as the payload says; records every call (time, due header, attempts).
+
+    {"fail": "always"}                -> ValueError (PERMANENT) every time
+    {"fail": "transient", "times": n} -> TimeoutError the first n calls for this key
+    AFC_TEST_FAIL_KEY set in Redis    -> ValueError until it is cleared ("broken until fixed")
+    """
+    import json as _json
+    r = _redis()
+    h, key = os.environ["AFC_TEST_HASH"], msg.idempotency_key
+    due = msg.header("afc-due-at")
+    r.rpush(f"{h}:calls:{key}", _json.dumps({"at": time.time() * 1000, "due": float(due) if due else None,
+                                             "attempts": msg.attempts, "topic": msg.topic}))
+    p = msg.payload if isinstance(msg.payload, dict) else {}
+    if p.get("fail") == "always":
+        raise ValueError("invalid order")
+    if p.get("fail") == "transient" and r.hincrby(f"{h}:tries", key, 1) <= p.get("times", 2):
+        raise TimeoutError("downstream timed out")
+    flag = os.environ.get("AFC_TEST_FAIL_KEY")
+    if flag and r.get(flag):
+        raise ValueError("broken until fixed")
+    r.hincrby(h, key, 1)

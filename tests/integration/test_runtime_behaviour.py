@@ -104,7 +104,8 @@ def test_idempotency_store_down_pauses_then_resumes_without_duplicates(testbed, 
         time.sleep(2)
         assert total_runs(redis_client, runs) == frozen            # nothing handled without dedup
         assert c.http("/healthz")[0] == 200 and c.proc.poll() is None
-        assert c.metrics()["afc_paused_partitions"] == 6
+        m = c.metrics()
+        assert m["afc_paused_partitions"] == m["afc_assigned_partitions"] == 12   # 6 source + 6 retry
         store = start_private_redis(port, tmp_path / "redis")      # same data (append-only file)
         wait_for(lambda: group_lag(testbed.bootstrap, topic, names.group)[1] == 0, 120, 0.5,
                  what="catch up after the store is back")
@@ -136,7 +137,7 @@ def test_async_handler_keeps_key_order_and_runs_keys_concurrently(testbed, make_
     assert int(redis_client.get(f"{names.redis_prefix}conc")) > 1
 
 
-def test_http_sink_posts_each_message_and_retries_a_503(testbed, make_topic, names, tmp_path) -> None:
+def test_http_sink_posts_each_message_and_retries_a_503_later(testbed, make_topic, names, tmp_path) -> None:
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
     got: list[dict] = []
     refused: list[int] = []
@@ -162,9 +163,10 @@ def test_http_sink_posts_each_message_and_retries_a_503(testbed, make_topic, nam
     produce_json(testbed.bootstrap, topic, [{"n": i} for i in range(10)],
                  headers_of=lambda i, d: [("trace", b"t%d" % i)])
     c = consumer(testbed, names, tmp_path, topic, None,
-                 {"AFC_HANDLER__HTTP_SINK_URL": f"http://127.0.0.1:{server.server_port}/events"}).start()
+                 {"AFC_HANDLER__HTTP_SINK_URL": f"http://127.0.0.1:{server.server_port}/events",
+                  "AFC_ROUTING__BACKOFF_INITIAL_MS": "200"}).start()
     try:
-        wait_for(lambda: group_lag(testbed.bootstrap, topic, names.group)[1] == 0, 60, 0.3, what="all posted")
+        wait_for(lambda: len(got) == 10, 60, 0.3, what="all posted, the 503 through the retry topic")
     finally:
         assert c.stop() == 0, c.log_tail()
         server.shutdown()
@@ -191,14 +193,14 @@ def test_embedded_store_without_redis_warns_and_dedups_in_process(testbed, make_
     assert "event=embedded-idempotency-store" in (tmp_path / "c.log").read_text()
 
 
-def test_failing_handler_holds_the_partition_without_losing_or_skipping(testbed, make_topic, names, redis_client,
+def test_failing_handler_without_routing_holds_the_partition(testbed, make_topic, names, redis_client,
                                                                          tmp_path) -> None:
     topic = make_topic("in", partitions=1)
     produce_json(testbed.bootstrap, topic, [{"n": i} for i in range(5)])
     runs, flag = f"{names.redis_prefix}runs", f"{names.redis_prefix}fail"
     redis_client.set(flag, 1)
     c = consumer(testbed, names, tmp_path, topic, "afc_test_handlers:fails_until",
-                 {"AFC_TEST_HASH": runs, "AFC_TEST_FAIL_KEY": flag}).start()
+                 {"AFC_TEST_HASH": runs, "AFC_TEST_FAIL_KEY": flag, "AFC_ROUTING__ENABLED": "false"}).start()
     try:
         wait_for(lambda: total_runs(redis_client, runs + ":failures") >= 10, 60, what="retries")
         assert group_lag(testbed.bootstrap, topic, names.group)[0] == 0      # never committed past a failure
