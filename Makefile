@@ -1,5 +1,7 @@
 # afc: `make demo` runs the main job end to end; `make test` runs the whole suite.
 # Both install what is missing and start the local test bed first.
+# Python runs with -P: the repo root must never be on sys.path, where operator/ (afc.operator)
+# would shadow the standard library's `operator`.
 SHELL := /bin/bash
 PY := .venv/bin/python
 PYTEST := .venv/bin/pytest
@@ -30,7 +32,7 @@ unit: deps
 	$(PYTEST) -m unit $(PYTEST_ARGS)
 
 demo: testbed
-	set -a; source .testbed/env; set +a; $(PY) -m afc.runtime.demo
+	set -a; source .testbed/env; set +a; $(PY) -P -m afc.runtime.demo
 
 bench: testbed
-	set -a; source .testbed/env; set +a; $(PY) bench/run.py
+	set -a; source .testbed/env; set +a; $(PY) -P bench/run.py
