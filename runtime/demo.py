@@ -120,6 +120,8 @@ def main() -> int:
     say(f"inspect it yourself: .venv/bin/afc-consumer dlq inspect {topic}.dlq --bootstrap {bootstrap}")
     say(f"logs: {log_dir}/{run}-consumer-*.log")
     say("PASS: every good order applied exactly once across a SIGKILL" if ok else "FAIL: see the figures above")
+    for key in r.scan_iter(match=f"{run}:*", count=5000):     # the topics stay, for `dlq inspect`
+        r.unlink(key)
     return 0 if ok else 1
 
 
