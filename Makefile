@@ -8,7 +8,7 @@ PYTEST := .venv/bin/pytest
 TESTBED := python3 scripts/testbed.py
 PYTEST_ARGS ?=
 
-.PHONY: deps testbed testbed-down testbed-clean testbed-status test unit demo bench crds
+.PHONY: deps testbed testbed-down testbed-clean testbed-status test unit demo bench crds pins
 
 deps:
 	bash scripts/install-deps.sh
@@ -36,3 +36,11 @@ demo: testbed
 
 bench: testbed
 	set -a; source .testbed/env; set +a; $(PY) -P bench/run.py
+
+# The CRD is generated from the models; a test fails when the checked-in file drifts.
+crds: deps
+	$(PY) -P -m afc.operator.crd > crds/afc.dev_adaptiveconsumers.yaml
+
+# Exact pins for the images (docker/constraints.txt) from the virtualenv.
+pins: deps
+	$(PY) -P docker/pin.py > docker/constraints.txt

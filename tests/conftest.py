@@ -9,7 +9,9 @@ from typing import Iterator
 
 import pytest
 
-from afctest import Testbed
+from afctest import ROOT, Testbed
+
+CRD_PATH = ROOT / "crds" / "afc.dev_adaptiveconsumers.yaml"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -106,3 +108,10 @@ def namespace(k8s_api, names: Names) -> Iterator[str]:
         name=names.namespace, labels={"afc.dev/test": "true"})))
     yield names.namespace
     core.delete_namespace(names.namespace, propagation_policy="Background")
+
+
+@pytest.fixture(scope="session")
+def crd_installed(testbed: Testbed) -> None:
+    """The AdaptiveConsumer CRD, cluster-scoped and shared: applied idempotently, never deleted."""
+    testbed.run_kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_PATH))
+    testbed.run_kubectl("wait", "--for=condition=Established", "crd/adaptiveconsumers.afc.dev", "--timeout=60s")

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from afc.runtime.routing import (H_ATTEMPTS, H_CLASS, H_DUE, H_ERR_CLASS, H_ERR_MESSAGE, H_ERR_STACK, H_FAILED_AT,
+from afc.runtime.routing import (H_ATTEMPTS, H_CLASS, H_ERR_CLASS, H_ERR_MESSAGE, H_ERR_STACK, H_FAILED_AT,
                                  H_GROUP, H_ORIG_OFFSET, H_ORIG_PARTITION, H_ORIG_TIMESTAMP, H_ORIG_TOPIC,
                                  H_ROUTING_ID)
 from afctest import ROOT, ConsumerProcess, group_lag, produce_json, wait_for

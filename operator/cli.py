@@ -1,0 +1,91 @@
+"""`afc-operator`: run the AdaptiveConsumer operator.
+
+    afc-operator --namespace team-a [--namespace team-b]   # namespaced (Role per namespace)
+    afc-operator --all-namespaces                          # cluster-wide (ClusterRole)
+
+Every flag has an environment twin (`AFC_OPERATOR_NAMESPACES=a,b`, `AFC_OPERATOR_ALL_NAMESPACES`,
+...); flags win. Logs are JSON lines on stderr unless `--log-format plain`.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any, Sequence
+
+import kopf
+from kubernetes.config.config_exception import ConfigException
+from pydantic import ValidationError
+
+from afc.operator.kafka import KafkaProbe
+from afc.operator.kube import Kube
+from afc.operator.reconcile import Reconciler, register
+from afc.operator.settings import OperatorSettings
+
+logger = logging.getLogger("afc.operator")
+
+
+class QuietChildEvents(logging.Filter):
+    """kopf logs every watch-event handler's success at INFO; for child objects that is one
+    line per StatefulSet status change. Keep their failures, drop the successes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not (record.levelno <= logging.INFO and msg.startswith("Handler 'child-") and msg.endswith("succeeded."))
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="afc-operator", description="Reconcile AdaptiveConsumer resources.")
+    scope = p.add_mutually_exclusive_group()
+    scope.add_argument("-n", "--namespace", action="append", dest="namespaces", metavar="NS",
+                       help="serve this namespace (repeatable)")
+    scope.add_argument("-A", "--all-namespaces", action="store_true", default=None,
+                       help="serve every namespace")
+    p.add_argument("--liveness", dest="liveness_endpoint", metavar="URL",
+                   help="kopf liveness endpoint, e.g. http://0.0.0.0:8081/healthz; 'none' disables")
+    p.add_argument("--log-format", choices=["json", "plain"])
+    p.add_argument("-v", "--verbose", action="store_true", default=None)
+    return p.parse_args(argv)
+
+
+def load_settings(args: argparse.Namespace) -> OperatorSettings:
+    overrides: dict[str, Any] = {k: v for k, v in vars(args).items() if v is not None}
+    if overrides.get("namespaces"):
+        overrides["all_namespaces"] = False
+    elif overrides.get("all_namespaces"):
+        overrides["namespaces"] = []
+    if overrides.get("liveness_endpoint") == "none":
+        overrides["liveness_endpoint"] = None
+    return OperatorSettings(**overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_settings(args)
+    except ValidationError as e:
+        msgs = "; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors())
+        print(f"afc-operator: {msgs}", file=sys.stderr)  # before logging is set up
+        return 2
+    kopf.configure(verbose=cfg.verbose, log_format=kopf.LogFormat.JSON if cfg.log_format == "json"
+                   else kopf.LogFormat.FULL)
+    for noisy in ("kubernetes", "urllib3", "aiohttp.access"):  # aiohttp.access: one line per probe
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(QuietChildEvents())
+    try:
+        kube = Kube(timeout_s=cfg.api_timeout_s)
+    except ConfigException as e:
+        logger.error("no Kubernetes credentials: not in a pod and no usable kubeconfig", extra={"error": str(e)})
+        return 2
+    registry = kopf.OperatorRegistry()
+    reconciler = Reconciler(kube, KafkaProbe(cfg.kafka_timeout_s, cfg.kafka_workers), cfg)
+    register(registry, reconciler, cfg)
+    logger.info("starting", extra={"namespaces": cfg.namespaces or "*", "all_namespaces": cfg.all_namespaces})
+    kopf.run(registry=registry, standalone=True, clusterwide=cfg.all_namespaces,
+             namespaces=cfg.namespaces, liveness_endpoint=cfg.liveness_endpoint, memo=kopf.Memo())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

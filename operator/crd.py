@@ -1,0 +1,542 @@
+"""The AdaptiveConsumer API: pydantic models and the CRD generated from them.
+
+The spec embeds the runtime's configuration sections (`afc.runtime.config`), so a field's
+name, bounds, default and description are written once. What the runtime takes from a
+Secret (the SASL password, the Redis URL) is not part of the schema: the spec names a
+Secret key instead, and the pod gets it as an environment variable.
+
+Rules the OpenAPI schema cannot say (`min <= max`, exactly one handler target, ...) are
+written once as `Rule`s: each becomes a CEL rule (`x-kubernetes-validations`, checked by
+the apiserver at apply time, with a message naming the field) and a pydantic validator
+(checked by the operator when it reads a spec).
+
+    python -m afc.operator.crd > crds/afc.dev_adaptiveconsumers.yaml
+"""
+from __future__ import annotations
+
+import copy
+import sys
+from dataclasses import dataclass
+from typing import Annotated, Any, Callable, ClassVar, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic.alias_generators import to_camel
+from pydantic_core import PydanticCustomError
+
+from afc.runtime.config import (
+    TOPIC_NAME,
+    FlowSettings,
+    HandlerSettings,
+    IdempotencySettings,
+    KafkaSettings,
+    MembershipSettings,
+    OffsetSettings,
+    RoutingSettings,
+    ServerSettings,
+    ShutdownSettings,
+)
+
+GROUP = "afc.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "AdaptiveConsumer"
+PLURAL = "adaptiveconsumers"
+SINGULAR = "adaptiveconsumer"
+SHORT_NAMES = ["ac"]
+CRD_NAME = f"{PLURAL}.{GROUP}"
+CRD_FILE = f"{GROUP}_{PLURAL}.yaml"
+
+# Pod names are `<name>-<ordinal>` and the StatefulSet's revision label is `<name>-<hash>`:
+# both must stay DNS labels, hence the usual 52-character bound for StatefulSet names.
+MAX_NAME_LENGTH = 52
+DNS_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+SECRET_KEY = r"^[-._a-zA-Z0-9]+$"
+ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
+QUANTITY = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+
+# librdkafka properties that carry secrets: they come from Secret references, never `extra`.
+SECRET_KAFKA_PROPERTIES = ("sasl.password", "sasl.oauthbearer.client.secret", "ssl.key.password",
+                           "ssl.keystore.password", "ssl.key.pem", "ssl_key")
+# Environment variables the operator sets itself; podTemplate.env may not override them.
+RESERVED_ENV_PREFIX = "AFC_"
+RESERVED_ENV = ("POD_NAME", "POD_NAMESPACE")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One cross-field rule, enforced twice from one definition: by the apiserver (CEL) and
+    by the operator (a pydantic validator over the same object)."""
+    cel: str
+    check: Callable[[Any], bool]
+    message: str
+    field_path: str | None = None
+
+    def schema(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"rule": self.cel, "message": self.message}
+        if self.field_path:
+            out["fieldPath"] = self.field_path
+        out["reason"] = "FieldValueInvalid"
+        return out
+
+
+def _crd_schema_extra(schema: dict[str, Any], cls: type[BaseModel]) -> None:
+    """pydantic hook: drop the properties the CRD must not have, add the class's CEL rules."""
+    for name in getattr(cls, "crd_drop", ()):
+        schema.get("properties", {}).pop(name, None)
+        if name in schema.get("required", []):
+            schema["required"].remove(name)
+    rules = getattr(cls, "crd_rules", ())
+    if rules:
+        schema["x-kubernetes-validations"] = [r.schema() for r in rules]
+
+
+def _rule_error(failed: list[tuple[str, str]]) -> PydanticCustomError:
+    """One error carrying each (field, message), so the caller can name every field."""
+    return PydanticCustomError("crd_rule", "{summary}", {
+        "summary": "; ".join(f"{f}: {m}" if f else m for f, m in failed), "failures": failed})
+
+
+class Checked(BaseModel):
+    """Mixin: the class's `crd_rules` become a pydantic validator and CEL rules."""
+    model_config = ConfigDict(json_schema_extra=_crd_schema_extra)
+    crd_rules: ClassVar[tuple[Rule, ...]] = ()
+    crd_drop: ClassVar[tuple[str, ...]] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _crd_dropped(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            failed = [(k, "not part of the AdaptiveConsumer API (set by the operator, or taken from a "
+                          "Secret reference)") for k in cls.crd_drop if k in data]
+            if failed:
+                raise _rule_error(failed)
+        return data
+
+    @model_validator(mode="after")
+    def _crd_rules(self) -> Any:
+        failed = [((r.field_path or "").lstrip("."), r.message) for r in self.crd_rules if not r.check(self)]
+        if failed:
+            raise _rule_error(failed)
+        return self
+
+
+class CrdModel(Checked):
+    """Operator-only parts of the API: camelCase, unknown keys are errors."""
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid",
+                              json_schema_extra=_crd_schema_extra)
+
+
+def section(cls: type[BaseModel], description: str) -> Any:
+    """A nested section that may be left out: the apiserver stores it with every field's
+    own default (see `structural`)."""
+    return Field(default_factory=cls, description=description, json_schema_extra={"default": {}})
+
+
+TopicName = Annotated[str, StringConstraints(pattern=TOPIC_NAME, max_length=249)]
+Quantity = Annotated[int | str, Field(json_schema_extra={"pattern": QUANTITY})]
+
+
+# --------------------------------------------------------------------------- references
+
+class SecretKeyRef(CrdModel):
+    """A key of a Secret in the AdaptiveConsumer's namespace."""
+    name: str = Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN, description="Secret name.")
+    key: str = Field(min_length=1, max_length=253, pattern=SECRET_KEY, description="Key within the Secret.")
+
+
+class LocalObjectReference(CrdModel):
+    name: str = Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN)
+
+
+# --------------------------------------------------------------------------- runtime sections
+
+def _is_sasl(k: Any) -> bool:
+    return k.security_protocol in ("SASL_PLAINTEXT", "SASL_SSL")
+
+
+class KafkaSpec(Checked, KafkaSettings):
+    """The runtime's `kafka` section; the SASL password and the CA come from Secrets."""
+    model_config = ConfigDict(json_schema_extra=_crd_schema_extra)
+    crd_drop = ("saslPassword", "sslCaLocation")
+    crd_rules = (
+        Rule("!(self.securityProtocol in ['SASL_PLAINTEXT', 'SASL_SSL']) || has(self.saslMechanism)",
+             lambda k: not _is_sasl(k) or k.sasl_mechanism is not None,
+             "saslMechanism is required when securityProtocol is SASL_PLAINTEXT or SASL_SSL",
+             ".saslMechanism"),
+        Rule("!(self.securityProtocol in ['SASL_PLAINTEXT', 'SASL_SSL']) || has(self.saslUsername)",
+             lambda k: not _is_sasl(k) or bool(k.sasl_username),
+             "saslUsername is required when securityProtocol is SASL_PLAINTEXT or SASL_SSL",
+             ".saslUsername"),
+        Rule("!(self.securityProtocol in ['SASL_PLAINTEXT', 'SASL_SSL']) || has(self.saslPasswordSecretRef)",
+             lambda k: not _is_sasl(k) or k.sasl_password_secret_ref is not None,
+             "saslPasswordSecretRef is required when securityProtocol is SASL_PLAINTEXT or SASL_SSL",
+             ".saslPasswordSecretRef"),
+        Rule("!has(self.tlsCaSecretRef) || self.securityProtocol in ['SSL', 'SASL_SSL']",
+             lambda k: k.tls_ca_secret_ref is None or k.security_protocol in ("SSL", "SASL_SSL"),
+             "tlsCaSecretRef needs securityProtocol SSL or SASL_SSL", ".tlsCaSecretRef"),
+        Rule("!has(self.extra) || !self.extra.exists(k, k in ["
+             + ", ".join(f"'{p}'" for p in SECRET_KAFKA_PROPERTIES) + "])",
+             lambda k: not any(p in k.extra for p in SECRET_KAFKA_PROPERTIES),
+             "extra must not carry secrets (" + ", ".join(SECRET_KAFKA_PROPERTIES)
+             + "); use saslPasswordSecretRef", ".extra"),
+    )
+
+    bootstrap_servers: str = Field(min_length=1, max_length=2048,
+                                   description="Comma-separated host:port list of the brokers.")
+    topics: list[TopicName] = Field(min_length=1, max_length=64,
+                                    json_schema_extra={"x-kubernetes-list-type": "set"},
+                                    description="Topics to consume (at least one, unique).")
+    group_id: str = Field(min_length=1, max_length=249, description="Consumer group id.")
+    extra: dict[str, str] = Field(default_factory=dict, max_length=64,
+                                  description="Further librdkafka properties, passed through as given.")
+    sasl_password_secret_ref: SecretKeyRef | None = Field(
+        None, description="Secret key holding the SASL password (env AFC_KAFKA__SASL_PASSWORD in the pod).")
+    tls_ca_secret_ref: SecretKeyRef | None = Field(
+        None, description="Secret key holding the CA bundle (PEM) for SSL/SASL_SSL; mounted into the pod.")
+
+
+class MembershipSpec(Checked, MembershipSettings):
+    """The runtime's `membership` section; the pod name is the group.instance.id."""
+    model_config = ConfigDict(json_schema_extra=_crd_schema_extra)
+    crd_drop = ("instanceId",)
+
+
+class FlowSpec(Checked, FlowSettings):
+    """The runtime's `flow` section (bounds of the adaptive fetch loop)."""
+    model_config = ConfigDict(json_schema_extra=_crd_schema_extra)
+    crd_rules = (
+        Rule("self.minInflight <= self.maxInflight", lambda f: f.min_inflight <= f.max_inflight,
+             "minInflight must be <= maxInflight", ".minInflight"),
+        Rule("self.minBatch <= self.maxBatch", lambda f: f.min_batch <= f.max_batch,
+             "minBatch must be <= maxBatch", ".minBatch"),
+        Rule("!has(self.initialInflight) || (self.minInflight <= self.initialInflight"
+             " && self.initialInflight <= self.maxInflight)",
+             lambda f: f.initial_inflight is None or f.min_inflight <= f.initial_inflight <= f.max_inflight,
+             "initialInflight must lie within [minInflight, maxInflight]", ".initialInflight"),
+    )
+
+
+class IdempotencySpec(Checked, IdempotencySettings):
+    """The runtime's `idempotency` section; the Redis URL comes from a Secret."""
+    model_config = ConfigDict(json_schema_extra=_crd_schema_extra)
+    crd_drop = ("redisUrl", "sqlitePath")
+    redis_url_secret_ref: SecretKeyRef | None = Field(
+        None, description="Secret key holding the Redis URL (env AFC_IDEMPOTENCY__REDIS_URL in the pod). "
+                          "Without it each pod deduplicates on its own only.")
+
+
+class HandlerSpec(Checked, HandlerSettings):
+    """The runtime's `handler` section: exactly one of a Python handler or an HTTP sink."""
+    model_config = ConfigDict(json_schema_extra=_crd_schema_extra)
+    crd_rules = (
+        Rule("has(self.handler) != has(self.httpSinkUrl)",
+             lambda h: bool(h.handler) != bool(h.http_sink_url),
+             "set exactly one of handler (pkg.module:func) or httpSinkUrl", ".handler"),
+    )
+
+
+class ServerSpec(Checked, ServerSettings):
+    """The runtime's `server` section; in a pod it listens on all interfaces, on a real port."""
+    model_config = ConfigDict(json_schema_extra=_crd_schema_extra)
+    crd_drop = ("host",)
+    port: int = Field(8080, ge=1, le=65_535, description="/healthz, /readyz and /metrics (probes use it).")
+
+
+class RoutingSpec(Checked, RoutingSettings):
+    """The runtime's `routing` section: where failures go (retry topic, dead-letter, poison)."""
+    model_config = ConfigDict(json_schema_extra=_crd_schema_extra)
+    crd_rules = (
+        Rule("self.retrySuffix != self.dlqSuffix && self.retrySuffix != self.poisonSuffix"
+             " && self.dlqSuffix != self.poisonSuffix",
+             lambda r: len({r.retry_suffix, r.dlq_suffix, r.poison_suffix}) == 3,
+             "retrySuffix, dlqSuffix and poisonSuffix must differ", ".dlqSuffix"),
+        Rule("self.backoffMaxMs >= self.backoffInitialMs", lambda r: r.backoff_max_ms >= r.backoff_initial_ms,
+             "backoffMaxMs must be >= backoffInitialMs", ".backoffMaxMs"),
+    )
+
+
+# --------------------------------------------------------------------------- operator-only sections
+
+class ScalingSpec(CrdModel):
+    """Inputs of the lag-based autoscaler (the scaler itself lands later)."""
+    lag_threshold_per_replica: int = Field(1_000, ge=1, description="Lag one replica is expected to carry.")
+    target_drain_time_s: int = Field(300, ge=1, le=86_400, description="Time in which the lag should be drained.")
+    scale_up_stabilization_s: int = Field(0, ge=0, le=3_600, description="Window before scaling up again.")
+    scale_down_stabilization_s: int = Field(300, ge=0, le=3_600, description="Window before scaling down.")
+    poll_interval_s: int = Field(30, ge=1, le=3_600,
+                                 description="How often lag is measured and the status refreshed.")
+
+
+class ResourceRequirements(CrdModel):
+    requests: dict[str, Quantity] = Field(default_factory=dict, max_length=16)
+    limits: dict[str, Quantity] = Field(default_factory=dict, max_length=16)
+
+
+class EnvVar(CrdModel):
+    name: str = Field(min_length=1, max_length=256, pattern=ENV_NAME)
+    value: str | None = Field(None, max_length=32_768)
+    value_from: dict[str, Any] | None = Field(None, description="As in a container's env (secretKeyRef, ...).")
+
+
+class Toleration(CrdModel):
+    key: str | None = Field(None, max_length=317)
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = Field(None, max_length=63)
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+
+def _env_not_reserved(p: "PodTemplateOverrides") -> bool:
+    return all(e.name not in RESERVED_ENV and not e.name.startswith(RESERVED_ENV_PREFIX) for e in p.env)
+
+
+class PodTemplateOverrides(CrdModel):
+    """What may be changed in the consumer pods; everything else is the operator's."""
+    crd_rules = (
+        Rule("!has(self.env) || self.env.all(e, !(e.name in ['POD_NAME', 'POD_NAMESPACE'])"
+             " && !e.name.startsWith('AFC_'))",
+             _env_not_reserved,
+             "env must not set POD_NAME, POD_NAMESPACE or AFC_* (the operator sets them from the spec)",
+             ".env"),
+    )
+    labels: dict[str, str] = Field(default_factory=dict, max_length=64)
+    annotations: dict[str, str] = Field(default_factory=dict, max_length=64)
+    resources: ResourceRequirements | None = Field(None, description="Container resources; default "
+                                                   "requests cpu 100m, memory 128Mi; limits memory 512Mi.")
+    env: list[EnvVar] = Field(default_factory=list, max_length=64,
+                              json_schema_extra={"x-kubernetes-list-type": "map",
+                                                 "x-kubernetes-list-map-keys": ["name"]})
+    node_selector: dict[str, str] = Field(default_factory=dict, max_length=32)
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
+    affinity: dict[str, Any] | None = Field(None, description="As in a pod spec.")
+    service_account_name: str | None = Field(None, max_length=253, pattern=DNS_SUBDOMAIN)
+    priority_class_name: str | None = Field(None, max_length=253, pattern=DNS_SUBDOMAIN)
+    image_pull_secrets: list[LocalObjectReference] = Field(default_factory=list, max_length=16)
+
+
+# --------------------------------------------------------------------------- the resource
+
+class AdaptiveConsumerSpec(CrdModel):
+    crd_rules = (
+        Rule("self.minReplicas <= self.maxReplicas", lambda s: s.min_replicas <= s.max_replicas,
+             "minReplicas must be <= maxReplicas", ".minReplicas"),
+    )
+
+    image: str = Field(min_length=1, max_length=512, description="The runtime image (runs `afc-consumer run`).")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    replicas: int = Field(1, ge=0, le=1_000, description="Wanted replicas (the scale subresource); "
+                          "the operator keeps it within [minReplicas, maxReplicas].")
+    min_replicas: int = Field(1, ge=0, le=1_000)
+    max_replicas: int = Field(10, ge=1, le=1_000)
+    handler: HandlerSpec = Field(description="What each message is handed to.")
+    kafka: KafkaSpec = Field(description="Brokers, topics, group and security.")
+    membership: MembershipSpec = section(MembershipSpec, "Consumer-group membership (static by default).")
+    flow: FlowSpec = section(FlowSpec, "Flow-control bounds of the adaptive fetch loop.")
+    idempotency: IdempotencySpec = section(IdempotencySpec, "Deduplication by idempotency key.")
+    offsets: OffsetSettings = section(OffsetSettings, "Offset commits.")
+    routing: RoutingSpec = section(RoutingSpec, "Failure routing: retry topic, dead-letter, poison.")
+    server: ServerSpec = section(ServerSpec, "Health and metrics endpoints.")
+    shutdown: ShutdownSettings = section(ShutdownSettings, "Graceful drain on SIGTERM.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    scaling: ScalingSpec = section(ScalingSpec, "Lag-based scaling inputs.")
+    pod_template: PodTemplateOverrides = section(PodTemplateOverrides, "Overrides for the consumer pods.")
+
+
+class Condition(CrdModel):
+    type: str = Field(max_length=64)
+    status: Literal["True", "False", "Unknown"]
+    reason: str = Field(max_length=128)
+    message: str = Field("", max_length=32_768)
+    last_transition_time: str = Field(json_schema_extra={"format": "date-time"})
+    observed_generation: int | None = None
+
+
+class LagSummary(CrdModel):
+    total: int | None = Field(None, description="Sum of the group's lag over its partitions.")
+    partitions: int | None = Field(None, description="Partitions measured.")
+    max_partition_lag: int | None = None
+    measured_at: str | None = Field(None, json_schema_extra={"format": "date-time"})
+    error: str | None = Field(None, description="Why the lag could not be measured.")
+
+
+class BackpressureStatus(CrdModel):
+    level: str | None = Field(None, description="Backpressure level reported by the consumers.")
+
+
+class AdaptiveConsumerStatus(CrdModel):
+    observed_generation: int | None = None
+    replicas: int | None = Field(None, description="Pods of the StatefulSet (the scale subresource).")
+    ready_replicas: int | None = None
+    updated_replicas: int | None = None
+    desired_replicas: int | None = Field(None, description="spec.replicas kept within [min, max].")
+    selector: str | None = Field(None, description="Label selector of the pods (for the HPA).")
+    conditions: list[Condition] = Field(default_factory=list, json_schema_extra={
+        "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]})
+    lag: LagSummary | None = None
+    backpressure: BackpressureStatus | None = None
+
+
+# --------------------------------------------------------------------------- structural schema
+
+_DROP_KEYS = {"title", "examples", "writeOnly", "readOnly", "$defs"}
+_FORMATS = {"date-time", "date", "int32", "int64", "float", "double", "byte", "uri", "email", "hostname",
+            "ipv4", "ipv6", "uuid", "duration", "password"}
+
+
+def structural(schema: dict[str, Any], defs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Turn pydantic's JSON schema into a Kubernetes structural schema: references inlined,
+    `X | None` as an optional X (nulls are pruned), `int | str` as int-or-string, JSON-schema
+    2020 exclusive bounds as OpenAPI 3.0 ones, no `additionalProperties: false`."""
+    defs = schema.get("$defs", {}) if defs is None else defs
+    s = dict(schema)
+    if "$ref" in s:
+        target = copy.deepcopy(defs[s.pop("$ref").split("/")[-1]])
+        target.update(s)  # description, default and extensions given beside the reference
+        return structural(target, defs)
+    if "allOf" in s and len(s["allOf"]) == 1:
+        inner = s.pop("allOf")[0]
+        return structural({**inner, **s}, defs)
+    if "anyOf" in s:
+        options = [o for o in s.pop("anyOf") if o.get("type") != "null"]
+        if s.get("default", "absent") is None:
+            s.pop("default")
+        types = sorted(o.get("type", "") for o in options)
+        if len(options) == 1:
+            return structural({**options[0], **s}, defs)
+        if types == ["integer", "string"]:
+            s["x-kubernetes-int-or-string"] = True
+            return structural(s, defs)
+        raise ValueError(f"no structural form for anyOf {options}")
+    out: dict[str, Any] = {}
+    for key, value in s.items():
+        if key in _DROP_KEYS:
+            continue
+        if key == "additionalProperties":
+            if value is False:
+                continue
+            if value is True:
+                out["x-kubernetes-preserve-unknown-fields"] = True
+                continue
+            out[key] = structural(value, defs)
+        elif key == "properties":
+            out[key] = {k: structural(v, defs) for k, v in value.items()}
+        elif key == "items":
+            out[key] = structural(value, defs)
+        elif key == "exclusiveMinimum" and not isinstance(value, bool):
+            out["minimum"], out["exclusiveMinimum"] = value, True
+        elif key == "exclusiveMaximum" and not isinstance(value, bool):
+            out["maximum"], out["exclusiveMaximum"] = value, True
+        elif key == "const":
+            out["enum"] = [value]
+        elif key == "format":
+            if value in _FORMATS and value != "password":
+                out[key] = value
+        elif key == "default":
+            if value is None or value == [] or (value == {} and "properties" not in s):
+                continue  # an absent optional field, not a value to store
+            out[key] = value
+        else:
+            out[key] = value
+    if out.get("type") == "object" and "properties" not in out and "additionalProperties" not in out:
+        out["x-kubernetes-preserve-unknown-fields"] = True
+    if out.get("default") == {} and "properties" in out:
+        # The apiserver checks a default against the CEL rules without defaulting inside it
+        # first, so a section's default spells out its fields' defaults.
+        out["default"] = {k: v["default"] for k, v in out["properties"].items() if "default" in v}
+    return out
+
+
+def _order(schema: dict[str, Any]) -> dict[str, Any]:
+    """A stable, readable key order (type and description first)."""
+    first = ["type", "description", "required"]
+    out = {k: schema[k] for k in first if k in schema}
+    out.update({k: schema[k] for k in sorted(schema) if k not in first})
+    for k in ("properties",):
+        if k in out:
+            out[k] = {name: _order(v) for name, v in out[k].items()}
+    for k in ("items", "additionalProperties"):
+        if isinstance(out.get(k), dict):
+            out[k] = _order(out[k])
+    return out
+
+
+def spec_schema() -> dict[str, Any]:
+    return _order(structural(AdaptiveConsumerSpec.model_json_schema(by_alias=True, mode="validation")))
+
+
+def status_schema() -> dict[str, Any]:
+    return _order(structural(AdaptiveConsumerStatus.model_json_schema(by_alias=True, mode="validation")))
+
+
+def crd() -> dict[str, Any]:
+    spec = _order({**spec_schema(), "description": "What to consume, how to handle it, and how the consumers run."})
+    status = _order({**status_schema(), "description": "Observed state, written by the operator."})
+    root = {
+        "type": "object",
+        "description": "Kafka consumers that keep themselves healthy, run as a StatefulSet "
+                       "whose pod names are their static group.instance.id.",
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string"},
+            "kind": {"type": "string"},
+            "metadata": {"type": "object"},
+            "spec": spec,
+            "status": status,
+        },
+        "x-kubernetes-validations": [
+            {"rule": f"size(self.metadata.name) <= {MAX_NAME_LENGTH}",
+             "message": f"metadata.name must be at most {MAX_NAME_LENGTH} characters "
+                        "(pod names and revision labels derive from it)",
+             "reason": "FieldValueInvalid"},
+            {"rule": f"self.metadata.name.matches('{DNS_LABEL}')",
+             "message": "metadata.name must be a DNS label (lowercase letters, digits, '-'): "
+                        "it names a Service and the pods",
+             "reason": "FieldValueInvalid"},
+        ],
+    }
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": CRD_NAME, "labels": {"app.kubernetes.io/part-of": "afc"}},
+        "spec": {
+            "group": GROUP,
+            "names": {"kind": KIND, "listKind": f"{KIND}List", "plural": PLURAL, "singular": SINGULAR,
+                      "shortNames": SHORT_NAMES, "categories": ["afc"]},
+            "scope": "Namespaced",
+            "versions": [{
+                "name": VERSION,
+                "served": True,
+                "storage": True,
+                "subresources": {
+                    "status": {},
+                    "scale": {"specReplicasPath": ".spec.replicas", "statusReplicasPath": ".status.replicas",
+                              "labelSelectorPath": ".status.selector"},
+                },
+                "additionalPrinterColumns": [
+                    {"name": "Ready", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].status'},
+                    {"name": "Replicas", "type": "integer", "jsonPath": ".status.replicas"},
+                    {"name": "Desired", "type": "integer", "jsonPath": ".status.desiredReplicas"},
+                    {"name": "Lag", "type": "integer", "jsonPath": ".status.lag.total"},
+                    {"name": "Backpressure", "type": "string", "jsonPath": ".status.backpressure.level"},
+                    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+                ],
+                "schema": {"openAPIV3Schema": root},
+            }],
+        },
+    }
+
+
+def render_yaml() -> str:
+    header = ("# Generated by `python -m afc.operator.crd` from afc.operator.crd and afc.runtime.config;\n"
+              "# do not edit by hand (tests/unit/test_operator_crd.py fails when it drifts).\n")
+    return header + yaml.safe_dump(crd(), sort_keys=False, width=100, allow_unicode=True)
+
+
+def main() -> None:
+    sys.stdout.write(render_yaml())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""A small async facade over the Kubernetes REST API: get, server-side apply, merge-patch.
+
+Objects stay plain dicts (what the render functions produce and what the API returns).
+Requests go through the official client's configuration (kubeconfig or in-cluster service
+account, with token refresh) and run in a bounded thread pool.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Mapping
+
+from afc.operator.crd import GROUP, PLURAL, VERSION
+
+# kind -> (API prefix, plural)
+RESOURCES: dict[str, tuple[str, str]] = {
+    "ConfigMap": ("/api/v1", "configmaps"),
+    "Secret": ("/api/v1", "secrets"),
+    "Service": ("/api/v1", "services"),
+    "StatefulSet": ("/apis/apps/v1", "statefulsets"),
+    "PodDisruptionBudget": ("/apis/policy/v1", "poddisruptionbudgets"),
+    "AdaptiveConsumer": (f"/apis/{GROUP}/{VERSION}", PLURAL),
+}
+
+
+class KubeError(Exception):
+    """A failed API call, with what was tried: the message names verb, resource and reason."""
+
+    def __init__(self, status: int, verb: str, path: str, reason: str, message: str) -> None:
+        super().__init__(f"{verb} {path}: {status} {reason}: {message}")
+        self.status, self.verb, self.path, self.reason, self.message = status, verb, path, reason, message
+
+    @property
+    def forbidden(self) -> bool:
+        return self.status == 403
+
+    @property
+    def not_found(self) -> bool:
+        return self.status == 404
+
+
+def path_for(kind: str, namespace: str, name: str | None = None, subresource: str | None = None) -> str:
+    prefix, plural = RESOURCES[kind]
+    path = f"{prefix}/namespaces/{namespace}/{plural}"
+    if name:
+        path += f"/{name}"
+    if subresource:
+        path += f"/{subresource}"
+    return path
+
+
+def load_client_configuration() -> Any:
+    """In a pod: the service account; elsewhere: $KUBECONFIG or ~/.kube/config."""
+    from kubernetes import client, config
+    cfg = client.Configuration()
+    if os.environ.get("KUBERNETES_SERVICE_HOST") and os.path.exists(config.incluster_config.SERVICE_TOKEN_FILENAME):
+        config.load_incluster_config(client_configuration=cfg)
+    else:
+        config.load_kube_config(client_configuration=cfg)
+    return cfg
+
+
+class Kube:
+    def __init__(self, configuration: Any | None = None, workers: int = 8, timeout_s: float = 30.0) -> None:
+        from kubernetes import client
+        self._api = client.ApiClient(configuration or load_client_configuration())
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="afc-kube")
+        self.timeout_s = timeout_s
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._api.close()
+
+    def request(self, method: str, path: str, body: Any = None, content_type: str | None = None,
+                query: list[tuple[str, str]] | None = None) -> dict[str, Any]:
+        """One blocking API call; the async methods run it in the pool."""
+        headers = {"Accept": "application/json"}
+        if content_type:
+            headers["Content-Type"] = content_type
+        m, url, hdrs, payload, post = self._api.param_serialize(
+            method=method, resource_path=path, query_params=query or [], header_params=headers, body=body,
+            auth_settings=["BearerToken"])
+        resp = self._api.call_api(m, url, hdrs, payload, post, _request_timeout=self.timeout_s)
+        raw = resp.read()
+        data = json.loads(raw) if raw else {}
+        if resp.status >= 400:
+            raise KubeError(resp.status, method, path, data.get("reason") or resp.reason or "",
+                            data.get("message") or raw.decode(errors="replace")[:500])
+        return data
+
+    async def _run(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, lambda: self.request(*args, **kwargs))
+
+    async def get(self, path: str) -> dict[str, Any] | None:
+        """The object, or None when it does not exist."""
+        try:
+            return await self._run("GET", path)
+        except KubeError as e:
+            if e.not_found:
+                return None
+            raise
+
+    async def apply(self, obj: Mapping[str, Any], field_manager: str) -> dict[str, Any]:
+        """Server-side apply, forcing ownership of the fields we set (drift is taken back)."""
+        meta = obj["metadata"]
+        path = path_for(obj["kind"], meta["namespace"], meta["name"])
+        return await self._run("PATCH", path, body=dict(obj), content_type="application/apply-patch+yaml",
+                               query=[("fieldManager", field_manager), ("force", "true")])
+
+    async def patch_status(self, kind: str, namespace: str, name: str, status: Mapping[str, Any]) -> dict[str, Any]:
+        return await self._run("PATCH", path_for(kind, namespace, name, "status"), body={"status": dict(status)},
+                               content_type="application/merge-patch+json")
+
+    async def discover(self, group_version: str) -> dict[str, Any] | None:
+        prefix = "/api/" if group_version == "v1" else "/apis/"
+        return await self.get(prefix + group_version)

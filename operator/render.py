@@ -1,0 +1,354 @@
+"""Pure functions from an AdaptiveConsumer to the objects the operator applies.
+
+No I/O here: `desired_objects(owner, spec)` is everything the cluster should hold for one
+AdaptiveConsumer, so it can be unit-tested, diffed against the live objects and explained.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from pydantic import ValidationError
+
+from afc.operator.crd import API_VERSION, KIND, AdaptiveConsumerSpec, SecretKeyRef
+from afc.runtime.config import RuntimeSettings
+
+FIELD_MANAGER = "afc-operator"
+MANAGED_BY = "afc-operator"
+APP = "afc-consumer"
+L_NAME = "app.kubernetes.io/name"
+L_INSTANCE = "app.kubernetes.io/instance"
+L_MANAGED_BY = "app.kubernetes.io/managed-by"
+L_PART_OF = "app.kubernetes.io/part-of"
+L_COMPONENT = "app.kubernetes.io/component"
+A_CONFIG_HASH = "afc.dev/config-hash"
+
+CONTAINER = "consumer"
+CONFIG_KEY = "config.json"
+CONFIG_DIR = "/etc/afc/config"
+CA_DIR = "/etc/afc/kafka-ca"
+CA_FILE = "ca.crt"
+RUN_AS = 10001
+GRACE_MARGIN_S = 10  # terminationGracePeriodSeconds = drain bound + this margin
+DEFAULT_RESOURCES = {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}}
+ENV_SASL_PASSWORD = "AFC_KAFKA__SASL_PASSWORD"
+ENV_REDIS_URL = "AFC_IDEMPOTENCY__REDIS_URL"
+
+
+class InvalidSpec(ValueError):
+    """A spec the operator cannot render (the CRD normally refuses it first)."""
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The AdaptiveConsumer the objects belong to."""
+    name: str
+    namespace: str
+    uid: str
+    generation: int = 0
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> "Owner":
+        meta = body["metadata"]
+        return cls(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"],
+                   generation=int(meta.get("generation") or 0))
+
+    def reference(self) -> dict[str, Any]:
+        # No blockOwnerDeletion: it would need `update` on adaptiveconsumers/finalizers where the
+        # OwnerReferencesPermissionEnforcement admission plugin runs; background GC needs neither.
+        return {"apiVersion": API_VERSION, "kind": KIND, "name": self.name, "uid": self.uid,
+                "controller": True}
+
+
+def parse_spec(spec: Mapping[str, Any]) -> AdaptiveConsumerSpec:
+    """The spec as the operator's model; errors name the field as kubectl would (spec.a.b)."""
+    try:
+        return AdaptiveConsumerSpec.model_validate(dict(spec))
+    except ValidationError as e:
+        raise InvalidSpec("; ".join(_describe(err) for err in e.errors())) from e
+
+
+def _describe(err: Mapping[str, Any]) -> str:
+    path = ".".join(["spec", *(str(p) for p in err["loc"])])
+    if err["type"] == "crd_rule":
+        return "; ".join(f"{path}.{f}: {m}" if f else f"{path}: {m}" for f, m in err["ctx"]["failures"])
+    return f"{path}: {str(err['msg']).removeprefix('Value error, ')}"
+
+
+def desired_replicas(spec: AdaptiveConsumerSpec) -> int:
+    """spec.replicas (written by users, `kubectl scale` or an HPA) kept within [min, max]."""
+    return max(spec.min_replicas, min(spec.max_replicas, spec.replicas))
+
+
+def selector_labels(name: str) -> dict[str, str]:
+    return {L_NAME: APP, L_INSTANCE: name}
+
+
+def selector_string(name: str) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(selector_labels(name).items()))
+
+
+def labels(name: str) -> dict[str, str]:
+    return {**selector_labels(name), L_MANAGED_BY: MANAGED_BY, L_PART_OF: "afc", L_COMPONENT: "consumer"}
+
+
+def config_name(name: str) -> str:
+    return f"{name}-config"
+
+
+def secret_refs(spec: AdaptiveConsumerSpec) -> list[tuple[str, str, SecretKeyRef]]:
+    """Every Secret key the pods need: (the spec field naming it, what it is, the reference)."""
+    refs = []
+    if spec.kafka.sasl_password_secret_ref:
+        refs.append(("spec.kafka.saslPasswordSecretRef", "sasl_password", spec.kafka.sasl_password_secret_ref))
+    if spec.kafka.tls_ca_secret_ref:
+        refs.append(("spec.kafka.tlsCaSecretRef", "tls_ca", spec.kafka.tls_ca_secret_ref))
+    if spec.idempotency.redis_url_secret_ref:
+        refs.append(("spec.idempotency.redisUrlSecretRef", "redis_url", spec.idempotency.redis_url_secret_ref))
+    return refs
+
+
+# --------------------------------------------------------------------------- runtime configuration
+
+def runtime_settings(spec: AdaptiveConsumerSpec) -> RuntimeSettings:
+    """The runtime's settings for the pods, secrets left out (they arrive as env vars).
+
+    Each section is validated by the runtime's own model; the whole is assembled without
+    reading the operator's environment (a BaseSettings constructor would)."""
+    sections: dict[str, Any] = {}
+    overrides: dict[str, dict[str, Any]] = {
+        "kafka": {"sasl_password": None,
+                  "ssl_ca_location": f"{CA_DIR}/{CA_FILE}" if spec.kafka.tls_ca_secret_ref else None},
+        "membership": {"instance_id": None},  # the pod name, from POD_NAME
+        "idempotency": {"redis_url": None},
+        "server": {"host": "0.0.0.0"},
+    }
+    for name, field in RuntimeSettings.model_fields.items():
+        value = getattr(spec, name)
+        model = field.annotation
+        if isinstance(model, type) and hasattr(model, "model_fields"):
+            data = value.model_dump(include=set(model.model_fields))
+            data.update(overrides.get(name, {}))
+            try:
+                sections[name] = model.model_validate(data)
+            except ValidationError as e:
+                raise InvalidSpec(f"spec.{field.alias or name}: {e}") from e
+        else:
+            sections[name] = value
+    return RuntimeSettings.model_construct(**sections)
+
+
+def config_document(spec: AdaptiveConsumerSpec) -> str:
+    """The ConfigMap's `config.json`: stable text, so its hash changes only with content."""
+    return json.dumps(runtime_settings(spec).to_file_json(), indent=2, sort_keys=True) + "\n"
+
+
+def config_hash(document: str) -> str:
+    return hashlib.sha256(document.encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- objects
+
+def _meta(owner: Owner, name: str) -> dict[str, Any]:
+    return {"name": name, "namespace": owner.namespace, "labels": labels(owner.name),
+            "ownerReferences": [owner.reference()]}
+
+
+def configmap(owner: Owner, spec: AdaptiveConsumerSpec) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(owner, config_name(owner.name)),
+            "data": {CONFIG_KEY: config_document(spec)}}
+
+
+def service(owner: Owner, spec: AdaptiveConsumerSpec) -> dict[str, Any]:
+    """Headless: stable DNS names for the pods, and the metrics port for scrapers."""
+    return {
+        "apiVersion": "v1", "kind": "Service", "metadata": _meta(owner, owner.name),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": selector_labels(owner.name),
+            "ports": [{"name": "http", "port": spec.server.port, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def pod_disruption_budget(owner: Owner, spec: AdaptiveConsumerSpec) -> dict[str, Any]:
+    """At most one consumer voluntarily down at a time: one member leaves the group, not many."""
+    return {
+        "apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": _meta(owner, owner.name),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector_labels(owner.name)}},
+    }
+
+
+def _env(spec: AdaptiveConsumerSpec) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": "AFC_CONFIG_FILE", "value": f"{CONFIG_DIR}/{CONFIG_KEY}"},
+    ]
+    for var, ref in ((ENV_SASL_PASSWORD, spec.kafka.sasl_password_secret_ref),
+                     (ENV_REDIS_URL, spec.idempotency.redis_url_secret_ref)):
+        if ref:
+            env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+    env += [e.model_dump(by_alias=True, exclude_none=True) for e in spec.pod_template.env]
+    return env
+
+
+def termination_grace_seconds(spec: AdaptiveConsumerSpec) -> int:
+    return math.ceil(spec.shutdown.drain_timeout_s) + GRACE_MARGIN_S
+
+
+def statefulset(owner: Owner, spec: AdaptiveConsumerSpec, replicas: int, cfg_hash: str) -> dict[str, Any]:
+    pt = spec.pod_template
+    http = {"port": "http", "scheme": "HTTP"}
+    volumes: list[dict[str, Any]] = [
+        {"name": "config", "configMap": {"name": config_name(owner.name)}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    if spec.kafka.tls_ca_secret_ref:
+        ref = spec.kafka.tls_ca_secret_ref
+        volumes.append({"name": "kafka-ca", "secret": {"secretName": ref.name,
+                                                       "items": [{"key": ref.key, "path": CA_FILE}]}})
+        mounts.append({"name": "kafka-ca", "mountPath": CA_DIR, "readOnly": True})
+    resources = pt.resources.model_dump(by_alias=True) if pt.resources else DEFAULT_RESOURCES
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": spec.image,
+        "imagePullPolicy": spec.image_pull_policy,
+        "env": _env(spec),
+        "ports": [{"name": "http", "containerPort": spec.server.port, "protocol": "TCP"}],
+        "startupProbe": {"httpGet": {"path": "/healthz", **http}, "periodSeconds": 2, "failureThreshold": 30},
+        "livenessProbe": {"httpGet": {"path": "/healthz", **http}, "periodSeconds": 10, "timeoutSeconds": 2,
+                          "failureThreshold": 3},
+        "readinessProbe": {"httpGet": {"path": "/readyz", **http}, "periodSeconds": 5, "timeoutSeconds": 2,
+                           "failureThreshold": 2},
+        "resources": resources,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumeMounts": mounts,
+    }
+    pod_spec: dict[str, Any] = {
+        "containers": [container],
+        "volumes": volumes,
+        "terminationGracePeriodSeconds": termination_grace_seconds(spec),
+        "automountServiceAccountToken": False,  # the runtime never calls the Kubernetes API
+        "enableServiceLinks": False,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS, "runAsGroup": RUN_AS, "fsGroup": RUN_AS,
+                            "seccompProfile": {"type": "RuntimeDefault"}},
+    }
+    if pt.service_account_name:
+        pod_spec["serviceAccountName"] = pt.service_account_name
+    if pt.priority_class_name:
+        pod_spec["priorityClassName"] = pt.priority_class_name
+    if pt.node_selector:
+        pod_spec["nodeSelector"] = dict(pt.node_selector)
+    if pt.tolerations:
+        pod_spec["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in pt.tolerations]
+    if pt.affinity:
+        pod_spec["affinity"] = pt.affinity
+    if pt.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [r.model_dump(by_alias=True) for r in pt.image_pull_secrets]
+    annotations = {
+        **pt.annotations,
+        A_CONFIG_HASH: cfg_hash,  # a changed config rolls the pods
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(spec.server.port),
+        "prometheus.io/path": "/metrics",
+    }
+    return {
+        "apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": _meta(owner, owner.name),
+        "spec": {
+            "replicas": replicas,
+            "serviceName": owner.name,
+            # All members start and stop together; static membership keeps their identities.
+            "podManagementPolicy": "Parallel",
+            "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"partition": 0}},
+            "revisionHistoryLimit": 5,
+            "selector": {"matchLabels": selector_labels(owner.name)},
+            "template": {
+                "metadata": {"labels": {**pt.labels, **labels(owner.name)}, "annotations": annotations},
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+def desired_objects(owner: Owner, spec: AdaptiveConsumerSpec) -> list[dict[str, Any]]:
+    """In the order they are applied: the config before the pods that read it."""
+    cm = configmap(owner, spec)
+    cfg_hash = config_hash(cm["data"][CONFIG_KEY])
+    return [cm, service(owner, spec), statefulset(owner, spec, desired_replicas(spec), cfg_hash),
+            pod_disruption_budget(owner, spec)]
+
+
+# --------------------------------------------------------------------------- comparison
+
+def _quantity_equal(a: Any, b: Any) -> bool:
+    from kubernetes.utils.quantity import parse_quantity
+    try:
+        return parse_quantity(a) == parse_quantity(b)
+    except (ValueError, TypeError):
+        return False
+
+
+def _empty(v: Any) -> bool:
+    return v is None or v == {} or v == [] or v == ""
+
+
+def diff_paths(desired: Any, live: Any, path: str = "") -> list[str]:
+    """Where `live` differs from `desired`, looking only at what `desired` sets (the server
+    adds defaults, other managers add their own fields). Lists of named items (containers,
+    env, ports, volumes) are matched by name."""
+    if isinstance(desired, dict):
+        if live is None:
+            live = {}
+        if not isinstance(live, dict):
+            return [path or "."]
+        out: list[str] = []
+        for k, v in desired.items():
+            out += diff_paths(v, live.get(k), f"{path}.{k}")
+        return out
+    if isinstance(desired, list):
+        live = live if isinstance(live, list) else ([] if live is None else None)
+        if live is None:
+            return [path]
+        if desired and all(isinstance(d, dict) and "name" in d for d in desired):
+            by_name = {x.get("name"): x for x in live if isinstance(x, dict)}
+            out = []
+            for d in desired:
+                if d["name"] not in by_name:
+                    out.append(f"{path}[{d['name']}]")
+                else:
+                    out += diff_paths(d, by_name[d["name"]], f"{path}[{d['name']}]")
+            return out
+        if len(desired) != len(live):
+            return [path]
+        out = []
+        for i, (d, v) in enumerate(zip(desired, live)):
+            out += diff_paths(d, v, f"{path}[{i}]")
+        return out
+    if desired == live or (_empty(desired) and _empty(live)):
+        return []
+    if ".resources." in path and _quantity_equal(desired, live):
+        return []
+    return [path]
+
+
+def object_drift(desired: Mapping[str, Any], live: Mapping[str, Any] | None) -> list[str]:
+    """What of `desired` (metadata labels/owners and spec/data) the live object lacks."""
+    if live is None:
+        return ["(missing)"]
+    wanted = {k: v for k, v in desired.items() if k not in ("apiVersion", "kind")}
+    return diff_paths(wanted, live)
