@@ -46,6 +46,16 @@ def gone(msg: Message, stopping: bool) -> bool:
     return stopping or (part is not None and part.revoked)
 
 
+def not_to_run(msg: Message, stopping: bool) -> Result | None:
+    """The result of a message that must not reach the handler: abandoned (its partition
+    left us, or we stop) or poison (it could not be decoded; routed without running)."""
+    if gone(msg, stopping):
+        return (msg, Outcome.ABANDONED, None, 0.0, 0.0, 0.0)
+    if msg.decode_error is not None:
+        return (msg, Outcome.FAILED, msg.decode_error, 0.0, 0.0, 0.0)
+    return None
+
+
 def lane_of(msg: Message, lanes: int) -> int:
     if msg.key is not None:
         return hash(msg.key) % lanes
@@ -99,11 +109,9 @@ class ThreadDispatcher:
         results: list[Result] = []
         last_report = perf()
         for msg in chunk:
-            if gone(msg, self.stopping):
-                results.append((msg, Outcome.ABANDONED, None, 0.0, 0.0, 0.0))
-                continue
-            if msg.decode_error is not None:       # poison: routed without calling the handler
-                results.append((msg, Outcome.FAILED, msg.decode_error, 0.0, 0.0, 0.0))
+            skip = not_to_run(msg, self.stopping)
+            if skip is not None:
+                results.append(skip)
                 continue
             e2e = now() - msg.timestamp / 1000.0
             t0 = perf()
@@ -205,11 +213,9 @@ class AsyncDispatcher:
         last_report = perf()
         while lane:
             msg = lane.popleft()
-            if gone(msg, self.stopping):
-                results.append((msg, Outcome.ABANDONED, None, 0.0, 0.0, 0.0))
-                continue
-            if msg.decode_error is not None:       # poison: routed without calling the handler
-                results.append((msg, Outcome.FAILED, msg.decode_error, 0.0, 0.0, 0.0))
+            skip = not_to_run(msg, self.stopping)
+            if skip is not None:
+                results.append(skip)
                 continue
             e2e = now() - msg.timestamp / 1000.0
             t0 = perf()

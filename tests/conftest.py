@@ -115,3 +115,18 @@ def crd_installed(testbed: Testbed) -> None:
     """The AdaptiveConsumer CRD, cluster-scoped and shared: applied idempotently, never deleted."""
     testbed.run_kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_PATH))
     testbed.run_kubectl("wait", "--for=condition=Established", "crd/adaptiveconsumers.afc.dev", "--timeout=60s")
+
+
+@pytest.fixture(scope="session")
+def api(k8s_api):
+    """The operator's own async Kubernetes layer, on the test bed's admin identity."""
+    from afc.operator.kube import Kube
+    kube = Kube(k8s_api.configuration)
+    yield kube
+    kube.close()
+
+
+@pytest.fixture
+def core(k8s_api):
+    from kubernetes import client
+    return client.CoreV1Api(k8s_api)

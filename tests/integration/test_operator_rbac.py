@@ -37,19 +37,6 @@ EXPECTED_RULES = {
 }
 
 
-@pytest.fixture(scope="session")
-def api(k8s_api) -> Iterator[Kube]:
-    kube = Kube(k8s_api.configuration)
-    yield kube
-    kube.close()
-
-
-@pytest.fixture
-def core(k8s_api):
-    from kubernetes import client
-    return client.CoreV1Api(k8s_api)
-
-
 def render_install(testbed: Testbed, tmp_path: Path, variant: Path, namespace: str, prefix: str = "") -> list[dict]:
     """`kubectl kustomize` of an install variant, moved into the test's namespace by an overlay
     (the way a user installs elsewhere than afc-system), without the Namespace object."""

@@ -29,19 +29,6 @@ CHILD_KINDS = ("ConfigMap", "Service", "StatefulSet", "PodDisruptionBudget")
 FAST = {"AFC_OPERATOR_BACKOFF_MAX_S": "4", "AFC_OPERATOR_KAFKA_TIMEOUT_S": "2"}
 
 
-@pytest.fixture(scope="session")
-def api(k8s_api) -> Iterator[Kube]:
-    kube = Kube(k8s_api.configuration)
-    yield kube
-    kube.close()
-
-
-@pytest.fixture
-def core(k8s_api):
-    from kubernetes import client
-    return client.CoreV1Api(k8s_api)
-
-
 @pytest.fixture
 def operator(testbed: Testbed, crd_installed: None, namespace: str, tmp_path: Path) -> Iterator[OperatorProcess]:
     with OperatorProcess(["--namespace", namespace], testbed.kubeconfig, tmp_path / "operator.log", env=FAST) as op:
