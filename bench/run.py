@@ -751,6 +751,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-throughput", action="store_true")
     ap.add_argument("--group-wait-s", type=float, default=60,
                     help="cleanup: how long to retry deleting groups still held by static members")
+    ap.add_argument("--no-backpressure", action="store_true",
+                    help="skip the backpressure phase (bench/backpressure.py, bench/results/backpressure.json)")
     ap.add_argument("--keep", action="store_true", help="keep topics, groups and Redis keys (debugging)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "runtime.json")
     ap.add_argument("--bootstrap", default=os.environ.get("AFC_KAFKA_BOOTSTRAP", "127.0.0.1:19092"))
@@ -853,6 +855,10 @@ def main(argv: list[str] | None = None) -> int:
     dump_json(doc, args.out)
     print(summary(doc))
     print(f"\nresults: {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}")
+    if not args.no_backpressure:
+        # Its own phase, results file and cleanup: the same burst with and without the signal.
+        from bench import backpressure
+        backpressure.main(["--bootstrap", args.bootstrap, "--redis-url", args.redis_url])
     return 0
 
 

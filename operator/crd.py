@@ -26,6 +26,7 @@ from pydantic_core import PydanticCustomError
 
 from afc.runtime.config import (
     TOPIC_NAME,
+    BackpressureSettings,
     FlowSettings,
     HandlerSettings,
     IdempotencySettings,
@@ -244,6 +245,16 @@ class ServerSpec(Checked, ServerSettings):
     port: int = Field(8080, ge=1, le=65_535, description="/healthz, /readyz and /metrics (probes use it).")
 
 
+class BackpressureSpec(Checked, BackpressureSettings):
+    """The runtime's `backpressure` section: the saturation signal producers watch. It uses
+    the idempotency Redis (from its Secret) unless told otherwise; no URL is in the spec."""
+    model_config = ConfigDict(json_schema_extra=_crd_schema_extra)
+    crd_drop = ("redisUrl",)
+    redis_url_secret_ref: SecretKeyRef | None = Field(
+        None, description="Secret key holding a separate Redis URL for the signal (env AFC_BACKPRESSURE__REDIS_URL "
+                          "in the pod); without it the idempotency Redis is used.")
+
+
 class RoutingSpec(Checked, RoutingSettings):
     """The runtime's `routing` section: where failures go (retry topic, dead-letter, poison)."""
     model_config = ConfigDict(json_schema_extra=_crd_schema_extra)
@@ -337,6 +348,7 @@ class AdaptiveConsumerSpec(CrdModel):
     idempotency: IdempotencySpec = section(IdempotencySpec, "Deduplication by idempotency key.")
     offsets: OffsetSettings = section(OffsetSettings, "Offset commits.")
     routing: RoutingSpec = section(RoutingSpec, "Failure routing: retry topic, dead-letter, poison.")
+    backpressure: BackpressureSpec = section(BackpressureSpec, "The saturation signal published for producers.")
     server: ServerSpec = section(ServerSpec, "Health and metrics endpoints.")
     shutdown: ShutdownSettings = section(ShutdownSettings, "Graceful drain on SIGTERM.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

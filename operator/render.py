@@ -36,6 +36,7 @@ GRACE_MARGIN_S = 10  # terminationGracePeriodSeconds = drain bound + this margin
 DEFAULT_RESOURCES = {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}}
 ENV_SASL_PASSWORD = "AFC_KAFKA__SASL_PASSWORD"
 ENV_REDIS_URL = "AFC_IDEMPOTENCY__REDIS_URL"
+ENV_SIGNAL_REDIS_URL = "AFC_BACKPRESSURE__REDIS_URL"
 
 
 class InvalidSpec(ValueError):
@@ -108,6 +109,8 @@ def secret_refs(spec: AdaptiveConsumerSpec) -> list[tuple[str, str, SecretKeyRef
         refs.append(("spec.kafka.tlsCaSecretRef", "tls_ca", spec.kafka.tls_ca_secret_ref))
     if spec.idempotency.redis_url_secret_ref:
         refs.append(("spec.idempotency.redisUrlSecretRef", "redis_url", spec.idempotency.redis_url_secret_ref))
+    if spec.backpressure.redis_url_secret_ref:
+        refs.append(("spec.backpressure.redisUrlSecretRef", "signal_redis_url", spec.backpressure.redis_url_secret_ref))
     return refs
 
 
@@ -124,6 +127,7 @@ def runtime_settings(spec: AdaptiveConsumerSpec) -> RuntimeSettings:
                   "ssl_ca_location": f"{CA_DIR}/{CA_FILE}" if spec.kafka.tls_ca_secret_ref else None},
         "membership": {"instance_id": None},  # the pod name, from POD_NAME
         "idempotency": {"redis_url": None},
+        "backpressure": {"redis_url": None},      # falls back to the idempotency URL (a Secret env var)
         "server": {"host": "0.0.0.0"},
     }
     for name, field in RuntimeSettings.model_fields.items():
@@ -190,7 +194,8 @@ def _env(spec: AdaptiveConsumerSpec) -> list[dict[str, Any]]:
         {"name": "AFC_CONFIG_FILE", "value": f"{CONFIG_DIR}/{CONFIG_KEY}"},
     ]
     for var, ref in ((ENV_SASL_PASSWORD, spec.kafka.sasl_password_secret_ref),
-                     (ENV_REDIS_URL, spec.idempotency.redis_url_secret_ref)):
+                     (ENV_REDIS_URL, spec.idempotency.redis_url_secret_ref),
+                     (ENV_SIGNAL_REDIS_URL, spec.backpressure.redis_url_secret_ref)):
         if ref:
             env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
     env += [e.model_dump(by_alias=True, exclude_none=True) for e in spec.pod_template.env]

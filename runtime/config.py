@@ -120,6 +120,40 @@ class IdempotencySettings(Section):
         return None if v == "" else v
 
 
+class BackpressureSettings(Section):
+    """The backpressure signal this consumer publishes for producers (see backpressure.py)."""
+    enabled: bool = Field(True, description="Publish this member's saturation level to Redis "
+                          "(needs a Redis URL here or in idempotency).")
+    redis_url: SecretStr | None = Field(
+        None, description="Redis URL for the signal (from a Secret); defaults to idempotency.redisUrl.")
+    key_prefix: str | None = Field(None, min_length=1, max_length=64,
+                                   description="Key prefix; defaults to idempotency.keyPrefix.")
+    ttl_ms: int = Field(3_000, ge=300, le=600_000,
+                        description="Life of a member's level without a heartbeat: a dead consumer stops "
+                                    "counting after it.")
+    heartbeat_ms: int | None = Field(None, ge=50, description="Re-publish interval; default ttlMs/3.")
+    clear_ratio: float = Field(0.7, gt=0, lt=1, description="A saturated member clears only once pressure "
+                               "(latency/target, errors/bound) stays at or below this...")
+    clear_after_ms: int = Field(1_000, ge=0, le=600_000, description="...for this long (hysteresis).")
+    paused_share: float = Field(0.5, gt=0, le=1, description="At the in-flight floor, this share of paused "
+                                "partitions counts as saturated.")
+
+    @field_validator("redis_url", mode="before")
+    @classmethod
+    def _empty_is_none(cls, v: Any) -> Any:
+        return None if v == "" else v
+
+    @model_validator(mode="after")
+    def _beat_within_ttl(self) -> "BackpressureSettings":
+        if self.heartbeat_ms is not None and self.heartbeat_ms >= self.ttl_ms:
+            raise ValueError("heartbeatMs must be < ttlMs, or the level expires between beats")
+        return self
+
+    @property
+    def resolved_heartbeat_ms(self) -> int:
+        return self.heartbeat_ms or max(50, self.ttl_ms // 3)
+
+
 class HandlerSettings(Section):
     handler: str | None = Field(None, pattern=HANDLER_PATH, description="Import path `pkg.module:func`.")
     http_sink_url: str | None = Field(None, pattern=r"^https?://.+",
@@ -195,6 +229,7 @@ class RuntimeSettings(BaseSettings):
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
     shutdown: ShutdownSettings = Field(default_factory=ShutdownSettings)
+    backpressure: BackpressureSettings = Field(default_factory=BackpressureSettings)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", validation_alias=AliasChoices("logLevel", "log_level"))
 
@@ -217,7 +252,8 @@ class RuntimeSettings(BaseSettings):
     def to_file_json(self) -> dict[str, Any]:
         """The camelCase document for a ConfigMap: secrets are left out, not masked."""
         return self.model_dump(mode="json", by_alias=True, exclude={
-            "kafka": {"sasl_password"}, "idempotency": {"redis_url"}})
+            "kafka": {"sasl_password"}, "idempotency": {"redis_url"},
+            "backpressure": {"redis_url"}})
 
 
 class ConfigError(ValueError):
@@ -271,3 +307,40 @@ def load_settings(**overrides: Any) -> RuntimeSettings:
     except ValidationError as e:
         lines = [f"{field_label(err['loc'])}: {err['msg']}" for err in e.errors()]
         raise ConfigError("invalid configuration: " + "; ".join(lines)) from e
+
+
+class ProducerSettings(BaseSettings):
+    """The adaptive producer library's settings (`producer.AdaptiveProducer`), separate from
+    the consumer's. Environment: `AFC_PRODUCER__<FIELD>`; camelCase keys in JSON."""
+    model_config = SettingsConfigDict(env_prefix="AFC_PRODUCER__", env_nested_delimiter="__", extra="forbid",
+                                      alias_generator=to_camel, populate_by_name=True, validate_default=True)
+
+    bootstrap_servers: str = Field("localhost:9092", min_length=1)
+    groups: list[str] = Field(default_factory=list,
+                              description="Consumer groups whose signal to honour (the most saturated governs).")
+    redis_url: SecretStr | None = Field(None, description="Redis holding the signal; none: no signal, max rate.")
+    key_prefix: str = Field("afc", min_length=1, max_length=64, description="The consumers' key prefix.")
+    key_header: str = Field("idempotency-key", min_length=1)
+    max_message_bytes: int = Field(1_048_576, ge=1, description="Larger messages are refused before sending.")
+    max_rate: float = Field(10_000.0, gt=0, description="Messages per second when the group is healthy.")
+    floor_rate: float = Field(50.0, gt=0, description="Least rate: under full pressure, and when Redis is down.")
+    burst_s: float = Field(0.1, gt=0, le=10, description="Bucket depth, in seconds of the current rate.")
+    max_wait_s: float = Field(5.0, ge=0, description="A send that would wait longer raises ProducerThrottled.")
+    decrease_factor: float = Field(0.5, gt=0, lt=1,
+                                   description="Rate multiplier per adjust step at group level 1 (AIMD).")
+    increase_per_s: float = Field(0.25, gt=0, le=10,
+                                  description="Share of maxRate regained per second while the signal is clear.")
+    adjust_interval_ms: int = Field(200, ge=10, le=10_000)
+    poll_interval_ms: int = Field(500, ge=50, le=60_000, description="Periodic read besides pub/sub.")
+    kafka: dict[str, str] = Field(default_factory=dict, description="Further librdkafka producer properties.")
+
+    @field_validator("redis_url", mode="before")
+    @classmethod
+    def _empty_is_none(cls, v: Any) -> Any:
+        return None if v == "" else v
+
+    @model_validator(mode="after")
+    def _rates(self) -> "ProducerSettings":
+        if self.floor_rate > self.max_rate:
+            raise ValueError("floorRate must be <= maxRate")
+        return self

@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
+from .backpressure import LevelInputs, SignalPublisher, build_publisher
 from .config import RuntimeSettings
 from .dispatch import AsyncDispatcher, Outcome, Result, SyncDispatcher
 from .errors import PoisonError, StoreUnavailable
@@ -124,6 +125,7 @@ class Runtime:
         self._seeks: list[tuple[TP, int]] = []
         self.store: IdempotencyStore | None = None
         self.markers: Coalescer | None = None       # single-key store calls, joined per loop tick
+        self.bp: SignalPublisher | None = None      # the backpressure signal (backpressure.py)
         self.store_down_since: float | None = None
         self._unclaimed: list[Message] = []         # fetched while the store was down
         self._parked: list[Message] = []            # their key is held elsewhere: re-checked, not queued
@@ -643,6 +645,12 @@ class Runtime:
                      d.reason, d.inflight_limit, d.batch_size,
                      1000 * lat / completed if completed else 0.0, errors / completed if completed else 0.0)
         self._last_limit = d.inflight_limit
+        if self.bp is not None:
+            # The level engages on the controller's `overloaded`, the verdict should_pause pauses
+            # on, so partitions pause locally first; producers hear of it second (design.md).
+            self.bp.observe(LevelInputs(completed, lat * 1000 / completed if completed else 0.0,
+                                        errors / completed if completed else 0.0, self.ctl.overloaded,
+                                        self.ctl.at_floor, len(self.paused), len(self.parts), self.outstanding))
 
     async def _update_lag(self) -> None:
         c = self.consumer
@@ -675,6 +683,7 @@ class Runtime:
             self._handler, self._close_handler = build_handler(self.s.handler)
         self.store = build_store(self.s, self.owner)
         self.markers = Coalescer(self.store) if self.store is not None else None
+        self.bp = build_publisher(self.s, self.instance_id or self.owner, self.metrics)
         lanes = self.s.flow.workers
         disp = AsyncDispatcher if is_async(self._handler) else SyncDispatcher
         self.dispatcher = disp(self._handler, lanes, self.loop, self.on_results)
@@ -818,6 +827,8 @@ class Runtime:
         if self._close_handler is not None:
             await self._close_handler()
         await self.router.close()
+        if self.bp is not None:
+            await self.bp.close()
         if self.store is not None:
             await self.store.close()
         log.info("event=stopped unfinished=%d", left)

@@ -97,3 +97,45 @@ class RuntimeMetrics:
                                      "Records already routed by an earlier run (crash before commit).", registry=r)
         self.controller_decisions = Counter("afc_fetch_controller_decisions", "Fetch controller decisions.",
                                             ["reason"], registry=r)
+        # The backpressure signal (backpressure.py): this member's level and what it sees of the group.
+        self.bp_level = Gauge("afc_backpressure_level", "This member's saturation level (0 ok, 1 saturated).",
+                              registry=r)
+        self.bp_pressure = Gauge("afc_backpressure_pressure",
+                                 "Raw pressure behind the level (1.0 = at the limit).", registry=r)
+        self.bp_group_level = Gauge("afc_backpressure_group_level",
+                                    "Fraction of the group's live members that are saturated.", registry=r)
+        self.bp_group_members = Gauge("afc_backpressure_group_members", "Live members publishing a level.",
+                                      registry=r)
+        self.bp_signal_up = Gauge("afc_backpressure_signal_up", "1 if the last publish to Redis worked.",
+                                  registry=r)
+        self.bp_publishes = Counter("afc_backpressure_publishes", "Levels written to Redis.", registry=r)
+        self.bp_publish_errors = Counter("afc_backpressure_publish_errors", "Failed publishes of the level.",
+                                         registry=r)
+
+
+class ProducerMetrics:
+    """The adaptive producer's metrics, in its own registry (expose it with
+    `prometheus_client.start_http_server(port, registry=producer.metrics.registry)`)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.sent = Counter("afc_producer_sent", "Messages handed to librdkafka.", registry=r)
+        self.delivered = Counter("afc_producer_delivered", "Messages acknowledged by the broker.", registry=r)
+        self.delivery_errors = Counter("afc_producer_delivery_errors", "Messages the broker did not take.",
+                                       registry=r)
+        self.waited = Counter("afc_producer_throttled_sends", "Sends that waited for the rate limit.", registry=r)
+        self.wait_seconds = Counter("afc_producer_throttle_wait_seconds", "Time sends spent waiting.", registry=r)
+        self.throttled = Counter("afc_producer_throttled_errors", "Sends refused with ProducerThrottled.",
+                                 registry=r)
+        self.too_large = Counter("afc_producer_rejected_too_large", "Sends refused with MessageTooLarge.",
+                                 registry=r)
+        self.allowed_rate = Gauge("afc_producer_allowed_rate", "Current allowed send rate, messages/s.",
+                                  registry=r)
+        self.throttle_ratio = Gauge("afc_producer_throttle_ratio",
+                                    "1 - allowed rate / max rate: how far the signal has cut the rate.", registry=r)
+        self.group_level = Gauge("afc_producer_group_level", "Last read level of each watched group.",
+                                 ["group"], registry=r)
+        self.signal_age = Gauge("afc_producer_signal_age_seconds", "Seconds since the signal was last read.",
+                                registry=r)
+        self.signal_up = Gauge("afc_producer_signal_up", "1 if Redis answered the last read.", registry=r)
+        self.signal_errors = Counter("afc_producer_signal_errors", "Failed reads of the signal.", registry=r)

@@ -112,7 +112,8 @@ def test_runtime_secrets_are_not_in_the_schema_but_come_from_secret_refs() -> No
     assert ("kafka", "saslPassword") in found and ("idempotency", "redisUrl") in found
     spec_props = openapi()["properties"]["spec"]["properties"]
     handled = {("kafka", "saslPassword"): render.ENV_SASL_PASSWORD,
-               ("idempotency", "redisUrl"): render.ENV_REDIS_URL}
+               ("idempotency", "redisUrl"): render.ENV_REDIS_URL,
+               ("backpressure", "redisUrl"): render.ENV_SIGNAL_REDIS_URL}
     for section, name in found:
         assert name not in spec_props[section]["properties"], f"{section}.{name} is a secret"
         assert (section, name) in handled, f"the operator does not know how to pass secret {section}.{name}"
