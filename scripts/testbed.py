@@ -52,8 +52,9 @@ def log(event: str, **kv: object) -> None:
 
 # --------------------------------------------------------------------------- ports
 
-def ports() -> dict[str, int]:
-    """Ports are fixed at first start and kept in the state folder, so later calls agree."""
+def ports(save: bool = False) -> dict[str, int]:
+    """Ports are fixed at the first `up` and kept in the state folder, so later calls agree;
+    `status` and `env` only read them (they must not fix ports before `up` does)."""
     f = STATE / "ports.json"
     if f.exists():
         return json.loads(f.read_text())
@@ -62,8 +63,9 @@ def ports() -> dict[str, int]:
         "etcd": PORT_BASE + 23, "etcd_peer": PORT_BASE + 24, "apiserver": PORT_BASE + 43,
         "controller_manager": PORT_BASE + 57, "scheduler": PORT_BASE + 59,
     }
-    STATE.mkdir(parents=True, exist_ok=True)
-    f.write_text(json.dumps(p, indent=1))
+    if save:
+        STATE.mkdir(parents=True, exist_ok=True)
+        f.write_text(json.dumps(p, indent=1))
     return p
 
 
@@ -448,6 +450,7 @@ def with_needs(names: list[str]) -> set[str]:
 
 def up(only: list[str] | None = None) -> None:
     STATE.mkdir(parents=True, exist_ok=True)
+    ports(save=True)
     started: list[tuple[Part, int]] = []
     names = with_needs(only) if only else set(BY_NAME)
     wanted = [p for p in PARTS if p.name in names]
