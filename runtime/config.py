@@ -12,14 +12,19 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, field_validator,
+                      model_validator)
 from pydantic.alias_generators import to_camel, to_snake
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 HANDLER_PATH = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
 TOPIC_NAME = r"^[A-Za-z0-9._-]{1,249}$"
+
+
+# An empty variable (AFC_IDEMPOTENCY__REDIS_URL=) means "not set", as an absent one does.
+OptionalSecret = Annotated[SecretStr | None, BeforeValidator(lambda v: None if v == "" else v)]
 
 
 class Section(BaseModel):
@@ -104,7 +109,7 @@ class FlowSettings(Section):
 
 class IdempotencySettings(Section):
     enabled: bool = True
-    redis_url: SecretStr | None = Field(
+    redis_url: OptionalSecret = Field(
         None, description="Redis URL (from a Secret); without one, an embedded store serves one process only.")
     sqlite_path: str = Field(":memory:", description="Embedded store file when no Redis URL is given.")
     key_prefix: str = Field("afc", min_length=1, max_length=64)
@@ -114,17 +119,12 @@ class IdempotencySettings(Section):
     done_ttl_s: int = Field(7 * 86_400, ge=60, description="How long a done key is remembered.")
 
 
-    @field_validator("redis_url", mode="before")
-    @classmethod
-    def _empty_is_none(cls, v: Any) -> Any:
-        return None if v == "" else v
-
 
 class BackpressureSettings(Section):
     """The backpressure signal this consumer publishes for producers (see backpressure.py)."""
     enabled: bool = Field(True, description="Publish this member's saturation level to Redis "
                           "(needs a Redis URL here or in idempotency).")
-    redis_url: SecretStr | None = Field(
+    redis_url: OptionalSecret = Field(
         None, description="Redis URL for the signal (from a Secret); defaults to idempotency.redisUrl.")
     key_prefix: str | None = Field(None, min_length=1, max_length=64,
                                    description="Key prefix; defaults to idempotency.keyPrefix.")
@@ -137,11 +137,6 @@ class BackpressureSettings(Section):
     clear_after_ms: int = Field(1_000, ge=0, le=600_000, description="...for this long (hysteresis).")
     paused_share: float = Field(0.5, gt=0, le=1, description="At the in-flight floor, this share of paused "
                                 "partitions counts as saturated.")
-
-    @field_validator("redis_url", mode="before")
-    @classmethod
-    def _empty_is_none(cls, v: Any) -> Any:
-        return None if v == "" else v
 
     @model_validator(mode="after")
     def _beat_within_ttl(self) -> "BackpressureSettings":
@@ -318,7 +313,7 @@ class ProducerSettings(BaseSettings):
     bootstrap_servers: str = Field("localhost:9092", min_length=1)
     groups: list[str] = Field(default_factory=list,
                               description="Consumer groups whose signal to honour (the most saturated governs).")
-    redis_url: SecretStr | None = Field(None, description="Redis holding the signal; none: no signal, max rate.")
+    redis_url: OptionalSecret = Field(None, description="Redis holding the signal; none: no signal, max rate.")
     key_prefix: str = Field("afc", min_length=1, max_length=64, description="The consumers' key prefix.")
     key_header: str = Field("idempotency-key", min_length=1)
     max_message_bytes: int = Field(1_048_576, ge=1, description="Larger messages are refused before sending.")
@@ -333,11 +328,6 @@ class ProducerSettings(BaseSettings):
     adjust_interval_ms: int = Field(200, ge=10, le=10_000)
     poll_interval_ms: int = Field(500, ge=50, le=60_000, description="Periodic read besides pub/sub.")
     kafka: dict[str, str] = Field(default_factory=dict, description="Further librdkafka producer properties.")
-
-    @field_validator("redis_url", mode="before")
-    @classmethod
-    def _empty_is_none(cls, v: Any) -> Any:
-        return None if v == "" else v
 
     @model_validator(mode="after")
     def _rates(self) -> "ProducerSettings":
