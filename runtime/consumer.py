@@ -122,6 +122,7 @@ class Runtime:
         r = settings.routing
         self.retry_topics = {t + r.retry_suffix for t in settings.kafka.topics} if r.enabled else set()
         self.deferred: dict[TP, float] = {}         # retry partitions paused until a record's due time
+        self.route_blocked: dict[TP, int] = {}      # partitions paused while routing one of theirs fails
         self._seeks: list[tuple[TP, int]] = []
         self.store: IdempotencyStore | None = None
         self.markers: Coalescer | None = None       # single-key store calls, joined per loop tick
@@ -208,6 +209,7 @@ class Runtime:
             self.parts.pop(tp, None)
             self.paused.discard(tp)
             self.deferred.pop(tp, None)
+            self.route_blocked.pop(tp, None)
         self.tracker.drop(tps)
         self.metrics.rebalances.labels("revoke" if commit else "lost").inc()
         self.metrics.assigned.set(len(self.parts))
@@ -544,6 +546,19 @@ class Runtime:
                      self.outstanding, self.ctl.limit)
             self.flow_state = state
 
+    def block_route(self, tp: TP, blocked: bool) -> None:
+        """The router cannot deliver a record of `tp`: pause it (its commit point is held
+        anyway) until every failing route of it went through or was abandoned."""
+        n = self.route_blocked.get(tp, 0) + (1 if blocked else -1)
+        if n > 0:
+            self.route_blocked[tp] = n
+        else:
+            self.route_blocked.pop(tp, None)
+        if blocked and n == 1:
+            log.warning("event=partition-blocked topic=%s partition=%d reason=route-failing", tp[0], tp[1])
+        elif not blocked and n <= 0:
+            log.info("event=partition-unblocked topic=%s partition=%d", tp[0], tp[1])
+
     def _defer(self, tp: TP, offset: int, due_ms: float) -> None:
         """A retry record not yet due: its partition pauses until then, rewound to it
         (Spring Kafka's retry topics pause likewise; nothing sleeps, nothing busy-polls)."""
@@ -575,7 +590,7 @@ class Runtime:
         retry partitions waiting for a due time stay paused either way."""
         c = self.consumer
         assert c is not None
-        want = (set(self.parts) if pause_all else set()) | set(self.deferred)
+        want = (set(self.parts) if pause_all else set()) | set(self.deferred) | (set(self.route_blocked) & set(self.parts))
         to_pause = [TopicPartition(t, p) for t, p in want - self.paused]
         to_resume = [TopicPartition(t, p) for t, p in self.paused - want if (t, p) in self.parts]
         if to_pause:

@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -35,13 +36,17 @@ def handle_order(msg) -> None:  # the handler the demo's consumer runs
 
 
 _client = None
+_client_lock = threading.Lock()
 
 
-def _redis(redis):  # one client per consumer process
+def _redis(redis):
+    """One client per consumer process, made under a lock: the handler starts on many lanes
+    at once, and a racing second client would be collected with its sockets in use."""
     global _client
-    if _client is None:
-        _client = redis.Redis.from_url(os.environ["AFC_DEMO_REDIS_URL"])
-    return _client
+    with _client_lock:
+        if _client is None:
+            _client = redis.Redis.from_url(os.environ["AFC_DEMO_REDIS_URL"])
+        return _client
 
 
 def say(text: str) -> None:

@@ -297,28 +297,10 @@ class TopicRouter:
                 log.info("event=route-skipped reason=already-routed topic=%s partition=%d offset=%d", msg.topic,
                          msg.partition, msg.offset)
                 return "routed"
-        delay = 0.5
-        value = msg.value
-        while True:
-            try:
-                await self._produce(route.topic, msg.key, value, headers)
-                break
-            except RouteFailed as e:
-                if e.too_large and value is not None and len(value) > 65_536:
-                    # Never drop: keep the headers and the first 64 KiB; the original stays at
-                    # its source coordinates (in the headers) until retention.
-                    headers = headers + [(H_TRUNCATED, str(len(value)).encode())]
-                    value = value[:65_536]
-                    continue
-                runtime.metrics.route_errors.labels(route.kind).inc()
-                log.error("event=route-failed topic=%s partition=%d offset=%d to=%s error=\"%s\" "
-                          "action=retry delay_s=%.1f", msg.topic, msg.partition, msg.offset, route.topic,
-                          str(e).replace('"', "'"), delay)
-                if not await _sleep_unless_gone(msg, runtime, delay):
-                    if store is not None:
-                        await self._release(store, marker)
-                    return "abandoned"
-                delay = min(30.0, delay * 2)
+        if not await self._deliver(msg, route, headers, runtime):
+            if store is not None:
+                await self._release(store, marker)
+            return "abandoned"
         if store is not None:
             await self._mark(store, marker, runtime)
         m = runtime.metrics
@@ -331,6 +313,40 @@ class TopicRouter:
                  route.attempts, route.reason, msg.topic, msg.partition, msg.offset, type(err).__name__,
                  route.due_ms)
         return "routed"
+
+    async def _deliver(self, msg: Message, route: Route, headers: list[tuple[str, bytes]],
+                       runtime: "Runtime") -> bool:
+        """Produce until the broker acknowledges; False if the message left us meanwhile.
+
+        While it fails, the source partition is paused (its commit point is held anyway):
+        retrying one record must not turn into fetching ever more behind it."""
+        tp = (msg.topic, msg.partition)
+        value, delay, blocked = msg.value, 0.5, False
+        try:
+            while True:
+                try:
+                    await self._produce(route.topic, msg.key, value, headers)
+                    return True
+                except RouteFailed as e:
+                    if e.too_large and value is not None and len(value) > 65_536:
+                        # Never drop: keep the headers and the first 64 KiB; the original stays at
+                        # its source coordinates (in the headers) until retention.
+                        headers = headers + [(H_TRUNCATED, str(len(value)).encode())]
+                        value = value[:65_536]
+                        continue
+                    runtime.metrics.route_errors.labels(route.kind).inc()
+                    if not blocked:
+                        runtime.block_route(tp, True)
+                        blocked = True
+                    log.error("event=route-failed topic=%s partition=%d offset=%d to=%s error=\"%s\" "
+                              "action=pause-partition-and-retry delay_s=%.1f", msg.topic, msg.partition, msg.offset,
+                              route.topic, str(e).replace('"', "'"), delay)
+                    if not await _sleep_unless_gone(msg, runtime, delay):
+                        return False
+                    delay = min(30.0, delay * 2)
+        finally:
+            if blocked:
+                runtime.block_route(tp, False)
 
     async def _claim_marker(self, store: Any, marker: str, msg: Message,
                             runtime: "Runtime") -> Literal["go", "done", "gone"]:

@@ -2,18 +2,23 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import redis
 
 _r: redis.Redis | None = None
+_r_lock = threading.Lock()
 
 
 def _redis() -> redis.Redis:
+    """One client per process. The lock matters: handlers start on 16 lanes at once, and a
+    second client made by a racing thread is garbage-collected, closing sockets in use."""
     global _r
-    if _r is None:
-        _r = redis.Redis.from_url(os.environ["AFC_TEST_REDIS_URL"])
-    return _r
+    with _r_lock:
+        if _r is None:
+            _r = redis.Redis.from_url(os.environ["AFC_TEST_REDIS_URL"])
+        return _r
 
 
 def append_effect(msg) -> None:

@@ -198,3 +198,32 @@ def test_record_from_kcat_with_arbitrary_headers_is_routed_intact(testbed, make_
     assert rec.key() == b"the-key" and rec.value() == value.encode()
     own = [(k, v) for k, v in rec.headers() if not k.startswith("afc-") and k != "idempotency-key"]
     assert own == [("trace-id", b"abc123"), ("x-tenant", b"acme"), ("trace-id", b"second")]
+
+
+def test_failing_dead_letter_produce_pauses_the_partition_and_never_commits_past(
+        testbed, make_topic, kafka_admin, names, redis_client, tmp_path) -> None:
+    from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource
+    topic = make_topic("in", partitions=1)
+    dlq = make_topic("in.dlq", partitions=1, config={"max.message.bytes": "1024"})   # refuses our record
+    produce_json(testbed.bootstrap, topic, [{"fail": "always", "pad": "x" * 3000}]
+                 + [{"n": i} for i in range(20)])
+    c = run(testbed, names, tmp_path, topic).start()
+    try:
+        log = tmp_path / "c.log"
+        wait_for(lambda: "event=partition-blocked" in log.read_text(), 60, what="the source partition blocked")
+        m = c.metrics()
+        assert m['afc_route_errors_total{route="dlq"}'] >= 1
+        time.sleep(3)
+        assert group_lag(testbed.bootstrap, topic, names.group)[0] == 0     # never past the unrouted record
+        assert c.metrics()["afc_paused_partitions"] >= 1
+        res = ConfigResource(ConfigResource.Type.TOPIC, dlq, incremental_configs=[
+            ConfigEntry("max.message.bytes", str(8 * 1024 * 1024), incremental_operation=AlterConfigOpType.SET)])
+        for f in kafka_admin.incremental_alter_configs([res]).values():
+            f.result(30)                                                     # the DLQ is fixed
+        wait_for(lambda: group_lag(testbed.bootstrap, topic, names.group) == (21, 0), 90, 0.5,
+                 what="routed, unblocked, the rest handled")
+    finally:
+        assert c.stop() == 0, c.log_tail()
+    assert len(read_topic(testbed.bootstrap, dlq, 1)) == 1
+    assert redis_client.hlen(f"{names.redis_prefix}runs") == 20
+    assert "event=partition-unblocked" in (tmp_path / "c.log").read_text()
