@@ -107,10 +107,11 @@ def test_slow_handler_engages_signal_throttles_producer_bounds_lag_and_recovers(
         c.wait_ready()
         wait_for(lambda: member_level(redis_client, names, member) == 0, 30, what="the member's level published")
         sender.start()
-        time.sleep(5)
-        figures["rate_before"] = rate_before = sender.rate(3)
-        assert rate_before >= 0.8 * MAX_RATE, rate_before
-        assert prod.allowed_rate == MAX_RATE and prod.level == 0
+        # The precondition, waited for rather than assumed at one instant (a loaded machine can
+        # make the level engage for a moment at start).
+        wait_for(lambda: prod.allowed_rate == MAX_RATE and prod.level == 0 and sender.rate(3) >= 0.8 * MAX_RATE,
+                 30, 0.1, what="the producer at full rate before the slowdown")
+        figures["rate_before"] = sender.rate(3)
 
         # The downstream slows from 1 ms to 300 ms per message.
         t0 = time.monotonic()
@@ -241,8 +242,10 @@ def test_signal_redis_down_producers_fall_to_floor_and_pick_the_signal_up_again(
         c.wait_ready()
         sender.start()
         wait_for(lambda: c.metrics().get("afc_backpressure_signal_up") == 1, 10, what="consumer publishing")
-        time.sleep(3)
-        assert prod.allowed_rate == 500 and sender.rate(2) >= 400
+        # The precondition, waited for rather than assumed: on a loaded machine the consumer's
+        # level can engage for a moment at start, and the producer then climbs back.
+        wait_for(lambda: prod.allowed_rate == 500 and sender.rate(2) >= 400, 20, 0.1,
+                 what="the producer at full rate before the outage")
 
         stop_redis(bp)                                             # the signal path dies mid-run
         wait_for(lambda: prod.metrics.signal_up._value.get() == 0, 5, 0.05, what="producer noticed")
