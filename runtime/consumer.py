@@ -21,7 +21,7 @@ import os
 import signal
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
@@ -41,6 +41,8 @@ from .routing import H_ATTEMPTS, H_DUE, Classification, InPlaceRetry, Router, To
 
 log = logging.getLogger("afc.runtime.consumer")
 TP = tuple[str, int]
+DONE_MEMORY_S = 120.0         # how long this process remembers the done marks it wrote...
+DONE_MEMORY_MAX = 200_000     # ...and at most how many
 
 
 class PartitionState:
@@ -136,6 +138,7 @@ class Runtime:
         # Keys this process claimed and whose done mark is not yet written (value: claim time,
         # for lease renewal). A second copy of a held key waits instead of running.
         self._claimed_at: dict[str, float] = {}
+        self._done_recent: OrderedDict[str, float] = OrderedDict()   # done marks written here lately
         self._win: list[Any] = [0, 0, 0.0, 0, 0.0]  # completed, errors, latency sum, peak outstanding, queue wait
         self._stop = asyncio.Event()
         self._results_in = asyncio.Event()
@@ -410,9 +413,21 @@ class Runtime:
             self._unclaimed.extend(msgs)
             return
         self._store_ok()
-        for k in done:
-            self._claimed_at.pop(k, None)
+        self._written_done(done)
         self._apply_claims(msgs, keys, codes)
+
+    def _written_done(self, keys: list[str]) -> None:
+        """Done marks of `keys` are in the store: stop holding them, and remember them for a
+        while, so a claim answered MINE just before a mark landed is known to be done."""
+        now = time.monotonic()
+        recent, held = self._done_recent, self._claimed_at
+        for k in keys:
+            held.pop(k, None)
+            recent[k] = now
+            recent.move_to_end(k)
+        cutoff = now - DONE_MEMORY_S
+        while recent and (len(recent) > DONE_MEMORY_MAX or next(iter(recent.values())) < cutoff):
+            recent.popitem(last=False)
 
     def _apply_claims(self, msgs: list[Message], keys: list[str], codes: list[Claim]) -> None:
         """Dispatch what we won, finish what is done, park what someone else holds."""
@@ -423,9 +438,11 @@ class Runtime:
         for m, k, c in zip(msgs, keys, codes):
             part = m._part
             if c is Claim.MINE:
-                # Ours: another copy of this key is in flight here (wait), or an earlier
-                # claim's answer was lost (take it).
-                c = Claim.BUSY if k in claimed_at else Claim.CLAIMED
+                # Ours: another copy of this key is in flight here (wait for it); or its done
+                # mark was written while this claim was on its way (skip: Redis answered
+                # before the mark landed); or an earlier claim's answer was lost (take it).
+                c = (Claim.BUSY if k in claimed_at else Claim.DONE if k in self._done_recent
+                     else Claim.CLAIMED)
             m.claimed = c is Claim.CLAIMED
             if c is Claim.DONE:
                 tracker.finish(part.tp, m.offset)
@@ -461,8 +478,7 @@ class Runtime:
             self._parked = msgs + self._parked
             self._store_failed(e)
             return
-        for k in done:
-            self._claimed_at.pop(k, None)
+        self._written_done(done)
         self._apply_claims(msgs, keys, codes)
 
     async def _settle_claims(self, keep: int) -> None:
@@ -504,8 +520,7 @@ class Runtime:
                 self._done_keys = done + self._done_keys
                 self._store_failed(e)
                 return
-            for k in done:
-                self._claimed_at.pop(k, None)
+            self._written_done(done)
         if self._release_keys:
             rel, self._release_keys = self._release_keys, []
             for k in rel:
