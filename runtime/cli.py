@@ -63,6 +63,11 @@ async def _run(settings: Any) -> int:
     finally:
         if runner is not None:
             await runner.cleanup()
+    if rt.exit_code:
+        # Fatal (fenced, handler threads lost): exit now, with the reason logged. Threads
+        # stuck in a handler or in librdkafka must not keep a zombie alive.
+        logging.shutdown()
+        os._exit(rt.exit_code)
     return 0
 
 

@@ -156,6 +156,12 @@ class HandlerSettings(Section):
     http_batch: bool = False
     http_timeout_s: float = Field(10.0, gt=0, le=300)
     decoder: Literal["json", "raw", "text"] = "json"
+    timeout_s: float = Field(30.0, ge=0, le=86_400, description="Per-message deadline; past it the message is "
+                             "failed as TRANSIENT (HandlerTimeout) and routed. 0: none.")
+    max_abandoned_threads: int = Field(4, ge=0, le=1_000, description="Sync handler threads still running after "
+                                       "a timeout; past this many the process exits (code 3) to reclaim them.")
+    steal_after_ms: int = Field(500, ge=10, le=600_000, description="A handler call running this long has the "
+                                "records queued behind it (other keys) handed to other workers.")
 
     @model_validator(mode="after")
     def _one_target(self) -> "HandlerSettings":
@@ -195,6 +201,8 @@ class RoutingSettings(Section):
 
 class OffsetSettings(Section):
     commit_interval_ms: int = Field(1_000, ge=50, le=60_000)
+    max_window: int = Field(100_000, ge=100, le=100_000_000, description="Most offsets a partition may run ahead "
+                            "of its commit point (what a crash re-delivers); past it the partition pauses.")
 
 
 class ServerSettings(Section):

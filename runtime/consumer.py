@@ -1,59 +1,58 @@
-"""The consumer loop: fetch -> decode -> claim -> handle -> finish -> commit.
+"""The control loop: the one owner of all consumer state.
 
-One asyncio loop owns all state. Kafka calls run on one dedicated thread (librdkafka's
-rebalance callbacks fire there, inside poll); handlers run in `dispatch` lanes. The loop:
+```
+Kafka thread (librdkafka only)  --fetched batches, rebalance events, commit answers-->  inbox
+workers (threads or tasks)      --results------------------------------------------->  inbox
+idempotency session (one store call at a time)  --claims, written done marks-------->  inbox
+route tasks                     --verdicts ----------------------------------------->  inbox
+control loop: drain the inbox, then tick: pause/resume from each partition's reasons,
+seeks, fetch, claim, dispatch, watchdog, commit, controller, lag.
+```
 
-1. asks the fetch controller how many messages it may take (0: pause every partition and
-   keep polling, so `max.poll.interval.ms` is never exceeded and the member stays in the group);
-2. fetches (blocks for the first message, then takes what is already buffered);
-3. decodes, derives idempotency keys and claims them in one store round trip (the previous
-   batch's done marks ride along);
-4. hands claimed messages to the lanes; done ones finish at once; busy ones wait in their lane;
-5. on results: marks offsets finished, queues done marks, routes failures;
-6. periodically: commits each partition's safe offset, renews long claims, lets the
-   controller decide, refreshes lag gauges.
+Nothing but the loop mutates `Partition`s, the key gate, the parked set or the flow
+controller. librdkafka's rebalance callbacks run on the Kafka thread and only post an
+event (a revoke then waits for the loop's answer: the offsets to commit once the revoked
+partitions' work is finished or the bound is reached; the callback commits them itself,
+still on the Kafka thread). Every Kafka call goes through that one thread in order, and
+each carries the assignment epoch it was computed under, so a commit or a pause computed
+before a revoke is dropped rather than sent after it.
+
+Offsets pass a message only once it is finished: handled and its done mark written,
+skipped as done, or routed with the produce acknowledged (and its routing marker
+written). Nothing at or above the first unfinished message is ever committed.
 """
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
 import signal
 import time
 import uuid
-from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from .backpressure import LevelInputs, SignalPublisher, build_publisher
 from .config import RuntimeSettings
-from .dispatch import AsyncDispatcher, Outcome, Result, SyncDispatcher
-from .errors import PoisonError, StoreUnavailable
+from .dispatch import KeyGate, Outcome, Result, TaskDispatcher, ThreadDispatcher
+from .errors import ClaimLost, PoisonError, StoreUnavailable
 from .fetch_control import FetchController, WindowStats, should_pause
 from .handlers import build_handler, is_async
-from .idempotency import Claim, Coalescer, IdempotencyStore, RedisStore, SqliteStore
-from .message import DECODERS, Message, idempotency_key
+from .idempotency import EVICTING_POLICIES, Claim, IdempotencyStore, RedisStore, SqliteStore
+from .message import DECODERS, Message, idempotency_key, position_key
 from .metrics import RuntimeMetrics
-from .offsets import OffsetTracker
+from .partition import FLOW, TP, Partition
 from .routing import H_ATTEMPTS, H_DUE, Classification, InPlaceRetry, Router, TopicRouter, classify
+from .session import Outcome as StoreOutcome
+from .session import Session
 
 log = logging.getLogger("afc.runtime.consumer")
-TP = tuple[str, int]
-DONE_MEMORY_S = 120.0         # how long this process remembers the done marks it wrote...
-DONE_MEMORY_MAX = 200_000     # ...and at most how many
-
-
-class PartitionState:
-    """Per assigned partition; messages point at it so lanes can see a revocation."""
-    __slots__ = ("tp", "revoked", "inflight", "retry")
-
-    def __init__(self, tp: TP, retry: bool = False) -> None:
-        self.tp = tp
-        self.revoked = False
-        self.inflight = 0          # fetched, result not yet seen
-        self.retry = retry         # a retry topic: records wait for their due time
+TOPIC_ID = "topic-id"          # pause reason: the topic's id is being looked up
+EXIT_FATAL = 3
 
 
 def kafka_config(s: RuntimeSettings, instance_id: str | None) -> dict[str, Any]:
@@ -89,6 +88,10 @@ def kafka_config(s: RuntimeSettings, instance_id: str | None) -> dict[str, Any]:
     return conf
 
 
+def admin_config(s: RuntimeSettings) -> dict[str, Any]:
+    return {k: v for k, v in kafka_config(s, None).items() if k.startswith(("bootstrap", "security", "sasl", "ssl"))}
+
+
 def build_store(s: RuntimeSettings, owner: str) -> IdempotencyStore | None:
     i = s.idempotency
     if not i.enabled:
@@ -99,23 +102,29 @@ def build_store(s: RuntimeSettings, owner: str) -> IdempotencyStore | None:
     return SqliteStore(i.sqlite_path, *args)
 
 
+@dataclass
+class Revoke:
+    tps: list[TP]
+    reply: "concurrent.futures.Future[dict[TP, tuple[int, int]]]"
+    deadline: float
+
+
 class Runtime:
     def __init__(self, settings: RuntimeSettings, handler: Callable[[Message], Any] | None = None,
                  router: Router | None = None) -> None:
         self.s = settings
         self.instance_id = settings.membership.resolved_instance_id()
-        # The owner of claims: this process incarnation, so a restart never mistakes an
-        # old claim of its own for a live one.
-        self.owner = f"{self.instance_id or 'dynamic'}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        # The owner of claims: this process incarnation (tokens are `<owner>.<seq>`).
+        self.owner = f"{self.instance_id or 'dyn'}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.metrics = RuntimeMetrics()
         self.ctl = FetchController(settings.flow)
-        self.tracker = OffsetTracker()
-        self.parts: dict[TP, PartitionState] = {}
+        self.parts: dict[TP, Partition] = {}
         self.paused: set[TP] = set()
-        self.joined = False
+        self.gate = KeyGate()
+        self.parked: dict[int, Message] = {}          # their idempotency key is held elsewhere
+        self.rechecking: set[int] = set()             # parked messages whose re-claim is in flight
+        self.member = False                           # in the group (assigned since the last loss)
         self.flow_state = "open"
-        self._last_limit = self.ctl.limit
-        self.outstanding = 0
         self.decode = DECODERS[settings.handler.decoder]
         self._handler = handler
         self._close_handler: Callable[[], Any] | None = None
@@ -123,42 +132,60 @@ class Runtime:
         self.router: Router = InPlaceRetry()
         r = settings.routing
         self.retry_topics = {t + r.retry_suffix for t in settings.kafka.topics} if r.enabled else set()
-        self.deferred: dict[TP, float] = {}         # retry partitions paused until a record's due time
-        self.route_blocked: dict[TP, int] = {}      # partitions paused while routing one of theirs fails
-        self._seeks: list[tuple[TP, int]] = []
+        self.topic_ids: dict[str, str | None] = {}
         self.store: IdempotencyStore | None = None
-        self.markers: Coalescer | None = None       # single-key store calls, joined per loop tick
-        self.bp: SignalPublisher | None = None      # the backpressure signal (backpressure.py)
-        self.store_down_since: float | None = None
-        self._unclaimed: list[Message] = []         # fetched while the store was down
-        self._parked: list[Message] = []            # their key is held elsewhere: re-checked, not queued
-        self._claims: deque[asyncio.Task[None]] = deque()   # claim steps in flight, in batch order
-        self._done_keys: list[str] = []
-        self._release_keys: list[str] = []
-        # Keys this process claimed and whose done mark is not yet written (value: claim time,
-        # for lease renewal). A second copy of a held key waits instead of running.
-        self._claimed_at: dict[str, float] = {}
-        self._done_recent: OrderedDict[str, float] = OrderedDict()   # done marks written here lately
-        self._win: list[Any] = [0, 0, 0.0, 0, 0.0]  # completed, errors, latency sum, peak outstanding, queue wait
-        self._stop = asyncio.Event()
-        self._results_in = asyncio.Event()
-        self._commit_sent: float | None = None      # an async commit awaiting its answer
+        self.session: Session | None = None
+        self.bp: SignalPublisher | None = None
+        self.inbox: list[tuple[Any, ...]] = []
+        self._wake = asyncio.Event()
+        self.routes = 0                               # route tasks in flight
+        self.revokes: list[Revoke] = []
+        self.fetch_seq = 0
+        self.fetching = False
+        self.commit_inflight = False
+        self.state = "new"                            # new, running, draining, committing, closing, closed
+        self.fatal: str | None = None
+        self.exit_code = 0
         self._hard_stop = False
+        self._drain_deadline = 0.0
+        self._saturated_since: float | None = None
+        self._win: list[Any] = [0, 0, 0.0, 0, 0.0]   # completed, transient errors, latency sum, peak, queue wait
+        self._last_limit = self.ctl.limit
         self.last_beat = time.monotonic()
         self.consumer: Consumer | None = None
         self._kafka = ThreadPoolExecutor(1, thread_name_prefix="afc-kafka")
+        self._k_epochs: dict[TP, int] = {}            # owned by the Kafka thread
+        self._k_epoch = 0
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.dispatcher: SyncDispatcher | AsyncDispatcher | None = None
+        self.dispatcher: ThreadDispatcher | TaskDispatcher | None = None
         self.stopped = asyncio.Event()
+        self.evicting = False
 
-    # ------------------------------------------------------------------ kafka thread
+    # ================================================================ Kafka thread
 
-    async def _k(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+    def _kop(self, fn: Callable[..., Any], *args: Any, then: str | None = None) -> "asyncio.Future[Any]":
+        """Run `fn` on the Kafka thread, in order with every other Kafka call; its outcome
+        comes back to the inbox as (then, future) if `then` is given."""
         assert self.loop is not None
-        return await self.loop.run_in_executor(self._kafka, lambda: fn(*args, **kw))
+        fut = self.loop.run_in_executor(self._kafka, fn, *args)
+        if then is not None:
+            fut.add_done_callback(lambda f: self._post((then, f)))
+        return fut
+
+    def _post(self, event: tuple[Any, ...]) -> None:
+        """On the loop's thread: queue an event and wake the loop."""
+        self.inbox.append(event)
+        self._wake.set()
+
+    def _post_threadsafe(self, event: tuple[Any, ...]) -> None:
+        assert self.loop is not None
+        try:
+            self.loop.call_soon_threadsafe(self._post, event)
+        except RuntimeError:            # loop closed during a hard exit
+            pass
 
     def _fetch(self, budget: int, timeout: float) -> list[Any]:
-        """On the Kafka thread: wait for one message, then take what is already there."""
+        """Kafka thread: wait for one message, then take what is already there."""
         c = self.consumer
         assert c is not None
         first = c.poll(timeout)
@@ -168,195 +195,305 @@ class Runtime:
             return [first]
         return [first, *c.consume(budget - 1, 0)]
 
-    def _fetch_async(self, budget: int, timeout: float) -> "asyncio.Future[list[Any]]":
-        assert self.loop is not None
-        return self.loop.run_in_executor(self._kafka, self._fetch, budget, timeout)
-
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        out = []
         for p in partitions:
-            tp = (p.topic, p.partition)
-            self.parts[tp] = PartitionState(tp, retry=p.topic in self.retry_topics)
-        self.joined = True
-        self.metrics.rebalances.labels("assign").inc()
-        self.metrics.assigned.set(len(self.parts))
-        log.info("event=assigned partitions=%s total=%d", _fmt(partitions), len(self.parts))
+            self._k_epoch += 1
+            self._k_epochs[(p.topic, p.partition)] = self._k_epoch
+            out.append(((p.topic, p.partition), self._k_epoch))
+        self._post_threadsafe(("assign", out))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self._give_up(consumer, partitions, commit=True)
-
-    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self._give_up(consumer, partitions, commit=False)
-
-    def _give_up(self, consumer: Consumer, partitions: list[TopicPartition], commit: bool) -> None:
-        """Partitions move away: finish or abandon their work, commit, forget them.
-
-        Runs on the Kafka thread inside poll; the loop is free meanwhile (it awaits the poll),
-        so it can collect the lanes' results for these partitions.
-        """
-        tps = {(p.topic, p.partition) for p in partitions}
-        states = [self.parts[tp] for tp in tps if tp in self.parts]
-        for st in states:
-            st.revoked = True
-        assert self.loop is not None
-        bound = min(self.s.shutdown.drain_timeout_s, self.s.membership.max_poll_interval_ms / 2000)
-        fut = asyncio.run_coroutine_threadsafe(self._drain(states, bound), self.loop)
+        """Kafka thread, inside poll: ask the loop to finish these partitions' work, then
+        commit what it says and let them go. The loop never waits on this thread meanwhile."""
+        tps = [(p.topic, p.partition) for p in partitions]
+        reply: concurrent.futures.Future[dict[TP, tuple[int, int]]] = concurrent.futures.Future()
+        self._post_threadsafe(("revoke", tps, reply))
         try:
-            offsets = fut.result(bound + 5)
-        except Exception as e:  # noqa: BLE001 - a failed drain must not kill the rebalance
+            offsets = reply.result(self._revoke_bound() + 5)
+        except Exception as e:  # noqa: BLE001 - a failed drain must not break the rebalance
             log.error("event=revoke-drain-failed error=%r", e)
             offsets = {}
-        offsets = {tp: off for tp, off in offsets.items() if tp in tps}
-        if commit and offsets:
-            self._commit_sync(consumer, offsets, why="revoke")
+        if offsets:
+            self._commit_now(offsets, "revoke")
         for tp in tps:
-            self.parts.pop(tp, None)
-            self.paused.discard(tp)
-            self.deferred.pop(tp, None)
-            self.route_blocked.pop(tp, None)
-        self.tracker.drop(tps)
-        self.metrics.rebalances.labels("revoke" if commit else "lost").inc()
-        self.metrics.assigned.set(len(self.parts))
-        log.info("event=%s partitions=%s committed_now=%s", "revoked" if commit else "lost", _fmt(partitions),
-                 _fmt_offsets(offsets) if offsets else "nothing-new")
+            self._k_epochs.pop(tp, None)
 
-    def _commit_sync(self, consumer: Consumer, offsets: dict[TP, int], why: str) -> bool:
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        tps = [(p.topic, p.partition) for p in partitions]
+        for tp in tps:
+            self._k_epochs.pop(tp, None)
+        self._post_threadsafe(("lost", tps))
+
+    def _on_error(self, err: KafkaError) -> None:
+        """librdkafka's error callback (Kafka thread). Fatal errors (a fenced static member,
+        for one) end the process: a consumer that can no longer consume must not look alive."""
+        if err.fatal():
+            reason = str(err)
+            self._post_threadsafe(("fatal", f"kafka: {reason}"))
+        else:
+            log.warning("event=kafka-error error=\"%s\"", str(err).replace('"', "'"))
+
+    def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        self._post_threadsafe(("committed", err, [(p.topic, p.partition, p.offset, p.error) for p in partitions]))
+
+    def _current(self, offsets: dict[TP, tuple[int, int]]) -> list[TopicPartition]:
+        """Kafka thread: the offsets whose partition is still held under the same epoch."""
+        return [TopicPartition(t, p, o) for (t, p), (o, e) in offsets.items() if self._k_epochs.get((t, p)) == e]
+
+    def _commit_now(self, offsets: dict[TP, tuple[int, int]], why: str) -> list[tuple[str, int, int]]:
+        """Kafka thread: a synchronous commit of the offsets still ours."""
+        c = self.consumer
+        tps = self._current(offsets)
+        if c is None or not tps:
+            return []
         t0 = time.perf_counter()
         try:
-            consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
-                            asynchronous=False)
+            c.commit(offsets=tps, asynchronous=False)
         except KafkaException as e:
             err = e.args[0] if e.args else e
             if isinstance(err, KafkaError) and err.code() == KafkaError._NO_OFFSET:
-                return True
+                return []
             self.metrics.commit_errors.inc()
             log.warning("event=commit-failed why=%s error=%s", why, err)
-            return False
+            return []
         self.metrics.commit_latency.observe(time.perf_counter() - t0)
-        self.tracker.committed(offsets)
+        log.info("event=committed why=%s offsets=%s", why, ",".join(f"{t}[{p}]@{o}" for t, p, o in
+                                                                    ((x.topic, x.partition, x.offset) for x in tps)))
+        return [(x.topic, x.partition, x.offset) for x in tps]
+
+    def _commit_async(self, offsets: dict[TP, tuple[int, int]]) -> bool:
+        c = self.consumer
+        tps = self._current(offsets)
+        if c is None or not tps:
+            return False
+        c.commit(offsets=tps, asynchronous=True)
         return True
 
-    # ------------------------------------------------------------------ loop side
+    def _set_paused(self, pause: list[TP], resume: list[TP], seeks: list[tuple[TP, int]]) -> None:
+        """Kafka thread: pause, resume and seek the partitions that are still ours."""
+        c = self.consumer
+        assert c is not None
+        held = self._k_epochs
+        p = [TopicPartition(t, q) for t, q in pause if (t, q) in held]
+        p += [TopicPartition(t, q) for (t, q), _ in seeks if (t, q) in held and (t, q) not in pause]
+        if p:
+            c.pause(p)
+        for (t, q), off in seeks:
+            if (t, q) in held:
+                c.seek(TopicPartition(t, q, off))
+        r = [TopicPartition(t, q) for t, q in resume if (t, q) in held]
+        if r:
+            c.resume(r)
 
-    async def _drain(self, states: list[PartitionState], bound: float) -> dict[TP, int]:
-        deadline = time.monotonic() + bound
-        for attr in ("_unclaimed", "_parked"):
-            held = getattr(self, attr)
-            gone = [m for m in held if m._part.revoked]
-            if gone:
-                setattr(self, attr, [m for m in held if not m._part.revoked])
-                for m in gone:
-                    m._part.inflight -= 1
-                self.outstanding -= len(gone)
-        while any(st.inflight > 0 for st in states) and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        left = sum(st.inflight for st in states)
-        if left:
-            log.warning("event=revoke-drain-timeout still_running=%d bound_s=%.1f", left, bound)
-        await self._flush_store()
-        tps = {st.tp for st in states}
-        return {tp: off for tp, off in self.tracker.to_commit().items() if tp in tps}
-
-    def on_results(self, results: list[Result]) -> None:
-        """Called on the loop with a chunk of lane results."""
-        tracker, done, win = self.tracker, self._done_keys, self._win
-        self._results_in.set()
-        latencies = []
-        e2es = []
-        handled = 0
-        failures: list[tuple[Message, BaseException]] = []
-        qwait = 0.0
-        for msg, outcome, err, dt, e2e, wait in results:
-            qwait += wait
-            part = msg._part
-            fk = self._store_key(msg)
-            if outcome is not Outcome.FAILED:         # a failure stays outstanding until routed
-                part.inflight -= 1
-                self.outstanding -= 1
-            if outcome is Outcome.OK:
-                handled += 1
-                latencies.append(dt)
-                e2es.append(e2e)
-                if fk is not None:
-                    done.append(fk)               # held in _claimed_at until the mark is written
-                tracker.finish(part.tp, msg.offset)
-            elif outcome is Outcome.FAILED:
-                latencies.append(dt)
-                assert err is not None
-                failures.append((msg, err))
-            elif fk is not None and msg.claimed:  # ABANDONED: free its claim for the next owner now
-                self._release_keys.append(fk)
-        n_lat = len(latencies)
-        win[0] += n_lat
-        # Only transient failures (timeouts, refused connections) say the downstream is sick;
-        # bad data (permanent, poison) is routed without slowing the healthy records behind it.
-        rules = self.s.routing
-        win[1] += sum(1 for msg, err in failures
-                      if err is not msg.decode_error and classify(err, rules) is Classification.TRANSIENT)
-        win[2] += sum(latencies)
-        win[4] += qwait
-        m = self.metrics
-        if handled:
-            m.handled.inc(handled)
-            m.handler_latency.observe_many(latencies)
-            m.e2e_latency.observe_many(e2es)
-        for msg, err in failures:
-            m.errors.labels(type(err).__name__).inc()
-            self._route(msg, err)
-
-    def _route(self, msg: Message, err: BaseException) -> None:
-        """Hand a failure to the router; the message stays unfinished until it says so."""
-        assert self.loop is not None
-        self.loop.create_task(self._route_task(msg, err))
-
-    async def _route_task(self, msg: Message, err: BaseException) -> None:
-        assert self.dispatcher is not None
-        verdict = await self.router.route(msg, err, self)
-        part = msg._part
-        if verdict == "resubmit" and not part.revoked and not self._stop.is_set():
-            msg.attempts += 1
-            self._dispatch([msg])
-            return
-        part.inflight -= 1
-        self.outstanding -= 1
-        if verdict == "routed":
-            # On another topic now, produce acknowledged: the offset may pass it. Its claim is
-            # released, not marked done: the retry (or a replay) must be able to claim it.
-            self.tracker.finish(part.tp, msg.offset)
-        fk = self._store_key(msg)
-        if fk is not None and msg.claimed:
-            self._release_keys.append(fk)
-
-    def _store_key(self, msg: Message) -> str | None:
-        return None if self.store is None else msg.idempotency_key
-
-    def _dispatch(self, items: list[Message]) -> None:
-        assert self.dispatcher is not None
-        if self.outstanding > self._win[3]:
-            self._win[3] = self.outstanding
-        self.dispatcher.submit(items)
-
-    def _wrap(self, raw: list[Any]) -> list[Message]:
+    def _watermarks(self, tps: list[TP]) -> list[tuple[TP, int]]:
+        c = self.consumer
+        assert c is not None
         out = []
-        decode, parts, tracker, store = self.decode, self.parts, self.tracker, self.store
+        for t, p in tps:
+            try:
+                _, high = c.get_watermark_offsets(TopicPartition(t, p), cached=True)
+            except KafkaException:
+                continue
+            out.append(((t, p), high))
+        return out
+
+    def _revoke_bound(self) -> float:
+        return min(self.s.shutdown.drain_timeout_s, self.s.membership.max_poll_interval_ms / 2000)
+
+    # ================================================================ inbox
+
+    def _drain_inbox(self) -> None:
+        events, self.inbox = self.inbox, []
+        for ev in events:
+            kind = ev[0]
+            if kind == "results":
+                self._on_results(ev[1])
+            elif kind == "fetched":
+                self._on_fetched(ev[1], ev[2])
+            elif kind == "store":
+                self._on_store(ev[1])
+            elif kind == "verdict":
+                self._on_verdict(ev[1], ev[2])
+            elif kind == "assign":
+                self._on_assigned(ev[1])
+            elif kind == "revoke":
+                self._on_revoking(ev[1], ev[2])
+            elif kind == "lost":
+                self._on_lost_parts(ev[1])
+            elif kind == "committed":
+                self._on_committed(ev[1], ev[2])
+            elif kind == "commit-sent":
+                self._on_commit_sent(ev[1])
+            elif kind == "ids":
+                self._on_topic_ids(ev[1])
+            elif kind == "lag":
+                self._on_lag(ev[1])
+            elif kind == "pause-op":
+                if ev[1].exception() is not None:
+                    log.warning("event=pause-failed error=%r", ev[1].exception())
+            elif kind == "fatal":
+                self._fail(ev[1])
+            elif kind == "blocked":
+                self._on_blocked(ev[1], ev[2])
+
+    # ---------------------------------------------------------------- membership
+
+    def _on_assigned(self, assigned: list[tuple[TP, int]]) -> None:
+        ask = set()
+        for tp, epoch in assigned:
+            part = Partition(tp, epoch, retry=tp[0] in self.retry_topics, topic_id=self.topic_ids.get(tp[0]))
+            if tp[0] not in self.topic_ids:
+                part.reasons.add(TOPIC_ID)
+                ask.add(tp[0])
+            self.parts[tp] = part
+        self.paused -= {tp for tp, _ in assigned}
+        if ask:
+            assert self.loop is not None
+            fut = self.loop.run_in_executor(None, self._describe_topics, sorted(ask))
+            fut.add_done_callback(lambda f: self._post(("ids", f)))
+        self.member = True
+        self.metrics.rebalances.labels("assign").inc()
+        self.metrics.assigned.set(len(self.parts))
+        log.info("event=assigned partitions=%s total=%d", _fmt(tp for tp, _ in assigned), len(self.parts))
+
+    def _describe_topics(self, names: list[str]) -> dict[str, str | None]:
+        """Topic ids (a thread of its own: an admin call, not a consumer call)."""
+        from confluent_kafka import TopicCollection
+        from confluent_kafka.admin import AdminClient
+        admin = AdminClient(admin_config(self.s))
+        out: dict[str, str | None] = {}
+        for name, fut in admin.describe_topics(TopicCollection(names), request_timeout=10).items():
+            try:
+                out[name] = str(fut.result(timeout=15).topic_id)
+            except Exception as e:  # noqa: BLE001 - fall back to the name, and say so
+                log.warning("event=topic-id-unknown topic=%s error=\"%s\" detail=\"position keys use the name\"",
+                            name, str(e).replace('"', "'"))
+                out[name] = None
+        return out
+
+    def _on_topic_ids(self, fut: "asyncio.Future[dict[str, str | None]]") -> None:
+        try:
+            ids = fut.result()
+        except Exception as e:  # noqa: BLE001
+            log.warning("event=topic-id-lookup-failed error=\"%s\"", str(e).replace('"', "'"))
+            ids = {p.tp[0]: None for p in self.parts.values() if TOPIC_ID in p.reasons}
+        self.topic_ids.update(ids)
+        for p in self.parts.values():
+            if p.tp[0] in ids:
+                p.topic_id = ids[p.tp[0]]
+                p.reasons.discard(TOPIC_ID)
+
+    def _forget(self, tps: set[TP]) -> list[Partition]:
+        """Stop all not-started work of these partitions (they are leaving)."""
+        parts = [self.parts[tp] for tp in tps if tp in self.parts]
+        for p in parts:
+            p.revoking = True
+        assert self.dispatcher is not None
+
+        def keep(m: Message) -> bool:
+            return not m._part.revoking
+
+        for m in self.dispatcher.take_back(keep):
+            self._abandon(m, admitted=True)
+        for m in self.gate.forget(keep):
+            self._abandon(m, admitted=False)
+        for i, m in list(self.parked.items()):
+            if m._part.revoking:
+                del self.parked[i]
+                self._abandon(m, admitted=True)
+        return parts
+
+    def _on_revoking(self, tps: list[TP], reply: "concurrent.futures.Future[dict[TP, tuple[int, int]]]") -> None:
+        self._forget(set(tps))
+        bound = 0.0 if self.state in ("closing", "closed") else self._revoke_bound()
+        self.revokes.append(Revoke(tps, reply, time.monotonic() + bound))
+        log.info("event=revoking partitions=%s bound_s=%.1f", _fmt(tps), bound)
+
+    def _finish_revokes(self, now: float) -> None:
+        """Answer each revoke once its partitions' work is done (or its bound passed)."""
+        keep = []
+        for r in self.revokes:
+            parts = [self.parts[tp] for tp in r.tps if tp in self.parts]
+            left = sum(p.inflight for p in parts)
+            if left > 0 and now < r.deadline:
+                keep.append(r)
+                continue
+            if left > 0:
+                log.warning("event=revoke-drain-timeout still_running=%d", left)
+            offsets = {p.tp: (o, p.epoch) for p in parts if (o := p.to_commit()) is not None}
+            for p in parts:
+                del self.parts[p.tp]
+                self.paused.discard(p.tp)
+            if not r.reply.done():
+                r.reply.set_result(offsets)
+            self.metrics.rebalances.labels("revoke").inc()
+            self.metrics.assigned.set(len(self.parts))
+            log.info("event=revoked partitions=%s commit=%s", _fmt(r.tps), _fmt_offsets(offsets))
+        self.revokes = keep
+
+    def _on_lost_parts(self, tps: list[TP]) -> None:
+        """Lost (the group moved on without us): nothing can be committed; work not started is
+        dropped, running handlers finish (their done marks still count, fenced by token)."""
+        for p in self._forget(set(tps)):
+            del self.parts[p.tp]
+            self.paused.discard(p.tp)
+        self.member = False
+        self.metrics.rebalances.labels("lost").inc()
+        self.metrics.assigned.set(len(self.parts))
+        log.warning("event=lost partitions=%s", _fmt(tps))
+
+    # ---------------------------------------------------------------- fetched records
+
+    def _on_fetched(self, seq: int, fut: "asyncio.Future[list[Any]]") -> None:
+        self.fetching = False
+        try:
+            raw = fut.result()
+        except Exception as e:  # noqa: BLE001 - a failed poll is retried by the next tick
+            log.warning("event=fetch-failed error=%r", e)
+            return
+        if not raw or self.state != "running":
+            return                                   # draining: not accepted, fetched again later
+        msgs = self._wrap(raw, seq)
+        if not msgs:
+            return
+        self.metrics.consumed.inc(len(msgs))
+        if self.session is None:
+            for m in msgs:
+                m.claimed = True
+            self._admit(msgs)
+            return
+        for m in msgs:
+            self.session.claim(m.idempotency_key, m)
+
+    def _wrap(self, raw: list[Any], seq: int) -> list[Message]:
+        out = []
+        decode, parts = self.decode, self.parts
         hdr, fld = self.s.idempotency.key_header, self.s.idempotency.key_field
-        max_bytes, deferred = self.s.routing.max_message_bytes, self.deferred
+        max_bytes, store = self.s.routing.max_message_bytes, self.store
         for m in raw:
             err = m.error()
             if err is not None:
                 if err.code() != KafkaError._PARTITION_EOF:
-                    log.warning("event=fetch-error error=%s", err)
+                    if err.fatal():
+                        self._fail(f"kafka: {err}")
+                    else:
+                        log.warning("event=fetch-error error=%s", err)
                 continue
             tp = (m.topic(), m.partition())
             part = parts.get(tp)
-            if part is None or part.revoked or tp in deferred:
-                continue                      # not ours, or waiting for a due time: fetched again later
+            if part is None or part.revoking:
+                continue
+            off = m.offset()
             headers = m.headers()
             attempts = 0
             if part.retry and headers:
                 due, attempts = _retry_header(headers)
-                if due and due > time.time() * 1000:
-                    self._defer(tp, m.offset(), due)
+                if due and due > time.time() * 1000 and part.admissible(off, seq):
+                    self._defer(part, off, due)
                     continue
+            if not part.accept(off, seq):
+                continue
             value = m.value()
             if value is not None and len(value) > max_bytes:
                 payload, derr = None, PoisonError(f"value of {len(value)} bytes exceeds maxMessageBytes {max_bytes}")
@@ -365,195 +502,385 @@ class Runtime:
                     payload, derr = decode(value), None
                 except Exception as e:  # noqa: BLE001 - DecodeError and anything a decoder raises
                     payload, derr = None, e
-            msg = Message(tp[0], tp[1], m.offset(), m.key(), value, headers, m.timestamp()[1],
-                          payload, derr)
+            msg = Message(tp[0], tp[1], off, m.key(), value, headers, m.timestamp()[1], payload, derr)
             msg.attempts = attempts
-            msg.idempotency_key = idempotency_key(msg, hdr, fld)
+            msg.idempotency_key = idempotency_key(msg, hdr, fld, part.topic_id)
             msg._part = part
             msg._store = store
-            part.inflight += 1
-            tracker.add(tp, msg.offset)
             out.append(msg)
-        self.outstanding += len(out)
-        self.metrics.consumed.inc(len(out))
         return out
 
-    def _claim_and_dispatch(self, msgs: list[Message]) -> None:
-        """Claim a batch and dispatch it, as a task: the next batch is fetched and decoded
-        while this claim is in flight. Dispatch still happens in batch order (each step
-        waits for the previous one before dispatching), which keeps same-key order."""
-        if self.store is None:
-            self._dispatch(msgs)
+    def _defer(self, part: Partition, offset: int, due_ms: float) -> None:
+        """A retry record not yet due: its partition pauses until then, rewound to it
+        (Spring Kafka's retry topics pause likewise; nothing sleeps, nothing busy-polls)."""
+        delay = max(0.0, due_ms / 1000 - time.time())
+        part.defer(offset, time.monotonic() + delay)
+        log.debug("event=retry-deferred topic=%s partition=%d offset=%d due_in_s=%.2f", part.tp[0], part.tp[1],
+                  offset, delay)
+
+    # ---------------------------------------------------------------- claims
+
+    def _on_store(self, out: StoreOutcome) -> None:
+        if out.error is not None:
+            self.metrics.store_errors.inc()
             return
-        assert self.loop is not None
-        prev = self._claims[-1] if self._claims else None
-        self._claims.append(self.loop.create_task(self._claim_step(msgs, prev)))
-
-    async def _claim_step(self, msgs: list[Message], prev: "asyncio.Task[None] | None") -> None:
-        assert self.store is not None
-        keys = [m.idempotency_key for m in msgs]
-        done = self._done_keys
-        self._done_keys = []
-        codes: list[Claim] | None
-        try:
-            codes = await self.store.claim(keys, done)
-        except StoreUnavailable as e:
-            self._done_keys = done + self._done_keys
-            self._store_failed(e)
-            codes = None
-        except Exception as e:  # noqa: BLE001 - never lose a batch to an unexpected error
-            log.exception("event=claim-failed error=%r", e)
-            self._done_keys = done + self._done_keys
-            codes = None
-        if prev is not None and not prev.done():
-            await asyncio.shield(prev)
-        if codes is None or self._unclaimed:
-            # Retried, in order, once the store answers; a batch behind an unclaimed one
-            # waits too, so no key overtakes its predecessor (re-claiming our own key is fine).
-            self._unclaimed.extend(msgs)
-            return
-        self._store_ok()
-        self._written_done(done)
-        self._apply_claims(msgs, keys, codes)
-
-    def _written_done(self, keys: list[str]) -> None:
-        """Done marks of `keys` are in the store: stop holding them, and remember them for a
-        while, so a claim answered MINE just before a mark landed is known to be done."""
-        now = time.monotonic()
-        recent, held = self._done_recent, self._claimed_at
-        for k in keys:
-            held.pop(k, None)
-            recent[k] = now
-            recent.move_to_end(k)
-        cutoff = now - DONE_MEMORY_S
-        while recent and (len(recent) > DONE_MEMORY_MAX or next(iter(recent.values())) < cutoff):
-            recent.popitem(last=False)
-
-    def _apply_claims(self, msgs: list[Message], keys: list[str], codes: list[Claim]) -> None:
-        """Dispatch what we won, finish what is done, park what someone else holds."""
-        now = time.monotonic()
-        items: list[Message] = []
-        skipped = dropped = 0
-        claimed_at, tracker, parked = self._claimed_at, self.tracker, self._parked
-        for m, k, c in zip(msgs, keys, codes):
+        fresh: list[Message] = []
+        skipped = 0
+        for m, code in out.claims:
             part = m._part
-            if c is Claim.MINE:
-                # Ours: another copy of this key is in flight here (wait for it); or its done
-                # mark was written while this claim was on its way (skip: Redis answered
-                # before the mark landed); or an earlier claim's answer was lost (take it).
-                c = (Claim.BUSY if k in claimed_at else Claim.DONE if k in self._done_recent
-                     else Claim.CLAIMED)
-            m.claimed = c is Claim.CLAIMED
-            if c is Claim.DONE:
-                tracker.finish(part.tp, m.offset)
-                part.inflight -= 1
+            current = self.parts.get(part.tp) is part and not part.revoking
+            rechecked = id(m) in self.parked
+            self.rechecking.discard(id(m))
+            if not current:
+                if code is Claim.CLAIMED:
+                    self.session.release(m.idempotency_key, m.token)     # type: ignore[union-attr]
+                if rechecked:
+                    del self.parked[id(m)]
+                continue
+            if code is Claim.DONE:
                 skipped += 1
-            elif part.revoked:
-                part.inflight -= 1
-                dropped += 1
-                if m.claimed:
-                    self._release_keys.append(k)
-            elif c is Claim.BUSY:
-                parked.append(m)
+                if rechecked:
+                    del self.parked[id(m)]
+                    self._settle(m)
+                self._finish(m)
+            elif rechecked:
+                if code is Claim.CLAIMED:
+                    del self.parked[id(m)]
+                    m.claimed = True
+                    if self.state == "running":
+                        self._run([m])                   # the head of its key: the gate counts it already
+                    else:
+                        self._abandon(m, admitted=True)
             else:
-                claimed_at[k] = now
-                items.append(m)
-        self.outstanding -= skipped + dropped
+                m.claimed = code is Claim.CLAIMED
+                fresh.append(m)
         if skipped:
             self.metrics.skipped.inc(skipped)
-        if items:
-            self._dispatch(items)
+        if fresh:
+            self._admit(fresh)
+        for m in out.written:
+            self._finish(m)
+        if out.lost:
+            self.metrics.claims_lost.inc(len(out.lost))
+            log.warning("event=claims-lost keys=%d detail=\"leases ran out while handlers ran; their done marks "
+                        "no longer apply\"", len(out.lost))
 
-    async def _recheck_parked(self) -> None:
-        """Parked messages: is their key done now (skip), free (run), or still held (wait)?"""
-        if self.store is None or not self._parked:
+    def _admit(self, msgs: list[Message]) -> None:
+        run, park = self.gate.admit(msgs)
+        for m in park:
+            self.parked[id(m)] = m
+        if run:
+            self._run(run)
+
+    def _run(self, msgs: list[Message]) -> None:
+        assert self.dispatcher is not None
+        n = self.outstanding
+        if n > self._win[3]:
+            self._win[3] = n
+        self.dispatcher.submit(msgs)
+
+    def _recheck_parked(self) -> None:
+        if self.session is None:
             return
-        msgs, self._parked = self._parked, []
-        keys = [m.idempotency_key for m in msgs]
-        done, self._done_keys = self._done_keys, []
+        for i, m in self.parked.items():
+            if i not in self.rechecking:
+                self.rechecking.add(i)
+                self.session.claim(m.idempotency_key, m)
+
+    # ---------------------------------------------------------------- results
+
+    def on_results(self, results: list[Result]) -> None:
+        """Workers' results (called on the loop's thread): queued for the loop."""
+        self._post(("results", results))
+
+    def _on_results(self, results: list[Result]) -> None:
+        assert self.dispatcher is not None
+        self.dispatcher.reported(len(results))
+        win, m_ = self._win, self.metrics
+        latencies: list[float] = []
+        e2es: list[float] = []
+        held: list[Message] = []
+        qwait = 0.0
+        errors = 0
+        rules = self.s.routing
+        for msg, outcome, err, dt, e2e, wait in results:
+            if outcome is Outcome.HELD:
+                held.append(msg)
+                continue
+            qwait += wait
+            latencies.append(dt)
+            if outcome is Outcome.OK:
+                e2es.append(e2e)
+                self._handled(msg)
+                continue
+            assert err is not None
+            if isinstance(err, ClaimLost) or (msg._fenced and type(err).__name__ == "WatchError"):
+                # Our lease ran out and another worker took the key: nothing was applied. Wait
+                # for the key like any held one (it becomes done, or free again).
+                self.metrics.claims_lost.inc()
+                msg.claimed = False
+                msg._fenced = False
+                self.parked[id(msg)] = msg
+                continue
+            if err is not msg.decode_error and classify(err, rules) is Classification.TRANSIENT:
+                errors += 1
+            m_.errors.labels(type(err).__name__).inc()
+            if type(err).__name__ == "HandlerTimeout":
+                m_.handler_timeouts.inc()
+            self._route(msg, err)
+        if held:
+            self.gate.hand_back(held)
+        win[0] += len(latencies)
+        win[1] += errors
+        win[2] += sum(latencies)
+        win[4] += qwait
+        if e2es:
+            m_.handled.inc(len(e2es))
+            m_.handler_latency.observe_many(latencies)
+            m_.e2e_latency.observe_many(e2es)
+
+    def _handled(self, m: Message) -> None:
+        """The handler returned: the offset passes once the done mark is written."""
+        self._release_behind(m)
+        if self.session is not None and m.token:
+            self.session.done(m.idempotency_key, m.token, m)
+        else:
+            self._finish(m)
+
+    def _release_behind(self, m: Message) -> None:
+        """`m` no longer holds its key's place: let the records waiting behind it go."""
+        nxt = self.gate.settle(m)
+        if not nxt:
+            return
+        live = [x for x in nxt if self.parts.get(x._part.tp) is x._part and not x._part.revoking]
+        for x in nxt:
+            if x not in live:
+                self._abandon(x, admitted=False)
+        if self.state != "running":
+            for x in live:
+                self._abandon(x, admitted=False)
+            return
+        self._admit(live)
+
+    def _settle(self, m: Message) -> None:
+        self._release_behind(m)
+
+    def _finish(self, m: Message) -> None:
+        part = m._part
+        if self.parts.get(part.tp) is part:
+            part.finish(m.offset)
+
+    def _abandon(self, m: Message, admitted: bool) -> None:
+        """`m` will not run here: it stays unfinished (fetched again by whoever owns it next)."""
+        if m.claimed and self.session is not None and m.token:
+            self.session.release(m.idempotency_key, m.token)
+            m.token = ""
+        part = m._part
+        if self.parts.get(part.tp) is part:
+            part.drop(m.offset)
+        if admitted:
+            self._release_behind(m)
+
+    # ---------------------------------------------------------------- routing
+
+    def _route(self, msg: Message, err: BaseException) -> None:
+        """Hand a failure to the router; the message stays unfinished until it says so."""
+        assert self.loop is not None
+        self.routes += 1
+        self.loop.create_task(self._route_task(msg, err))
+
+    async def _route_task(self, msg: Message, err: BaseException) -> None:
         try:
-            codes = await self.store.claim(keys, done)
-        except StoreUnavailable as e:
-            self._done_keys = done + self._done_keys
-            self._parked = msgs + self._parked
-            self._store_failed(e)
-            return
-        self._written_done(done)
-        self._apply_claims(msgs, keys, codes)
+            verdict = await self.router.route(msg, err, self)
+        except Exception as e:  # noqa: BLE001 - a router bug must not lose the message
+            log.exception("event=route-error error=%r", e)
+            verdict = "abandoned"
+        self._post(("verdict", msg, verdict))
 
-    async def _settle_claims(self, keep: int) -> None:
-        """Wait until at most `keep` claim steps are in flight."""
-        claims = self._claims
-        while claims and claims[0].done():
-            claims.popleft()
-        while len(claims) > keep:
-            await claims.popleft()
-
-    def _store_failed(self, e: Exception) -> None:
-        self.metrics.store_errors.inc()
-        if self.store_down_since is None:
-            self.store_down_since = time.monotonic()
-            log.error("event=idempotency-store-down action=pause-and-retry error=\"%s\"", e)
-
-    def _store_ok(self) -> None:
-        if self.store_down_since is not None:
-            log.warning("event=idempotency-store-back down_s=%.1f", time.monotonic() - self.store_down_since)
-            self.store_down_since = None
-
-    async def _retry_unclaimed(self) -> None:
-        msgs, self._unclaimed = self._unclaimed, []
-        gone = [m for m in msgs if m._part.revoked]
-        for m in gone:
-            m._part.inflight -= 1
-        self.outstanding -= len(gone)
-        self._claim_and_dispatch([m for m in msgs if not m._part.revoked])
-        await self._settle_claims(0)
-
-    async def _flush_store(self) -> None:
-        if self.store is None:
-            return
-        if self._done_keys:
-            done, self._done_keys = self._done_keys, []
-            try:
-                await self.store.mark_done(done)
-            except StoreUnavailable as e:
-                self._done_keys = done + self._done_keys
-                self._store_failed(e)
+    def _on_verdict(self, msg: Message, verdict: str) -> None:
+        self.routes -= 1
+        if verdict == "resubmit":
+            if self.alive(msg) and self.state == "running":
+                msg.attempts += 1
+                self._run([msg])                          # still the head of its key
                 return
-            self._written_done(done)
-        if self._release_keys:
-            rel, self._release_keys = self._release_keys, []
-            for k in rel:
-                self._claimed_at.pop(k, None)
-            try:
-                await self.store.release(rel)
-            except StoreUnavailable as e:
-                self.metrics.store_errors.inc()
-                log.warning("event=release-failed keys=%d error=\"%s\" detail=\"claims expire after the lease\"",
-                            len(rel), e)
+            verdict = "abandoned"
+        if verdict == "abandoned":
+            self._abandon(msg, admitted=True)
+            return
+        # On another topic now, produce acknowledged. Its claim is released, not marked
+        # done: the retry (or a replay) must be able to claim it.
+        if msg.claimed and self.session is not None and msg.token:
+            self.session.release(msg.idempotency_key, msg.token)
+        self._release_behind(msg)
+        if verdict == "routed":
+            self._finish(msg)
+        # "marked": finishes when its routing marker is written (session -> written)
 
-    async def _renew_leases(self) -> None:
-        if self.store is None or not self._claimed_at:
-            return
-        cutoff = time.monotonic() - self.s.idempotency.lease_ms / 3000
-        old = [k for k, t in self._claimed_at.items() if t < cutoff]
-        if not old:
-            return
-        try:
-            await self.store.renew(old)
-        except StoreUnavailable as e:
-            self._store_failed(e)
-            return
-        now = time.monotonic()
-        for k in old:
-            self._claimed_at[k] = now
+    # RouteContext
+    @property
+    def markers(self) -> Session | None:
+        return self.session
 
-    async def _wait_results(self, timeout: float) -> None:
-        self._results_in.clear()
-        try:
-            await asyncio.wait_for(self._results_in.wait(), timeout)
-        except asyncio.TimeoutError:
-            pass
+    def alive(self, msg: Message) -> bool:
+        part = msg._part
+        return (self.parts.get(part.tp) is part and not part.revoking and self.state in ("running", "draining")
+                and not self._hard_stop)
+
+    def blocked(self, msg: Message, on: bool) -> None:
+        self._post(("blocked", msg, on))
+
+    def _on_blocked(self, msg: Message, on: bool) -> None:
+        part = msg._part
+        part.route_blocked += 1 if on else -1
+        log.log(logging.WARNING if on else logging.INFO, "event=partition-%s topic=%s partition=%d reason=route-failing",
+                "blocked" if on else "unblocked", part.tp[0], part.tp[1])
+
+    def position(self, msg: Message) -> str:
+        return position_key(msg.topic, msg.partition, msg.offset, msg._part.topic_id)
+
+    # ---------------------------------------------------------------- commits
+
+    def _commit(self, why: str) -> None:
+        if self.commit_inflight or self.consumer is None:
+            return
+        offsets = {tp: (o, p.epoch) for tp, p in self.parts.items() if not p.revoking and (o := p.to_commit()) is not None}
+        if not offsets:
+            return
+        self.commit_inflight = True
+        self._commit_started = time.perf_counter()
+        self._kop(self._commit_async, offsets, then="commit-sent")
+
+    def _on_commit_sent(self, fut: "asyncio.Future[bool]") -> None:
+        exc = fut.exception()
+        if exc is not None:
+            self.commit_inflight = False
+            self.metrics.commit_errors.inc()
+            log.warning("event=commit-failed why=interval error=%s", exc)
+        elif not fut.result():
+            self.commit_inflight = False
+
+    def _on_committed(self, err: KafkaError | None, parts: list[tuple[str, int, int, Any]]) -> None:
+        self.commit_inflight = False
+        if err is not None and err.code() != KafkaError._NO_OFFSET:
+            self.metrics.commit_errors.inc()
+            log.warning("event=commit-failed why=interval error=%s", err)
+            return
+        self.metrics.commit_latency.observe(time.perf_counter() - getattr(self, "_commit_started", time.perf_counter()))
+        for t, p, o, perr in parts:
+            part = self.parts.get((t, p))
+            if part is not None and perr is None and o >= 0 and (part.committed is None or o > part.committed):
+                part.committed = o
+
+    # ---------------------------------------------------------------- periodic
+
+    def _decide(self) -> None:
+        completed, errors, lat, peak, qwait = self._win
+        assert self.dispatcher is not None
+        outstanding = self.outstanding
+        self._win = [0, 0, 0.0, self.dispatcher.running, 0.0]
+        d = self.ctl.decide(WindowStats(completed, errors, lat, max(peak, outstanding), qwait))
+        self.dispatcher.tune(lat / completed if completed else 0.0, completed)
+        m = self.metrics
+        m.controller_decisions.labels(d.reason).inc()
+        m.inflight_limit.set(d.inflight_limit)
+        m.batch_size.set(d.batch_size)
+        m.inflight.set(outstanding)
+        m.paused.set(len(self.paused))
+        m.parked.set(len(self.parked))
+        m.abandoned_threads.set(self.dispatcher.abandoned_alive())
+        if d.inflight_limit != self._last_limit and d.reason.startswith("overload"):
+            log.info("event=fetch-limit reason=%s limit=%d batch=%d mean_latency_ms=%.1f error_rate=%.2f",
+                     d.reason, d.inflight_limit, d.batch_size,
+                     1000 * lat / completed if completed else 0.0, errors / completed if completed else 0.0)
+        self._last_limit = d.inflight_limit
+        if self.bp is not None:
+            self.bp.observe(LevelInputs(completed, lat * 1000 / completed if completed else 0.0,
+                                        errors / completed if completed else 0.0, self.ctl.overloaded,
+                                        self.ctl.at_floor, len(self.paused), len(self.parts), outstanding))
+
+    def _on_lag(self, fut: "asyncio.Future[list[tuple[TP, int]]]") -> None:
+        if fut.exception() is not None:
+            return
+        for tp, high in fut.result():
+            part = self.parts.get(tp)
+            if part is not None and part.committed is not None and high >= 0:
+                self.metrics.lag.labels(tp[0], str(tp[1])).set(max(0, high - part.committed))
+
+    @property
+    def outstanding(self) -> int:
+        return sum(p.inflight for p in self.parts.values())
+
+    def _pauses(self, now: float) -> None:
+        """Recompute every partition's pause reasons and send the difference (and seeks)."""
+        ctl = self.ctl
+        store_down = self.session is not None and self.session.down
+        outstanding = self.outstanding
+        budget = 0 if store_down else ctl.fetch_budget(outstanding)
+        if budget > 0:
+            self._saturated_since = None
+        elif self._saturated_since is None:
+            self._saturated_since = now
+        flow = store_down or self.state != "running" or should_pause(
+            paused=any(FLOW in p.reasons for p in self.parts.values()), outstanding=outstanding, limit=ctl.limit,
+            overloaded=ctl.overloaded, store_down=store_down,
+            saturated_for_s=0.0 if self._saturated_since is None else now - self._saturated_since)
+        self._flow_state("stopping" if self.state != "running" else "store-down" if store_down
+                         else "overloaded" if ctl.overloaded else "saturated" if flow else "open")
+        window_max = self.s.offsets.max_window
+        want: set[TP] = set()
+        seeks: list[tuple[TP, int]] = []
+        nxt = self.fetch_seq + 1
+        for tp, p in self.parts.items():
+            p.refresh(now, window_max)
+            if flow:
+                p.reasons.add(FLOW)
+            else:
+                p.reasons.discard(FLOW)
+            if p.reasons or p.revoking:
+                want.add(tp)
+            s = p.take_seek(nxt)
+            if s is not None:
+                seeks.append((tp, s))
+        pause = sorted(want - self.paused)
+        resume = sorted(self.paused - want)
+        if pause or resume or seeks:
+            self.paused = want
+            self._kop(self._set_paused, pause, resume, seeks, then="pause-op")
+
+    def _maybe_fetch(self) -> None:
+        if self.fetching or self.consumer is None or self.state in ("closing", "closed"):
+            return
+        store_down = self.session is not None and self.session.down
+        budget = 0 if (store_down or self.state != "running") else self.ctl.fetch_budget(self.outstanding)
+        if budget <= 0 and self.parts and len(self.paused) < len(self.parts):
+            return                      # momentary saturation: wait for results, do not fetch more
+        self.fetching = True
+        self.fetch_seq += 1
+        seq = self.fetch_seq
+        fut = self._kop(self._fetch, budget, 0.05 if budget > 0 else 0.1)
+        fut.add_done_callback(lambda f: self._post(("fetched", seq, f)))
+
+    def _watchdog(self) -> None:
+        assert self.dispatcher is not None
+        stuck = self.dispatcher.watchdog()
+        for stuck_msg, rest in stuck.taken:
+            same = [m for m in rest if m.key is not None and m.key == stuck_msg.key]
+            others = [m for m in rest if not (m.key is not None and m.key == stuck_msg.key)]
+            if same:
+                self.gate.hand_back(same)
+            if others:
+                self.dispatcher.submit(others)
+        if stuck.timed_out:
+            for m, _, err, ran, _, _ in stuck.timed_out:
+                log.error("event=handler-timeout topic=%s partition=%d offset=%d ran_s=%.1f action=route-and-replace-worker",
+                          m.topic, m.partition, m.offset, ran)
+            self._on_results(stuck.timed_out)
+            self.dispatcher.reported(-len(stuck.timed_out))   # counted once by the watchdog already
+        n = self.dispatcher.abandoned_alive()
+        if n > self.s.handler.max_abandoned_threads:
+            self._fail(f"{n} handler threads abandoned after timeouts (handler.maxAbandonedThreads="
+                       f"{self.s.handler.max_abandoned_threads}): restart to reclaim them")
 
     def _flow_state(self, state: str) -> None:
         if state != self.flow_state:
@@ -561,150 +888,7 @@ class Runtime:
                      self.outstanding, self.ctl.limit)
             self.flow_state = state
 
-    def block_route(self, tp: TP, blocked: bool) -> None:
-        """The router cannot deliver a record of `tp`: pause it (its commit point is held
-        anyway) until every failing route of it went through or was abandoned."""
-        n = self.route_blocked.get(tp, 0) + (1 if blocked else -1)
-        if n > 0:
-            self.route_blocked[tp] = n
-        else:
-            self.route_blocked.pop(tp, None)
-        if blocked and n == 1:
-            log.warning("event=partition-blocked topic=%s partition=%d reason=route-failing", tp[0], tp[1])
-        elif not blocked and n <= 0:
-            log.info("event=partition-unblocked topic=%s partition=%d", tp[0], tp[1])
-
-    def _defer(self, tp: TP, offset: int, due_ms: float) -> None:
-        """A retry record not yet due: its partition pauses until then, rewound to it
-        (Spring Kafka's retry topics pause likewise; nothing sleeps, nothing busy-polls)."""
-        delay = max(0.0, due_ms / 1000 - time.time())
-        self.deferred[tp] = time.monotonic() + delay
-        self._seeks.append((tp, offset))
-        log.debug("event=retry-deferred topic=%s partition=%d offset=%d due_in_s=%.2f", tp[0], tp[1], offset, delay)
-
-    async def _apply_deferrals(self) -> None:
-        """Seek deferred partitions back to their head record and resume those now due."""
-        if self._seeks:
-            seeks, self._seeks = self._seeks, []
-            c = self.consumer
-            assert c is not None
-
-            def seek() -> None:
-                c.pause([TopicPartition(t, p) for (t, p), _ in seeks])
-                for (t, p), off in seeks:
-                    c.seek(TopicPartition(t, p, off))
-            await self._k(seek)
-            self.paused |= {tp for tp, _ in seeks}
-        if self.deferred:
-            now = time.monotonic()
-            for tp in [tp for tp, due in self.deferred.items() if due <= now]:
-                del self.deferred[tp]
-
-    async def _set_paused(self, pause_all: bool) -> None:
-        """Pause every partition while saturated (prefetch stops), resume when there is room;
-        retry partitions waiting for a due time stay paused either way."""
-        c = self.consumer
-        assert c is not None
-        want = (set(self.parts) if pause_all else set()) | set(self.deferred) | (set(self.route_blocked) & set(self.parts))
-        to_pause = [TopicPartition(t, p) for t, p in want - self.paused]
-        to_resume = [TopicPartition(t, p) for t, p in self.paused - want if (t, p) in self.parts]
-        if to_pause:
-            await self._k(c.pause, to_pause)
-        if to_resume:
-            await self._k(c.resume, to_resume)
-        if to_pause or to_resume:
-            self.paused = want
-            self.metrics.paused.set(len(want - set(self.deferred)))
-            log.debug("event=%s partitions=%d inflight=%d limit=%d", "paused" if pause_all else "resumed",
-                      len(to_pause or to_resume), self.outstanding, self.ctl.limit)
-
-    async def _commit(self, why: str) -> None:
-        """Interval commits are asynchronous (a synchronous one holds the Kafka thread, and
-        so the next fetch, for a broker round trip); revoke and shutdown commit synchronously."""
-        # Done marks first, and whether or not an offset moved: a parked copy of a key may be
-        # waiting on them while its own partition's commit point cannot move.
-        await self._flush_store()
-        offsets = self.tracker.to_commit()
-        if not offsets:
-            return
-        c = self.consumer
-        assert c is not None
-        if why != "interval":
-            await self._k(self._commit_sync, c, offsets, why)
-            return
-        if self._commit_sent is not None:
-            return                      # the previous async commit has not been answered yet
-        self._commit_sent = time.perf_counter()
-        tps = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
-        try:
-            await self._k(c.commit, offsets=tps, asynchronous=True)
-        except KafkaException as e:
-            self._commit_sent = None
-            self.metrics.commit_errors.inc()
-            log.warning("event=commit-failed why=%s error=%s", why, e)
-
-    def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
-        """librdkafka's commit callback (Kafka thread): hand the outcome to the loop."""
-        assert self.loop is not None
-        self.loop.call_soon_threadsafe(self._committed, err, [(p.topic, p.partition, p.offset, p.error)
-                                                              for p in partitions])
-
-    def _committed(self, err: KafkaError | None, parts: list[tuple[str, int, int, Any]]) -> None:
-        sent, self._commit_sent = self._commit_sent, None
-        if err is not None and err.code() != KafkaError._NO_OFFSET:
-            self.metrics.commit_errors.inc()
-            log.warning("event=commit-failed why=interval error=%s", err)
-            return
-        if sent is not None:
-            self.metrics.commit_latency.observe(time.perf_counter() - sent)
-        self.tracker.committed({(t, p): o for t, p, o, perr in parts if perr is None and o >= 0})
-
-    def _decide(self) -> None:
-        completed, errors, lat, peak, qwait = self._win
-        self._win = [0, 0, 0.0, self.outstanding, 0.0]
-        d = self.ctl.decide(WindowStats(completed, errors, lat, max(peak, self.outstanding), qwait))
-        assert self.dispatcher is not None
-        self.dispatcher.tune(lat / completed if completed else 0.0, completed)
-        m = self.metrics
-        m.controller_decisions.labels(d.reason).inc()
-        m.inflight_limit.set(d.inflight_limit)
-        m.batch_size.set(d.batch_size)
-        m.inflight.set(self.outstanding)
-        if d.inflight_limit != self._last_limit and d.reason.startswith("overload"):
-            log.info("event=fetch-limit reason=%s limit=%d batch=%d mean_latency_ms=%.1f error_rate=%.2f",
-                     d.reason, d.inflight_limit, d.batch_size,
-                     1000 * lat / completed if completed else 0.0, errors / completed if completed else 0.0)
-        self._last_limit = d.inflight_limit
-        if self.bp is not None:
-            # The level engages on the controller's `overloaded`, the verdict should_pause pauses
-            # on, so partitions pause locally first; producers hear of it second (design.md).
-            self.bp.observe(LevelInputs(completed, lat * 1000 / completed if completed else 0.0,
-                                        errors / completed if completed else 0.0, self.ctl.overloaded,
-                                        self.ctl.at_floor, len(self.paused), len(self.parts), self.outstanding))
-
-    async def _update_lag(self) -> None:
-        c = self.consumer
-        if c is None or not self.parts:
-            return
-        tps = list(self.parts)
-
-        def read() -> list[tuple[TP, int]]:
-            out = []
-            for t, p in tps:
-                try:
-                    _, high = c.get_watermark_offsets(TopicPartition(t, p), cached=True)
-                except KafkaException:
-                    continue
-                st = self.tracker.parts.get((t, p))
-                pos = st.committed if st is not None and st.committed is not None else None
-                if high >= 0 and pos is not None:
-                    out.append(((t, p), max(0, high - pos)))
-            return out
-
-        for (t, p), lag in await self._k(read):
-            self.metrics.lag.labels(t, str(p)).set(lag)
-
-    # ------------------------------------------------------------------ lifecycle
+    # ================================================================ lifecycle
 
     async def start(self) -> None:
         """Connect everything; after this the loop can run. Errors here are configuration errors."""
@@ -712,13 +896,17 @@ class Runtime:
         if self._handler is None:
             self._handler, self._close_handler = build_handler(self.s.handler)
         self.store = build_store(self.s, self.owner)
-        self.markers = Coalescer(self.store) if self.store is not None else None
+        if self.store is not None:
+            self.session = Session(self.store, self.s.idempotency.lease_ms, lambda o: self._post(("store", o)),
+                                   self._wake.set)
+            await self._check_store()
         self.bp = build_publisher(self.s, self.instance_id or self.owner, self.metrics)
-        lanes = self.s.flow.workers
-        disp = AsyncDispatcher if is_async(self._handler) else SyncDispatcher
-        self.dispatcher = disp(self._handler, lanes, self.loop, self.on_results)
+        h = self.s.handler
+        kind = TaskDispatcher if is_async(self._handler) else ThreadDispatcher
+        self.dispatcher = kind(self._handler, self.s.flow.workers, self.loop, self.on_results, h.timeout_s,
+                               h.steal_after_ms / 1000, h.max_abandoned_threads)
         conf = kafka_config(self.s, self.instance_id)
-        conf["error_cb"] = lambda err: log.warning("event=kafka-error error=%s", err)
+        conf["error_cb"] = self._on_error
         conf["on_commit"] = self._on_commit
 
         def make() -> Consumer:
@@ -733,135 +921,155 @@ class Runtime:
             if self.s.routing.create_topics:
                 await asyncio.to_thread(ensure_routing_topics, self.s)
             self.router = TopicRouter(self.s, self.loop)
-        self.consumer = await self._k(make)
-        log.info("event=started group=%s instance=%s topics=%s workers=%d handler=%s store=%s",
-                 self.s.kafka.group_id, self.instance_id, ",".join(self.s.kafka.topics), lanes,
+        self.consumer = await self.loop.run_in_executor(self._kafka, make)
+        self.state = "running"
+        log.info("event=started group=%s instance=%s topics=%s workers=%d handler=%s store=%s timeout_s=%g",
+                 self.s.kafka.group_id, self.instance_id, ",".join(self.s.kafka.topics), self.s.flow.workers,
                  self.s.handler.handler or self.s.handler.http_sink_url or getattr(self._handler, "__name__", "?"),
-                 type(self.store).__name__ if self.store else "none")
+                 type(self.store).__name__ if self.store else "none", h.timeout_s)
+
+    async def _check_store(self) -> None:
+        """Warn when the store may lose done marks on its own (an evicting maxmemory-policy)."""
+        assert self.store is not None
+        try:
+            info = await self.store.check()
+        except StoreUnavailable as e:
+            log.warning("event=idempotency-store-check-failed error=\"%s\"", str(e).replace('"', "'"))
+            return
+        policy = str(info.get("maxmemory_policy", ""))
+        self.evicting = policy in EVICTING_POLICIES
+        self.metrics.store_evicting.set(1 if self.evicting else 0)
+        if self.evicting:
+            log.warning("event=idempotency-store-evicts maxmemory_policy=%s detail=\"Redis may evict done marks "
+                        "under memory pressure, and an evicted mark lets a message run twice: use noeviction "
+                        "(see README, Durability)\"", policy)
 
     @property
     def stopping(self) -> bool:
-        return self._stop.is_set()
+        return self.state not in ("new", "running")
 
     def request_stop(self, hard: bool = False) -> None:
         if hard:
             self._hard_stop = True
-        self._stop.set()
+        if self.state in ("new", "running"):
+            self.state = "draining"
+            self._drain_deadline = time.monotonic() + self.s.shutdown.drain_timeout_s
+        if self.loop is not None:
+            self._wake.set()
+
+    def _fail(self, reason: str) -> None:
+        """Fatal: this process cannot go on consuming correctly (fenced, threads lost)."""
+        if self.fatal is None:
+            self.fatal = reason
+            self.exit_code = EXIT_FATAL
+            log.error("event=fatal reason=\"%s\" action=exit code=%d", reason.replace('"', "'"), EXIT_FATAL)
+            self._hard_stop = True
+            self.request_stop(hard=True)
+
+    def _begin_drain(self) -> None:
+        """Stop taking work: not-started records are given back; running ones may finish."""
+        assert self.dispatcher is not None
+        for m in self.dispatcher.take_back(lambda m: False):
+            self._abandon(m, admitted=True)
+        for m in self.gate.forget(lambda m: False):
+            self._abandon(m, admitted=False)
+        log.info("event=draining inflight=%d running=%d routing=%d parked=%d bound_s=%.1f", self.outstanding,
+                 self.dispatcher.running, self.routes, len(self.parked), self.s.shutdown.drain_timeout_s)
+
+    def _drained(self, now: float) -> bool:
+        assert self.dispatcher is not None
+        busy = self.dispatcher.running > 0 or self.routes > 0
+        store_busy = self.session is not None and not self.session.down and (self.session.pending or self.session.busy)
+        return (not busy and not store_busy) or now >= self._drain_deadline
 
     async def run(self) -> None:
         if self.consumer is None:
             await self.start()
-        assert self.consumer is not None
+        assert self.consumer is not None and self.dispatcher is not None
         interval = self.s.offsets.commit_interval_ms / 1000
         window = self.s.flow.window_ms / 1000
+        lease_tick = self.s.idempotency.lease_ms / 4000
         now = time.monotonic()
-        next_commit, next_decide, next_lag, next_renew = now + interval, now + window, now + 1, now + 1
-        next_parked = now
-        store_retry_at = 0.0
-        saturated_since: float | None = None
-        prefetch: asyncio.Future[list[Any]] | None = None
-        ctl = self.ctl
+        next_commit, next_decide, next_lag, next_parked = now + interval, now + window, now + 1, now + 0.2
+        drain_started = False
+        close_fut: asyncio.Future[Any] | None = None
+        commit_fut: asyncio.Future[Any] | None = None
         try:
-            while not self._stop.is_set():
+            while True:
                 now = time.monotonic()
                 self.last_beat = now
-                if self._unclaimed and now >= store_retry_at:
-                    store_retry_at = now + (1.0 if self.store_down_since is not None else 0.05)
-                    await self._retry_unclaimed()
-                store_down = self.store_down_since is not None
-                budget = 0 if store_down else ctl.fetch_budget(self.outstanding)
-                if budget > 0:
-                    saturated_since = None
-                elif saturated_since is None:
-                    saturated_since = now
-                want_pause = should_pause(
-                    paused=bool(self.paused), outstanding=self.outstanding, limit=ctl.limit,
-                    overloaded=ctl.overloaded, store_down=store_down,
-                    saturated_for_s=0.0 if saturated_since is None else now - saturated_since)
-                self._flow_state("store-down" if store_down else "overloaded" if ctl.overloaded
-                                 else "saturated" if want_pause else "open")
-                if prefetch is None:
-                    if want_pause or budget > 0:
-                        await self._set_paused(want_pause)
-                        prefetch = self._fetch_async(1 if want_pause else budget, 0.1 if want_pause else 0.05)
-                    else:
-                        await self._wait_results(0.01)      # momentary saturation
-                if prefetch is not None:
-                    raw = await prefetch
-                    prefetch = None
-                    if raw:
-                        # Fetch the next batch on the Kafka thread while this one is decoded
-                        # and claimed here: the two overlap instead of taking turns.
-                        nxt = 0 if want_pause else ctl.fetch_budget(self.outstanding + len(raw))
-                        if nxt > 0:
-                            prefetch = self._fetch_async(nxt, 0.05)
-                        msgs = self._wrap(raw)
-                        if msgs:
-                            await self._settle_claims(1)
-                            self._claim_and_dispatch(msgs)
-                now = time.monotonic()
+                self._drain_inbox()
+                if self._hard_stop:
+                    break
+                if self.state == "draining" and not drain_started:
+                    drain_started = True
+                    self._begin_drain()
+                self._watchdog()
+                if self.parked and now >= next_parked:
+                    self._recheck_parked()
+                    next_parked = now + 0.2
+                self._finish_revokes(now)
+                self._pauses(now)
+                self._maybe_fetch()
                 if now >= next_decide:
                     self._decide()
                     next_decide = now + window
-                if now >= next_commit:
-                    await self._commit("interval")
+                if now >= next_commit and self.state == "running":
+                    self._commit("interval")
                     next_commit = now + interval
-                elif self._done_keys and (len(self._done_keys) >= 512 or not self._claims):
-                    await self._flush_store()           # no claim step to carry them: send now
-                if self._seeks or self.deferred:
-                    await self._apply_deferrals()
-                if self._parked and now >= next_parked:
-                    await self._recheck_parked()
-                    next_parked = now + 0.2
-                if now >= next_renew:
-                    await self._renew_leases()
-                    next_renew = now + 1
-                if now >= next_lag:
-                    await self._update_lag()
+                if now >= next_lag and self.parts:
+                    self._kop(self._watermarks, list(self.parts), then="lag")
                     next_lag = now + 5
-                # Let results from the lanes in before the next fetch.
-                await asyncio.sleep(0)
+                if self.session is not None:
+                    self.session.flush()
+                if self.state == "draining" and self._drained(now):
+                    for m in list(self.parked.values()):
+                        self._abandon(m, admitted=True)
+                    self.parked.clear()
+                    self.state = "committing"
+                    offsets = {tp: (o, p.epoch) for tp, p in self.parts.items() if (o := p.to_commit()) is not None}
+                    commit_fut = self._kop(self._commit_now, offsets, "shutdown")
+                if self.state == "committing" and commit_fut is not None and commit_fut.done():
+                    self.state = "closing"
+                    close_fut = self._kop(self.consumer.close)
+                if self.state == "closing" and close_fut is not None and close_fut.done():
+                    if close_fut.exception() is not None:
+                        log.warning("event=close-failed error=%s", close_fut.exception())
+                    self.state = "closed"
+                    break
+                self._wake.clear()
+                if self.inbox:
+                    continue
+                try:
+                    await asyncio.wait_for(self._wake.wait(), min(0.05, lease_tick))
+                except asyncio.TimeoutError:
+                    pass
         finally:
             await self._shutdown()
 
     async def _shutdown(self) -> None:
-        """Stop fetching, let in-flight work finish within the bound, commit, close."""
-        c = self.consumer
-        if self._hard_stop or c is None:
+        """After the loop: close what is left (a hard stop skips the drain and the commit)."""
+        if self._hard_stop:
             log.warning("event=hard-stop detail=\"no drain, no commit\"")
-            self.stopped.set()
-            return
-        bound = self.s.shutdown.drain_timeout_s
-        await self._settle_claims(0)
-        log.info("event=draining inflight=%d bound_s=%.1f", self.outstanding, bound)
-        try:
-            await self._set_paused(True)
-        except Exception as e:  # noqa: BLE001
-            log.warning("event=pause-on-shutdown-failed error=%r", e)
-        deadline = time.monotonic() + bound
-        while (self.outstanding > len(self._unclaimed) + len(self._parked) and time.monotonic() < deadline
-               and not self._hard_stop):
-            await asyncio.sleep(0.02)
-        assert self.dispatcher is not None
-        await self.dispatcher.close(max(0.0, deadline - time.monotonic()))
-        await asyncio.sleep(0)
-        if not self._hard_stop:
-            await self._commit("shutdown")
-            await self._flush_store()
         left = self.outstanding
-        try:
-            await self._k(c.close)
-        except (KafkaException, RuntimeError) as e:
-            log.warning("event=close-failed error=%s", e)
+        for r in self.revokes:                      # never leave the Kafka thread waiting
+            if not r.reply.done():
+                r.reply.set_result({})
+        assert self.dispatcher is not None
+        if not self._hard_stop:
+            await self.dispatcher.close(1.0)
         self._kafka.shutdown(wait=False)
-        if self._close_handler is not None:
+        if self._close_handler is not None and not self._hard_stop:
             await self._close_handler()
-        await self.router.close()
+        if not self._hard_stop:
+            await self.router.close()
         if self.bp is not None:
             await self.bp.close()
+        if self.session is not None:
+            await self.session.close()
         if self.store is not None:
             await self.store.close()
-        log.info("event=stopped unfinished=%d", left)
+        log.info("event=stopped unfinished=%d exit_code=%d", left, self.exit_code)
         self.stopped.set()
 
     def install_signals(self) -> None:
@@ -869,7 +1077,7 @@ class Runtime:
         assert self.loop is not None
 
         def handler(signum: int) -> None:
-            if self._stop.is_set():
+            if self.stopping:
                 log.warning("event=second-signal signal=%s action=exit-now", signal.Signals(signum).name)
                 os._exit(128 + signum)
             log.info("event=signal signal=%s action=drain", signal.Signals(signum).name)
@@ -878,32 +1086,36 @@ class Runtime:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, handler, sig)
 
-    # ------------------------------------------------------------------ health
+    # ================================================================ health
 
     def health(self) -> tuple[bool, str]:
+        if self.fatal is not None:
+            return False, f"fatal: {self.fatal}"
         stall = time.monotonic() - self.last_beat
         if stall > self.s.server.liveness_timeout_s:
             return False, f"loop stalled {stall:.0f}s"
         return True, "ok"
 
     def readiness(self) -> tuple[bool, str]:
-        if self._stop.is_set():
+        if self.fatal is not None:
+            return False, f"fatal: {self.fatal}"
+        if self.stopping:
             return False, "stopping"
-        if not self.joined:
-            return False, "not joined"
-        if self.store_down_since is not None:
-            return True, f"ok (idempotency store down {time.monotonic() - self.store_down_since:.0f}s)"
+        if not self.member:
+            return False, "not a group member"
+        if self.session is not None and self.session.down_since is not None:
+            return False, f"idempotency store down {time.monotonic() - self.session.down_since:.0f}s"
         if not self.parts:
             return True, "ok (idle: no partitions assigned)"
         return True, f"ok ({len(self.parts)} partitions)"
 
 
-def _fmt(partitions: list[TopicPartition]) -> str:
-    return ",".join(f"{p.topic}[{p.partition}]" for p in partitions) or "-"
+def _fmt(tps: Any) -> str:
+    return ",".join(f"{t}[{p}]" for t, p in tps) or "-"
 
 
-def _fmt_offsets(offsets: dict[TP, int]) -> str:
-    return ",".join(f"{t}[{p}]@{o}" for (t, p), o in sorted(offsets.items())) or "-"
+def _fmt_offsets(offsets: dict[TP, tuple[int, int]]) -> str:
+    return ",".join(f"{t}[{p}]@{o}" for (t, p), (o, _) in sorted(offsets.items())) or "-"
 
 
 def _retry_header(headers: list[tuple[str, bytes]]) -> tuple[float, int]:
@@ -925,9 +1137,7 @@ def ensure_routing_topics(s: RuntimeSettings) -> None:
     count. Best effort and bounded: a failure is logged, and routing retries its produce."""
     from confluent_kafka.admin import AdminClient, NewTopic
     r = s.routing
-    conf = {k: v for k, v in kafka_config(s, None).items()
-            if k.startswith(("bootstrap", "security", "sasl", "ssl"))}
-    admin = AdminClient(conf)
+    admin = AdminClient(admin_config(s))
     try:
         md = admin.list_topics(timeout=10)
         want = []

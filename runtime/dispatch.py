@@ -1,93 +1,319 @@
-"""Running the handler: key-ordered lanes, concurrent across keys.
+"""Running the handler: never on the loop's thread, in key order, under a deadline.
 
-A message goes to lane `hash(key) % workers` (keyless messages spread by offset), and a lane
-runs its messages one after another, so messages with the same key are handled in order
-while different keys run concurrently. Sync handlers run inline on the loop while they are
-fast, on one thread per lane when they are slow; async handlers as one task per busy lane.
-
-Results go back to the loop in chunks (one wake-up per chunk, not per message), and at
-least every `REPORT_EVERY_S` so a slow handler still reports promptly.
-
-A lane never waits on anything but the handler: a message whose idempotency key is held
-elsewhere is parked by the loop, not queued here, because a lane blocked on a key whose
-holder sits queued in another lane is a deadlock.
+- `KeyGate` (owned by the loop) keeps records of one Kafka key in order: a key's records
+  run only when none of its earlier records is still pending (parked on its idempotency
+  key, failed and awaiting its route, or retried in place). Records without a key are free.
+- Work goes to workers in *chunks* (a few to a few hundred records, sized from the
+  handler's latency, so a fast handler pays one hand-off per chunk, not per record). A
+  chunk holds whole runs of keys, so a key never runs on two workers at once.
+- Sync handlers run on worker threads, async handlers as tasks on the loop. Either way the
+  loop's own thread never runs user code, so fetching, commits, lease renewal and
+  retries go on whatever a handler does (an async handler that blocks the loop is caught
+  by the liveness probe).
+- A record running past `steal_after_s` has the not-yet-started rest of its chunk taken
+  away and given to other workers (records of its own key stay behind it). A record
+  running past `timeout_s` is failed with `HandlerTimeout` (TRANSIENT: routed) and its
+  worker is abandoned and replaced: a thread cannot be killed, so at most
+  `max_abandoned` abandoned threads may be alive before the process asks to be restarted.
+- After a record fails, the rest of its chunk's records *of the same key* are handed back
+  unrun (`HELD`), so a retry in place keeps the key's order.
 """
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
+import math
 import queue
 import threading
 import time
 from collections import deque
 from enum import IntEnum
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
+from .errors import HandlerTimeout
 from .message import Message
 
 log = logging.getLogger("afc.runtime.dispatch")
 REPORT_EVERY_S = 0.02
+CHUNK_TIME_S = 0.005        # aim for chunks that take about this long
+MAX_CHUNK = 256
 
 
 class Outcome(IntEnum):
     OK = 0
     FAILED = 1
-    ABANDONED = 2     # partition revoked or shutting down before it ran
+    ABANDONED = 2     # not run: taken back by the loop (revoke, shutdown)
+    HELD = 3          # not run: an earlier record of its key failed in the same chunk
 
 
-# (message, outcome, error, handler seconds, end-to-end seconds at start, seconds queued in its lane)
+# (message, outcome, error, handler seconds, end-to-end seconds at start, seconds queued)
 Result = tuple[Message, Outcome, BaseException | None, float, float, float]
 OnResults = Callable[[list[Result]], None]
 
 
-def gone(msg: Message, stopping: bool) -> bool:
-    """The message must not start: its partition was revoked, or the runtime is stopping."""
-    part = msg._part
-    return stopping or (part is not None and part.revoked)
+class KeyGate:
+    """Per Kafka key: how many admitted records are pending, and who waits behind them."""
+
+    def __init__(self) -> None:
+        self.busy: dict[bytes, int] = {}
+        self.waiting: dict[bytes, deque[Message]] = {}
+
+    def admit(self, msgs: Iterable[Message]) -> tuple[list[Message], list[Message]]:
+        """Split records (in fetch order) into those to run now and those to park (their
+        idempotency key is held elsewhere); the rest wait behind their key."""
+        run: list[Message] = []
+        park: list[Message] = []
+        busy, waiting = self.busy, self.waiting
+        fresh: set[bytes] = set()          # keys free at the start of this call and not blocked since
+        for m in msgs:
+            k = m.key
+            if k is None:
+                (run if m.claimed else park).append(m)
+                continue
+            w = waiting.get(k)
+            if w is not None:
+                w.append(m)
+                continue
+            n = busy.get(k, 0)
+            if n and k not in fresh:
+                waiting[k] = deque((m,))
+                continue
+            busy[k] = n + 1
+            if m.claimed:
+                fresh.add(k)
+                run.append(m)
+            else:
+                fresh.discard(k)           # parked: everything behind it waits
+                park.append(m)
+        return run, park
+
+    def settle(self, m: Message) -> list[Message]:
+        """`m` is finished, routed or given up: records waiting behind its key, if now free."""
+        k = m.key
+        if k is None:
+            return []
+        n = self.busy.get(k, 0) - 1
+        if n > 0:
+            self.busy[k] = n
+            return []
+        self.busy.pop(k, None)
+        w = self.waiting.pop(k, None)
+        return list(w) if w else []
+
+    def hand_back(self, msgs: list[Message]) -> None:
+        """Admitted records that did not run (HELD, or taken from a stuck chunk) go back to
+        the front of their key's queue, in order; an earlier record of the key is pending."""
+        for m in reversed(msgs):
+            k = m.key
+            if k is None:
+                continue
+            self.busy[k] -= 1
+            self.waiting.setdefault(k, deque()).appendleft(m)
+
+    def forget(self, keep: Callable[[Message], bool]) -> list[Message]:
+        """Drop waiting records for which keep() is False (revoked partitions); returns them."""
+        gone: list[Message] = []
+        for k in list(self.waiting):
+            w = self.waiting[k]
+            kept = deque(m for m in w if keep(m))
+            gone.extend(m for m in w if not keep(m))
+            if kept:
+                self.waiting[k] = kept
+            else:
+                del self.waiting[k]
+        return gone
 
 
-def not_to_run(msg: Message, stopping: bool) -> Result | None:
-    """The result of a message that must not reach the handler: abandoned (its partition
-    left us, or we stop) or poison (it could not be decoded; routed without running)."""
-    if gone(msg, stopping):
-        return (msg, Outcome.ABANDONED, None, 0.0, 0.0, 0.0)
-    if msg.decode_error is not None:
-        return (msg, Outcome.FAILED, msg.decode_error, 0.0, 0.0, 0.0)
-    return None
+class Chunk:
+    """Records one worker runs in order. The loop may cut it: records from `cut` on are
+    taken back (stolen), under `lock`, which the worker also takes per record."""
+    __slots__ = ("msgs", "next", "cut", "cur", "t0", "lock", "queued")
+
+    def __init__(self, msgs: list[Message]) -> None:
+        self.msgs = msgs
+        self.next = 0
+        self.cut = len(msgs)
+        self.cur: Message | None = None
+        self.t0 = 0.0
+        self.lock = threading.Lock()
+        self.queued = time.perf_counter()
+
+    def take_rest(self) -> list[Message]:
+        """(lock held) The records not started yet; the worker stops before them."""
+        rest = self.msgs[self.next:self.cut]
+        self.cut = self.next
+        return rest
 
 
-def lane_of(msg: Message, lanes: int) -> int:
-    if msg.key is not None:
-        return hash(msg.key) % lanes
-    return (msg.offset + msg.partition) % lanes
+class Worker:
+    __slots__ = ("chunk", "abandoned", "thread", "task", "name")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.chunk: Chunk | None = None
+        self.abandoned = False
+        self.thread: threading.Thread | None = None
+        self.task: asyncio.Task[None] | None = None
 
 
-class ThreadDispatcher:
-    def __init__(self, handler: Callable[[Message], Any], lanes: int, loop: asyncio.AbstractEventLoop,
-                 on_results: OnResults) -> None:
-        self.handler, self.lanes, self.loop, self.on_results = handler, lanes, loop, on_results
-        self.stopping = False
-        self._queues: list[queue.SimpleQueue[list[Message] | None]] = [queue.SimpleQueue() for _ in range(lanes)]
-        self._threads = [threading.Thread(target=self._work, args=(q,), name=f"afc-lane-{i}", daemon=True)
-                         for i, q in enumerate(self._queues)]
-        for t in self._threads:
-            t.start()
+class Stuck:
+    """What the watchdog found: records to fail with a timeout, and records taken back."""
+    __slots__ = ("timed_out", "taken")
+
+    def __init__(self) -> None:
+        self.timed_out: list[Result] = []
+        self.taken: list[tuple[Message, list[Message]]] = []     # (the stuck record, records behind it)
+
+
+def split_chunks(msgs: list[Message], n: int) -> list[list[Message]]:
+    """`n` chunks of about equal size; all records of a key in the same chunk, in order."""
+    if n <= 1:
+        return [msgs]
+    chunks: list[list[Message]] = [[] for _ in range(n)]
+    where: dict[bytes, int] = {}
+    rr = 0
+    for m in msgs:
+        k = m.key
+        if k is None:
+            i = rr
+            rr = (rr + 1) % n
+        else:
+            i = where.get(k, -1)
+            if i < 0:
+                i = where[k] = rr
+                rr = (rr + 1) % n
+        chunks[i].append(m)
+    return [c for c in chunks if c]
+
+
+class Dispatcher:
+    """Common part of the thread and task dispatchers (the loop calls all of it)."""
+
+    def __init__(self, handler: Callable[[Message], Any], workers: int, loop: asyncio.AbstractEventLoop,
+                 on_results: OnResults, timeout_s: float, steal_after_s: float, max_abandoned: int) -> None:
+        self.handler, self.n, self.loop, self.on_results = handler, workers, loop, on_results
+        self.timeout_s, self.steal_after_s, self.max_abandoned = timeout_s, steal_after_s, max_abandoned
+        self.workers: list[Worker] = []
+        self.abandoned: list[Worker] = []
+        self.mean_latency_s = 0.0
+        self.running = 0                  # records handed to workers and not reported back
+
+    def chunk_count(self, n_msgs: int) -> int:
+        size = MAX_CHUNK if self.mean_latency_s <= 0 else max(1, min(MAX_CHUNK, int(CHUNK_TIME_S / self.mean_latency_s)))
+        return max(1, min(self.n, math.ceil(n_msgs / size)))
+
+    def tune(self, mean_latency_s: float, samples: int) -> None:
+        if samples:
+            self.mean_latency_s = mean_latency_s
+
+    def reported(self, n: int) -> None:
+        self.running -= n
+
+    def watchdog(self) -> Stuck:
+        """Called by the loop every tick: cut stuck chunks, time out overdue records."""
+        out = Stuck()
+        now = time.perf_counter()
+        for w in self.workers:
+            c = w.chunk
+            if c is None:
+                continue
+            with c.lock:
+                m = c.cur
+                if m is None:
+                    continue
+                ran = now - c.t0
+                if self.timeout_s and ran > self.timeout_s:
+                    w.abandoned = True
+                    c.cur = None
+                    out.timed_out.append((m, Outcome.FAILED, HandlerTimeout(
+                        f"handler ran {ran:.1f}s, over handler.timeoutS={self.timeout_s:g}"), ran, 0.0, 0.0))
+                    rest = c.take_rest()
+                    if rest:
+                        out.taken.append((m, rest))
+                elif ran > self.steal_after_s and c.next < c.cut:
+                    out.taken.append((m, c.take_rest()))
+        if out.timed_out:
+            self._replace_abandoned()
+        for _, rest in out.taken:
+            self.running -= len(rest)
+        self.running -= len(out.timed_out)
+        return out
+
+    def _replace_abandoned(self) -> None:
+        for i, w in enumerate(self.workers):
+            if w.abandoned:
+                self.abandoned.append(w)
+                self.workers[i] = self._spawn(f"{w.name}r")
+
+    def abandoned_alive(self) -> int:
+        self.abandoned = [w for w in self.abandoned if self._alive(w)]
+        return len(self.abandoned)
+
+    def take_back(self, keep: Callable[[Message], bool]) -> list[Message]:
+        """Take back every not-started record for which keep() is False (revoke/shutdown)."""
+        back: list[Message] = []
+        for c in self._chunks():
+            with c.lock:
+                rest = c.take_rest()
+            for m in rest:
+                (back if not keep(m) else []).append(m)
+            kept = [m for m in rest if keep(m)]
+            if kept:
+                self._enqueue([kept])
+            self.running -= len(rest) - len(kept)
+        return back
 
     def submit(self, msgs: list[Message]) -> None:
-        n = self.lanes
+        if not msgs:
+            return
         now = time.perf_counter()
-        chunks: list[list[Message] | None] = [None] * n
         for m in msgs:
-            m._queued = now
-            i = lane_of(m, n) if n > 1 else 0
-            c = chunks[i]
-            if c is None:
-                chunks[i] = [m]
-            else:
-                c.append(m)
-        for i, c in enumerate(chunks):
-            if c:
-                self._queues[i].put(c)
+            m.queued_at = now
+        self.running += len(msgs)
+        self._enqueue(split_chunks(msgs, self.chunk_count(len(msgs))))
+
+    # implemented by the two kinds
+    def _spawn(self, name: str) -> Worker: ...
+    def _alive(self, w: Worker) -> bool: ...
+    def _enqueue(self, chunks: list[list[Message]]) -> None: ...
+    def _chunks(self) -> list[Chunk]: ...
+    async def close(self, timeout: float) -> None: ...
+
+
+def _result(msg: Message, outcome: Outcome, err: BaseException | None, t0: float, t1: float) -> Result:
+    return (msg, outcome, err, t1 - t0, time.time() - msg.timestamp / 1000.0 - (t1 - t0), t0 - msg.queued_at)
+
+
+class ThreadDispatcher(Dispatcher):
+    """Sync handlers: one thread per worker, chunks from one queue."""
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self._q: queue.SimpleQueue[Chunk | None] = queue.SimpleQueue()
+        self._pending: deque[Chunk] = deque()        # chunks in the queue (for take_back)
+        self.workers = [self._spawn(f"afc-worker-{i}") for i in range(self.n)]
+
+    def _spawn(self, name: str) -> Worker:
+        w = Worker(name)
+        w.thread = threading.Thread(target=self._work, args=(w,), name=name, daemon=True)
+        w.thread.start()
+        return w
+
+    def _alive(self, w: Worker) -> bool:
+        return w.thread is not None and w.thread.is_alive()
+
+    def _enqueue(self, chunks: list[list[Message]]) -> None:
+        for msgs in chunks:
+            c = Chunk(msgs)
+            self._pending.append(c)
+            self._q.put(c)
+
+    def _chunks(self) -> list[Chunk]:
+        live = [w.chunk for w in self.workers if w.chunk is not None]
+        while self._pending and self._pending[0].next >= self._pending[0].cut and self._pending[0].cur is None:
+            self._pending.popleft()
+        return [*live, *self._pending]
 
     def _report(self, results: list[Result]) -> None:
         try:
@@ -95,148 +321,169 @@ class ThreadDispatcher:
         except RuntimeError:     # loop closed during a hard exit
             pass
 
-    def _work(self, q: "queue.SimpleQueue[list[Message] | None]") -> None:
-        while True:
-            chunk = q.get()
-            if chunk is None:
+    def _work(self, w: Worker) -> None:
+        while not w.abandoned:
+            c = self._q.get()
+            if c is None:
                 return
-            self.run_chunk(chunk, self._report)
+            w.chunk = c
+            self._run(w, c)
+            w.chunk = None
 
-    def run_chunk(self, chunk: list[Message], report: OnResults) -> None:
-        """Run a lane's messages in order, reporting at least every REPORT_EVERY_S."""
-        handler = self.handler
-        perf, now = time.perf_counter, time.time
+    def _run(self, w: Worker, c: Chunk) -> None:
+        handler, perf, loop = self.handler, time.perf_counter, self.loop
         results: list[Result] = []
-        last_report = perf()
-        for msg in chunk:
-            skip = not_to_run(msg, self.stopping)
-            if skip is not None:
-                results.append(skip)
-                continue
-            e2e = now() - msg.timestamp / 1000.0
-            t0 = perf()
+        failed: set[bytes] | None = None
+        last = perf()
+        while True:
+            with c.lock:
+                i = c.next
+                if i >= c.cut:
+                    break
+                c.next = i + 1
+                m = c.msgs[i]
+                if failed is not None and m.key in failed:
+                    results.append((m, Outcome.HELD, None, 0.0, 0.0, 0.0))
+                    continue
+                c.cur = m
+                t0 = c.t0 = perf()
+            err: BaseException | None = None
             try:
-                handler(msg)
-                results.append((msg, Outcome.OK, None, perf() - t0, e2e, t0 - msg._queued))
-            except Exception as e:  # noqa: BLE001 - every failure is routed, none escapes
-                results.append((msg, Outcome.FAILED, e, perf() - t0, e2e, t0 - msg._queued))
-            t = perf()
-            if t - last_report >= REPORT_EVERY_S:
-                report(results)
-                results, last_report = [], t
+                r = handler(m)
+                if inspect.isawaitable(r):     # a sync callable that returned a coroutine
+                    r = asyncio.run_coroutine_threadsafe(_await(r), loop).result()
+            except BaseException as e:  # noqa: BLE001 - every failure is routed, SystemExit included
+                err = e
+            t1 = perf()
+            with c.lock:
+                c.cur = None
+                if w.abandoned:                # timed out: the loop has failed this record already
+                    break
+            if err is None:
+                results.append(_result(m, Outcome.OK, None, t0, t1))
+            else:
+                results.append(_result(m, Outcome.FAILED, err, t0, t1))
+                if m.key is not None:
+                    failed = failed or set()
+                    failed.add(m.key)
+            if t1 - last >= REPORT_EVERY_S:
+                self._report(results)
+                results, last = [], t1
         if results:
-            report(results)
+            self._report(results)
 
     async def close(self, timeout: float) -> None:
-        self.stopping = True
-        for q in self._queues:
-            q.put(None)
+        for _ in self.workers:
+            self._q.put(None)
         deadline = time.monotonic() + timeout
-        for t in self._threads:
-            await asyncio.to_thread(t.join, max(0.0, deadline - time.monotonic()))
+        for w in self.workers:
+            if w.thread is not None:
+                await asyncio.to_thread(w.thread.join, max(0.0, deadline - time.monotonic()))
 
 
-class SyncDispatcher:
-    """Sync handlers: inline on the loop while the handler is fast, thread lanes when slow.
-
-    A handler that returns in microseconds gains nothing from threads (the GIL serialises
-    it anyway) and loses to the hand-offs, so it runs on the loop. Once its mean latency
-    passes INLINE_MAX_S it moves to the lanes, where different keys overlap. It moves back
-    only when the lanes are empty, so a key's messages never run out of order.
-    """
-
-    INLINE_MAX_S = 0.00005
-
-    def __init__(self, handler: Callable[[Message], Any], lanes: int, loop: asyncio.AbstractEventLoop,
-                 on_results: OnResults) -> None:
-        self.on_results = on_results
-        self.lanes = ThreadDispatcher(handler, lanes, loop, self._from_lanes)
-        self.inline = False
-        self.queued = 0
-
-    @property
-    def stopping(self) -> bool:
-        return self.lanes.stopping
-
-    def _from_lanes(self, results: list[Result]) -> None:
-        self.queued -= len(results)
-        self.on_results(results)
-
-    def submit(self, msgs: list[Message]) -> None:
-        if self.inline and self.queued == 0:
-            now = time.perf_counter()
-            for m in msgs:
-                m._queued = now
-            self.lanes.run_chunk(msgs, self.on_results)
-            return
-        self.queued += len(msgs)
-        self.lanes.submit(msgs)
-
-    def tune(self, mean_latency_s: float, samples: int) -> None:
-        """Called once per controller window with the handler's mean latency."""
-        if not samples:
-            return
-        if self.inline and mean_latency_s > self.INLINE_MAX_S:
-            self.inline = False
-            log.info("event=dispatch-mode mode=lanes mean_latency_us=%.0f", mean_latency_s * 1e6)
-        elif not self.inline and mean_latency_s < self.INLINE_MAX_S / 2:
-            self.inline = True
-            log.info("event=dispatch-mode mode=inline mean_latency_us=%.0f", mean_latency_s * 1e6)
-
-    async def close(self, timeout: float) -> None:
-        await self.lanes.close(timeout)
+async def _await(a: Any) -> Any:
+    return await a
 
 
-class AsyncDispatcher:
-    def __init__(self, handler: Callable[[Message], Any], lanes: int, loop: asyncio.AbstractEventLoop,
-                 on_results: OnResults) -> None:
-        self.handler, self.lanes, self.loop, self.on_results = handler, lanes, loop, on_results
-        self.stopping = False
-        self._lanes: list[deque[Message]] = [deque() for _ in range(lanes)]
-        self._tasks: list[asyncio.Task[None] | None] = [None] * lanes
+class TaskDispatcher(Dispatcher):
+    """Async handlers: up to `workers` tasks on the loop, each running chunks in order."""
 
-    def submit(self, msgs: list[Message]) -> None:
-        n = self.lanes
-        now = time.perf_counter()
-        for m in msgs:
-            m._queued = now
-            i = lane_of(m, n)
-            self._lanes[i].append(m)
-            t = self._tasks[i]
-            if t is None or t.done():
-                self._tasks[i] = self.loop.create_task(self._drain(i), name=f"afc-lane-{i}")
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self._pending: deque[Chunk] = deque()
+        self.workers = []
 
-    async def _drain(self, i: int) -> None:
-        lane, handler = self._lanes[i], self.handler
-        perf, now = time.perf_counter, time.time
-        results: list[Result] = []
-        last_report = perf()
-        while lane:
-            msg = lane.popleft()
-            skip = not_to_run(msg, self.stopping)
-            if skip is not None:
-                results.append(skip)
-                continue
-            e2e = now() - msg.timestamp / 1000.0
-            t0 = perf()
+    def _spawn(self, name: str) -> Worker:
+        w = Worker(name)
+        w.task = self.loop.create_task(self._work(w), name=name)
+        return w
+
+    def _alive(self, w: Worker) -> bool:
+        return w.task is not None and not w.task.done()
+
+    def _enqueue(self, chunks: list[list[Message]]) -> None:
+        for msgs in chunks:
+            self._pending.append(Chunk(msgs))
+        self.workers = [w for w in self.workers if self._alive(w) and not w.abandoned]
+        while len(self.workers) < self.n and len(self.workers) < len(self._pending) + sum(
+                1 for w in self.workers if w.chunk is not None):
+            self.workers.append(self._spawn(f"afc-task-{len(self.workers)}"))
+
+    def _replace_abandoned(self) -> None:
+        for w in self.workers:
+            if w.abandoned and w.task is not None:
+                w.task.cancel()
+        self.workers = [w for w in self.workers if not w.abandoned]
+        self._enqueue([])
+
+    def _chunks(self) -> list[Chunk]:
+        return [*(w.chunk for w in self.workers if w.chunk is not None), *self._pending]
+
+    async def _work(self, w: Worker) -> None:
+        while self._pending and not w.abandoned:
+            c = self._pending.popleft()
+            w.chunk = c
             try:
-                await handler(msg)
-                results.append((msg, Outcome.OK, None, perf() - t0, e2e, t0 - msg._queued))
-            except Exception as e:  # noqa: BLE001 - every failure is routed, none escapes
-                results.append((msg, Outcome.FAILED, e, perf() - t0, e2e, t0 - msg._queued))
-            t = perf()
-            if t - last_report >= REPORT_EVERY_S or len(results) >= 256:
+                await self._run(w, c)
+            finally:
+                w.chunk = None
+
+    async def _run(self, w: Worker, c: Chunk) -> None:
+        handler, perf, timeout = self.handler, time.perf_counter, self.timeout_s or None
+        results: list[Result] = []
+        failed: set[bytes] | None = None
+        last = perf()
+        me = asyncio.current_task()
+        while True:
+            i = c.next
+            if i >= c.cut:
+                break
+            c.next = i + 1
+            m = c.msgs[i]
+            if failed is not None and m.key in failed:
+                results.append((m, Outcome.HELD, None, 0.0, 0.0, 0.0))
+                continue
+            c.cur = m
+            t0 = c.t0 = perf()
+            err: BaseException | None = None
+            cm = asyncio.timeout(timeout)
+            try:
+                async with cm:
+                    await handler(m)
+            except TimeoutError as e:
+                err = HandlerTimeout(f"handler ran over handler.timeoutS={timeout:g}") if cm.expired() else e
+            except asyncio.CancelledError as e:
+                if me is not None and me.cancelling():
+                    raise                  # we are being cancelled (shutdown): not the handler's failure
+                err = e
+            except BaseException as e:  # noqa: BLE001 - every failure is routed
+                err = e
+            t1 = perf()
+            c.cur = None
+            if err is None:
+                results.append(_result(m, Outcome.OK, None, t0, t1))
+            else:
+                results.append(_result(m, Outcome.FAILED, err, t0, t1))
+                if m.key is not None:
+                    failed = failed or set()
+                    failed.add(m.key)
+            if t1 - last >= REPORT_EVERY_S or len(results) >= 256:
                 self.on_results(results)
-                results, last_report = [], t
+                results, last = [], t1
+                await asyncio.sleep(0)
         if results:
             self.on_results(results)
 
-    def tune(self, mean_latency_s: float, samples: int) -> None:
-        """Async handlers always run as tasks on the loop."""
+    def watchdog(self) -> Stuck:
+        # An async handler past its deadline is cancelled by its own timeout; only steals here.
+        saved, self.timeout_s = self.timeout_s, 0.0
+        try:
+            return super().watchdog()
+        finally:
+            self.timeout_s = saved
 
     async def close(self, timeout: float) -> None:
-        self.stopping = True
-        tasks = [t for t in self._tasks if t is not None and not t.done()]
+        tasks = [w.task for w in self.workers if w.task is not None and not w.task.done()]
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=timeout)
             for t in pending:

@@ -27,3 +27,12 @@ class DecodeError(PoisonError):
 
 class StoreUnavailable(AfcError):
     """The idempotency store cannot be reached; the loop pauses rather than risk duplicates."""
+
+
+class HandlerTimeout(TransientError):
+    """The handler ran past `handler.timeoutS`: its message is failed and routed as TRANSIENT."""
+
+
+class ClaimLost(AfcError):
+    """This worker no longer holds the message's idempotency claim (its lease ran out and
+    another worker took it): the effect must not be applied; the runtime re-checks the key."""

@@ -1,23 +1,21 @@
 """The idempotency store: has this message already been handled, or is someone on it?
 
-Each key is in one of two states: *claimed* (value = owner, with a lease TTL) or *done*
-(value `d`, long TTL). Claiming a batch is one round trip (a Lua script), and the done
-marks of the previous batch ride along in the same call. Results per key:
+Each key is in one of two states: *claimed* (value = the claim's fencing token, with a lease
+TTL) or *done* (value `d`, long TTL). Every claim carries its own token (`<owner>.<seq>`,
+unique per process incarnation and claim), so ownership is exact:
 
-- CLAIMED: ours now, run the handler;
-- DONE: handled before, skip it and let the offset move on;
-- BUSY: claimed by a live worker elsewhere: wait for it, never skip and never run;
-- MINE: claimed by this very process. Either another copy of the same key is in flight
-  here (the runtime then waits for it, as for BUSY), or an earlier claim call succeeded
-  but its answer was lost (the runtime then takes it as CLAIMED). Only the runtime knows
-  which, from the keys it holds until their done marks are written.
+- a claim answers CLAIMED (ours now, with this token; also when the key already holds this
+  very token, i.e. an earlier answer of the same claim was lost), DONE (handled before:
+  skip it), or BUSY (held under another token, ours or not: wait, never run);
+- a done mark, a release and a renewal apply only while the key still holds the token
+  (a done mark also when the key is gone: our lease ran out and nobody took it). A worker
+  whose lease expired and was claimed by another therefore cannot overwrite the new claim;
+- `done_in` puts the done mark into the user's own MULTI guarded by WATCH and a token
+  check, so a stale owner's transaction fails as a whole (`ClaimLost`), effect included.
 
-A worker that dies leaves its claims to expire after `lease_ms`; replay then claims them.
-Claims of long-running messages are renewed; claims of abandoned ones (partition revoked,
-shutdown) are released so the next owner does not wait out the lease.
-
-`RedisStore` is shared by every replica of a group. `SqliteStore` serves single-process
-local runs without Redis and says so in a warning: it is not shared across replicas.
+All operations of one loop tick go to the store in one call (`apply`): claims, done marks,
+releases and renewals. `RedisStore` is shared by every replica of a group; `SqliteStore`
+serves single-process local runs without Redis and says so in a warning.
 """
 from __future__ import annotations
 
@@ -26,10 +24,11 @@ import logging
 import sqlite3
 import threading
 import time
+from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, Protocol
 
-from .errors import StoreUnavailable
+from .errors import ClaimLost, StoreUnavailable
 
 log = logging.getLogger("afc.runtime.idempotency")
 
@@ -38,50 +37,76 @@ class Claim(IntEnum):
     CLAIMED = 0
     DONE = 1
     BUSY = 2
-    MINE = 3
 
 
 DONE_VALUE = b"d"
+EVICTING_POLICIES = ("allkeys-lru", "allkeys-lfu", "allkeys-random", "volatile-lru", "volatile-lfu",
+                     "volatile-random", "volatile-ttl")
 
-# Keys travel as one NUL-separated argument and the script adds the namespace: packing N
-# separate arguments costs redis-py ~3 us each, more than the rest of the per-message work.
-# (So the script touches keys it was not given in KEYS: fine on one Redis, not on a Cluster.)
-_CLAIM_LUA = """
-local ns, owner, lease, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-for k in string.gmatch(ARGV[5], "([^%z]+)") do redis.call('SET', ns .. k, 'd', 'EX', ttl) end
-local out = {}
-for k in string.gmatch(ARGV[6], "([^%z]+)") do
-  local old = redis.call('SET', ns .. k, owner, 'NX', 'PX', lease, 'GET')
-  if not old then out[#out + 1] = '0'
+# Keys and tokens travel as NUL-separated arguments and the script adds the namespace:
+# packing N separate arguments costs redis-py ~3 us each, more than the rest of the
+# per-message work. (So the script touches keys it was not given in KEYS: fine on one
+# Redis, not on a Cluster.) Claim tokens are `owner .. '.' .. (seq0 + i)`: one argument.
+_APPLY_LUA = """
+local ns, owner, seq0, lease, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
+local function pairs_of(s)
+  local t, out = {}, {}
+  for x in string.gmatch(s, "([^%z]+)") do t[#t + 1] = x end
+  for i = 1, #t, 2 do out[#out + 1] = {t[i], t[i + 1]} end
+  return out
+end
+for _, kt in ipairs(pairs_of(ARGV[6])) do
+  local cur = redis.call('GET', ns .. kt[1])
+  if cur == kt[2] or not cur then redis.call('SET', ns .. kt[1], 'd', 'EX', ttl) end
+end
+for _, kt in ipairs(pairs_of(ARGV[7])) do
+  if redis.call('GET', ns .. kt[1]) == kt[2] then redis.call('DEL', ns .. kt[1]) end
+end
+local lost = {}
+for _, kt in ipairs(pairs_of(ARGV[8])) do
+  if redis.call('GET', ns .. kt[1]) == kt[2] then redis.call('PEXPIRE', ns .. kt[1], lease); lost[#lost + 1] = '0'
+  else lost[#lost + 1] = '1' end
+end
+local out, i = {}, 0
+for k in string.gmatch(ARGV[9], "([^%z]+)") do
+  local token = owner .. '.' .. (seq0 + i)
+  i = i + 1
+  local old = redis.call('SET', ns .. k, token, 'NX', 'PX', lease, 'GET')
+  if not old or old == token then out[#out + 1] = '0'
   elseif old == 'd' then out[#out + 1] = '1'
-  elseif old == owner then redis.call('PEXPIRE', ns .. k, lease); out[#out + 1] = '3'
   else out[#out + 1] = '2' end
 end
-return table.concat(out)
+return {table.concat(out), table.concat(lost)}
 """
 
-_IF_OWNER_LUA = """
-local ns, owner, op, lease = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local n = 0
-for k in string.gmatch(ARGV[5], "([^%z]+)") do
-  if redis.call('GET', ns .. k) == owner then
-    if op == 'release' then redis.call('DEL', ns .. k) else redis.call('PEXPIRE', ns .. k, lease) end
-    n = n + 1
-  end
-end
-return n
-"""
+
+@dataclass
+class Batch:
+    """One call's worth of store operations. Claims get tokens `owner.seq0+i` in order."""
+    claims: list[str] = field(default_factory=list)
+    seq0: int = 0
+    done: list[tuple[str, str]] = field(default_factory=list)       # (key, token)
+    release: list[tuple[str, str]] = field(default_factory=list)
+    renew: list[tuple[str, str]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.claims or self.done or self.release or self.renew)
+
+
+@dataclass
+class Answer:
+    claims: list[Claim]
+    renew_lost: list[bool]          # per renewal: the token no longer holds the key
 
 
 class IdempotencyStore(Protocol):
     owner: str
 
     def full_key(self, key: str) -> str: ...
-    def done_in(self, pipeline: Any, key: str) -> None: ...
-    async def claim(self, keys: list[str], done: list[str]) -> list[Claim]: ...
-    async def mark_done(self, keys: list[str]) -> None: ...
-    async def release(self, keys: list[str]) -> int: ...
-    async def renew(self, keys: list[str]) -> int: ...
+    def done_in(self, pipeline: Any, key: str, token: str) -> None: ...
+    async def done_in_async(self, pipeline: Any, key: str, token: str) -> None: ...
+    async def apply(self, batch: Batch) -> Answer: ...
+    async def check(self) -> dict[str, Any]: ...
     async def close(self) -> None: ...
 
 
@@ -95,9 +120,12 @@ def _parse(codes: bytes | str) -> list[Claim]:
     return [by[c] for c in codes]
 
 
+def _pairs(items: list[tuple[str, str]]) -> str:
+    return "\0".join(f"{k}\0{t}" for k, t in items)
+
+
 class RedisStore:
-    """Shared store; keys are `<prefix>:idem:<group>:<idempotency key>`. The API takes the
-    idempotency keys themselves; `full_key` is the Redis key (for `done_in`)."""
+    """Shared store; keys are `<prefix>:idem:<group>:<idempotency key>`."""
 
     def __init__(self, url: str, prefix: str, group: str, owner: str, lease_ms: int, done_ttl_s: int) -> None:
         import redis
@@ -106,58 +134,77 @@ class RedisStore:
         self.owner = owner
         self.lease_ms = lease_ms
         self.done_ttl_s = done_ttl_s
-        # A bounded pool that waits for a free connection: many concurrent callers (routing a
-        # burst of failures) must queue, not fail with "Too many connections".
+        # A bounded pool that waits for a free connection: many concurrent callers must
+        # queue, not fail with "Too many connections".
         pool = aredis.BlockingConnectionPool.from_url(url, max_connections=16, timeout=10, socket_timeout=5,
                                                       socket_connect_timeout=3, health_check_interval=30)
         self._r = aredis.Redis(connection_pool=pool)
-        self._claim = self._r.register_script(_CLAIM_LUA)
-        self._if_owner = self._r.register_script(_IF_OWNER_LUA)
-        self._errors = (redis.ConnectionError, redis.TimeoutError, OSError)
+        self._apply = self._r.register_script(_APPLY_LUA)
+        # OOM (maxmemory reached), READONLY (a replica after failover), LOADING, MASTERDOWN...
+        # arrive as ResponseError: for us every one of them means "the store cannot take
+        # this now", the same as a refused connection.
+        self._errors = (redis.ConnectionError, redis.TimeoutError, redis.ResponseError, OSError)
 
     def full_key(self, key: str) -> str:
         return self.namespace + key
 
-    def _claim_args(self, keys: list[str], done: list[str]) -> list[Any]:
-        return [self.namespace, self.owner, self.lease_ms, self.done_ttl_s, "\0".join(done), "\0".join(keys)]
-
-    async def claim(self, keys: list[str], done: list[str]) -> list[Claim]:
-        if not keys and not done:
-            return []
+    async def apply(self, b: Batch) -> Answer:
+        if not b:
+            return Answer([], [])
+        args = [self.namespace, self.owner, b.seq0, self.lease_ms, self.done_ttl_s, _pairs(b.done),
+                _pairs(b.release), _pairs(b.renew), "\0".join(b.claims)]
         try:
-            codes = await self._claim(keys=[], args=self._claim_args(keys, done))
+            codes, lost = await self._apply(keys=[], args=args)
         except self._errors as e:
-            raise StoreUnavailable(f"redis: {e}") from e
-        return _parse(codes)
+            raise StoreUnavailable(f"redis: {type(e).__name__}: {e}") from e
+        return Answer(_parse(codes), [c == 49 for c in (lost.encode() if isinstance(lost, str) else lost)])
 
-    async def mark_done(self, keys: list[str]) -> None:
-        await self.claim([], keys)
+    def _guard(self, pipeline: Any, key: str, token: str) -> list[Any]:
+        """Shared part of `done_in`: what the user queued so far, set aside for the WATCH."""
+        if not getattr(pipeline, "transaction", False):
+            raise TypeError("mark_done_in needs a transactional pipeline: redis.pipeline(transaction=True)")
+        if getattr(pipeline, "explicit_transaction", False):
+            raise TypeError("call mark_done_in before pipeline.multi()")
+        stack = list(pipeline.command_stack)
+        pipeline.command_stack.clear()
+        return stack
 
-    async def _owned(self, keys: list[str], op: str) -> int:
-        if not keys:
-            return 0
+    def done_in(self, pipeline: Any, key: str, token: str) -> None:
+        """Add the done mark of `key` to the caller's MULTI, fenced: WATCH the key, check that
+        it still holds our token, and only then queue the caller's commands plus the mark.
+        If the claim was lost meanwhile, the whole transaction is refused (ClaimLost, or
+        WatchError from `execute()` if it is taken between here and EXEC)."""
+        full = self.full_key(key)
+        stack = self._guard(pipeline, key, token)
+        pipeline.watch(full)
+        cur = pipeline.get(full)
+        if cur != token.encode():
+            pipeline.reset()
+            raise ClaimLost(f"idempotency key {key!r} is no longer claimed by this worker")
+        pipeline.multi()
+        pipeline.command_stack.extend(stack)
+        pipeline.set(full, DONE_VALUE, ex=self.done_ttl_s)
+
+    async def done_in_async(self, pipeline: Any, key: str, token: str) -> None:
+        """`done_in` for redis.asyncio pipelines."""
+        full = self.full_key(key)
+        stack = self._guard(pipeline, key, token)
+        await pipeline.watch(full)
+        cur = await pipeline.get(full)
+        if cur != token.encode():
+            await pipeline.reset()
+            raise ClaimLost(f"idempotency key {key!r} is no longer claimed by this worker")
+        pipeline.multi()
+        pipeline.command_stack.extend(stack)
+        pipeline.set(full, DONE_VALUE, ex=self.done_ttl_s)
+
+    async def check(self) -> dict[str, Any]:
+        """What the store says about its durability (`maxmemory-policy`); raises if down."""
         try:
-            return int(await self._if_owner(keys=[], args=[self.namespace, self.owner, op, self.lease_ms,
-                                                           "\0".join(keys)]))
+            info = await self._r.info("memory")
         except self._errors as e:
-            raise StoreUnavailable(f"redis: {e}") from e
-
-    async def release(self, keys: list[str]) -> int:
-        return await self._owned(keys, "release")
-
-    async def renew(self, keys: list[str]) -> int:
-        return await self._owned(keys, "renew")
-
-    def done_in(self, pipeline: Any, key: str) -> None:
-        """Add the done mark of `key` to the caller's Redis MULTI, so the effect and the mark
-        commit together: exactly-once effects for handlers whose effect lives in this Redis."""
-        pipeline.set(self.full_key(key), DONE_VALUE, ex=self.done_ttl_s)
-
-    async def ping(self) -> None:
-        try:
-            await self._r.ping()
-        except self._errors as e:
-            raise StoreUnavailable(f"redis: {e}") from e
+            raise StoreUnavailable(f"redis: {type(e).__name__}: {e}") from e
+        return {"maxmemory_policy": info.get("maxmemory_policy", "unknown")}
 
     async def close(self) -> None:
         await self._r.aclose()
@@ -180,105 +227,50 @@ class SqliteStore:
     def full_key(self, key: str) -> str:
         return self.namespace + key
 
-    def _claim_locked(self, keys: list[str], done: list[str]) -> list[Claim]:
-        now = time.time()
-        db = self._db
+    def _get(self, k: str, now: float) -> str | None:
+        row = self._db.execute("SELECT v, exp FROM idem WHERE k = ?", (k,)).fetchone()
+        return row[0] if row is not None and row[1] > now else None
+
+    def _apply_locked(self, b: Batch) -> Answer:
+        now, ns, db = time.time(), self.namespace, self._db
         db.execute("BEGIN IMMEDIATE")
         try:
-            db.executemany("INSERT OR REPLACE INTO idem VALUES (?, 'd', ?)",
-                           [(k, now + self.done_ttl_s) for k in done])
+            for k, t in b.done:
+                if self._get(ns + k, now) in (t, None):
+                    db.execute("INSERT OR REPLACE INTO idem VALUES (?, 'd', ?)", (ns + k, now + self.done_ttl_s))
+            for k, t in b.release:
+                db.execute("DELETE FROM idem WHERE k = ? AND v = ?", (ns + k, t))
+            lost = []
+            for k, t in b.renew:
+                n = db.execute("UPDATE idem SET exp = ? WHERE k = ? AND v = ? AND exp > ?",
+                               (now + self.lease_s, ns + k, t, now)).rowcount
+                lost.append(n == 0)
             out = []
-            for k in keys:
-                row = db.execute("SELECT v, exp FROM idem WHERE k = ?", (k,)).fetchone()
-                if row is not None and row[0] == "d" and row[1] > now:
-                    out.append(Claim.DONE)
-                elif row is None or row[1] <= now or row[0] == self.owner:
-                    db.execute("INSERT OR REPLACE INTO idem VALUES (?, ?, ?)", (k, self.owner, now + self.lease_s))
-                    out.append(Claim.CLAIMED if row is None or row[1] <= now else Claim.MINE)
+            for i, k in enumerate(b.claims):
+                token, cur = f"{self.owner}.{b.seq0 + i}", self._get(ns + k, now)
+                if cur is None or cur == token:
+                    db.execute("INSERT OR REPLACE INTO idem VALUES (?, ?, ?)", (ns + k, token, now + self.lease_s))
+                    out.append(Claim.CLAIMED)
                 else:
-                    out.append(Claim.BUSY)
+                    out.append(Claim.DONE if cur == "d" else Claim.BUSY)
             db.execute("COMMIT")
-            return out
+            return Answer(out, lost)
         except BaseException:
             db.execute("ROLLBACK")
             raise
 
-    async def claim(self, keys: list[str], done: list[str]) -> list[Claim]:
+    async def apply(self, b: Batch) -> Answer:
         with self._lock:
-            return self._claim_locked([self.namespace + k for k in keys], [self.namespace + k for k in done])
+            return self._apply_locked(b)
 
-    async def mark_done(self, keys: list[str]) -> None:
-        await self.claim([], keys)
-
-    def _owned(self, keys: list[str], release: bool) -> int:
-        with self._lock:
-            n = 0
-            for k in (self.namespace + k for k in keys):
-                if release:
-                    n += self._db.execute("DELETE FROM idem WHERE k = ? AND v = ?", (k, self.owner)).rowcount
-                else:
-                    n += self._db.execute("UPDATE idem SET exp = ? WHERE k = ? AND v = ?",
-                                          (time.time() + self.lease_s, k, self.owner)).rowcount
-            return n
-
-    async def release(self, keys: list[str]) -> int:
-        return self._owned(keys, True)
-
-    async def renew(self, keys: list[str]) -> int:
-        return self._owned(keys, False)
-
-    def done_in(self, pipeline: Any, key: str) -> None:
+    def done_in(self, pipeline: Any, key: str, token: str) -> None:
         raise TypeError("the embedded store has no shared transaction; configure idempotency.redisUrl")
 
-    async def ping(self) -> None:
-        return None
+    async def done_in_async(self, pipeline: Any, key: str, token: str) -> None:
+        self.done_in(pipeline, key, token)
+
+    async def check(self) -> dict[str, Any]:
+        return {"maxmemory_policy": "noeviction"}
 
     async def close(self) -> None:
         await asyncio.to_thread(self._db.close)
-
-
-class Coalescer:
-    """Joins single-key claims and done marks made in the same loop tick into one store
-    call, so a burst of concurrent callers (the router, one task per failed record) costs
-    one round trip instead of one connection each."""
-
-    def __init__(self, store: IdempotencyStore) -> None:
-        self.store = store
-        self._claims: list[tuple[str, asyncio.Future[Claim]]] = []
-        self._done: list[tuple[str, asyncio.Future[None]]] = []
-        self._scheduled = False
-
-    async def claim(self, key: str) -> Claim:
-        fut: asyncio.Future[Claim] = asyncio.get_running_loop().create_future()
-        self._claims.append((key, fut))
-        self._schedule()
-        return await fut
-
-    async def mark_done(self, key: str) -> None:
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._done.append((key, fut))
-        self._schedule()
-        await fut
-
-    def _schedule(self) -> None:
-        if not self._scheduled:
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self._flush()))
-
-    async def _flush(self) -> None:
-        claims, self._claims = self._claims, []
-        done, self._done = self._done, []
-        self._scheduled = False
-        try:
-            codes = await self.store.claim([k for k, _ in claims], [k for k, _ in done])
-        except Exception as e:  # noqa: BLE001 - every waiter sees the store's failure
-            for _, f in (*claims, *done):
-                if not f.done():
-                    f.set_exception(e)
-            return
-        for (_, f), c in zip(claims, codes):
-            if not f.done():
-                f.set_result(c)
-        for _, f in done:
-            if not f.done():
-                f.set_result(None)

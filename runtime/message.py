@@ -1,7 +1,8 @@
 """The message object a handler receives, payload decoding and idempotency keys."""
 from __future__ import annotations
 
-import hashlib
+import base64
+import inspect
 from functools import lru_cache
 from typing import Any, Callable
 
@@ -44,11 +45,12 @@ class Message:
     the runtime routes the record as poison instead of calling the handler.
     """
     __slots__ = ("topic", "partition", "offset", "key", "value", "headers", "timestamp",
-                 "payload", "decode_error", "idempotency_key", "attempts", "claimed", "_part", "_store", "_queued")
+                 "payload", "decode_error", "idempotency_key", "attempts", "claimed", "token", "queued_at",
+                 "_part", "_store", "_fenced")
 
     def __init__(self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None,
                  headers: list[tuple[str, bytes]] | None, timestamp: int, payload: Any = None,
-                 decode_error: DecodeError | None = None, idempotency_key: str = "") -> None:
+                 decode_error: Exception | None = None, idempotency_key: str = "") -> None:
         self.topic = topic
         self.partition = partition
         self.offset = offset
@@ -60,18 +62,33 @@ class Message:
         self.decode_error = decode_error
         self.idempotency_key = idempotency_key
         self.attempts = 0
-        self.claimed = False                # this message won its idempotency claim
-        self._part: Any = None              # the runtime's partition state (revocation flag)
+        self.claimed = False                # this message holds its idempotency claim (or needs none)
+        self.token = ""                     # the claim's fencing token
+        self.queued_at = 0.0                # perf_counter when handed to a worker
+        self._part: Any = None              # the runtime's Partition
         self._store: Any = None             # the idempotency store, for mark_done_in
-        self._queued = 0.0                  # perf_counter when handed to a lane
+        self._fenced = False                # mark_done_in was used: a WatchError means the claim was lost
 
     def mark_done_in(self, pipeline: Any) -> None:
         """Add this message's done mark to your own Redis MULTI/EXEC (same Redis as the
-        idempotency store), so your effect and the mark commit atomically: a crash can then
-        never leave the effect applied but the message unmarked (exactly-once effects)."""
+        idempotency store), so your effect and the mark commit atomically, and only while
+        this worker still holds the message's claim: a crash can never leave the effect
+        applied but the message unmarked, and a worker whose claim was taken over cannot
+        apply it (raises `ClaimLost`, or `execute()` raises WatchError). Call it before
+        `pipeline.multi()`; commands queued before it are kept. Exactly-once effects."""
         if self._store is None:
             raise TypeError("idempotency is disabled: there is no done mark to add")
-        self._store.done_in(pipeline, self.idempotency_key)
+        if inspect.iscoroutinefunction(getattr(pipeline, "execute", None)):
+            raise TypeError("an asyncio pipeline: use `await msg.mark_done_in_async(pipeline)`")
+        self._fenced = True
+        self._store.done_in(pipeline, self.idempotency_key, self.token)
+
+    async def mark_done_in_async(self, pipeline: Any) -> None:
+        """`mark_done_in` for a `redis.asyncio` pipeline."""
+        if self._store is None:
+            raise TypeError("idempotency is disabled: there is no done mark to add")
+        self._fenced = True
+        await self._store.done_in_async(pipeline, self.idempotency_key, self.token)
 
     def header(self, name: str) -> bytes | None:
         """The last value of a header, or None."""
@@ -99,19 +116,32 @@ def field_path(payload: Any, dotted: str) -> Any:
     return cur
 
 
-def idempotency_key(msg: Message, header: str, payload_field: str | None) -> str:
+def idempotency_key(msg: Message, header: str, payload_field: str | None, topic_id: str | None = None) -> str:
     """The `idempotency-key` header, else the configured payload field, else the record's position.
 
-    A key holding NUL (the store's batch separator) is replaced by its SHA-1."""
+    Keys are exact: a header value that is valid UTF-8 without NUL (the store's separator)
+    and does not start with `~` is used as it is; any other value becomes `~` + its
+    base64, so two different byte strings never share a key. A position names the topic
+    by its id when known (`@<id>/<partition>/<offset>`): a topic deleted and re-created
+    under the same name starts from fresh keys instead of finding its old done marks."""
     for k, v in msg.headers:
         if k == header and v:
-            return _safe(v.decode("utf-8", "replace"))
+            return exact(v)
     if payload_field and msg.decode_error is None:
         v = field_path(msg.payload, payload_field)
         if v is not None and v != "":
-            return _safe(str(v))
-    return f"{msg.topic}/{msg.partition}/{msg.offset}"
+            return exact(str(v).encode())
+    return position_key(msg.topic, msg.partition, msg.offset, topic_id)
 
 
-def _safe(key: str) -> str:
-    return key if "\0" not in key else "sha1:" + hashlib.sha1(key.encode()).hexdigest()
+def position_key(topic: str, partition: int, offset: int, topic_id: str | None) -> str:
+    return f"@{topic_id}/{partition}/{offset}" if topic_id else f"{topic}/{partition}/{offset}"
+
+
+def exact(v: bytes) -> str:
+    if not v.startswith(b"~") and b"\0" not in v:
+        try:
+            return v.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+    return "~" + base64.b64encode(v).decode()

@@ -95,6 +95,16 @@ class RuntimeMetrics:
                                     registry=r)
         self.route_skipped = Counter("afc_route_skipped",
                                      "Records already routed by an earlier run (crash before commit).", registry=r)
+        self.handler_timeouts = Counter("afc_handler_timeouts", "Handler runs failed for running past "
+                                        "handler.timeoutS.", registry=r)
+        self.abandoned_threads = Gauge("afc_abandoned_handler_threads", "Handler threads abandoned after a "
+                                       "timeout and still running.", registry=r)
+        self.parked = Gauge("afc_parked_messages", "Messages waiting for an idempotency key held elsewhere.",
+                            registry=r)
+        self.claims_lost = Counter("afc_idempotency_claims_lost", "Claims taken over by another worker after "
+                                   "their lease ran out.", registry=r)
+        self.store_evicting = Gauge("afc_idempotency_store_evicting", "1 if the store's maxmemory-policy may "
+                                    "evict done marks.", registry=r)
         self.controller_decisions = Counter("afc_fetch_controller_decisions", "Fetch controller decisions.",
                                             ["reason"], registry=r)
         # The backpressure signal (backpressure.py): this member's level and what it sees of the group.

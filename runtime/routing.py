@@ -7,9 +7,12 @@ Spring Kafka does) into a route: the retry topic with a due time, the dead-lette
 the poison topic. Both are pure. `TopicRouter` performs the route: produce, wait for the
 broker's acknowledgement, and only then let the source offset move on.
 
-The router answers the loop with a verdict:
+The router answers the loop with a verdict (it never calls into the consumer; what it needs
+of the loop comes through a `RouteContext`):
 - "routed": the record is safely on another topic; its offset may be committed, its
   idempotency claim is released (a retry or a replay must be able to claim it);
+- "marked": routed, and its routing marker handed to the idempotency session with the
+  message as its target: the message finishes when the marker is written;
 - "resubmit": run the handler again now (in-place retry, when routing is off);
 - "abandoned": the partition moved away or the runtime stops; leave it unfinished.
 A failed message is never finished without a verdict, so no offset passes an unrouted failure.
@@ -24,20 +27,17 @@ import time
 import traceback
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import Any, Literal, Protocol
 
-from .config import RoutingSettings, RuntimeSettings
 from confluent_kafka import KafkaError
 
-from .errors import PermanentError, PoisonError, StoreUnavailable, TransientError
+from .config import RoutingSettings, RuntimeSettings
+from .errors import PermanentError, PoisonError, TransientError
 from .idempotency import Claim
 from .message import Message
 
-if TYPE_CHECKING:
-    from .consumer import Runtime
-
 log = logging.getLogger("afc.runtime.routing")
-Verdict = Literal["resubmit", "routed", "abandoned"]
+Verdict = Literal["resubmit", "routed", "marked", "abandoned"]
 
 # Headers every routed record carries (the record's own headers are kept as they were).
 H_ORIG_TOPIC = "afc-original-topic"
@@ -186,20 +186,41 @@ def routed_headers(msg: Message, err: BaseException, route: Route, history: Hist
 
 # --------------------------------------------------------------------------- routers (I/O)
 
+class RouteContext(Protocol):
+    """What a router may ask of the loop that owns the message."""
+    metrics: Any
+    markers: Any          # the idempotency session (routing markers), or None
+
+    def alive(self, msg: Message) -> bool: ...           # still ours, and the runtime is not stopping
+    def blocked(self, msg: Message, on: bool) -> None: ...   # routing it keeps failing / works again
+    def position(self, msg: Message) -> str: ...         # the record's position key (topic id aware)
+
+
 class Router(Protocol):
-    async def route(self, msg: Message, err: BaseException, runtime: "Runtime") -> Verdict: ...
+    async def route(self, msg: Message, err: BaseException, ctx: RouteContext) -> Verdict: ...
     async def close(self) -> None: ...
 
 
-async def _sleep_unless_gone(msg: Message, runtime: "Runtime", delay: float) -> bool:
+async def _sleep_unless_gone(msg: Message, ctx: RouteContext, delay: float) -> bool:
     """Sleep, waking early if the message's partition is revoked or the runtime stops."""
     loop = asyncio.get_running_loop()
     end = loop.time() + delay
     while loop.time() < end:
-        if msg._part.revoked or runtime.stopping:
+        if not ctx.alive(msg):
             return False
         await asyncio.sleep(min(0.05, max(0.0, end - loop.time())))
-    return not (msg._part.revoked or runtime.stopping)
+    return ctx.alive(msg)
+
+
+async def _unless_gone(fut: "asyncio.Future[Any]", msg: Message, ctx: RouteContext) -> tuple[bool, Any]:
+    """Wait for `fut`, giving up (False) if the message leaves us meanwhile."""
+    while True:
+        done, _ = await asyncio.wait([fut], timeout=0.2)
+        if done:
+            return True, fut.result()
+        if not ctx.alive(msg):
+            fut.cancel()
+            return False, None
 
 
 class InPlaceRetry:
@@ -209,12 +230,12 @@ class InPlaceRetry:
     def __init__(self, base_s: float = 0.2, cap_s: float = 30.0) -> None:
         self.base_s, self.cap_s = base_s, cap_s
 
-    async def route(self, msg: Message, err: BaseException, runtime: "Runtime") -> Verdict:
+    async def route(self, msg: Message, err: BaseException, ctx: RouteContext) -> Verdict:
         delay = backoff_s(msg.attempts + 1, self.base_s, self.cap_s)
         log.warning("event=handler-failed action=retry-in-place topic=%s partition=%d offset=%d attempt=%d "
                     "delay_s=%.2f error_class=%s error=\"%s\"", msg.topic, msg.partition, msg.offset,
                     msg.attempts + 1, delay, type(err).__name__, str(err)[:200].replace('"', "'"))
-        return "resubmit" if await _sleep_unless_gone(msg, runtime, delay) else "abandoned"
+        return "resubmit" if await _sleep_unless_gone(msg, ctx, delay) else "abandoned"
 
     async def close(self) -> None:
         return None
@@ -279,31 +300,40 @@ class TopicRouter:
                 raise RouteFailed(e) from e
         await fut
 
-    async def route(self, msg: Message, err: BaseException, runtime: "Runtime") -> Verdict:
+    async def route(self, msg: Message, err: BaseException, ctx: RouteContext) -> Verdict:
         cls = Classification.POISON if err is msg.decode_error else classify(err, self.rules)
         history = History.of(msg)
         source = history.original[0] if history.original else msg.topic
         now_ms = int(time.time() * 1000)
         route = decide(cls, history, source, now_ms, self.rules)
         headers = routed_headers(msg, err, route, history, self.s.kafka.group_id, now_ms, self.rules)
-        marker = f"routed:{msg.topic}/{msg.partition}/{msg.offset}"
-        store = runtime.markers
-        if store is not None:
-            state = await self._claim_marker(store, marker, msg, runtime)
-            if state == "gone":
+        marker = "routed:" + ctx.position(msg)
+        session = ctx.markers
+        token = None
+        if session is not None:
+            ok, answer = await _unless_gone(asyncio.ensure_future(session.claim_key(marker)), msg, ctx)
+            while ok and answer[0] is Claim.BUSY:          # another worker is routing it: wait for it
+                if not await _sleep_unless_gone(msg, ctx, 0.5):
+                    return "abandoned"
+                ok, answer = await _unless_gone(asyncio.ensure_future(session.claim_key(marker)), msg, ctx)
+            if not ok:
                 return "abandoned"
-            if state == "done":
-                runtime.metrics.route_skipped.inc()
+            if answer[0] is Claim.DONE:
+                ctx.metrics.route_skipped.inc()
                 log.info("event=route-skipped reason=already-routed topic=%s partition=%d offset=%d", msg.topic,
                          msg.partition, msg.offset)
                 return "routed"
-        if not await self._deliver(msg, route, headers, runtime):
-            if store is not None:
-                await self._release(store, marker)
+            token = answer[1]
+        if not await self._deliver(msg, route, headers, ctx):
+            if session is not None and token is not None:
+                session.release_key(marker, token)
             return "abandoned"
-        if store is not None:
-            await self._mark(store, marker, runtime)
-        m = runtime.metrics
+        if session is not None and token is not None:
+            # The record is routed; the marker is written with the next store call. Until it
+            # is, a crash before the commit could route it twice, which replay deduplicates by
+            # routing id and idempotency key.
+            session.done(marker, token, msg)
+        m = ctx.metrics
         m.routed.labels(route.kind, route.classification.value).inc()
         m.route_attempts.observe(route.attempts)
         if route.kind == "poison":
@@ -312,15 +342,14 @@ class TopicRouter:
                  "offset=%d error_class=%s due_ms=%s", route.topic, route.kind, route.classification.value,
                  route.attempts, route.reason, msg.topic, msg.partition, msg.offset, type(err).__name__,
                  route.due_ms)
-        return "routed"
+        return "marked" if token is not None else "routed"
 
     async def _deliver(self, msg: Message, route: Route, headers: list[tuple[str, bytes]],
-                       runtime: "Runtime") -> bool:
+                       ctx: RouteContext) -> bool:
         """Produce until the broker acknowledges; False if the message left us meanwhile.
 
         While it fails, the source partition is paused (its commit point is held anyway):
         retrying one record must not turn into fetching ever more behind it."""
-        tp = (msg.topic, msg.partition)
         value, delay, blocked = msg.value, 0.5, False
         try:
             while True:
@@ -334,51 +363,19 @@ class TopicRouter:
                         headers = headers + [(H_TRUNCATED, str(len(value)).encode())]
                         value = value[:65_536]
                         continue
-                    runtime.metrics.route_errors.labels(route.kind).inc()
+                    ctx.metrics.route_errors.labels(route.kind).inc()
                     if not blocked:
-                        runtime.block_route(tp, True)
+                        ctx.blocked(msg, True)
                         blocked = True
                     log.error("event=route-failed topic=%s partition=%d offset=%d to=%s error=\"%s\" "
                               "action=pause-partition-and-retry delay_s=%.1f", msg.topic, msg.partition, msg.offset,
                               route.topic, str(e).replace('"', "'"), delay)
-                    if not await _sleep_unless_gone(msg, runtime, delay):
+                    if not await _sleep_unless_gone(msg, ctx, delay):
                         return False
                     delay = min(30.0, delay * 2)
         finally:
             if blocked:
-                runtime.block_route(tp, False)
-
-    async def _claim_marker(self, store: Any, marker: str, msg: Message,
-                            runtime: "Runtime") -> Literal["go", "done", "gone"]:
-        """Claim the routing marker of this position: "done" means a run that crashed before
-        its commit routed it already; "gone" means the message left us while we waited."""
-        delay = 0.2
-        while True:
-            try:
-                c = await store.claim(marker)
-            except StoreUnavailable:
-                c = None
-            if c is Claim.DONE:
-                return "done"
-            if c in (Claim.CLAIMED, Claim.MINE):
-                return "go"
-            if not await _sleep_unless_gone(msg, runtime, delay):    # BUSY or store down: wait
-                return "gone"
-            delay = min(5.0, delay * 2)
-
-    async def _release(self, store: Any, marker: str) -> None:
-        try:
-            await store.store.release([marker])
-        except StoreUnavailable:
-            pass                                                     # it expires with its lease
-
-    async def _mark(self, store: Any, marker: str, runtime: "Runtime") -> None:
-        try:
-            await store.mark_done(marker)
-        except StoreUnavailable as e:
-            # The record is routed; without the marker a crash before the commit could route
-            # it twice, which replay deduplicates by routing id and idempotency key.
-            log.warning("event=route-marker-failed marker=%s error=\"%s\"", marker, e)
+                ctx.blocked(msg, False)
 
     async def close(self) -> None:
         await asyncio.to_thread(self.producer.flush, 10)

@@ -19,9 +19,22 @@ def test_idempotency_key_prefers_header_then_field_then_position() -> None:
     assert idempotency_key(msg([("idempotency-key", b"")], None), "idempotency-key", None) == "orders/3/7"
 
 
-def test_idempotency_key_with_nul_is_hashed() -> None:
-    k = idempotency_key(msg([("idempotency-key", b"a\x00b")]), "idempotency-key", None)
-    assert k.startswith("sha1:") and "\x00" not in k
+def test_idempotency_keys_are_exact_for_any_bytes() -> None:
+    """Issue 9 item 8: binary header values decoded with errors="replace" collided."""
+    def key(v: bytes) -> str:
+        return idempotency_key(msg([("idempotency-key", v)]), "idempotency-key", None)
+    values = [b"\xff\x01", b"\xfe\x01", b"a\x00b", b"a\x00c", b"~abc", b"abc", "é".encode(), b"\xe9"]
+    keys = [key(v) for v in values]
+    assert len(set(keys)) == len(values), keys               # no two byte strings share a key
+    assert all("\x00" not in k for k in keys)                 # NUL is the store's separator
+    assert key(b"order-1") == "order-1" and key("é".encode()) == "é"   # readable when it can be
+
+
+def test_position_keys_name_the_topic_by_id() -> None:
+    """Issue 9 item 8: a re-created topic (same name, new id) must not find its old done marks."""
+    m = msg(None, None)
+    assert idempotency_key(m, "idempotency-key", None, "id-1") == "@id-1/3/7"
+    assert idempotency_key(m, "idempotency-key", None, "id-2") != idempotency_key(m, "idempotency-key", None, "id-1")
 
 
 def test_decoders_raise_decode_error() -> None:

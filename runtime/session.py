@@ -1,0 +1,208 @@
+"""The idempotency session: the one owner of this process's claims, done marks, releases
+and renewals, batched into one store call at a time.
+
+The control loop asks (`claim`, `done`, `release`; the router asks for its markers with
+`claim_key`/`done_key`/`release_key`); `flush` sends everything pending in one call and
+hands the answers back to the loop through `post`, so no answer mutates loop state from
+anywhere but the loop. At most one call is in flight.
+
+- Claims carry fencing tokens `<owner>.<seq>`. A call that fails with an unknown outcome is
+  retried with the same tokens first (alone), so a claim that did land is answered CLAIMED
+  instead of waiting out its own lease.
+- Every held claim older than a third of the lease is renewed in the next call; a renewal
+  that finds another token reports the key as lost (the worker keeps running, but its done
+  mark can no longer overwrite the new owner's claim, and `mark_done_in` refuses).
+- A message counts as finished for offsets only once its done mark is written: the loop
+  commits past it after the store acknowledged, never before.
+- Health: any failed call marks the store down (calls are then retried with back-off); any
+  successful call marks it up. Whoever notices first, claim, done mark, renewal or release,
+  it is the same flag, so it always clears.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .errors import StoreUnavailable
+from .idempotency import Batch, Claim, IdempotencyStore
+
+log = logging.getLogger("afc.runtime.session")
+
+Target = Any          # a Message (runtime claim) or an asyncio.Future (a router's marker)
+
+
+@dataclass
+class Hold:
+    token: str
+    renewed: float
+
+
+@dataclass
+class Outcome:
+    """What one store call settled, handed to the loop."""
+    claims: list[tuple[Target, Claim]] = field(default_factory=list)
+    written: list[Any] = field(default_factory=list)      # messages whose done mark is in the store
+    lost: list[str] = field(default_factory=list)         # keys whose claim went to someone else
+    error: StoreUnavailable | None = None
+
+
+class Session:
+    def __init__(self, store: IdempotencyStore, lease_ms: int, post: Callable[[Outcome], None],
+                 wake: Callable[[], None] = lambda: None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.store, self.lease_s, self.post, self.wake, self.clock = store, lease_ms / 1000, post, wake, clock
+        self.owner = store.owner
+        self.seq = 0
+        self.held: dict[str, Hold] = {}
+        self._claims: list[tuple[str, Target]] = []
+        self._retry: tuple[int, list[tuple[str, Target]]] | None = None    # a claim group of unknown outcome
+        self._done: list[tuple[str, str, Any]] = []                       # (key, token, message or future)
+        self._release: list[tuple[str, str]] = []
+        self.down_since: float | None = None
+        self.retry_at = 0.0
+        self._backoff = 0.2
+        self.task: asyncio.Task[None] | None = None
+        self.calls = 0
+
+    # ---------------------------------------------------------------- asks (loop only)
+
+    def claim(self, key: str, target: Target) -> None:
+        self._claims.append((key, target))
+        self.wake()
+
+    def done(self, key: str, token: str, target: Any) -> None:
+        """Queue the done mark; `target` comes back in `Outcome.written` once it is stored."""
+        self.held.pop(key, None)
+        self._done.append((key, token, target))
+        self.wake()
+
+    def release(self, key: str, token: str) -> None:
+        self.held.pop(key, None)
+        self._release.append((key, token))
+
+    # The router's single-key calls (routing markers) ride in the same batches.
+    async def claim_key(self, key: str) -> tuple[Claim, str]:
+        fut: asyncio.Future[tuple[Claim, str]] = asyncio.get_running_loop().create_future()
+        self.claim(key, fut)
+        return await fut
+
+    async def done_key(self, key: str, token: str) -> None:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.done(key, token, fut)
+        await fut
+
+    def release_key(self, key: str, token: str) -> None:
+        self.release(key, token)
+
+    @property
+    def down(self) -> bool:
+        return self.down_since is not None
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._claims or self._retry or self._done or self._release)
+
+    @property
+    def busy(self) -> bool:
+        return self.task is not None and not self.task.done()
+
+    def token_of(self, seq: int) -> str:
+        return f"{self.owner}.{seq}"
+
+    # ---------------------------------------------------------------- the call
+
+    def due_renewals(self, now: float) -> list[tuple[str, str]]:
+        cutoff = now - self.lease_s / 3
+        return [(k, h.token) for k, h in self.held.items() if h.renewed <= cutoff]
+
+    def flush(self) -> bool:
+        """Start one store call with everything pending, if none is in flight; True if started."""
+        if self.busy:
+            return False
+        now = self.clock()
+        if self.down_since is not None and now < self.retry_at:
+            return False
+        renew = self.due_renewals(now)
+        if not (self.pending or renew):
+            return False
+        if self._retry is not None:
+            seq0, group = self._retry
+            self._retry = None
+        else:
+            seq0, group = self.seq, self._claims
+            self._claims = []
+            self.seq += len(group)
+        done, self._done = self._done, []
+        release, self._release = self._release, []
+        for k, _ in renew:
+            self.held[k].renewed = now
+        batch = Batch([k for k, _ in group], seq0, [(k, t) for k, t, _ in done], release, renew)
+        self.task = asyncio.get_running_loop().create_task(self._call(batch, seq0, group, done, release, renew))
+        return True
+
+    async def _call(self, batch: Batch, seq0: int, group: list[tuple[str, Target]],
+                    done: list[tuple[str, str, Any]], release: list[tuple[str, str]],
+                    renew: list[tuple[str, str]]) -> None:
+        self.calls += 1
+        try:
+            answer = await self.store.apply(batch)
+        except StoreUnavailable as e:
+            self._failed(e, seq0, group, done, release)
+            return
+        except Exception as e:  # noqa: BLE001 - an unexpected store error is treated as the store being down
+            log.exception("event=store-call-failed error=%r", e)
+            self._failed(StoreUnavailable(repr(e)), seq0, group, done, release)
+            return
+        now = self.clock()
+        if self.down_since is not None:
+            log.warning("event=idempotency-store-back down_s=%.1f", now - self.down_since)
+            self.down_since = None
+        self._backoff = 0.2
+        out = Outcome()
+        for i, ((key, target), code) in enumerate(zip(group, answer.claims)):
+            token = self.token_of(seq0 + i)
+            if isinstance(target, asyncio.Future):
+                if not target.done():
+                    target.set_result((code, token))
+                if code is Claim.CLAIMED:
+                    self.held[key] = Hold(token, now)
+                continue
+            if code is Claim.CLAIMED:
+                target.token = token
+                self.held[key] = Hold(token, now)
+            out.claims.append((target, code))
+        for (key, token), lost in zip(renew, answer.renew_lost):
+            h = self.held.get(key)
+            if lost and h is not None and h.token == token:
+                del self.held[key]
+                out.lost.append(key)
+        for _, _, target in done:
+            if isinstance(target, asyncio.Future):
+                if not target.done():
+                    target.set_result(None)
+            elif target is not None:
+                out.written.append(target)
+        self.post(out)
+
+    def _failed(self, e: StoreUnavailable, seq0: int, group: list[tuple[str, Target]],
+                done: list[tuple[str, str, Any]], release: list[tuple[str, str]]) -> None:
+        now = self.clock()
+        if self.down_since is None:
+            self.down_since = now
+            log.error("event=idempotency-store-down action=pause-and-retry error=\"%s\"", str(e).replace('"', "'"))
+        self.retry_at = now + self._backoff
+        self._backoff = min(5.0, self._backoff * 2)
+        if group:
+            self._retry = (seq0, group)       # same tokens: a claim that landed is answered CLAIMED
+        self._done = done + self._done
+        self._release = release + self._release
+        self.post(Outcome(error=e))
+
+    async def close(self) -> None:
+        if self.task is not None and not self.task.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(self.task), 5)
+            except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - closing anyway
+                pass
