@@ -405,7 +405,11 @@ class Runtime:
         return parts
 
     def _on_revoking(self, tps: list[TP], reply: "concurrent.futures.Future[dict[TP, tuple[int, int]]]") -> None:
-        self._forget(set(tps))
+        """Take nothing new from these partitions; their accepted work may finish within
+        the bound (less to re-deliver), then what is finished is committed."""
+        for tp in tps:
+            if tp in self.parts:
+                self.parts[tp].revoking = True
         bound = 0.0 if self.state in ("closing", "closed") else self._revoke_bound()
         self.revokes.append(Revoke(tps, reply, time.monotonic() + bound))
         log.info("event=revoking partitions=%s bound_s=%.1f", _fmt(tps), bound)
@@ -421,6 +425,7 @@ class Runtime:
                 continue
             if left > 0:
                 log.warning("event=revoke-drain-timeout still_running=%d", left)
+                self._forget(set(r.tps))
             offsets = {p.tp: (o, p.epoch) for p in parts if (o := p.to_commit()) is not None}
             for p in parts:
                 del self.parts[p.tp]
@@ -528,14 +533,15 @@ class Runtime:
         skipped = 0
         for m, code in out.claims:
             part = m._part
-            current = self.parts.get(part.tp) is part and not part.revoking
+            current = self.parts.get(part.tp) is part
             rechecked = id(m) in self.parked
             self.rechecking.discard(id(m))
-            if not current:
+            if not current:                              # its partition left us meanwhile
                 if code is Claim.CLAIMED:
                     self.session.release(m.idempotency_key, m.token)     # type: ignore[union-attr]
                 if rechecked:
                     del self.parked[id(m)]
+                    self._release_behind(m)
                 continue
             if code is Claim.DONE:
                 skipped += 1
@@ -547,10 +553,7 @@ class Runtime:
                 if code is Claim.CLAIMED:
                     del self.parked[id(m)]
                     m.claimed = True
-                    if self.state == "running":
-                        self._run([m])                   # the head of its key: the gate counts it already
-                    else:
-                        self._abandon(m, admitted=True)
+                    self._run([m])                       # the head of its key: the gate counts it already
             else:
                 m.claimed = code is Claim.CLAIMED
                 fresh.append(m)
@@ -652,14 +655,10 @@ class Runtime:
         nxt = self.gate.settle(m)
         if not nxt:
             return
-        live = [x for x in nxt if self.parts.get(x._part.tp) is x._part and not x._part.revoking]
+        live = [x for x in nxt if self.parts.get(x._part.tp) is x._part]
         for x in nxt:
             if x not in live:
                 self._abandon(x, admitted=False)
-        if self.state != "running":
-            for x in live:
-                self._abandon(x, admitted=False)
-            return
         self._admit(live)
 
     def _settle(self, m: Message) -> None:
@@ -700,7 +699,7 @@ class Runtime:
     def _on_verdict(self, msg: Message, verdict: str) -> None:
         self.routes -= 1
         if verdict == "resubmit":
-            if self.alive(msg) and self.state == "running":
+            if self.alive(msg):
                 msg.attempts += 1
                 self._run([msg])                          # still the head of its key
                 return
@@ -724,8 +723,7 @@ class Runtime:
 
     def alive(self, msg: Message) -> bool:
         part = msg._part
-        return (self.parts.get(part.tp) is part and not part.revoking and self.state in ("running", "draining")
-                and not self._hard_stop)
+        return self.parts.get(part.tp) is part and self.state in ("running", "draining") and not self._hard_stop
 
     def blocked(self, msg: Message, on: bool) -> None:
         self._post(("blocked", msg, on))
@@ -967,20 +965,22 @@ class Runtime:
             self.request_stop(hard=True)
 
     def _begin_drain(self) -> None:
-        """Stop taking work: not-started records are given back; running ones may finish."""
+        """Stop fetching; the work already accepted may finish within the drain bound."""
         assert self.dispatcher is not None
-        for m in self.dispatcher.take_back(lambda m: False):
-            self._abandon(m, admitted=True)
-        for m in self.gate.forget(lambda m: False):
-            self._abandon(m, admitted=False)
         log.info("event=draining inflight=%d running=%d routing=%d parked=%d bound_s=%.1f", self.outstanding,
                  self.dispatcher.running, self.routes, len(self.parked), self.s.shutdown.drain_timeout_s)
 
     def _drained(self, now: float) -> bool:
-        assert self.dispatcher is not None
-        busy = self.dispatcher.running > 0 or self.routes > 0
-        store_busy = self.session is not None and not self.session.down and (self.session.pending or self.session.busy)
-        return (not busy and not store_busy) or now >= self._drain_deadline
+        """All accepted work finished (done marks written), or the bound is reached: then
+        whatever has not started is given back, unfinished, for the next owner."""
+        store_down = self.session is not None and self.session.down
+        left = self.outstanding if not store_down else self.dispatcher.running + self.routes  # type: ignore[union-attr]
+        if left > 0 and now < self._drain_deadline:
+            return False
+        if left > 0:
+            log.warning("event=drain-timeout unfinished=%d", left)
+        self._forget(set(self.parts))
+        return True
 
     async def run(self) -> None:
         if self.consumer is None:
@@ -1023,9 +1023,6 @@ class Runtime:
                 if self.session is not None:
                     self.session.flush()
                 if self.state == "draining" and self._drained(now):
-                    for m in list(self.parked.values()):
-                        self._abandon(m, admitted=True)
-                    self.parked.clear()
                     self.state = "committing"
                     offsets = {tp: (o, p.epoch) for tp, p in self.parts.items() if (o := p.to_commit()) is not None}
                     commit_fut = self._kop(self._commit_now, offsets, "shutdown")

@@ -11,6 +11,12 @@ queueing means the lanes are the bottleneck, and a larger limit would only buffe
 its sojourn time, not its length). The limit bounds messages fetched but not finished, so it bounds memory
 too; when it is reached, the loop pauses its partitions and keeps polling.
 
+Errors that do not respond to load (every first attempt fails, bad luck of the data) must
+not pin the limit at its floor: after a cut for errors, if the next window's error rate did
+not fall by a quarter, that rate is taken as the load-independent *baseline*, and only
+errors above baseline + maxErrorRate count as overload. The baseline follows the error
+rate down at once, so errors that do respond to load are cut again.
+
 Pure: no clock, no I/O. The loop feeds it one `WindowStats` per window.
 """
 from __future__ import annotations
@@ -59,16 +65,26 @@ class FetchController:
         self.limit = flow.start_inflight
         self.slow_start = True
         self.overloaded = False     # the last window with completions was over target
+        self.error_baseline = 0.0   # error rate that cutting the limit did not reduce
+        self._cut_at_rate: float | None = None   # error rate of the window that caused the last error cut
 
     def decide(self, w: WindowStats) -> FetchDecision:
         f = self.flow
+        if w.completed:
+            rate = w.error_rate
+            if self._cut_at_rate is not None and rate > 0 and rate >= 0.75 * self._cut_at_rate:
+                self.error_baseline = rate      # cutting did not help: these errors are not load
+            elif rate < self.error_baseline:
+                self.error_baseline = rate
+            self._cut_at_rate = None
         if w.completed and w.mean_latency_ms > f.target_latency_ms:
             self.limit = max(f.min_inflight, math.floor(self.limit * f.decrease_factor))
             self.slow_start = False
             reason = "overload-latency"
-        elif w.completed and w.error_rate > f.max_error_rate:
+        elif w.completed and w.error_rate > self.error_baseline + f.max_error_rate:
             self.limit = max(f.min_inflight, math.floor(self.limit * f.decrease_factor))
             self.slow_start = False
+            self._cut_at_rate = w.error_rate
             reason = "overload-errors"
         elif w.peak_outstanding >= self.limit * 0.5 and w.completed and not w.queued:
             step = self.limit if self.slow_start else max(1, math.ceil(self.limit * f.increase_ratio))

@@ -7,7 +7,10 @@ import time
 
 import pytest
 
-from afc.runtime.idempotency import Claim, RedisStore
+import redis
+
+from afc.runtime.errors import ClaimLost
+from afc.runtime.idempotency import Batch, Claim, RedisStore
 from afctest import ConsumerProcess, group_lag, produce_json, wait_for
 
 pytestmark = [pytest.mark.redis]
@@ -18,30 +21,101 @@ def store(testbed, names, owner: str, lease_ms: int = 500) -> RedisStore:
     return RedisStore(testbed.redis_url, names.redis_prefix.rstrip(":"), names.group, owner, lease_ms, 3600)
 
 
-async def test_claim_lease_done_and_release(testbed, names, redis_client) -> None:
-    a, b = store(testbed, names, "a"), store(testbed, names, "b")
+class Claimer:
+    """One worker's view: claims numbered like the session numbers them (owner.seq)."""
+
+    def __init__(self, s: RedisStore) -> None:
+        self.s, self.seq, self.tokens = s, 0, {}
+
+    async def claim(self, *keys: str) -> list[Claim]:
+        a = await self.s.apply(Batch(claims=list(keys), seq0=self.seq))
+        for i, (k, c) in enumerate(zip(keys, a.claims)):
+            if c is Claim.CLAIMED:
+                self.tokens[k] = f"{self.s.owner}.{self.seq + i}"
+        self.seq += len(keys)
+        return a.claims
+
+    async def done(self, *keys: str) -> None:
+        await self.s.apply(Batch(done=[(k, self.tokens[k]) for k in keys]))
+
+    async def release(self, *keys: str) -> None:
+        await self.s.apply(Batch(release=[(k, self.tokens[k]) for k in keys]))
+
+    async def renew(self, *keys: str) -> list[bool]:
+        return (await self.s.apply(Batch(renew=[(k, self.tokens[k]) for k in keys]))).renew_lost
+
+
+async def test_claim_lease_done_release_and_fencing(testbed, names, redis_client) -> None:
+    sa, sb = store(testbed, names, "a"), store(testbed, names, "b")
+    a, b = Claimer(sa), Claimer(sb)
     try:
-        assert await a.claim(["k1", "k2"], []) == [Claim.CLAIMED, Claim.CLAIMED]
-        assert await b.claim(["k1", "k2", "k3"], []) == [Claim.BUSY, Claim.BUSY, Claim.CLAIMED]
-        assert await a.claim(["k1"], []) == [Claim.MINE]             # own claim: renewed, reported as ours
-        await a.mark_done(["k1"])
-        assert await b.claim(["k1"], []) == [Claim.DONE]              # done is never handed out again
-        assert await b.release(["k2"]) == 0                           # not b's to release
-        assert await a.release(["k2"]) == 1
-        assert await b.claim(["k2"], []) == [Claim.CLAIMED]           # released: claimable at once
+        assert await a.claim("k1", "k2") == [Claim.CLAIMED, Claim.CLAIMED]
+        assert await b.claim("k1", "k2", "k3") == [Claim.BUSY, Claim.BUSY, Claim.CLAIMED]
+        assert await a.claim("k1") == [Claim.BUSY]                     # a second claim of our own: another token
+        # the same claim sent again (its first answer lost): answered CLAIMED, not BUSY
+        assert (await sa.apply(Batch(claims=["k1"], seq0=0))).claims == [Claim.CLAIMED]
+        await a.done("k1")
+        assert await b.claim("k1") == [Claim.DONE]                      # done is never handed out again
+        await b.release("k3")
+        await a.release("k2")
+        assert await b.claim("k2") == [Claim.CLAIMED]                   # released: claimable at once
         # a dead worker's claim expires with its lease
-        assert await a.claim(["k4"], []) == [Claim.CLAIMED]
-        assert await b.claim(["k4"], []) == [Claim.BUSY]
+        assert await a.claim("k4") == [Claim.CLAIMED]
+        assert await b.claim("k4") == [Claim.BUSY]
         await asyncio.sleep(0.7)
-        assert await b.claim(["k4"], []) == [Claim.CLAIMED]
-        # done marks ride along with the next claim, in one call
-        assert await b.claim(["k5"], ["k4"]) == [Claim.CLAIMED]
-        assert await a.claim(["k4"], []) == [Claim.DONE]
-        ttl = redis_client.ttl(a.full_key("k4"))
+        assert await a.renew("k4") == [True]                            # a renewal after expiry: lost
+        assert await b.claim("k4") == [Claim.CLAIMED]
+        # fencing: the stale owner's done mark and release do not touch b's claim
+        await a.done("k4")
+        await a.release("k4")
+        assert redis_client.get(sa.full_key("k4")) == b.tokens["k4"].encode()
+        assert await b.renew("k4") == [False]
+        await b.done("k4")
+        assert await a.claim("k4") == [Claim.DONE]
+        ttl = redis_client.ttl(sa.full_key("k4"))
         assert 3000 < ttl <= 3600
+        # a done mark for a key whose lease ran out and nobody took: marked (the work was done)
+        assert await a.claim("k5") == [Claim.CLAIMED]
+        await asyncio.sleep(0.7)
+        await a.done("k5")
+        assert await b.claim("k5") == [Claim.DONE]
     finally:
-        await a.close()
-        await b.close()
+        await sa.close()
+        await sb.close()
+
+
+async def test_mark_done_in_applies_only_while_the_claim_is_held(testbed, names, redis_client) -> None:
+    """Issue 9 item 2: a stale owner's MULTI (effect + done mark) must fail as a whole."""
+    sa, sb = store(testbed, names, "a", lease_ms=300), store(testbed, names, "b", lease_ms=300)
+    a, b = Claimer(sa), Claimer(sb)
+    effects = f"{names.redis_prefix}effects"
+    try:
+        assert await a.claim("order-1", "order-2") == [Claim.CLAIMED, Claim.CLAIMED]
+        # held: the effect and the mark commit together
+        pipe = redis_client.pipeline(transaction=True)
+        pipe.rpush(effects, "a:order-1")
+        sa.done_in(pipe, "order-1", a.tokens["order-1"])
+        pipe.execute()
+        assert redis_client.get(sa.full_key("order-1")) == b"d"
+        # lost: the lease ran out and b took the key: a's transaction is refused whole
+        await asyncio.sleep(0.4)
+        assert await b.claim("order-2") == [Claim.CLAIMED]
+        pipe = redis_client.pipeline(transaction=True)
+        pipe.rpush(effects, "a:order-2")
+        with pytest.raises(ClaimLost):
+            sa.done_in(pipe, "order-2", a.tokens["order-2"])
+        # taken between WATCH and EXEC: EXEC fails, nothing applied
+        assert await a.claim("order-3") == [Claim.CLAIMED]
+        pipe = redis_client.pipeline(transaction=True)
+        pipe.rpush(effects, "a:order-3")
+        sa.done_in(pipe, "order-3", a.tokens["order-3"])
+        redis_client.set(sa.full_key("order-3"), "someone-else")
+        with pytest.raises(redis.WatchError):
+            pipe.execute()
+        assert redis_client.lrange(effects, 0, -1) == [b"a:order-1"]
+    finally:
+        await sa.close()
+        await sb.close()
 
 
 def test_racing_claimers_never_both_win(testbed, names) -> None:
@@ -50,18 +124,18 @@ def test_racing_claimers_never_both_win(testbed, names) -> None:
     lock = threading.Lock()
 
     async def claims(owner: str) -> None:
-        s = store(testbed, names, owner, lease_ms=60_000)
+        c = Claimer(store(testbed, names, owner, lease_ms=60_000))
         try:
             for i in range(0, len(keys), 100):
                 chunk = keys[i:i + 100]
-                got = [(await s.claim([k], []))[0] for k in chunk[:50]]  # one by one (parked re-checks)
-                got += await s.claim(chunk[50:], [])                      # a batch
+                got = [(await c.claim(k))[0] for k in chunk[:50]]        # one by one (parked re-checks)
+                got += await c.claim(*chunk[50:])                        # a batch
                 with lock:
-                    for k, c in zip(chunk, got):
-                        if c is Claim.CLAIMED:
+                    for k, r in zip(chunk, got):
+                        if r is Claim.CLAIMED:
                             wins.setdefault(k, []).append(owner)
         finally:
-            await s.close()
+            await c.s.close()
 
     def worker(owner: str) -> None:
         asyncio.run(claims(owner))
@@ -103,15 +177,17 @@ def test_two_consumers_racing_on_the_same_keys_run_each_once(testbed, make_topic
 def test_claim_of_a_dead_worker_is_processed_after_its_lease(testbed, make_topic, names, redis_client, tmp_path) -> None:
     topic = make_topic("in", partitions=1)
 
-    async def as_dead_worker(keys: list[str], done: list[str]) -> list[Claim]:
-        dead = store(testbed, names, "dead-worker", lease_ms=3000)
+    async def as_dead_worker(*keys: str, done: tuple[str, ...] = ()) -> list[Claim]:
+        dead = Claimer(store(testbed, names, "dead-worker", lease_ms=3000))
         try:
-            return await dead.claim(keys, done)
+            got = await dead.claim(*keys, *done)
+            await dead.done(*done)
+            return got[:len(keys)]
         finally:
-            await dead.close()
+            await dead.s.close()
 
     # order-1: claimed by a worker that then "dies"; order-2: handled earlier by someone.
-    assert asyncio.run(as_dead_worker(["order-1"], ["order-2"])) == [Claim.CLAIMED]
+    assert asyncio.run(as_dead_worker("order-1", done=("order-2",))) == [Claim.CLAIMED]
     claimed_at = time.time()
     produce_json(testbed.bootstrap, topic, [{"n": 1}, {"n": 2}, {"n": 3}],
                  headers_of=lambda i, d: [("idempotency-key", f"order-{d['n']}".encode())])
@@ -127,4 +203,4 @@ def test_claim_of_a_dead_worker_is_processed_after_its_lease(testbed, make_topic
     ran = {k.decode(): float(v) for k, v in redis_client.hgetall(times).items()}
     assert set(ran) == {"order-1", "order-3"}                    # order-2 was done: skipped
     assert ran["order-1"] >= claimed_at + 3.0 - 0.05             # not before the dead claim expired
-    assert asyncio.run(as_dead_worker(["order-1", "order-3"], [])) == [Claim.DONE, Claim.DONE]
+    assert asyncio.run(as_dead_worker("order-1", "order-3")) == [Claim.DONE, Claim.DONE]

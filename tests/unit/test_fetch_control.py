@@ -87,3 +87,30 @@ def test_pause_rules() -> None:
     assert not should_pause(**{**base, "overloaded": True, "outstanding": 5})  # top up to half
     assert should_pause(**{**base, "paused": True, "outstanding": 7})     # hysteresis
     assert not should_pause(**{**base, "paused": True, "outstanding": 4})
+
+
+def errors(limit: int, rate: float, n: int = 100) -> WindowStats:
+    return WindowStats(completed=n, errors=int(n * rate), latency_sum_s=n * 0.001, peak_outstanding=limit)
+
+
+def test_errors_that_do_not_respond_to_load_stop_cutting_and_the_limit_recovers() -> None:
+    """Issue 9 item 1: every first attempt fails (50 % transient errors whatever the load).
+    The old controller cut to the floor of 1 and stayed there; now one cut, then growth."""
+    c = FetchController(flow())
+    assert c.decide(errors(100, 0.5)).inflight_limit == 50            # first: looks like overload
+    d = c.decide(errors(50, 0.5))                                      # cutting did not help
+    assert d.reason == "grow" and c.error_baseline == 0.5
+    limits = [c.decide(errors(c.limit, 0.5)).inflight_limit for _ in range(10)]
+    assert limits == sorted(limits) and limits[-1] > 100               # recovers past where it started
+    assert not c.overloaded
+
+
+def test_errors_that_fall_when_cut_keep_being_cut_and_the_baseline_follows_them_down() -> None:
+    c = FetchController(flow())
+    c.decide(errors(100, 0.5))
+    c.decide(errors(50, 0.5))                                           # baseline 0.5
+    assert c.decide(errors(100, 0.1)).reason == "grow" and c.error_baseline == 0.1
+    d = c.decide(errors(110, 0.6))                                      # load-related errors again
+    assert d.reason == "overload-errors"
+    assert c.decide(errors(55, 0.2)).reason == "grow"                  # the cut helped: no new baseline
+    assert c.error_baseline == 0.1

@@ -1,0 +1,305 @@
+"""The runtime core's pieces without servers: partition offsets and deferral, the key gate,
+the idempotency session (with a store double that keeps state like the real script), and
+the dispatcher's watchdog. Races are driven by explicit interleavings, not by timing."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from afc.runtime.dispatch import KeyGate, Outcome, ThreadDispatcher, split_chunks
+from afc.runtime.errors import HandlerTimeout, StoreUnavailable
+from afc.runtime.idempotency import Answer, Batch, Claim
+from afc.runtime.message import Message
+from afc.runtime.partition import RETRY_DUE, WINDOW_FULL, Partition
+from afc.runtime.session import Session
+
+
+def msg(offset: int, key: bytes | None = b"k", part: Partition | None = None, claimed: bool = True) -> Message:
+    m = Message("t", 0, offset, key, b"{}", None, int(time.time() * 1000), {}, None, f"id-{offset}")
+    m.claimed = claimed
+    m._part = part
+    return m
+
+
+# ------------------------------------------------------------------ partition
+
+
+def test_commit_point_is_the_first_unfinished_offset_and_memory_is_only_unfinished() -> None:
+    p = Partition(("t", 0), epoch=1)
+    for o in range(10, 20):
+        assert p.accept(o, 1)
+    for o in (11, 12, 13, 19):
+        p.finish(o)
+    assert p.commit_point() == 10 and p.to_commit() == 10
+    p.finish(10)
+    assert p.commit_point() == 14
+    for o in (14, 15, 16, 17, 18):
+        p.finish(o)
+    assert p.commit_point() == 20 and p.unfinished == [] and p.inflight == 0
+    p.committed = 20
+    assert p.to_commit() is None                       # nothing new: no commit
+    assert not p.accept(15, 2)                          # a re-fetch of something accepted
+
+
+def test_one_stuck_record_keeps_only_itself_and_fills_the_window() -> None:
+    """Issue 9 item 11: the old tracker kept every offset after a stuck one."""
+    p = Partition(("t", 0), epoch=1)
+    p.accept(0, 1)                                      # stuck
+    for o in range(1, 5001):
+        p.accept(o, 1)
+        p.finish(o)
+    assert p.unfinished == [0] and p.window == 5001
+    p.refresh(time.monotonic(), window_max=1000)
+    assert WINDOW_FULL in p.reasons
+    p.finish(0)
+    p.refresh(time.monotonic(), window_max=1000)
+    assert WINDOW_FULL not in p.reasons and p.commit_point() == 5001
+
+
+def test_deferral_drops_records_of_fetches_sent_before_its_seek() -> None:
+    """Issue 9 item 3: a retry record not due yet must not let later records of the same
+    partition through (they would be committed past it) before the seek back to it lands."""
+    p = Partition(("t.retry", 0), epoch=1, retry=True)
+    assert p.accept(5, fetch_seq=1)
+    p.defer(6, due_at=time.monotonic() + 60)            # record 6 is not due
+    assert not p.accept(7, fetch_seq=1)                  # same batch: dropped
+    assert not p.accept(8, fetch_seq=2)                  # a fetch already under way: dropped
+    assert p.take_seek(next_fetch=3) == 6                # the loop sends the seek; fetch 3 comes after it
+    assert not p.accept(9, fetch_seq=2)
+    assert RETRY_DUE in p.reasons
+    p.finish(5)
+    assert p.commit_point() == 6                          # never past the deferred record
+    p.refresh(time.monotonic() + 61, window_max=1000)
+    assert RETRY_DUE not in p.reasons
+    assert p.accept(6, fetch_seq=3) and p.accept(7, fetch_seq=3)   # after the seek: from 6 again
+    assert p.commit_point() == 6
+
+
+# ------------------------------------------------------------------ key gate
+
+
+def test_gate_keeps_a_keys_records_behind_a_parked_one() -> None:
+    """Issue 9 item 14: parking broke same-key order (a later record ran first)."""
+    g = KeyGate()
+    a, b, c, x = msg(1, claimed=False), msg(2), msg(3), msg(4, key=b"other")
+    run, park = g.admit([a, b, x])
+    assert run == [x] and park == [a]                    # b waits behind a
+    run, park = g.admit([c])
+    assert run == [] and park == []                      # c too
+    assert g.settle(a) == [b, c]                         # a done: b and c in order
+    run, park = g.admit([b, c])
+    assert run == [b, c]
+
+
+def test_gate_runs_a_free_keys_records_together_and_holds_later_batches() -> None:
+    g = KeyGate()
+    a, b, c = msg(1), msg(2), msg(3)
+    assert g.admit([a, b])[0] == [a, b]                  # one chunk keeps their order
+    assert g.admit([c])[0] == []                          # a later batch waits for them
+    assert g.settle(a) == []
+    assert g.settle(b) == [c]
+
+
+def test_gate_hand_back_puts_held_records_first_in_order() -> None:
+    """A failure in a chunk: the rest of its key comes back unrun (retry in place keeps order)."""
+    g = KeyGate()
+    a, b, c, d = msg(1), msg(2), msg(3), msg(4)
+    g.admit([a, b, c])
+    g.admit([d])                                         # waiting
+    g.hand_back([b, c])                                  # a failed; b and c were not run
+    assert list(g.waiting[b"k"]) == [b, c, d]
+    assert g.settle(a) == [b, c, d]
+
+
+def test_chunks_never_split_a_key() -> None:
+    ms = [msg(i, key=str(i % 5).encode()) for i in range(100)]
+    chunks = split_chunks(ms, 4)
+    where = {}
+    for i, ch in enumerate(chunks):
+        offs: dict[bytes, list[int]] = {}
+        for m in ch:
+            assert where.setdefault(m.key, i) == i
+            offs.setdefault(m.key, []).append(m.offset)
+        assert all(v == sorted(v) for v in offs.values())
+
+
+# ------------------------------------------------------------------ session
+
+
+class FakeStore:
+    """Holds key -> value like the Lua script does (no TTLs: leases expire by `expire()`)."""
+
+    def __init__(self, owner: str = "me") -> None:
+        self.owner = owner
+        self.kv: dict[str, str] = {}
+        self.fail: Exception | None = None
+        self.land_then_fail = False
+        self.calls: list[Batch] = []
+
+    async def apply(self, b: Batch) -> Answer:
+        self.calls.append(b)
+        if self.fail is not None and not self.land_then_fail:
+            raise self.fail
+        for k, t in b.done:
+            if self.kv.get(k) in (t, None):
+                self.kv[k] = "d"
+        for k, t in b.release:
+            if self.kv.get(k) == t:
+                del self.kv[k]
+        lost = []
+        for k, t in b.renew:
+            lost.append(self.kv.get(k) != t)
+        out = []
+        for i, k in enumerate(b.claims):
+            tok, cur = f"{self.owner}.{b.seq0 + i}", self.kv.get(k)
+            if cur is None or cur == tok:
+                self.kv[k] = tok
+                out.append(Claim.CLAIMED)
+            else:
+                out.append(Claim.DONE if cur == "d" else Claim.BUSY)
+        if self.fail is not None:                        # the call landed, its answer is lost
+            raise self.fail
+        return Answer(out, lost)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+async def settle(session: Session) -> None:
+    while session.busy:
+        await asyncio.sleep(0)
+    await asyncio.sleep(0)
+
+
+async def test_a_claim_whose_answer_was_lost_is_retried_with_its_token_and_wins() -> None:
+    """Issue 9 item 2 (MINE race): with per-claim tokens a lost answer is answered CLAIMED
+    when resent, and a second copy of a key held here is BUSY, never mistaken for ours."""
+    store, clock, outs = FakeStore(), Clock(), []
+    s = Session(store, lease_ms=30_000, post=outs.append, clock=clock)
+    a, b = msg(1), msg(2)
+    store.fail, store.land_then_fail = StoreUnavailable("connection reset"), True
+    s.claim("order-1", a)
+    assert s.flush()
+    await settle(s)
+    assert outs[-1].error is not None and s.down
+    store.fail = None
+    clock.t += 10
+    s.claim("order-1", b)                                # a second copy arrives meanwhile
+    assert s.flush()
+    await settle(s)
+    assert [(m, c) for m, c in outs[-1].claims] == [(a, Claim.CLAIMED)]   # same token: won
+    assert not s.down
+    assert s.flush()
+    await settle(s)
+    assert [(m, c) for m, c in outs[-1].claims] == [(b, Claim.BUSY)]      # the copy waits
+    s.done("order-1", a.token, a)
+    s.flush()
+    await settle(s)
+    assert outs[-1].written == [a] and store.kv["order-1"] == "d"
+
+
+async def test_store_down_flag_clears_whoever_noticed_it() -> None:
+    """Issue 9 item 4: a blip first seen by a done mark or a renewal never cleared."""
+    store, clock, outs = FakeStore(), Clock(), []
+    s = Session(store, lease_ms=3_000, post=outs.append, clock=clock)
+    s.claim("k", msg(1))
+    s.flush()
+    await settle(s)
+    clock.t += 2                                          # the claim is due for renewal
+    store.fail = StoreUnavailable("down")
+    assert s.flush()                                      # a renewal notices the outage
+    await settle(s)
+    assert s.down and store.calls[-1].renew and not store.calls[-1].claims
+    store.fail = None
+    assert not s.flush()                                  # backing off
+    clock.t += 1
+    assert s.flush()
+    await settle(s)
+    assert not s.down
+
+
+async def test_a_renewal_that_finds_another_token_reports_the_key_lost() -> None:
+    store, clock, outs = FakeStore(), Clock(), []
+    s = Session(store, lease_ms=3_000, post=outs.append, clock=clock)
+    m = msg(1)
+    s.claim("k", m)
+    s.flush()
+    await settle(s)
+    store.kv["k"] = "other.7"                              # our lease ran out; someone took it
+    clock.t += 2
+    s.flush()
+    await settle(s)
+    assert outs[-1].lost == ["k"] and "k" not in s.held
+    s.done("k", m.token, m)                                 # our handler finishes anyway
+    s.flush()
+    await settle(s)
+    assert store.kv["k"] == "other.7"                       # its done mark does not overwrite
+
+
+# ------------------------------------------------------------------ dispatcher watchdog
+
+
+def test_a_stuck_handler_is_timed_out_and_the_rest_of_its_chunk_is_taken_back() -> None:
+    """Issue 9 items 6 and 7, with an explicit interleaving: the handler blocks on an event."""
+    release = threading.Event()
+    started = threading.Event()
+    got: list = []
+
+    def handler(m: Message) -> None:
+        if m.offset == 0:
+            started.set()
+            release.wait(10)
+
+    loop = asyncio.new_event_loop()
+    try:
+        d = ThreadDispatcher(handler, 1, loop, got.extend, 0.05, 10.0, 4)
+        stuck, later_same, other = msg(0), msg(1), msg(2, key=b"other")
+        d.submit([stuck, later_same, other])
+        assert started.wait(5)
+        time.sleep(0.1)
+        s = d.watchdog()
+        assert [r[0] for r in s.timed_out] == [stuck] and isinstance(s.timed_out[0][2], HandlerTimeout)
+        assert s.taken == [(stuck, [later_same, other])]
+        assert d.abandoned_alive() == 1 and len(d.workers) == 1   # replaced
+        release.set()
+        d.submit([msg(3, key=b"x")])
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not got:
+            loop.run_until_complete(asyncio.sleep(0.02))
+        assert [r[0].offset for r in got] == [3] and got[0][1] is Outcome.OK   # the late result is dropped
+    finally:
+        loop.run_until_complete(d.close(1))
+        loop.close()
+
+
+@pytest.mark.parametrize("steal_after", [0.05])
+def test_a_slow_handler_gives_up_the_records_behind_it(steal_after: float) -> None:
+    release = threading.Event()
+    started = threading.Event()
+
+    def handler(m: Message) -> None:
+        if m.offset == 0:
+            started.set()
+            release.wait(10)
+
+    loop = asyncio.new_event_loop()
+    try:
+        d = ThreadDispatcher(handler, 1, loop, lambda r: None, 0.0, steal_after, 4)
+        d.submit([msg(0), msg(1), msg(2, key=b"other")])
+        assert started.wait(5)
+        time.sleep(0.1)
+        s = d.watchdog()
+        assert s.timed_out == [] and [m.offset for m in s.taken[0][1]] == [1, 2]
+        assert d.abandoned_alive() == 0
+    finally:
+        release.set()
+        loop.run_until_complete(d.close(1))
+        loop.close()
