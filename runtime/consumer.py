@@ -490,6 +490,11 @@ class Runtime:
             if part is None or part.revoking:
                 continue
             off = m.offset()
+            if TOPIC_ID in part.reasons:
+                # Its position keys need the topic's id, still being looked up: fetched again later.
+                if part.admissible(off, seq):
+                    part.rewind(off)
+                continue
             headers = m.headers()
             attempts = 0
             if part.retry and headers:
@@ -577,6 +582,13 @@ class Runtime:
 
     def _run(self, msgs: list[Message]) -> None:
         assert self.dispatcher is not None
+        if any(m.decode_error is not None for m in msgs):
+            # Undecodable or oversized: never handed to the handler, routed (as poison) at once.
+            for m in msgs:
+                if m.decode_error is not None:
+                    self.metrics.errors.labels(type(m.decode_error).__name__).inc()
+                    self._route(m, m.decode_error)
+            msgs = [m for m in msgs if m.decode_error is None]
         n = self.outstanding
         if n > self._win[3]:
             self._win[3] = n

@@ -200,7 +200,9 @@ class Dispatcher:
         self.running = 0                  # records handed to workers and not reported back
 
     def chunk_count(self, n_msgs: int) -> int:
-        size = MAX_CHUNK if self.mean_latency_s <= 0 else max(1, min(MAX_CHUNK, int(CHUNK_TIME_S / self.mean_latency_s)))
+        """As many chunks as workers, unless the handler is so fast that a chunk of fewer
+        than CHUNK_TIME_S worth of records would cost more in hand-offs than it saves."""
+        size = 1 if self.mean_latency_s <= 0 else max(1, min(MAX_CHUNK, int(CHUNK_TIME_S / self.mean_latency_s)))
         return max(1, min(self.n, math.ceil(n_msgs / size)))
 
     def tune(self, mean_latency_s: float, samples: int) -> None:

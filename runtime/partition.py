@@ -102,12 +102,17 @@ class Partition:
 
     # ------------------------------------------------------------------ deferral
 
-    def defer(self, offset: int, due_at: float) -> None:
-        """Hold the partition at `offset` until `due_at`: seek back to it and pause."""
+    def rewind(self, offset: int) -> None:
+        """Do not take `offset` now: drop it and everything after it until a seek back to it
+        has taken effect (the caller also pauses the partition for a reason of its own)."""
         if self.skip_from is None or offset < self.skip_from:
             self.skip_from = offset
         self.seek_to = offset if self.seek_to is None else min(self.seek_to, offset)
         self.skip_until_fetch = 1 << 62     # until the seek is sent (take_seek)
+
+    def defer(self, offset: int, due_at: float) -> None:
+        """Hold the partition at `offset` until `due_at`: seek back to it and pause."""
+        self.rewind(offset)
         self.due_at = due_at
         self.reasons.add(RETRY_DUE)
 

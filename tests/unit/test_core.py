@@ -303,3 +303,14 @@ def test_a_slow_handler_gives_up_the_records_behind_it(steal_after: float) -> No
         release.set()
         loop.run_until_complete(d.close(1))
         loop.close()
+
+
+def test_records_fetched_before_the_topic_id_is_known_are_fetched_again() -> None:
+    """Position keys need the topic id: a record taken before it is known would be keyed by
+    name, and its done mark missed after a restart (duplicates in the kill -9 test)."""
+    p = Partition(("t", 0), epoch=1)
+    p.accept(0, 1)
+    p.rewind(1)
+    assert not p.accept(1, 1) and not p.accept(2, 1)
+    assert p.take_seek(next_fetch=2) == 1
+    assert p.accept(1, 2) and p.commit_point() == 0
