@@ -597,6 +597,12 @@ class Runtime:
     def _recheck_parked(self) -> None:
         if self.session is None:
             return
+        now = time.monotonic()
+        if now - getattr(self, "_parked_logged", 0.0) > 10:
+            self._parked_logged = now
+            sample = next(iter(self.parked.values()))
+            log.info("event=parked count=%d sample_key=%s sample=%s rechecking=%d", len(self.parked),
+                     sample.idempotency_key, sample, len(self.rechecking))
         for i, m in self.parked.items():
             if i not in self.rechecking:
                 self.rechecking.add(i)
@@ -630,12 +636,7 @@ class Runtime:
                 continue
             assert err is not None
             if isinstance(err, ClaimLost) or (msg._fenced and type(err).__name__ == "WatchError"):
-                # Our lease ran out and another worker took the key: nothing was applied. Wait
-                # for the key like any held one (it becomes done, or free again).
-                self.metrics.claims_lost.inc()
-                msg.claimed = False
-                msg._fenced = False
-                self.parked[id(msg)] = msg
+                self._fenced(msg)
                 continue
             if err is not msg.decode_error and classify(err, rules) is Classification.TRANSIENT:
                 errors += 1
@@ -653,6 +654,23 @@ class Runtime:
             m_.handled.inc(len(e2es))
             m_.handler_latency.observe_many(latencies)
             m_.e2e_latency.observe_many(e2es)
+
+    def _fenced(self, msg: Message) -> None:
+        """The handler's fenced transaction (mark_done_in) did not apply: nothing happened.
+        If we still hold the claim (a lease renewal touched the WATCHed key), run it again;
+        if another worker took the key, wait for it like any held key."""
+        msg._fenced = False
+        h = self.session.held.get(msg.idempotency_key) if self.session is not None else None
+        if h is not None and h.token == msg.token:
+            self.metrics.fenced_retries.inc()
+            self._run([msg])
+            return
+        self.metrics.claims_lost.inc()
+        if self.session is not None and msg.token:
+            self.session.release(msg.idempotency_key, msg.token)
+        msg.claimed = False
+        msg.token = ""
+        self.parked[id(msg)] = msg
 
     def _handled(self, m: Message) -> None:
         """The handler returned: the offset passes once the done mark is written."""

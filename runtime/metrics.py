@@ -103,6 +103,8 @@ class RuntimeMetrics:
                             registry=r)
         self.claims_lost = Counter("afc_idempotency_claims_lost", "Claims taken over by another worker after "
                                    "their lease ran out.", registry=r)
+        self.fenced_retries = Counter("afc_fenced_retries", "Handler runs repeated because their fenced "
+                                      "transaction was refused while the claim was still held.", registry=r)
         self.store_evicting = Gauge("afc_idempotency_store_evicting", "1 if the store's maxmemory-policy may "
                                     "evict done marks.", registry=r)
         self.controller_decisions = Counter("afc_fetch_controller_decisions", "Fetch controller decisions.",

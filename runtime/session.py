@@ -74,13 +74,18 @@ class Session:
 
     def done(self, key: str, token: str, target: Any) -> None:
         """Queue the done mark; `target` comes back in `Outcome.written` once it is stored."""
-        self.held.pop(key, None)
+        self._unhold(key, token)
         self._done.append((key, token, target))
         self.wake()
 
     def release(self, key: str, token: str) -> None:
-        self.held.pop(key, None)
+        self._unhold(key, token)
         self._release.append((key, token))
+
+    def _unhold(self, key: str, token: str) -> None:
+        h = self.held.get(key)
+        if h is not None and h.token == token:
+            del self.held[key]
 
     # The router's single-key calls (routing markers) ride in the same batches.
     async def claim_key(self, key: str) -> tuple[Claim, str]:

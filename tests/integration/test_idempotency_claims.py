@@ -112,6 +112,15 @@ async def test_mark_done_in_applies_only_while_the_claim_is_held(testbed, names,
         redis_client.set(sa.full_key("order-3"), "someone-else")
         with pytest.raises(redis.WatchError):
             pipe.execute()
+        # a lease renewal between WATCH and EXEC also refuses the MULTI (the runtime then runs
+        # the handler again, since it still holds the claim: nothing was applied)
+        assert await a.claim("order-4") == [Claim.CLAIMED]
+        pipe = redis_client.pipeline(transaction=True)
+        pipe.rpush(effects, "a:order-4")
+        sa.done_in(pipe, "order-4", a.tokens["order-4"])
+        assert await a.renew("order-4") == [False]
+        with pytest.raises(redis.WatchError):
+            pipe.execute()
         assert redis_client.lrange(effects, 0, -1) == [b"a:order-1"]
     finally:
         await sa.close()
