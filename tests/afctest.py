@@ -192,3 +192,39 @@ def produce_json(bootstrap: str, topic: str, docs: list[dict], key_of=None, head
             except BufferError:
                 p.poll(0.05)
     assert p.flush(60) == 0
+
+
+def read_topic(bootstrap: str, topic: str, until: Callable[[list], bool] = lambda msgs: bool(msgs),
+               timeout: float = 30) -> list:
+    """Records of a topic from its start (no group, nothing committed) until `until(records)`
+    holds or `timeout` passes; each record as confluent_kafka's Message. Waits for the topic."""
+    from confluent_kafka import Consumer, TopicPartition
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "afctest-reader", "enable.auto.commit": False,
+                  "enable.partition.eof": False})
+    out: list = []
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            md = c.list_topics(topic, timeout=10).topics.get(topic)
+            if md is not None and md.error is None and md.partitions:
+                c.assign([TopicPartition(topic, p, 0) for p in md.partitions])   # offset 0: from the start
+                break
+            time.sleep(0.5)
+        else:
+            return out
+        while time.monotonic() < deadline and not until(out):
+            m = c.poll(0.2)
+            if m is not None and m.error() is None:
+                out.append(m)
+        return out
+    finally:
+        c.close()
+
+
+def produce_one(producer, topic: str, doc: dict, partition: int | None = None, key: bytes | None = None,
+                headers: list | None = None) -> None:
+    """One JSON record through an open confluent Producer, sent now (poll, no linger wait)."""
+    import orjson
+    kw = {"partition": partition} if partition is not None else {}
+    producer.produce(topic, value=orjson.dumps(doc), key=key, headers=headers, **kw)
+    producer.poll(0)
