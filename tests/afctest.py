@@ -228,3 +228,37 @@ def produce_one(producer, topic: str, doc: dict, partition: int | None = None, k
     kw = {"partition": partition} if partition is not None else {}
     producer.produce(topic, value=orjson.dumps(doc), key=key, headers=headers, **kw)
     producer.poll(0)
+
+
+class PrivateRedis:
+    """A redis-server of the test's own on a free port (append-only file in `data`, so a
+    restart keeps its keys), for faults the shared test bed's Redis must not suffer:
+    stop/start, OOM (maxmemory), READONLY (replicaof), eviction policies."""
+
+    def __init__(self, data: Path, *args: str) -> None:
+        self.port = free_port()
+        self.data, self.args = data, args
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> "PrivateRedis":
+        import socket
+        self.data.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port", str(self.port),
+                                      "--dir", str(self.data), "--save", "", "--appendonly", "yes",
+                                      "--appendfsync", "always", *self.args],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: socket.socket().connect_ex(("127.0.0.1", self.port)) == 0, 10, 0.05, what="private redis")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def client(self):
+        import redis
+        return redis.Redis.from_url(self.url, socket_timeout=5)
