@@ -84,6 +84,30 @@ def test_store_outage_first_seen_outside_a_claim_clears_and_resumes(testbed, mak
     assert 503 in codes, f"/readyz while the store was down: {codes}"
 
 
+def store_fault(testbed, make_topic, names, redis_client, tmp_path, store: PrivateRedis, inject, clear,
+                what: str) -> tuple[set[int], list[float], str]:
+    """600 records handled, then `inject()` the fault and produce 600 more, watch for 6 s, then
+    `clear()`: every record must end up handled exactly once, the process up throughout.
+    Returns the /readyz codes and store-error counts seen during the fault, and the log."""
+    topic = make_topic("in", partitions=6)
+    produce_json(testbed.bootstrap, topic, [{"n": i} for i in range(600)], key_of=lambda i, d: str(i).encode())
+    c = consumer(testbed, names, tmp_path, topic, store, {"AFC_TEST_SLEEP_MS": "1"}).start()
+    try:
+        c.wait_ready()
+        wait_for(lambda: len(runs(redis_client, names)) >= 600, 60, 0.2, what="the first 600 handled")
+        inject()
+        produce_json(testbed.bootstrap, topic, [{"n": i} for i in range(600, 1200)],
+                     key_of=lambda i, d: str(i).encode())
+        codes, errors = sample(c, 6)
+        clear()
+        assert_all_once(testbed, topic, names, redis_client, c, 1200, 45, f"resumed after {what}")
+    finally:
+        c.stop()
+    assert errors[-1] > errors[0], f"afc_idempotency_store_errors_total did not grow during {what}: {errors[:3]}..."
+    assert 503 in codes, f"/readyz during {what}: {codes}"
+    return codes, errors, (tmp_path / "c.log").read_text()
+
+
 def test_store_out_of_memory_pauses_then_resumes(testbed, make_topic, names, redis_client, tmp_path) -> None:
     """Item 10 (OOM arrives as ResponseError: the claim path spins, _flush_store kills run()):
     the store answers `OOM command not allowed` (maxmemory 1mb, noeviction) while records
@@ -91,28 +115,20 @@ def test_store_out_of_memory_pauses_then_resumes(testbed, make_topic, names, red
     /readyz 503), logged; resumes when memory is freed; every record handled exactly once."""
     store = PrivateRedis(tmp_path / "redis").start()
     r = store.client()
-    topic = make_topic("in", partitions=6)
-    produce_json(testbed.bootstrap, topic, [{"n": i} for i in range(600)], key_of=lambda i, d: str(i).encode())
-    c = consumer(testbed, names, tmp_path, topic, store, {"AFC_TEST_SLEEP_MS": "1"}).start()
-    try:
-        c.wait_ready()
-        wait_for(lambda: len(runs(redis_client, names)) >= 600, 60, 0.2, what="the first 600 handled")
+
+    def inject() -> None:
         r.set("filler", b"x" * 3_000_000)
         r.config_set("maxmemory-policy", "noeviction")
         r.config_set("maxmemory", "1mb")
-        produce_json(testbed.bootstrap, topic, [{"n": i} for i in range(600, 1200)],
-                     key_of=lambda i, d: str(i).encode())
-        codes, errors = sample(c, 6)
+
+    def clear() -> None:
         r.config_set("maxmemory", "0")
         r.delete("filler")
-        assert_all_once(testbed, topic, names, redis_client, c, 1200, 45, "resumed after OOM")
+    try:
+        _, _, log = store_fault(testbed, make_topic, names, redis_client, tmp_path, store, inject, clear, "OOM")
     finally:
-        c.stop()
         r.close()
         store.stop()
-    assert errors[-1] > errors[0], f"afc_idempotency_store_errors_total did not grow during OOM: {errors[:3]}..."
-    assert 503 in codes, f"/readyz during OOM: {codes}"
-    log = (tmp_path / "c.log").read_text()
     assert "OOM" in log or "maxmemory" in log, "the OOM answer is not in the log"
 
 
@@ -125,28 +141,18 @@ def test_store_read_only_after_failover_pauses_then_resumes(testbed, make_topic,
     store = PrivateRedis(tmp_path / "redis").start()
     primary = PrivateRedis(tmp_path / "primary").start()
     r = store.client()
-    topic = make_topic("in", partitions=6)
-    produce_json(testbed.bootstrap, topic, [{"n": i} for i in range(600)], key_of=lambda i, d: str(i).encode())
-    c = consumer(testbed, names, tmp_path, topic, store, {"AFC_TEST_SLEEP_MS": "1"}).start()
-    try:
-        c.wait_ready()
-        wait_for(lambda: len(runs(redis_client, names)) >= 600, 60, 0.2, what="the first 600 handled")
+
+    def inject() -> None:
         r.replicaof("127.0.0.1", primary.port)
         wait_for(lambda: r.info("replication").get("master_link_status") == "up", 15, 0.1, what="replica synced")
-        produce_json(testbed.bootstrap, topic, [{"n": i} for i in range(600, 1200)],
-                     key_of=lambda i, d: str(i).encode())
-        codes, errors = sample(c, 6)
-        r.replicaof("NO", "ONE")
-        assert_all_once(testbed, topic, names, redis_client, c, 1200, 45, "resumed after READONLY")
+    try:
+        _, _, log = store_fault(testbed, make_topic, names, redis_client, tmp_path, store, inject,
+                                lambda: r.replicaof("NO", "ONE"), "READONLY")
     finally:
-        c.stop()
         r.close()
         store.stop()
         primary.stop()
-    assert errors[-1] > errors[0], f"afc_idempotency_store_errors_total did not grow while read-only: {errors[:3]}..."
-    assert 503 in codes, f"/readyz while read-only: {codes}"
-    log = (tmp_path / "c.log").read_text().lower()
-    assert "readonly" in log or "read only" in log, "the READONLY answer is not in the log"
+    assert "readonly" in log.lower() or "read only" in log.lower(), "the READONLY answer is not in the log"
 
 
 def test_evicting_store_policy_warns_at_start(testbed, make_topic, names, tmp_path) -> None:
