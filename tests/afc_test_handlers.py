@@ -182,3 +182,22 @@ def ordered_flaky(msg) -> None:
     if p.get("fail_times") and r.hincrby(os.environ["AFC_TEST_LIST"] + ":tries", p["n"], 1) <= p["fail_times"]:
         raise TimeoutError("downstream timed out")
     r.rpush(f"{os.environ['AFC_TEST_LIST']}:{msg.key.decode()}", p["seq"])
+
+
+def guarded_effect(msg) -> None:
+    """Notes its start, sleeps payload.sleep_ms, then RPUSHes `<AFC_TEST_WHO>:<n>` in one MULTI
+    with the done mark (mark_done_in); notes `<who>:ok` or `<who>:<exception class>` and
+    re-raises. Lists: AFC_TEST_LIST (effects), AFC_TEST_LIST:started, AFC_TEST_LIST:outcome."""
+    r, lst, who = _redis(), os.environ["AFC_TEST_LIST"], os.environ["AFC_TEST_WHO"]
+    r.rpush(f"{lst}:started", f"{who}:{msg.payload['n']}")
+    if msg.payload.get("sleep_ms"):
+        time.sleep(msg.payload["sleep_ms"] / 1000)
+    try:
+        pipe = r.pipeline(transaction=True)
+        pipe.rpush(lst, f"{who}:{msg.payload['n']}")
+        msg.mark_done_in(pipe)
+        pipe.execute()
+    except Exception as e:
+        r.rpush(f"{lst}:outcome", f"{who}:{type(e).__module__}.{type(e).__qualname__}")
+        raise
+    r.rpush(f"{lst}:outcome", f"{who}:ok")

@@ -262,3 +262,15 @@ class PrivateRedis:
     def client(self):
         import redis
         return redis.Redis.from_url(self.url, socket_timeout=5)
+
+
+def committed_offsets(bootstrap: str, topic: str, group: str) -> dict[int, int]:
+    """partition -> the group's committed offset (0 where none), read from the broker."""
+    from confluent_kafka import Consumer, TopicPartition
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    try:
+        parts = c.list_topics(topic, timeout=10).topics[topic].partitions
+        return {tp.partition: max(tp.offset, 0)
+                for tp in c.committed([TopicPartition(topic, p) for p in parts], timeout=10)}
+    finally:
+        c.close()
