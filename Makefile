@@ -8,7 +8,7 @@ PYTEST := .venv/bin/pytest
 TESTBED := python3 scripts/testbed.py
 PYTEST_ARGS ?=
 
-.PHONY: deps testbed testbed-down testbed-clean testbed-status test unit demo bench crds pins
+.PHONY: deps testbed testbed-down testbed-clean testbed-status test unit demo bench soak crds pins
 
 deps:
 	bash scripts/install-deps.sh
@@ -36,6 +36,12 @@ demo: testbed
 
 bench: testbed
 	set -a; source .testbed/env; set +a; $(PY) -P bench/run.py
+
+# Issue 9's chaos soak: 3 members, 100k records, 3 SIGKILLs, mark_done_in; N runs (SOAK_RUNS,
+# default 5), results in bench/results/chaos.json.
+SOAK_RUNS ?= 5
+soak: testbed
+	set -a; source .testbed/env; set +a; $(PY) -P bench/chaos.py --runs $(SOAK_RUNS)
 
 # The CRD is generated from the models; a test fails when the checked-in file drifts.
 crds: deps

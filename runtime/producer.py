@@ -12,8 +12,9 @@
     p.close()
 
 What it adds to a plain Producer:
-- `enable.idempotence=true` and an `idempotency-key` header on every message (uuid4, or the
-  caller's deterministic key), which the consumers deduplicate on.
+- `enable.idempotence=true` and an `idempotency-key` header on every message, which the
+  consumers deduplicate on: the caller's `idempotency_key=`, else the caller's own
+  `idempotency-key` header (kept as given), else a uuid4.
 - A size check before sending: a message above `maxMessageBytes` (1 MiB) raises
   `MessageTooLarge`, so one oversized payload cannot blow up a consumer's memory.
 - Pacing: a token bucket whose rate follows the watched groups' level (AIMD, `AimdRate`):
@@ -150,6 +151,24 @@ def _headers(h: Headers) -> list[tuple[str, bytes]]:
     return [(k, _bytes(v) or b"") for k, v in items]
 
 
+def with_idempotency_key(hs: list[tuple[str, bytes]], header: str,
+                         idempotency_key: str | None) -> tuple[list[tuple[str, bytes]], str]:
+    """The headers with exactly one idempotency key, and that key.
+
+    - `idempotency_key=` given: it is the key (any header of that name is replaced);
+    - else the caller's own non-empty header is kept as it is, byte for byte, so a retried
+      send carries the same key and the consumers deduplicate it (the returned str is its
+      UTF-8 reading, undecodable bytes as surrogate escapes);
+    - else (no header, or only empty ones, which the consumers ignore) a uuid4 is added.
+    """
+    if not idempotency_key:
+        own = next((v for name, v in hs if name == header and v), None)
+        if own is not None:
+            return hs, own.decode("utf-8", "surrogateescape")
+        idempotency_key = uuid.uuid4().hex
+    return [h for h in hs if h[0] != header] + [(header, idempotency_key.encode())], idempotency_key
+
+
 # ---------------------------------------------------------------------------- the producer
 
 class AdaptiveProducer:
@@ -237,8 +256,7 @@ class AdaptiveProducer:
                 idempotency_key: str | None) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]], str]:
         """Encode, add the idempotency header, check the size (before any waiting)."""
         v, k, hs = _bytes(value), _bytes(key), _headers(headers)
-        ikey = idempotency_key or uuid.uuid4().hex
-        hs = [h for h in hs if h[0] != self.s.key_header] + [(self.s.key_header, ikey.encode())]
+        hs, ikey = with_idempotency_key(hs, self.s.key_header, idempotency_key)
         size = message_size(k, v, hs)
         if size > self.s.max_message_bytes:
             self.metrics.too_large.inc()

@@ -107,3 +107,97 @@ def scripted(msg) -> None:
     if flag and r.get(flag):
         raise ValueError("broken until fixed")
     r.hincrby(h, key, 1)
+
+
+# ---------------------------------------------------------------------------- issue 9 (runtime core)
+
+def fail_first_attempt(msg) -> None:
+    """TimeoutError (TRANSIENT) on a record's first run, success on its retry: counts
+    successes per payload id (HINCRBY), so duplicates and losses both show."""
+    if msg.attempts == 0:
+        raise TimeoutError("downstream timed out")
+    _redis().hincrby(os.environ["AFC_TEST_HASH"], msg.payload["n"], 1)
+
+
+def count_by_id(msg) -> None:
+    """HINCRBY per payload id (not per idempotency key, which may collide)."""
+    _redis().hincrby(os.environ["AFC_TEST_HASH"], msg.payload["n"], 1)
+
+
+def sleep_and_record(msg) -> None:
+    """Sleeps payload.sleep_ms (default AFC_TEST_SLEEP_MS), then counts `partition:offset`."""
+    p = msg.payload if isinstance(msg.payload, dict) else {}
+    ms = float(p.get("sleep_ms", os.environ.get("AFC_TEST_SLEEP_MS", "0")))
+    if ms:
+        time.sleep(ms / 1000)
+    _redis().hincrby(os.environ["AFC_TEST_HASH"], f"{msg.partition}:{msg.offset}", 1)
+
+
+_seen: list[tuple[str, str]] = []
+_seen_lock = threading.Lock()
+_flusher: threading.Thread | None = None
+
+
+def _flush_seen() -> None:
+    """Writes what `fast_unless_told` saw to Redis every 50 ms, off the handler's path, so the
+    handler itself stays at microseconds (the runtime then picks its inline dispatch mode)."""
+    r = _redis()
+    h = os.environ["AFC_TEST_HASH"]
+    while True:
+        time.sleep(0.05)
+        with _seen_lock:
+            batch = _seen[:]
+            del _seen[:]
+        if batch:
+            r.hset(h, mapping=dict(batch))
+
+
+def fast_unless_told(msg) -> None:
+    """Microseconds per record; a payload {"sleep_s": s} sleeps s seconds instead (a stuck call).
+
+    Remembers `n -> "<record timestamp ms> <handler start s> <handler end s or ->"` in
+    AFC_TEST_HASH (written by a background thread, so it shows even while the loop is frozen)."""
+    global _flusher
+    if _flusher is None:
+        with _seen_lock:
+            if _flusher is None:
+                _flusher = threading.Thread(target=_flush_seen, name="test-flusher", daemon=True)
+                _flusher.start()
+    start = time.time()
+    p = msg.payload
+    s = p.get("sleep_s") if isinstance(p, dict) else None
+    if s:
+        with _seen_lock:
+            _seen.append((str(p["n"]), f"{msg.timestamp} {start} -"))
+        time.sleep(s)
+    with _seen_lock:
+        _seen.append((str(p["n"]), f"{msg.timestamp} {start} {time.time()}"))
+
+
+def ordered_flaky(msg) -> None:
+    """Sync: appends payload.seq to `<AFC_TEST_LIST>:<record key>`; a payload {"fail_times": n}
+    raises TimeoutError on its first n runs (counted in Redis by payload id)."""
+    r = _redis()
+    p = msg.payload
+    if p.get("fail_times") and r.hincrby(os.environ["AFC_TEST_LIST"] + ":tries", p["n"], 1) <= p["fail_times"]:
+        raise TimeoutError("downstream timed out")
+    r.rpush(f"{os.environ['AFC_TEST_LIST']}:{msg.key.decode()}", p["seq"])
+
+
+def guarded_effect(msg) -> None:
+    """Notes its start, sleeps payload.sleep_ms, then RPUSHes `<AFC_TEST_WHO>:<n>` in one MULTI
+    with the done mark (mark_done_in); notes `<who>:ok` or `<who>:<exception class>` and
+    re-raises. Lists: AFC_TEST_LIST (effects), AFC_TEST_LIST:started, AFC_TEST_LIST:outcome."""
+    r, lst, who = _redis(), os.environ["AFC_TEST_LIST"], os.environ["AFC_TEST_WHO"]
+    r.rpush(f"{lst}:started", f"{who}:{msg.payload['n']}")
+    if msg.payload.get("sleep_ms"):
+        time.sleep(msg.payload["sleep_ms"] / 1000)
+    try:
+        pipe = r.pipeline(transaction=True)
+        pipe.rpush(lst, f"{who}:{msg.payload['n']}")
+        msg.mark_done_in(pipe)
+        pipe.execute()
+    except Exception as e:
+        r.rpush(f"{lst}:outcome", f"{who}:{type(e).__module__}.{type(e).__qualname__}")
+        raise
+    r.rpush(f"{lst}:outcome", f"{who}:ok")

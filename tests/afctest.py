@@ -192,3 +192,85 @@ def produce_json(bootstrap: str, topic: str, docs: list[dict], key_of=None, head
             except BufferError:
                 p.poll(0.05)
     assert p.flush(60) == 0
+
+
+def read_topic(bootstrap: str, topic: str, until: Callable[[list], bool] = lambda msgs: bool(msgs),
+               timeout: float = 30) -> list:
+    """Records of a topic from its start (no group, nothing committed) until `until(records)`
+    holds or `timeout` passes; each record as confluent_kafka's Message. Waits for the topic."""
+    from confluent_kafka import Consumer, TopicPartition
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "afctest-reader", "enable.auto.commit": False,
+                  "enable.partition.eof": False})
+    out: list = []
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            md = c.list_topics(topic, timeout=10).topics.get(topic)
+            if md is not None and md.error is None and md.partitions:
+                c.assign([TopicPartition(topic, p, 0) for p in md.partitions])   # offset 0: from the start
+                break
+            time.sleep(0.5)
+        else:
+            return out
+        while time.monotonic() < deadline and not until(out):
+            m = c.poll(0.2)
+            if m is not None and m.error() is None:
+                out.append(m)
+        return out
+    finally:
+        c.close()
+
+
+def produce_one(producer, topic: str, doc: dict, partition: int | None = None, key: bytes | None = None,
+                headers: list | None = None) -> None:
+    """One JSON record through an open confluent Producer, sent now (poll, no linger wait)."""
+    import orjson
+    kw = {"partition": partition} if partition is not None else {}
+    producer.produce(topic, value=orjson.dumps(doc), key=key, headers=headers, **kw)
+    producer.poll(0)
+
+
+class PrivateRedis:
+    """A redis-server of the test's own on a free port (append-only file in `data`, so a
+    restart keeps its keys), for faults the shared test bed's Redis must not suffer:
+    stop/start, OOM (maxmemory), READONLY (replicaof), eviction policies."""
+
+    def __init__(self, data: Path, *args: str) -> None:
+        self.port = free_port()
+        self.data, self.args = data, args
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> "PrivateRedis":
+        import socket
+        self.data.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port", str(self.port),
+                                      "--dir", str(self.data), "--save", "", "--appendonly", "yes",
+                                      "--appendfsync", "always", *self.args],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: socket.socket().connect_ex(("127.0.0.1", self.port)) == 0, 10, 0.05, what="private redis")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def client(self):
+        import redis
+        return redis.Redis.from_url(self.url, socket_timeout=5)
+
+
+def committed_offsets(bootstrap: str, topic: str, group: str) -> dict[int, int]:
+    """partition -> the group's committed offset (0 where none), read from the broker."""
+    from confluent_kafka import Consumer, TopicPartition
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    try:
+        parts = c.list_topics(topic, timeout=10).topics[topic].partitions
+        return {tp.partition: max(tp.offset, 0)
+                for tp in c.committed([TopicPartition(topic, p) for p in parts], timeout=10)}
+    finally:
+        c.close()

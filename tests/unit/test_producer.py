@@ -120,10 +120,49 @@ def test_past_max_wait_raises_throttled_with_retry_after(producer: AdaptiveProdu
 
 
 def test_idempotency_header_is_added_uuid_or_callers(producer: AdaptiveProducer) -> None:
-    _, _, hs, key = producer.prepare(b"v", None, {"x": "1", "idempotency-key": "old"}, None)
+    _, _, hs, key = producer.prepare(b"v", None, {"x": "1"}, None)
     assert len(key) == 32 and hs == [("x", b"1"), ("idempotency-key", key.encode())]
     _, _, hs, key = producer.prepare("v", "k", None, "order-42")
     assert key == "order-42" and hs == [("idempotency-key", b"order-42")]
+
+
+def test_callers_idempotency_header_is_kept_not_overwritten(producer: AdaptiveProducer) -> None:
+    """Issue 9 item 9: a caller-supplied `idempotency-key` header was replaced by a uuid4, so a
+    producer-side retry of the same logical message was never deduplicated."""
+    for headers in ({"x": "1", "idempotency-key": "order-7"}, [("x", b"1"), ("idempotency-key", b"order-7")]):
+        _, _, hs, key = producer.prepare(b"v", None, headers, None)
+        assert key == "order-7"
+        assert hs == [("x", b"1"), ("idempotency-key", b"order-7")]     # unchanged, in place, once
+    # Sent twice (a retry after a lost acknowledgement): the same key both times.
+    first = producer.prepare(b"v", None, {"idempotency-key": "order-8"}, None)
+    again = producer.prepare(b"v", None, {"idempotency-key": "order-8"}, None)
+    assert first[2] == again[2] and first[3] == again[3] == "order-8"
+
+
+def test_binary_idempotency_header_is_kept_byte_for_byte(producer: AdaptiveProducer) -> None:
+    _, _, hs, key = producer.prepare(b"v", None, [("idempotency-key", b"\xff\x01")], None)
+    assert hs == [("idempotency-key", b"\xff\x01")]
+    assert key.encode("utf-8", "surrogateescape") == b"\xff\x01"
+
+
+def test_empty_idempotency_header_gets_a_uuid(producer: AdaptiveProducer) -> None:
+    """An empty header is ignored by the consumers (they fall back to the position), so it counts as none."""
+    _, _, hs, key = producer.prepare(b"v", None, [("idempotency-key", b""), ("y", b"2")], None)
+    assert len(key) == 32 and hs == [("y", b"2"), ("idempotency-key", key.encode())]
+
+
+def test_explicit_idempotency_key_argument_wins_over_a_header(producer: AdaptiveProducer) -> None:
+    _, _, hs, key = producer.prepare(b"v", None, {"idempotency-key": "old", "x": "1"}, "new")
+    assert key == "new" and hs == [("x", b"1"), ("idempotency-key", b"new")]
+
+
+def test_async_producer_keeps_the_callers_header() -> None:
+    p = AsyncAdaptiveProducer(ProducerSettings(bootstrap_servers="127.0.0.1:1"))
+    try:
+        _, _, hs, key = p.sync.prepare(b"v", None, {"idempotency-key": "a-1"}, None)
+        assert key == "a-1" and hs == [("idempotency-key", b"a-1")]
+    finally:
+        p.sync.close(0)
 
 
 def test_async_producer_checks_size_and_throttles() -> None:
