@@ -228,8 +228,8 @@ class Runtime:
     def _on_error(self, err: KafkaError) -> None:
         """librdkafka's error callback (Kafka thread). Fatal errors (a fenced static member,
         for one) end the process: a consumer that can no longer consume must not look alive."""
-        if err.fatal():
-            reason = str(err)
+        if err.fatal() or err.code() == KafkaError._FATAL:
+            reason = err.str()
             self._post_threadsafe(("fatal", f"kafka: {reason}"))
         else:
             log.warning("event=kafka-error error=\"%s\"", str(err).replace('"', "'"))
@@ -480,8 +480,8 @@ class Runtime:
             err = m.error()
             if err is not None:
                 if err.code() != KafkaError._PARTITION_EOF:
-                    if err.fatal():
-                        self._fail(f"kafka: {err}")
+                    if err.fatal() or err.code() == KafkaError._FATAL:
+                        self._fail(f"kafka: {err.str()}")
                     else:
                         log.warning("event=fetch-error error=%s", err)
                 continue
