@@ -314,3 +314,80 @@ def test_records_fetched_before_the_topic_id_is_known_are_fetched_again() -> Non
     assert not p.accept(1, 1) and not p.accept(2, 1)
     assert p.take_seek(next_fetch=2) == 1
     assert p.accept(1, 2) and p.commit_point() == 0
+
+
+def run_sync(handler, msgs, timeout_s=0.0):
+    got: list = []
+    loop = asyncio.new_event_loop()
+    try:
+        d = ThreadDispatcher(handler, 2, loop, got.extend, timeout_s, 10.0, 4)
+        d.submit(msgs)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and len(got) < len(msgs):
+            loop.run_until_complete(asyncio.sleep(0.01))
+        alive = all(w.thread.is_alive() for w in d.workers)
+        loop.run_until_complete(d.close(1))
+        return got, alive
+    finally:
+        loop.close()
+
+
+def test_system_exit_in_a_handler_is_a_failure_and_the_worker_lives() -> None:
+    """Issue 9 item 13: `except Exception` let SystemExit kill a lane and hold its partition."""
+    def handler(m: Message) -> None:
+        if m.offset == 0:
+            raise SystemExit(1)
+
+    got, alive = run_sync(handler, [msg(0), msg(1, key=b"b")])
+    by = {r[0].offset: r for r in got}
+    assert by[0][1] is Outcome.FAILED and isinstance(by[0][2], SystemExit)
+    assert by[1][1] is Outcome.OK and alive
+
+
+def test_a_sync_callable_returning_a_coroutine_is_awaited() -> None:
+    """Issue 9 item 13: such a result used to be marked done unawaited."""
+    ran: list[int] = []
+
+    async def work(m: Message) -> None:
+        await asyncio.sleep(0)
+        ran.append(m.offset)
+        if m.offset == 1:
+            raise ValueError("bad")
+
+    got, _ = run_sync(lambda m: work(m), [msg(0), msg(1, key=b"b")])
+    by = {r[0].offset: r for r in got}
+    assert ran and by[0][1] is Outcome.OK and by[1][1] is Outcome.FAILED and isinstance(by[1][2], ValueError)
+
+
+async def test_an_async_handler_cancelled_by_itself_fails_and_a_timeout_is_handler_timeout() -> None:
+    from afc.runtime.dispatch import TaskDispatcher
+
+    async def handler(m: Message) -> None:
+        if m.offset == 0:
+            raise asyncio.CancelledError()
+        if m.offset == 1:
+            await asyncio.sleep(10)
+
+    got: list = []
+    d = TaskDispatcher(handler, 4, asyncio.get_running_loop(), got.extend, 0.05, 10.0, 4)
+    d.submit([msg(0, key=b"a"), msg(1, key=b"b"), msg(2, key=b"c")])
+    for _ in range(200):
+        if len(got) == 3:
+            break
+        await asyncio.sleep(0.01)
+    by = {r[0].offset: r for r in got}
+    assert isinstance(by[0][2], asyncio.CancelledError) and by[0][1] is Outcome.FAILED
+    assert isinstance(by[1][2], HandlerTimeout)
+    assert by[2][1] is Outcome.OK
+    await d.close(1)
+
+
+def test_a_commit_computed_before_a_revoke_is_not_sent_after_it() -> None:
+    """Issue 9 item 12: every Kafka call carries the epoch it was computed under; the Kafka
+    thread (which alone sees assignments change) drops what belongs to an older epoch."""
+    from afc.runtime.config import load_settings
+    from afc.runtime.consumer import Runtime
+    rt = Runtime(load_settings(kafka={"topics": ["t"]}, handler={"handler": "afc.runtime.handlers:noop"}))
+    rt._k_epochs = {("t", 0): 3, ("t", 1): 4}
+    tps = rt._current({("t", 0): (100, 2), ("t", 1): (50, 4), ("t", 2): (7, 1)})
+    assert [(x.topic, x.partition, x.offset) for x in tps] == [("t", 1, 50)]
