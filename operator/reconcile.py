@@ -96,6 +96,17 @@ class Tracked:
     departing: dict[str, float] = field(default_factory=dict)   # group.instance.id -> since (monotonic)
     spec: AdaptiveConsumerSpec | None = None
     secrets: dict[str, str] = field(default_factory=dict)
+    latest: dict[str, Any] | None = None   # metadata and spec of the newest generation seen
+
+    def newest(self, body: Mapping[str, Any]) -> Mapping[str, Any]:
+        """`body`, or the newer spec this operator has seen (a handler may run with the body of
+        an older event, e.g. the create event after the poll already scaled: applying its
+        replicas would undo the scale)."""
+        gen = int(body["metadata"].get("generation") or 0)
+        if self.latest is not None and int(self.latest["metadata"].get("generation") or 0) > gen:
+            return {**body, "metadata": self.latest["metadata"], "spec": self.latest["spec"]}
+        self.latest = {"metadata": copy.deepcopy(dict(body["metadata"])), "spec": copy.deepcopy(body.get("spec"))}
+        return body
 
 
 def snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -256,8 +267,9 @@ class Reconciler:
                 self.metrics.kafka_clients.set(len(self.kafka.clients))
 
     async def _reconcile(self, body: Mapping[str, Any], key: Key, trigger: str) -> Outcome:
+        tr = self.tracked(key, body["metadata"]["uid"])
+        body = tr.newest(body)
         owner = render.Owner.from_body(body)
-        tr = self.tracked(key, owner.uid)
         now = st.now_iso()
         previous = dict(body.get("status") or {})
         written = self._written.get(key)
@@ -368,6 +380,7 @@ class Reconciler:
         if spec.scaling.mode != "Off" and d.replicas != spec.replicas:
             fresh = await self.kube.scale(KIND, key[0], key[1], d.replicas, self.cfg.field_manager)
             tr.last_scale_time = now
+            tr.newest(fresh)
             done.body = fresh
             done.spec = render.parse_spec(fresh.get("spec") or {})
         inputs = {**d.metrics.summary(), "backpressure": bp_share, "rolling": rolling}
