@@ -2,21 +2,9 @@
 from __future__ import annotations
 
 import os
-import threading
 import time
 
-import redis
-
-_r: redis.Redis | None = None
-_lock = threading.Lock()
-
-
-def _redis() -> redis.Redis:
-    global _r
-    with _lock:
-        if _r is None:
-            _r = redis.Redis.from_url(os.environ["AFC_TEST_REDIS_URL"])
-        return _r
+from afc_test_handlers import _redis  # one Redis client per process, made under a lock
 
 
 def record(msg) -> None:

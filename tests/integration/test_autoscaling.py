@@ -359,3 +359,100 @@ def test_stale_data_holds_and_is_reported_by_the_poll(testbed: Testbed, api: Kub
     assert stale[0]["type"] == "Warning" and "127.0.0.1:1" in stale[0]["message"]
     time.sleep(3)
     assert get(api, namespace)["spec"]["replicas"] == 2
+
+
+def assignment(testbed: Testbed, group: str) -> dict[str, set[int]]:
+    """group.instance.id -> partitions of the topic it holds, as the broker describes the group."""
+    from confluent_kafka.admin import AdminClient
+    a = AdminClient({"bootstrap.servers": testbed.bootstrap})
+    (desc,) = [f.result(10) for f in a.describe_consumer_groups([group], request_timeout=10).values()]
+    return {m.group_instance_id: {tp.partition for tp in m.assignment.topic_partitions if not tp.topic.endswith(".retry")}
+            for m in desc.members if m.group_instance_id}
+
+
+class Load:
+    """Keeps every partition of a topic busy (a few messages a second each) until stopped."""
+
+    def __init__(self, bootstrap: str, topic: str, partitions: int, per_second: float = 10) -> None:
+        self.bootstrap, self.topic, self.partitions, self.per_second = bootstrap, topic, partitions, per_second
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="load", daemon=True)
+
+    def _run(self) -> None:
+        from confluent_kafka import Producer
+        p = Producer({"bootstrap.servers": self.bootstrap, "linger.ms": 5})
+        n = 0
+        while not self._stop.wait(1 / self.per_second):
+            for part in range(self.partitions):
+                p.produce(self.topic, value=json.dumps({"n": n}).encode(), partition=part)
+            n += 1
+            p.poll(0)
+        p.flush(10)
+
+    def __enter__(self) -> "Load":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(15)
+
+
+@pytest.mark.parametrize("protocol,hand_off", [("classic", True), ("classic", False), ("consumer", True)])
+def test_scale_down_hands_the_departed_members_partitions_over(
+        protocol: str, hand_off: bool, testbed: Testbed, api: Kube, core, operator: OperatorProcess, namespace: str,
+        names, make_topic, redis_client, tmp_path: Path) -> None:
+    """4 -> 2 static members. A static member sends no LeaveGroup when it stops, so without the
+    hand-off its partitions wait for the session timeout (classic: 12 s here; KIP-848: the
+    broker's 45 s). With it, the operator removes the departed group.instance.ids once their
+    pods are gone (LeaveGroup v3+, which Kafka 4.1 also applies to consumer-protocol groups),
+    and their partitions are consumed again within 5 s (classic), or at the remaining
+    members' next heartbeat (KIP-848, 5 s by default)."""
+    session_s = 12
+    topic = make_topic("orders", partitions=8)
+    obj = consumer(testbed, names, topic, replicas=4, minReplicas=1, maxReplicas=4,
+                   membership={"sessionTimeoutMs": session_s * 1000, "groupProtocol": protocol},
+                   scaling={"mode": "Off", "pollIntervalS": 1, "leaveGroupOnScaleDown": hand_off})
+    seen = f"{names.redis_prefix}seen"
+    env = {"AFC_TEST_HASH": seen, "AFC_MEMBERSHIP__SESSION_TIMEOUT_MS": str(session_s * 1000),
+           "AFC_MEMBERSHIP__GROUP_PROTOCOL": protocol, "AFC_SHUTDOWN__DRAIN_TIMEOUT_S": "5"}
+    with Kubelet(testbed, core, namespace, topic, names.group, "autoscale_handlers:record", tmp_path,
+                 names.redis_prefix, env) as kubelet, Load(testbed.bootstrap, topic, 8):
+        apply(testbed, namespace, obj)
+        held = wait_for(lambda: (a := assignment(testbed, names.group)) and len(a) == 4
+                        and sum(len(v) for v in a.values()) == 8 and (a["orders-2"] | a["orders-3"]) and a, 90,
+                        what="4 members holding 8 partitions, some on orders-2 and -3")
+        moving = held["orders-2"] | held["orders-3"]
+        time.sleep(2)
+        testbed.run_kubectl("scale", "ac/orders", "-n", namespace, "--replicas=2")
+        wait_for(lambda: {"orders-2", "orders-3"} <= set(kubelet.exited), 60, what="orders-2 and -3 drained and stopped")
+        left = max(kubelet.exited["orders-2"], kubelet.exited["orders-3"])
+
+        def resumed() -> float | None:
+            """Seconds from the departed members' exit until the last of their partitions was
+            consumed again (None while one is still waiting)."""
+            firsts = []
+            for p in moving:
+                times = [float(t) for t in redis_client.lrange(f"{seen}:p{p}", -400, -1)]
+                after = [t for t in times if t > left]
+                if not after:
+                    return None
+                firsts.append(min(after))
+            return max(firsts) - left
+        gap = wait_for(resumed, session_s + 60, interval=0.2, what="the departed members' partitions consumed again")
+        print(f"protocol={protocol} hand_off={hand_off}: partitions {sorted(moving)} consumed again "
+              f"{gap:.2f}s after their members stopped (session timeout {session_s}s)")
+        reasons = {e["reason"] for e in events(testbed, namespace)}
+        if hand_off and protocol == "classic":
+            assert gap < 5, f"{gap:.2f}s"
+            assert "MembersRemoved" in reasons
+        elif hand_off:
+            # KIP-848: the remaining members learn their new assignment at their next heartbeat,
+            # every group.consumer.heartbeat.interval.ms (the broker's, 5 s by default): the
+            # floor here. Without the hand-off: the broker's session timeout (45 s by default).
+            assert gap < 5 + 2, f"{gap:.2f}s"
+            assert "MembersRemoved" in reasons
+        else:
+            assert gap >= session_s - 3, f"{gap:.2f}s: faster than the session timeout without a hand-off?"
+            assert "MembersRemoved" not in reasons
+        assert kubelet.error is None, kubelet.error
