@@ -8,7 +8,7 @@ PYTEST := .venv/bin/pytest
 TESTBED := python3 scripts/testbed.py
 PYTEST_ARGS ?=
 
-.PHONY: deps testbed testbed-down testbed-clean testbed-status test unit demo bench crds pins
+.PHONY: deps testbed testbed-down testbed-clean testbed-status test unit demo bench bench-scaling crds pins
 
 deps:
 	bash scripts/install-deps.sh
@@ -44,3 +44,8 @@ crds: deps
 # Exact pins for the images (docker/constraints.txt) from the virtualenv.
 pins: deps
 	$(PY) -P docker/pin.py > docker/constraints.txt
+
+# The lag autoscaler (afc.operator.scaling.decide) against KEDA + HPA defaults, simulated:
+# bench/results/scaling.json and scaling.png. No test bed needed.
+bench-scaling: deps
+	$(PY) -P bench/scaling.py
