@@ -8,7 +8,7 @@ PYTEST := .venv/bin/pytest
 TESTBED := python3 scripts/testbed.py
 PYTEST_ARGS ?=
 
-.PHONY: deps testbed testbed-down testbed-clean testbed-status test unit demo bench soak crds pins
+.PHONY: deps testbed testbed-down testbed-clean testbed-status test unit demo bench bench-scaling soak crds pins
 
 deps:
 	bash scripts/install-deps.sh
@@ -35,7 +35,7 @@ demo: testbed
 	set -a; source .testbed/env; set +a; $(PY) -P -m afc.runtime.demo
 
 bench: testbed
-	set -a; source .testbed/env; set +a; $(PY) -P bench/run.py
+	set -a; source .testbed/env; set +a; $(PY) -P bench/run.py && $(PY) -P bench/scaling.py
 
 # Issue 9's chaos soak: 3 members, 100k records, 3 SIGKILLs, mark_done_in; N runs (SOAK_RUNS,
 # default 5), results in bench/results/chaos.json.
@@ -50,3 +50,8 @@ crds: deps
 # Exact pins for the images (docker/constraints.txt) from the virtualenv.
 pins: deps
 	$(PY) -P docker/pin.py > docker/constraints.txt
+
+# The lag autoscaler (afc.operator.scaling.decide) against KEDA + HPA defaults, simulated:
+# bench/results/scaling.json and scaling.png. No test bed needed.
+bench-scaling: deps
+	$(PY) -P bench/scaling.py

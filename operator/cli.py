@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from afc.operator.kafka import KafkaProbe
 from afc.operator.kube import Kube
+from afc.operator.metrics import OperatorMetrics
 from afc.operator.reconcile import Reconciler, register
 from afc.operator.settings import OperatorSettings
 
@@ -43,6 +44,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                        help="serve every namespace")
     p.add_argument("--liveness", dest="liveness_endpoint", metavar="URL",
                    help="kopf liveness endpoint, e.g. http://0.0.0.0:8081/healthz; 'none' disables")
+    p.add_argument("--metrics", dest="metrics_endpoint", metavar="HOST:PORT",
+                   help="serve the operator's /metrics here, e.g. 0.0.0.0:8082; 'none' disables")
     p.add_argument("--log-format", choices=["json", "plain"])
     p.add_argument("-v", "--verbose", action="store_true", default=None)
     return p.parse_args(argv)
@@ -54,8 +57,9 @@ def load_settings(args: argparse.Namespace) -> OperatorSettings:
         overrides["all_namespaces"] = False
     elif overrides.get("all_namespaces"):
         overrides["namespaces"] = []
-    if overrides.get("liveness_endpoint") == "none":
-        overrides["liveness_endpoint"] = None
+    for endpoint in ("liveness_endpoint", "metrics_endpoint"):
+        if overrides.get(endpoint) == "none":
+            overrides[endpoint] = None
     return OperatorSettings(**overrides)
 
 
@@ -79,7 +83,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.error("no Kubernetes credentials: not in a pod and no usable kubeconfig", extra={"error": str(e)})
         return 2
     registry = kopf.OperatorRegistry()
-    reconciler = Reconciler(kube, KafkaProbe(cfg.kafka_timeout_s, cfg.kafka_workers), cfg)
+    metrics = OperatorMetrics()
+    if cfg.metrics_endpoint:
+        metrics.serve(cfg.metrics_endpoint)
+    reconciler = Reconciler(kube, KafkaProbe(cfg.kafka_timeout_s, cfg.kafka_workers, cfg.kafka_client_idle_s), cfg,
+                            metrics)
     register(registry, reconciler, cfg)
     logger.info("starting", extra={"namespaces": cfg.namespaces or "*", "all_namespaces": cfg.all_namespaces})
     kopf.run(registry=registry, standalone=True, clusterwide=cfg.all_namespaces,

@@ -271,13 +271,39 @@ class RoutingSpec(Checked, RoutingSettings):
 # --------------------------------------------------------------------------- operator-only sections
 
 class ScalingSpec(CrdModel):
-    """Inputs of the lag-based autoscaler (the scaler itself lands later)."""
-    lag_threshold_per_replica: int = Field(1_000, ge=1, description="Lag one replica is expected to carry.")
-    target_drain_time_s: int = Field(300, ge=1, le=86_400, description="Time in which the lag should be drained.")
-    scale_up_stabilization_s: int = Field(0, ge=0, le=3_600, description="Window before scaling up again.")
-    scale_down_stabilization_s: int = Field(300, ge=0, le=3_600, description="Window before scaling down.")
+    """Who writes spec.replicas, and how the lag autoscaler decides (afc.operator.scaling)."""
+    mode: Literal["Off", "Lag", "DrainTime"] = Field(
+        "Off", description="Off: spec.replicas is written by users, kubectl scale or an HPA/KEDA (the operator "
+        "only keeps it within [minReplicas, maxReplicas]). Lag: the operator writes it, ceil(lag / "
+        "lagThresholdPerReplica). DrainTime: the operator writes it, enough replicas to keep up with the producers "
+        "and drain the lag within targetDrainTimeS at the measured rate per replica. Do not point an HPA at an "
+        "AdaptiveConsumer whose mode is not Off: both would write spec.replicas.")
+    lag_threshold_per_replica: int = Field(1_000, ge=1, description="Lag one replica is expected to carry "
+                                           "(Lag mode; DrainTime before a rate is measured).")
+    target_drain_time_s: int = Field(300, ge=1, le=86_400, description="Time in which the lag should be drained "
+                                     "(DrainTime mode).")
+    scale_up_stabilization_s: int = Field(0, ge=0, le=3_600, description="Scale up to the lowest recommendation "
+                                          "of this window (0: at once).")
+    scale_down_stabilization_s: int = Field(300, ge=0, le=3_600, description="Scale down to the highest "
+                                            "recommendation of this window, once that much has been observed.")
     poll_interval_s: int = Field(30, ge=1, le=3_600,
-                                 description="How often lag is measured and the status refreshed.")
+                                 description="How often lag is measured, a decision taken and the status refreshed.")
+    max_scale_up_step: int = Field(10, ge=1, le=1_000, description="Most replicas added by one decision.")
+    max_scale_down_step: int = Field(10, ge=1, le=1_000, description="Most replicas removed by one decision.")
+    activation_lag: int = Field(0, ge=0, description="With minReplicas 0: lag above this wakes a group at zero "
+                                "replicas.")
+    stall_after_s: int = Field(120, ge=1, le=86_400, description="A partition whose committed offset stays frozen "
+                               "this long while it has lag is stalled: more replicas would not help, its lag does "
+                               "not scale up (the Stalled condition names it).")
+    rate_window_s: int = Field(60, ge=1, le=3_600, description="Window over which produce and consume rates are "
+                               "measured.")
+    limit_to_partitions_with_lag: bool = Field(False, description="Cap replicas at the partitions that have lag "
+                                               "(else at all partitions).")
+    backpressure_blocks_at: float = Field(0.5, gt=0, le=1, description="Group backpressure level (share of "
+                                          "saturated members) at or above which the operator never scales up.")
+    leave_group_on_scale_down: bool = Field(True, description="When replicas are removed, remove the departed pods' "
+                                            "group.instance.ids from the group once the pods are gone, so their "
+                                            "partitions move at once instead of after the session timeout.")
 
 
 class ResourceRequirements(CrdModel):
@@ -366,15 +392,50 @@ class Condition(CrdModel):
 
 
 class LagSummary(CrdModel):
-    total: int | None = Field(None, description="Sum of the group's lag over its partitions.")
+    total: int | None = Field(None, description="Sum of the group's lag over its partitions (retention-deleted "
+                              "messages excluded).")
     partitions: int | None = Field(None, description="Partitions measured.")
     max_partition_lag: int | None = None
+    seconds: float | None = Field(None, description="Age of the oldest unconsumed message, estimated from the "
+                                  "offset/time history (kafka-lag-exporter's method).")
     measured_at: str | None = Field(None, json_schema_extra={"format": "date-time"})
     error: str | None = Field(None, description="Why the lag could not be measured.")
 
 
 class BackpressureStatus(CrdModel):
-    level: str | None = Field(None, description="Backpressure level reported by the consumers.")
+    level: str | None = Field(None, description="Engaged, Clear or Unknown: the group's backpressure signal as the "
+                              "consumers publish it in Redis.")
+    share: float | None = Field(None, description="Share of live members that are saturated.")
+    members: int | None = Field(None, description="Live members publishing a level.")
+    error: str | None = Field(None, description="Why the signal could not be read.")
+
+
+class ScalingInputs(CrdModel):
+    partitions: int | None = None
+    lag: int | None = None
+    effective_lag: int | None = Field(None, description="Lag of the partitions that are not stalled.")
+    lagging_partitions: int | None = None
+    stalled_partitions: list[str] = Field(default_factory=list, description="topic/partition")
+    produce_rate: float | None = Field(None, description="msg/s")
+    consume_rate: float | None = Field(None, description="msg/s")
+    per_replica_rate: float | None = Field(None, description="msg/s one member consumed while busy")
+    members: int | None = Field(None, description="Members of the consumer group.")
+    lag_seconds: float | None = None
+    backpressure: float | None = None
+    rolling: bool | None = None
+
+
+class ScalingStatus(CrdModel):
+    mode: str | None = None
+    replicas_owner: str | None = Field(None, description="Who writes spec.replicas: afc-operator, or external "
+                                       "(users, kubectl scale, an HPA) in mode Off.")
+    desired_replicas: int | None = Field(None, description="What the last decision asked for.")
+    recommendation: int | None = Field(None, description="The formula's answer before stabilization and holds.")
+    reason: str | None = None
+    message: str | None = Field(None, max_length=4_096)
+    decided_at: str | None = Field(None, json_schema_extra={"format": "date-time"})
+    last_scale_time: str | None = Field(None, json_schema_extra={"format": "date-time"})
+    inputs: ScalingInputs | None = None
 
 
 class AdaptiveConsumerStatus(CrdModel):
@@ -388,6 +449,7 @@ class AdaptiveConsumerStatus(CrdModel):
         "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]})
     lag: LagSummary | None = None
     backpressure: BackpressureStatus | None = None
+    scaling: ScalingStatus | None = None
 
 
 # --------------------------------------------------------------------------- structural schema

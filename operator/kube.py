@@ -21,6 +21,7 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "Service": ("/api/v1", "services"),
     "StatefulSet": ("/apis/apps/v1", "statefulsets"),
     "PodDisruptionBudget": ("/apis/policy/v1", "poddisruptionbudgets"),
+    "Pod": ("/api/v1", "pods"),
     "AdaptiveConsumer": (f"/apis/{GROUP}/{VERSION}", PLURAL),
 }
 
@@ -110,9 +111,16 @@ class Kube:
         return await self._run("PATCH", path, body=dict(obj), content_type="application/apply-patch+yaml",
                                query=[("fieldManager", field_manager), ("force", "true")])
 
-    async def patch_status(self, kind: str, namespace: str, name: str, status: Mapping[str, Any]) -> dict[str, Any]:
-        return await self._run("PATCH", path_for(kind, namespace, name, "status"), body={"status": dict(status)},
+    async def patch_status(self, kind: str, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any]:
+        """A JSON merge patch of the status (null removes a key)."""
+        return await self._run("PATCH", path_for(kind, namespace, name, "status"), body={"status": dict(patch)},
                                content_type="application/merge-patch+json")
+
+    async def scale(self, kind: str, namespace: str, name: str, replicas: int, field_manager: str) -> dict[str, Any]:
+        """Write spec.replicas (a merge patch of the object, which answers with the object: no
+        read of it needed, so no `get` right)."""
+        return await self._run("PATCH", path_for(kind, namespace, name), body={"spec": {"replicas": int(replicas)}},
+                               content_type="application/merge-patch+json", query=[("fieldManager", field_manager)])
 
     async def discover(self, group_version: str) -> dict[str, Any] | None:
         prefix = "/api/" if group_version == "v1" else "/apis/"

@@ -1,11 +1,15 @@
-"""The kopf handlers and the I/O they do: read Secrets, apply the rendered objects, probe
-Kafka, write the status, post an Event for each decision.
+"""The kopf handlers and the I/O they do: read Secrets, apply the rendered objects, measure
+the group in Kafka, read its backpressure signal, decide replicas, write the status, post an
+Event for each decision, and hand departed static members' partitions over on scale-down.
 
-One level-based `Reconciler.reconcile(body)` does everything; it is triggered by
+One level-based `Reconciler.reconcile(body, trigger)` does everything; it is triggered by
 - kopf's create/update/resume handlers (a failure raises TemporaryError: retry with backoff),
 - a change to a child object (drift: someone edited the StatefulSet; or the StatefulSet's
   rollout moved, which changes the AdaptiveConsumer's status),
-- the resync loop, every `spec.scaling.pollIntervalS` (lag, broker, missed events).
+- the poll: a `@kopf.daemon` per AdaptiveConsumer, every `spec.scaling.pollIntervalS`
+  (trigger "poll"): lag, backpressure, the autoscaler's decision, anything missed. Running in
+  kopf's own per-resource task, its Events post like any handler's.
+A pod deletion (watched) hands a departed member's partitions over at once.
 Reconciles of one AdaptiveConsumer never overlap; different ones run concurrently.
 """
 from __future__ import annotations
@@ -20,10 +24,11 @@ from typing import Any, Mapping
 
 import kopf
 
-from afc.operator import render, status as st
+from afc.operator import render, scaling as sc, status as st
 from afc.operator.crd import API_VERSION, GROUP, KIND, PLURAL, VERSION, AdaptiveConsumerSpec
-from afc.operator.kafka import KafkaProbe
+from afc.operator.kafka import KafkaProbe, Snapshot, lag_summary
 from afc.operator.kube import Kube, KubeError, path_for
+from afc.operator.metrics import OperatorMetrics
 from afc.operator.settings import OperatorSettings
 from afc.operator.status import Problem
 
@@ -34,6 +39,7 @@ OWNERSHIP_CONFLICT = "OwnershipConflict"
 INTERNAL_ERROR = "InternalError"
 CHILDREN = (("", "v1", "configmaps"), ("", "v1", "services"), ("apps", "v1", "statefulsets"),
             ("policy", "v1", "poddisruptionbudgets"))
+HOLDS = (sc.BACKPRESSURE, sc.STALLED, sc.STALE_DATA, sc.ROLLING_OUT)  # an Event when one starts
 
 Key = tuple[str, str]
 
@@ -54,12 +60,16 @@ class Change:
 
 @dataclass
 class Converged:
+    body: Mapping[str, Any] | None = None       # the AdaptiveConsumer (refetched after the operator scaled it)
     spec: AdaptiveConsumerSpec | None = None
+    secrets: dict[str, str] = field(default_factory=dict)
     desired: int = 0
     changes: list[Change] = field(default_factory=list)
     sts: dict[str, Any] | None = None
     problem: Problem | None = None
     lag: dict[str, Any] | None = None
+    decision: sc.Decision | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -67,6 +77,36 @@ class Outcome:
     problem: Problem | None
     status: dict[str, Any]
     changes: list[Change]
+    decision: sc.Decision | None = None
+
+
+@dataclass
+class Tracked:
+    """What the operator remembers of one AdaptiveConsumer between polls (in memory: after a
+    restart the scale-down window starts again, so a restart never scales down early)."""
+    uid: str
+    body: dict[str, Any] = field(default_factory=dict)
+    window: list[sc.Observation] = field(default_factory=list)
+    recommendations: list[tuple[float, int]] = field(default_factory=list)
+    known_rate: float | None = None
+    snapshot: Snapshot | None = None
+    decision: sc.Decision | None = None
+    decided_at: str | None = None
+    last_scale_time: str | None = None
+    departing: dict[str, float] = field(default_factory=dict)   # group.instance.id -> since (monotonic)
+    spec: AdaptiveConsumerSpec | None = None
+    secrets: dict[str, str] = field(default_factory=dict)
+    latest: dict[str, Any] | None = None   # metadata and spec of the newest generation seen
+
+    def newest(self, body: Mapping[str, Any]) -> Mapping[str, Any]:
+        """`body`, or the newer spec this operator has seen (a handler may run with the body of
+        an older event, e.g. the create event after the poll already scaled: applying its
+        replicas would undo the scale)."""
+        gen = int(body["metadata"].get("generation") or 0)
+        if self.latest is not None and int(self.latest["metadata"].get("generation") or 0) > gen:
+            return {**body, "metadata": self.latest["metadata"], "spec": self.latest["spec"]}
+        self.latest = {"metadata": copy.deepcopy(dict(body["metadata"])), "spec": copy.deepcopy(body.get("spec"))}
+        return body
 
 
 def snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -103,6 +143,50 @@ def applied_change(before: Mapping[str, Any], after: Mapping[str, Any], paths: l
     return bool(paths) or "generation" not in a
 
 
+def rolling_out(sts: Mapping[str, Any] | None) -> bool:
+    """A new revision is rolling through the pods (not a mere change of replicas)."""
+    if not sts:
+        return False
+    s = sts.get("status") or {}
+    if int(s.get("observedGeneration") or 0) < int((sts.get("metadata") or {}).get("generation") or 0):
+        return False  # not observed yet: a scale or a rollout, the next look tells
+    return bool(s.get("updateRevision")) and s.get("currentRevision") != s.get("updateRevision") \
+        and int(s.get("updatedReplicas") or 0) < int((sts.get("spec") or {}).get("replicas") or 0)
+
+
+def policy_for(spec: AdaptiveConsumerSpec) -> sc.Policy:
+    s = spec.scaling
+    return sc.Policy(mode=s.mode, min_replicas=spec.min_replicas, max_replicas=spec.max_replicas,
+                     lag_threshold=s.lag_threshold_per_replica, target_drain_s=s.target_drain_time_s,
+                     scale_up_stabilization_s=s.scale_up_stabilization_s,
+                     scale_down_stabilization_s=s.scale_down_stabilization_s,
+                     max_step_up=s.max_scale_up_step, max_step_down=s.max_scale_down_step,
+                     activation_lag=s.activation_lag, stall_after_s=s.stall_after_s, rate_window_s=s.rate_window_s,
+                     limit_to_partitions_with_lag=s.limit_to_partitions_with_lag,
+                     backpressure_blocks_at=s.backpressure_blocks_at,
+                     auto_offset_reset=spec.kafka.auto_offset_reset)
+
+
+def departed_ids(name: str, before: int, after: int) -> list[str]:
+    """The group.instance.ids (pod names) a StatefulSet going from `before` to `after` removes."""
+    return [f"{name}-{i}" for i in range(after, before)]
+
+
+def union(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
+    """b over a, nested objects merged: every key either has."""
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = union(a[k], v) if isinstance(v, Mapping) and isinstance(a.get(k), Mapping) else v
+    return out
+
+
+def clean(value: Any) -> Any:
+    """Without None values (a null in a merge patch deletes, so none may be written as a value)."""
+    if isinstance(value, Mapping):
+        return {k: clean(v) for k, v in value.items() if v is not None}
+    return value
+
+
 def post_event(body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
     """An Event on the AdaptiveConsumer (through kopf's queue), and the same as a log line."""
     meta = body.get("metadata") or {}
@@ -114,13 +198,57 @@ def post_event(body: Mapping[str, Any], type_: str, reason: str, message: str) -
         pass
 
 
+def scaling_conditions(mode: str, d: sc.Decision) -> dict[str, tuple[bool, str, str]]:
+    """ScalingActive, ScalingLimited and Stalled from one decision."""
+    conds: dict[str, tuple[bool, str, str]] = {}
+    if mode == "Off":
+        conds[st.SCALING_ACTIVE] = (False, sc.SCALING_OFF, "spec.replicas is written by users, kubectl scale or "
+                                                           "an HPA; the operator keeps it within bounds")
+        conds[st.SCALING_LIMITED] = (False, sc.SCALING_OFF, "")
+    elif d.reason in (sc.STALE_DATA, sc.NO_DATA):
+        conds[st.SCALING_ACTIVE] = (False, d.reason, d.message)
+    else:
+        conds[st.SCALING_ACTIVE] = (True, "ValidMetrics", f"{mode}: lag {d.metrics.lag}, "
+                                                          f"{d.metrics.members} members")
+    if mode != "Off" and d.recommendation is not None:
+        limited = d.reason in (sc.BACKPRESSURE, sc.ROLLING_OUT, sc.STALLED, sc.DOWN_STABILIZING, sc.UP_STABILIZING)
+        capped = any(w in d.message for w in ("capped at", "kept within", "step limited"))
+        if limited:
+            conds[st.SCALING_LIMITED] = (True, d.reason, d.message)
+        elif capped:
+            conds[st.SCALING_LIMITED] = (True, "Capped", d.message)
+        else:
+            conds[st.SCALING_LIMITED] = (False, d.reason, d.message)
+    if d.recommendation is not None:
+        stalled = d.metrics.stalled
+        conds[st.STALLED] = ((True, "PartitionsStalled", "committed offset frozen with lag (more replicas would not "
+                              "help): " + ", ".join(f"{t}/{p}" for t, p in stalled)) if stalled
+                             else (False, "NoStall", ""))
+    return conds
+
+
 class Reconciler:
-    def __init__(self, kube: Kube, kafka: KafkaProbe, cfg: OperatorSettings) -> None:
+    def __init__(self, kube: Kube, kafka: KafkaProbe, cfg: OperatorSettings,
+                 metrics: OperatorMetrics | None = None) -> None:
         self.kube, self.kafka, self.cfg = kube, kafka, cfg
+        self.metrics = metrics or OperatorMetrics()
         self._locks: dict[Key, asyncio.Lock] = {}
-        self._last_run: dict[Key, float] = {}
+        self._handoff_locks: dict[Key, asyncio.Lock] = {}
         self._written: dict[Key, tuple[str, dict[str, Any]]] = {}  # uid, last status written
-        self._resync_tasks: dict[Key, asyncio.Task[Any]] = {}
+        self._tracked: dict[Key, Tracked] = {}
+        self._redis: dict[str, Any] = {}
+
+    def tracked(self, key: Key, uid: str) -> Tracked:
+        tr = self._tracked.get(key)
+        if tr is None or tr.uid != uid:
+            tr = self._tracked[key] = Tracked(uid)
+        return tr
+
+    def forget(self, key: Key) -> None:
+        """An AdaptiveConsumer was deleted: drop its memory and its metrics."""
+        for store in (self._tracked, self._written, self._locks, self._handoff_locks):
+            store.pop(key, None)
+        self.metrics.forget(*key)
 
     # ------------------------------------------------------------------ the reconcile
 
@@ -128,50 +256,76 @@ class Reconciler:
         meta = body["metadata"]
         key = (meta["namespace"], meta["name"])
         lock = self._locks.setdefault(key, asyncio.Lock())
+        started = time.monotonic()
         async with lock:
-            self._last_run[key] = time.monotonic()
             try:
                 return await self._reconcile(body, key, trigger)
             finally:
-                self._last_run[key] = time.monotonic()
+                if trigger == "poll":
+                    self.metrics.poll_duration.labels(*key).observe(time.monotonic() - started)
+                    self.kafka.clients.sweep()
+                self.metrics.kafka_clients.set(len(self.kafka.clients))
 
     async def _reconcile(self, body: Mapping[str, Any], key: Key, trigger: str) -> Outcome:
+        tr = self.tracked(key, body["metadata"]["uid"])
+        body = tr.newest(body)
         owner = render.Owner.from_body(body)
         now = st.now_iso()
         previous = dict(body.get("status") or {})
         written = self._written.get(key)
         if written and written[0] == owner.uid:
             # What we wrote last is at least as new as a body from an index or a queued event.
-            previous = {**previous, "conditions": written[1].get("conditions", previous.get("conditions"))}
-        done = await self._converge(owner, body.get("spec") or {}, now)
+            previous = union(previous, written[1])
+        done = await self._converge(owner, body, tr, now, poll=trigger == "poll")
+        body = done.body or body
+        owner = render.Owner.from_body(body)
+        tr.body = {k: body[k] for k in ("apiVersion", "kind", "metadata") if k in body}
         sts = done.sts if done.sts is not None else await self._live_statefulset(owner)
         new = st.build_status(previous=previous, generation=owner.generation, desired=done.desired,
                               selector=render.selector_string(owner.name), sts=sts, problem=done.problem,
-                              lag=done.lag, now=now)
-        await self._write_status(body, key, owner, new)
+                              lag=done.lag, now=now, extra=done.extra)
+        await self._write_status(body, key, owner, previous, new)
         self._post_decisions(body, trigger, done, previous, new)
+        self._observe_metrics(key, done, new)
         changed = [f"{c.action} {c.kind}/{c.name}" for c in done.changes if c.action != "unchanged"]
-        quiet = trigger in ("resync", "rollout") and not done.problem and not changed
+        quiet = trigger in ("poll", "rollout") and not done.problem and not changed and not (
+            done.decision and done.decision.scaled)
         logger.log(logging.DEBUG if quiet else logging.INFO, "reconciled", extra={
             "object": f"{owner.namespace}/{owner.name}", "trigger": trigger, "generation": owner.generation,
-            "problem": done.problem.reason if done.problem else None, "changes": changed})
-        return Outcome(done.problem, new, done.changes)
+            "problem": done.problem.reason if done.problem else None, "changes": changed,
+            "decision": done.decision.reason if done.decision else None})
+        if tr.departing:
+            await self.hand_off(key)
+        return Outcome(done.problem, new, done.changes, done.decision)
 
-    async def _converge(self, owner: render.Owner, raw_spec: Mapping[str, Any], now: str) -> Converged:
-        """Make the cluster match the spec: Secrets present, objects applied, broker answering.
-        Stops at the first problem, which says what and where."""
-        done = Converged()
+    async def _converge(self, owner: render.Owner, body: Mapping[str, Any], tr: Tracked, now: str,
+                        poll: bool) -> Converged:
+        """Make the cluster match the spec: Secrets present, (on a poll) replicas decided,
+        objects applied, the group measured. Stops at the first problem, which says what and where."""
+        done = Converged(body=body)
         try:
-            done.spec = spec = render.parse_spec(raw_spec)
+            done.spec = spec = render.parse_spec(body.get("spec") or {})
+            done.secrets = secrets = await self._read_secrets(owner.namespace, spec)  # before any pod needs them
+            tr.spec, tr.secrets = spec, secrets
+            snap = await self.kafka.observe(spec, secrets)
+            self._record(tr, spec, snap)
+            if poll:
+                live = await self._live_statefulset(owner)
+                await self._decide(done, tr, live, now)
+                spec, owner = done.spec, render.Owner.from_body(done.body)
             done.desired = render.desired_replicas(spec)
-            secrets = await self._read_secrets(owner.namespace, spec)  # before any pod could need them
             for obj in render.desired_objects(owner, spec):
-                change, live = await self._apply(owner, obj)
+                change, before, live = await self._apply(owner, obj)
                 done.changes.append(change)
                 if obj["kind"] == "StatefulSet":
                     done.sts = live
-            probe = await self.kafka.probe(spec, secrets, now)
-            done.problem, done.lag = probe.problem, probe.lag
+                    self._track_departures(tr, owner.name, before, live)
+            done.problem = snap.problem
+            if snap.observation is not None:
+                seconds = tr.decision.metrics.lag_seconds if poll and tr.decision else None
+                done.lag = lag_summary(snap.observation, spec.kafka.auto_offset_reset, now, seconds)
+            elif snap.lag_error:
+                done.lag = {"error": snap.lag_error, "measuredAt": now}
         except render.InvalidSpec as e:
             done.problem = Problem(st.INVALID_SPEC, str(e), retry=False)
         except ProblemError as e:
@@ -183,8 +337,140 @@ class Reconciler:
             done.problem = Problem(INTERNAL_ERROR, f"{type(e).__name__}: {e}")
         return done
 
+    def _record(self, tr: Tracked, spec: AdaptiveConsumerSpec, snap: Snapshot) -> None:
+        tr.snapshot = snap
+        key = (tr.body.get("metadata") or {}).get("namespace"), (tr.body.get("metadata") or {}).get("name")
+        if snap.observation is None:
+            if key[0]:
+                self.metrics.poll_errors.labels(*key, "kafka" if snap.problem else "lag").inc()
+            return
+        obs = snap.observation
+        if tr.window and obs.at <= tr.window[-1].at:
+            return
+        tr.window.append(obs)
+        tr.window = sc.prune(tr.window, obs.at, sc.keep_seconds(policy_for(spec)))
+
+    async def _decide(self, done: Converged, tr: Tracked, live_sts: Mapping[str, Any] | None, now: str) -> None:
+        """The autoscaler's turn: decide, write spec.replicas through the scale subresource if
+        the decision changes it, and prepare the scaling part of the status."""
+        spec = done.spec
+        assert spec is not None and done.body is not None
+        policy = policy_for(spec)
+        snap = tr.snapshot
+        stale = None
+        if snap is None or snap.observation is None:
+            stale = (snap.problem.message if snap and snap.problem else snap.lag_error if snap else "not measured")
+        bp_share, bp_status = await self._backpressure(spec, done.secrets)
+        done.extra["backpressure"] = clean(bp_status)
+        rolling = rolling_out(live_sts)
+        t = time.time()
+        ctx = sc.Context(now=t, current=spec.replicas, rolling=rolling, backpressure=bp_share, stale=stale,
+                         recommendations=tuple(tr.recommendations), known_rate=tr.known_rate)
+        d = sc.decide(tr.window if stale is None else [], policy, ctx)
+        if d.recommendation is not None:
+            tr.recommendations = sc.prune_recommendations([*tr.recommendations, (t, d.recommendation)], t, policy)
+        if d.metrics.per_replica_rate:
+            tr.known_rate = d.metrics.per_replica_rate
+        prev = tr.decision
+        if prev is None or (prev.reason, prev.replicas) != (d.reason, d.replicas):
+            tr.decided_at = now
+        tr.decision = done.decision = d
+        key = (done.body["metadata"]["namespace"], done.body["metadata"]["name"])
+        self.metrics.decisions.labels(*key, d.reason).inc()
+        if spec.scaling.mode != "Off" and d.replicas != spec.replicas:
+            fresh = await self.kube.scale(KIND, key[0], key[1], d.replicas, self.cfg.field_manager)
+            tr.last_scale_time = now
+            tr.newest(fresh)
+            done.body = fresh
+            done.spec = render.parse_spec(fresh.get("spec") or {})
+        inputs = {**d.metrics.summary(), "backpressure": bp_share, "rolling": rolling}
+        if not inputs["stalledPartitions"]:
+            inputs.pop("stalledPartitions")
+        done.extra["scaling"] = clean({
+            "mode": spec.scaling.mode,
+            "replicasOwner": "external" if spec.scaling.mode == "Off" else "afc-operator",
+            "desiredReplicas": d.replicas, "recommendation": d.recommendation, "reason": d.reason,
+            "message": d.message[:4096], "decidedAt": tr.decided_at, "lastScaleTime": tr.last_scale_time,
+            "inputs": inputs})
+        done.extra["conditions"] = scaling_conditions(spec.scaling.mode, d)
+
+    async def _backpressure(self, spec: AdaptiveConsumerSpec, secrets: Mapping[str, str]
+                            ) -> tuple[float | None, dict[str, Any]]:
+        """The group's backpressure level, as the consumers publish it (afc.runtime.backpressure)."""
+        from afc.runtime.backpressure import SignalKeys, read_group_async
+        url = secrets.get("signal_redis_url") or secrets.get("redis_url")
+        if not spec.backpressure.enabled or not url:
+            why = "disabled" if not spec.backpressure.enabled else "no Redis (idempotency.redisUrlSecretRef) to read"
+            return None, {"level": "Unknown", "error": f"no backpressure signal: {why}"}
+        prefix = spec.backpressure.key_prefix or spec.idempotency.key_prefix
+        try:
+            r = self._redis.get(url)
+            if r is None:
+                import redis.asyncio as aredis
+                r = self._redis[url] = aredis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+            sig = await asyncio.wait_for(read_group_async(r, SignalKeys(prefix, spec.kafka.group_id)), 5)
+        except Exception as e:  # noqa: BLE001 - an unreadable signal is Unknown, never a reason to stop
+            return None, {"level": "Unknown", "error": f"backpressure signal unreadable: {type(e).__name__}: {e}"}
+        engaged = sig.members > 0 and sig.level >= spec.scaling.backpressure_blocks_at
+        return sig.level, {"level": "Engaged" if engaged else "Clear", "share": round(sig.level, 3),
+                           "members": sig.members}
+
+    def _track_departures(self, tr: Tracked, name: str, before: Mapping[str, Any] | None,
+                          after: Mapping[str, Any]) -> None:
+        """Which pods a change of the StatefulSet's replicas removes (their members are
+        removed from the group once the pods are gone), and which come back."""
+        new = int((after.get("spec") or {}).get("replicas") or 0)
+        for iid in [i for i in tr.departing if int(i.rsplit("-", 1)[1]) < new]:
+            tr.departing.pop(iid)  # scaled up again before it left: it stays a member
+        if before is None:
+            return
+        old = int((before.get("spec") or {}).get("replicas") or 0)
+        if tr.spec is not None and not tr.spec.scaling.leave_group_on_scale_down:
+            return
+        for iid in departed_ids(name, old, new):
+            tr.departing.setdefault(iid, time.monotonic())
+
+    async def hand_off(self, key: Key) -> None:
+        """Remove departed static members whose pods are gone (they drained and committed on
+        SIGTERM and sent no LeaveGroup): LeaveGroup v3+ by group.instance.id, so the group
+        rebalances now instead of after session.timeout.ms."""
+        tr = self._tracked.get(key)
+        if tr is None or not tr.departing or tr.spec is None:
+            return
+        lock = self._handoff_locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            gone = []
+            for iid in list(tr.departing):
+                try:
+                    pod = await self.kube.get(path_for("Pod", key[0], iid))
+                except KubeError as e:
+                    logger.warning("pod not readable; hand-off waits", extra={"object": f"{key[0]}/{key[1]}",
+                                                                              "pod": iid, "error": str(e)})
+                    return
+                if pod is None:
+                    gone.append(iid)
+            if not gone:
+                return
+            try:
+                result = await self.kafka.remove_members(tr.spec, tr.secrets, gone)
+            except Exception as e:  # noqa: BLE001 - retried on the next poll; the session timeout is the fallback
+                self.metrics.poll_errors.labels(*key, "leave-group").inc()
+                if tr.body:
+                    post_event(tr.body, "Warning", "MemberRemovalFailed",
+                               f"could not remove {', '.join(gone)} from group {tr.spec.kafka.group_id}: "
+                               f"{type(e).__name__}: {e}; their partitions move after the session timeout")
+                return
+            for iid in gone:
+                tr.departing.pop(iid, None)
+            removed = [i for i, err in result.items() if err == "NoError"]
+            self.metrics.members_removed.labels(*key).inc(len(removed))
+            if tr.body:
+                post_event(tr.body, "Normal", "MembersRemoved",
+                           f"removed departed static members from group {tr.spec.kafka.group_id} after their pods "
+                           f"stopped: " + ", ".join(f"{i} ({err})" for i, err in sorted(result.items())))
+
     async def _live_statefulset(self, owner: render.Owner) -> dict[str, Any] | None:
-        """Ours, as it stands (when this reconcile did not get as far as applying it)."""
+        """Ours, as it stands."""
         try:
             sts = await self.kube.get(path_for("StatefulSet", owner.namespace, owner.name))
         except KubeError:
@@ -193,7 +479,8 @@ class Reconciler:
         return sts if ctl and ctl.get("uid") == owner.uid else None
 
     async def _read_secrets(self, namespace: str, spec: AdaptiveConsumerSpec) -> dict[str, str]:
-        """Check every referenced Secret key exists; return the values the Kafka probe needs."""
+        """Check every referenced Secret key exists; return the values the operator itself uses
+        (the broker connection; the Redis of the backpressure signal). Kept in memory only."""
         values: dict[str, str] = {}
         for field_path, purpose, ref in render.secret_refs(spec):
             secret = await self.kube.get(path_for("Secret", namespace, ref.name))
@@ -204,11 +491,11 @@ class Reconciler:
             if ref.key not in data:
                 raise ProblemError(Problem(st.SECRET_KEY_NOT_FOUND,
                                            f"{field_path}: Secret {namespace}/{ref.name} has no key {ref.key!r}"))
-            if purpose in ("sasl_password", "tls_ca"):  # the operator's own broker connection needs these
-                values[purpose] = base64.b64decode(data[ref.key]).decode()
+            values[purpose] = base64.b64decode(data[ref.key]).decode()
         return values
 
-    async def _apply(self, owner: render.Owner, obj: dict[str, Any]) -> tuple[Change, dict[str, Any]]:
+    async def _apply(self, owner: render.Owner, obj: dict[str, Any]
+                     ) -> tuple[Change, dict[str, Any] | None, dict[str, Any]]:
         meta = obj["metadata"]
         live = await self.kube.get(path_for(obj["kind"], meta["namespace"], meta["name"]))
         if live is not None:
@@ -220,22 +507,47 @@ class Reconciler:
         paths = render.object_drift(obj, live)
         after = await self.kube.apply(obj, self.cfg.field_manager)
         action = "created" if live is None else ("updated" if applied_change(live, after, paths) else "unchanged")
-        return Change(obj["kind"], meta["name"], action, paths if action == "updated" else []), after
+        return Change(obj["kind"], meta["name"], action, paths if action == "updated" else []), live, after
 
     async def _write_status(self, body: Mapping[str, Any], key: Key, owner: render.Owner,
-                            new: dict[str, Any]) -> None:
+                            previous: Mapping[str, Any], new: dict[str, Any]) -> None:
+        """A merge patch from what the server may hold (the body's status and what we wrote
+        last) to `new`: removed keys become null; nothing is written when nothing changed."""
         written = self._written.get(key)
-        current = dict(body.get("status") or {})
-        if new == current and (not written or written[0] != owner.uid or written[1] == new):
+        if written and written[0] == owner.uid and written[1] == new:
+            return
+        patch = st.merge_patch(previous, new)
+        if not patch:
             return
         try:
-            await self.kube.patch_status(KIND, owner.namespace, owner.name, new)
+            await self.kube.patch_status(KIND, owner.namespace, owner.name, patch)
             self._written[key] = (owner.uid, copy.deepcopy(new))
         except KubeError as e:
             if e.not_found:  # deleted meanwhile
                 return
             logger.error("status not written", extra={"object": f"{owner.namespace}/{owner.name}",
                                                       "error": str(e)})
+
+    def _observe_metrics(self, key: Key, done: Converged, new: Mapping[str, Any]) -> None:
+        m = self.metrics
+        m.desired.labels(*key).set(done.desired)
+        m.replicas.labels(*key).set(new.get("replicas") or 0)
+        m.ready.labels(*key).set(new.get("readyReplicas") or 0)
+        lag = new.get("lag") or {}
+        if "total" in lag:
+            m.lag.labels(*key).set(lag["total"])
+        if done.decision is not None and done.decision.metrics.lag_seconds is not None:
+            m.lag_seconds.labels(*key).set(done.decision.metrics.lag_seconds)
+        bp = (new.get("backpressure") or {}).get("share")
+        if bp is not None:
+            m.backpressure.labels(*key).set(bp)
+        if done.problem and done.problem.reason in (st.FORBIDDEN, st.API_ERROR):
+            m.poll_errors.labels(*key, "api").inc()
+        elif done.problem and done.problem.reason == INTERNAL_ERROR:
+            m.poll_errors.labels(*key, "internal").inc()
+        if (new.get("backpressure") or {}).get("error") and done.extra.get("backpressure"):
+            if "unreadable" in new["backpressure"]["error"]:
+                m.poll_errors.labels(*key, "backpressure").inc()
 
     def _post_decisions(self, body: Mapping[str, Any], trigger: str, done: Converged, previous: Mapping[str, Any],
                         new: Mapping[str, Any]) -> None:
@@ -263,6 +575,7 @@ class Reconciler:
             post_event(body, "Normal", "ReplicasClamped",
                        f"spec.replicas={spec.replicas} kept within [minReplicas={spec.min_replicas}, "
                        f"maxReplicas={spec.max_replicas}]: {desired}")
+        self._post_scaling(body, done, previous)
         before = st.condition(previous, st.DEGRADED) or {}
         after = st.condition(new, st.DEGRADED) or {}
         if problem and (before.get("status") != "True" or before.get("reason") != problem.reason
@@ -275,6 +588,19 @@ class Reconciler:
         ready_after = st.condition(new, st.READY) or {}
         if ready_after.get("status") == "True" and ready_before != "True":
             post_event(body, "Normal", "Ready", ready_after.get("message", ""))
+
+    def _post_scaling(self, body: Mapping[str, Any], done: Converged, previous: Mapping[str, Any]) -> None:
+        """The autoscaler's Events: each change of replicas with its inputs, and the start of
+        each hold (backpressure, stall, stale data, rollout)."""
+        d = done.decision
+        if d is None or done.spec is None or done.spec.scaling.mode == "Off":
+            return
+        inputs = ", ".join(f"{k}={v}" for k, v in d.metrics.summary().items() if v not in (None, [], ()))
+        was = (previous.get("scaling") or {}).get("reason")
+        if d.scaled:
+            post_event(body, "Normal", d.reason, f"{d.message} [{inputs}]")
+        elif d.reason in HOLDS and d.reason != was:
+            post_event(body, "Warning" if d.reason == sc.STALE_DATA else "Normal", d.reason, f"{d.message} [{inputs}]")
 
     # ------------------------------------------------------------------ triggers besides kopf's handlers
 
@@ -316,46 +642,42 @@ class Reconciler:
                                                "child": f"{body.get('kind')}/{meta['name']}"})
             await self.reconcile(owner_body, trigger=reason)
 
-    async def resync_loop(self, consumers: kopf.Index[Key, dict[str, Any]]) -> None:
-        """Reconcile each AdaptiveConsumer again `spec.scaling.pollIntervalS` after its last
-        reconcile: fresh lag and broker state, and a safety net for missed events."""
-        while True:
-            await asyncio.sleep(self.cfg.resync_tick_s)
-            try:
-                self._resync_due(consumers, time.monotonic())
-            except Exception:  # noqa: BLE001 - the loop outlives any one pass
-                logger.exception("resync pass failed")
+    async def on_pod_deleted(self, namespace: str, pod: Mapping[str, Any]) -> None:
+        """A consumer pod is gone: if a scale-down removed it, hand its partitions over now."""
+        name = ((pod.get("metadata") or {}).get("labels") or {}).get(render.L_INSTANCE)
+        pod_name = (pod.get("metadata") or {}).get("name")
+        tr = self._tracked.get((namespace, name)) if name else None
+        if tr is not None and pod_name in tr.departing:
+            await self.hand_off((namespace, name))
 
-    def _resync_due(self, consumers: kopf.Index[Key, dict[str, Any]], now: float) -> None:
-        seen: set[Key] = set()
-        for key, store in list(consumers.items()):
-            for body in list(store):
-                seen.add(key)
-                if body["metadata"].get("deletionTimestamp"):
-                    continue
-                interval = float(((body.get("spec") or {}).get("scaling") or {}).get("pollIntervalS") or 30)
-                running = self._resync_tasks.get(key)
-                if running and not running.done():
-                    continue
-                if now - self._last_run.get(key, now) >= interval:
-                    self._resync_tasks[key] = asyncio.create_task(self._resync_one(body), name=f"resync {key}")
-                self._last_run.setdefault(key, now)
-        for gone in set(self._last_run) - seen:  # deleted resources: forget them
-            self._last_run.pop(gone, None)
-            self._written.pop(gone, None)
-            self._locks.pop(gone, None)
-            self._resync_tasks.pop(gone, None)
-
-    async def _resync_one(self, body: Mapping[str, Any]) -> None:
+    async def poll_forever(self, body: Mapping[str, Any], stopped: Any) -> None:
+        """The per-resource poll (run by kopf's daemon): reconcile with a fresh measurement and
+        a scaling decision every `spec.scaling.pollIntervalS`."""
+        meta = body["metadata"]
+        key = (meta["namespace"], meta["name"])
         try:
-            await self.reconcile(body, trigger="resync")
-        except Exception:  # noqa: BLE001 - the loop outlives any one resource
-            logger.exception("resync failed", extra={
-                "object": f"{body['metadata'].get('namespace')}/{body['metadata'].get('name')}"})
+            while not stopped:
+                current = snapshot(body)  # the daemon's body is a live view: take it as it is now
+                if current["metadata"].get("deletionTimestamp"):
+                    break
+                interval = float(((current.get("spec") or {}).get("scaling") or {}).get("pollIntervalS") or 30)
+                try:
+                    await self.reconcile(current, trigger="poll")
+                except Exception:  # noqa: BLE001 - the poll outlives any one pass
+                    self.metrics.poll_errors.labels(*key, "internal").inc()
+                    logger.exception("poll failed", extra={"object": f"{key[0]}/{key[1]}"})
+                await stopped.wait(interval)
+        finally:
+            if stopped.reason is not None and stopped.reason & kopf.DaemonStoppingReason.RESOURCE_DELETED:
+                self.forget(key)
 
-    def close(self) -> None:
-        for task in self._resync_tasks.values():
-            task.cancel()
+    async def close(self) -> None:
+        for r in self._redis.values():
+            try:
+                await r.aclose()
+            except Exception:  # noqa: BLE001
+                pass
+        self._redis.clear()
 
 
 # ---------------------------------------------------------------------- kopf wiring
@@ -388,23 +710,18 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, cfg: Opera
         return {(namespace, name): snapshot(body)}
 
     @kopf.on.startup(registry=registry, id="startup")
-    async def startup(settings: kopf.OperatorSettings, consumers: kopf.Index[Key, dict[str, Any]],
-                      memo: kopf.Memo, **_: Any) -> None:
+    async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         configure_kopf(settings, cfg)
         found = await reconciler.kube.discover(API_VERSION)
         if not found or not any(r.get("name") == PLURAL for r in found.get("resources", [])):
             raise kopf.TemporaryError(f"{PLURAL}.{GROUP}/{VERSION} is not served: "
                                       "install the CRD (kubectl apply -f crds/)", delay=5)
-        memo["resync"] = asyncio.create_task(reconciler.resync_loop(consumers), name="afc resync")
         logger.info("operator started", extra={"namespaces": cfg.namespaces or "*",
                                                "field_manager": cfg.field_manager})
 
     @kopf.on.cleanup(registry=registry, id="cleanup")
-    async def cleanup(memo: kopf.Memo, **_: Any) -> None:
-        task = memo.get("resync")
-        if task:
-            task.cancel()
-        reconciler.close()
+    async def cleanup(**_: Any) -> None:
+        await reconciler.close()
         reconciler.kafka.close()
         reconciler.kube.close()
 
@@ -430,6 +747,10 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, cfg: Opera
     async def on_resume(body: kopf.Body, retry: int, **_: Any) -> None:
         await changed(body, retry, "resume")
 
+    @kopf.daemon(**on_resource, id="poll", cancellation_timeout=10)
+    async def poll(body: kopf.Body, stopped: kopf.DaemonStopped, **_: Any) -> None:
+        await reconciler.poll_forever(body, stopped)
+
     for group, version, plural in CHILDREN:
         @kopf.on.event(group=group, version=version, plural=plural, registry=registry, id=f"child-{plural}",
                        labels={render.L_MANAGED_BY: render.MANAGED_BY})
@@ -437,7 +758,11 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, cfg: Opera
                            consumers: kopf.Index[Key, dict[str, Any]], **_: Any) -> None:
             await reconciler.on_child_event(event, snapshot(body), consumers)
 
+    @kopf.on.event("", "v1", "pods", registry=registry, id="pods", labels={render.L_MANAGED_BY: render.MANAGED_BY})
+    async def on_pod(event: kopf.RawEvent, body: kopf.Body, namespace: str, **_: Any) -> None:
+        if event.get("type") == "DELETED":
+            await reconciler.on_pod_deleted(namespace, snapshot(body))
+
     @kopf.on.probe(registry=registry, id="adaptiveconsumers")
     def served(consumers: kopf.Index[Key, dict[str, Any]], **_: Any) -> int:
         return len(consumers)
-

@@ -19,8 +19,10 @@ class OperatorSettings(BaseSettings):
     api_timeout_s: float = Field(30.0, gt=0, description="Bound of each Kubernetes API request.")
     backoff_base_s: float = Field(1.0, gt=0, description="First retry delay after a failed reconcile.")
     backoff_max_s: float = Field(120.0, gt=0, description="Longest retry delay.")
-    resync_tick_s: float = Field(1.0, gt=0, description="How often the resync loop looks for due resources.")
     liveness_endpoint: str | None = Field("http://0.0.0.0:8081/healthz", description="kopf's liveness probe URL.")
+    metrics_endpoint: str | None = Field("0.0.0.0:8082", pattern=r"^[^:]*:[0-9]{1,5}$",
+                                         description="host:port serving /metrics; None disables.")
+    kafka_client_idle_s: float = Field(900.0, gt=0, description="Close a cluster's Kafka admin client unused this long.")
     log_format: Literal["json", "plain"] = "json"
     verbose: bool = False
 

@@ -2,9 +2,18 @@
 
 Conditions (the Kubernetes convention: type, status, reason, message, lastTransitionTime,
 observedGeneration):
-- Ready: the consumers run as specified: nothing is wrong and every desired replica is ready.
+- Ready: the group is consuming: nothing is wrong and at least one replica is ready (or it
+  is scaled to zero on purpose). A scale or a rollout does not make it flap; as a
+  Deployment's Progressing does, Progressing carries those.
 - Progressing: the StatefulSet has not caught up with the spec yet (rollout or scaling).
 - Degraded: something stops the operator or the consumers; the reason says what.
+- ScalingActive: the autoscaler decides on fresh data (False: mode Off, or stale/no data).
+- ScalingLimited: the last decision was held or limited (backpressure, rollout, stalls,
+  stabilization, bounds); the reason says which.
+- Stalled: partitions whose committed offset is frozen while they have lag (named).
+
+The status is written as a JSON merge patch computed by `merge_patch(current, new)`: keys the
+new status no longer has are removed (null), and an unchanged status is not written at all.
 """
 from __future__ import annotations
 
@@ -13,6 +22,7 @@ from datetime import datetime, timezone
 from typing import Any, Mapping
 
 READY, PROGRESSING, DEGRADED = "Ready", "Progressing", "Degraded"
+SCALING_ACTIVE, SCALING_LIMITED, STALLED = "ScalingActive", "ScalingLimited", "Stalled"
 
 
 @dataclass(frozen=True)
@@ -60,10 +70,12 @@ def rollout(sts: Mapping[str, Any] | None, desired: int) -> Rollout:
     if int(st.get("observedGeneration") or 0) < generation:
         return Rollout(True, "RollingOut", f"StatefulSet generation {generation} not yet observed", **counts)
     stale_revision = bool(st.get("updateRevision")) and st.get("currentRevision") != st.get("updateRevision")
-    if desired > 0 and (stale_revision or updated < desired):
+    if desired > 0 and (stale_revision or updated < min(replicas, desired)):
         return Rollout(True, "RollingOut", f"{updated}/{desired} replicas updated", **counts)
     if replicas > desired:
         return Rollout(True, "ScalingDown", f"{replicas} replicas, {desired} desired", **counts)
+    if replicas < desired:
+        return Rollout(True, "ScalingUp", f"{replicas} replicas, {desired} desired", **counts)
     if ready < desired:
         return Rollout(True, "WaitingForReady", f"{ready}/{desired} replicas ready", **counts)
     return Rollout(False, "RolloutComplete", f"{ready}/{desired} replicas ready", **counts)
@@ -88,29 +100,45 @@ def set_condition(conditions: list[Mapping[str, Any]], type_: str, status: bool,
     return out
 
 
+ORDER = {READY: 0, PROGRESSING: 1, DEGRADED: 2, SCALING_ACTIVE: 3, SCALING_LIMITED: 4, STALLED: 5}
+
+
+def ordered(conds: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(conds, key=lambda c: (ORDER.get(c["type"], 9), c["type"]))
+
+
+def ready_condition(problem: Problem | None, ro: Rollout, desired: int) -> tuple[bool, str, str]:
+    """Ready = consuming. Not every desired replica: a scale-up would make it flap."""
+    if problem:
+        return False, problem.reason, problem.message
+    if ro.reason == "NotCreated":
+        return False, ro.reason, ro.message
+    if desired == 0:
+        return True, "ScaledToZero", "no replica wanted: nothing to consume"
+    if ro.ready >= 1:
+        return True, "Available", f"{ro.ready}/{desired} replicas ready"
+    return False, "NoReadyReplica", f"0/{desired} replicas ready"
+
+
 def conditions_for(previous: list[Mapping[str, Any]], *, problem: Problem | None, ro: Rollout,
-                   generation: int, now: str) -> list[dict[str, Any]]:
+                   generation: int, now: str, desired: int = 1) -> list[dict[str, Any]]:
     conds = [dict(c) for c in previous]
     if problem:
         conds = set_condition(conds, DEGRADED, True, problem.reason, problem.message, generation, now)
     else:
         conds = set_condition(conds, DEGRADED, False, "AsExpected", "", generation, now)
     conds = set_condition(conds, PROGRESSING, ro.progressing, ro.reason, ro.message, generation, now)
-    if problem:
-        ready = (False, problem.reason, problem.message)
-    elif ro.progressing or ro.reason == "NotCreated":
-        ready = (False, ro.reason, ro.message)
-    else:
-        ready = (True, "Available", ro.message)
-    conds = set_condition(conds, READY, *ready, generation, now)
-    order = {READY: 0, PROGRESSING: 1, DEGRADED: 2}
-    return sorted(conds, key=lambda c: (order.get(c["type"], 9), c["type"]))
+    conds = set_condition(conds, READY, *ready_condition(problem, ro, desired), generation, now)
+    return ordered(conds)
 
 
 def build_status(*, previous: Mapping[str, Any] | None, generation: int, desired: int, selector: str,
                  sts: Mapping[str, Any] | None, problem: Problem | None, lag: Mapping[str, Any] | None,
-                 now: str) -> dict[str, Any]:
-    """The whole status the operator writes, from what it observed in one reconcile."""
+                 now: str, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The whole status the operator writes, from what it observed in one reconcile. `extra`
+    (from the poll): `backpressure` and `scaling` sections, and `conditions` as
+    {type: (status, reason, message)}; without it the previous ones are kept."""
+    extra = extra or {}
     previous = previous or {}
     ro = rollout(sts, desired)
     status: dict[str, Any] = {
@@ -121,7 +149,7 @@ def build_status(*, previous: Mapping[str, Any] | None, generation: int, desired
         "desiredReplicas": desired,
         "selector": selector,
         "conditions": conditions_for(previous.get("conditions") or [], problem=problem, ro=ro,
-                                     generation=generation, now=now),
+                                     generation=generation, now=now, desired=desired),
     }
     if lag is not None:
         old = previous.get("lag") or {}
@@ -131,10 +159,34 @@ def build_status(*, previous: Mapping[str, Any] | None, generation: int, desired
         status["lag"] = dict(old) if same and old else dict(lag)
     elif previous.get("lag"):
         status["lag"] = dict(previous["lag"])
-    for key in previous:  # fields other writers own (later: scaling, backpressure) are kept
-        if key not in status:
-            status[key] = previous[key]
+    for key in ("backpressure", "scaling"):  # written by the poll; other reconciles keep them
+        value = extra.get(key, previous.get(key))
+        if value is not None:
+            status[key] = value
+    conds = status["conditions"]
+    for type_, value in (extra.get("conditions") or {}).items():
+        conds = set_condition(conds, type_, *value, generation, now)
+    status["conditions"] = ordered(conds)
     return status
+
+
+def merge_patch(current: Mapping[str, Any] | None, new: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON merge patch (RFC 7386) turning `current` into `new`: changed keys, removed ones
+    as null, nested objects recursed into, lists replaced whole. Empty when they are equal."""
+    current = current or {}
+    patch: dict[str, Any] = {}
+    for k in current:
+        if k not in new:
+            patch[k] = None
+    for k, v in new.items():
+        old = current.get(k)
+        if isinstance(v, Mapping) and isinstance(old, Mapping):
+            sub = merge_patch(old, v)
+            if sub:
+                patch[k] = sub
+        elif k not in current or old != v:
+            patch[k] = v
+    return patch
 
 
 def condition(status: Mapping[str, Any] | None, type_: str) -> Mapping[str, Any] | None:

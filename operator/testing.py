@@ -44,7 +44,8 @@ class OperatorProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([*operator_command(), "--liveness", "none", *self.args],
+            # no fixed ports (tests run beside other operators): a test that reads /metrics passes --metrics
+            self.proc = subprocess.Popen([*operator_command(), "--liveness", "none", "--metrics", "none", *self.args],
                                          stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         self.wait_until(lambda: self.logged("operator started"), ready_timeout, "the operator to start")
         return self
@@ -142,3 +143,17 @@ def mark_pods_ready(core_api: Any, namespace: str, selector: str, names: Iterabl
         }})
         marked.append(pod.metadata.name)
     return marked
+
+
+def delete_consumers(kubectl: Sequence[str], namespace: str, timeout: float = 30) -> None:
+    """Delete every AdaptiveConsumer of a namespace while the operator still runs (its poll
+    daemon holds a finalizer that kopf removes once the daemon stopped); whatever is left
+    after `timeout` (no operator) loses its finalizers, so the namespace can go."""
+    base = [*kubectl, "-n", namespace]
+    subprocess.run([*base, "delete", "adaptiveconsumers.afc.dev", "--all", "--wait=true", f"--timeout={int(timeout)}s"],
+                   capture_output=True, timeout=timeout + 30)
+    left = subprocess.run([*base, "get", "adaptiveconsumers.afc.dev", "-o", "name"], capture_output=True, text=True,
+                          timeout=30).stdout.split()
+    for name in left:
+        subprocess.run([*base, "patch", name, "--type=merge", "-p", '{"metadata":{"finalizers":null}}'],
+                       capture_output=True, timeout=30)

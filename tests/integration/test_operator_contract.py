@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from afc.operator.kube import Kube, path_for
-from afc.operator.testing import OperatorProcess
+from afc.operator.testing import OperatorProcess, delete_consumers
 from afctest import Testbed, free_port, produce_json, wait_for
 
 pytestmark = [pytest.mark.k8s, pytest.mark.kafka, pytest.mark.redis]
@@ -94,6 +94,7 @@ def test_rendered_pod_runs_the_runtime(testbed: Testbed, api: Kube, crd_installe
         sts = op.wait_until(lambda: api.request("GET", path_for("StatefulSet", namespace))["items"], 30,
                             "the StatefulSet")[0]
         cm = api.request("GET", path_for("ConfigMap", namespace, "orders-config"))
+        delete_consumers([testbed.kubectl, f"--kubeconfig={testbed.kubeconfig}"], namespace)  # finalizer
 
     # "mount" the ConfigMap and resolve the env of pod orders-0
     (container,) = sts["spec"]["template"]["spec"]["containers"]

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from afc.operator.kube import Kube, KubeError, path_for
-from afc.operator.testing import OperatorProcess, mark_pods_ready
+from afc.operator.testing import OperatorProcess, delete_consumers, mark_pods_ready
 from afctest import Testbed, wait_for
 
 pytestmark = [pytest.mark.k8s, pytest.mark.kafka]
@@ -28,6 +28,7 @@ FAST = {"AFC_OPERATOR_BACKOFF_MAX_S": "4", "AFC_OPERATOR_KAFKA_TIMEOUT_S": "2"}
 EXPECTED_RULES = {
     ("afc.dev", "adaptiveconsumers"): {"list", "watch", "patch"},
     ("afc.dev", "adaptiveconsumers/status"): {"patch"},
+    ("", "pods"): {"get", "list", "watch"},
     ("apps", "statefulsets"): {"get", "list", "watch", "create", "patch"},
     ("", "services"): {"get", "list", "watch", "create", "patch"},
     ("", "configmaps"): {"get", "list", "watch", "create", "patch"},
@@ -35,6 +36,10 @@ EXPECTED_RULES = {
     ("", "secrets"): {"get"},
     ("", "events"): {"create"},
 }
+
+
+def admin(testbed: Testbed) -> list[str]:
+    return [testbed.kubectl, f"--kubeconfig={testbed.kubeconfig}"]
 
 
 def render_install(testbed: Testbed, tmp_path: Path, variant: Path, namespace: str, prefix: str = "") -> list[dict]:
@@ -155,6 +160,7 @@ def test_namespaced_install_with_the_service_account_token(
                                                 "involvedObject.kind=AdaptiveConsumer").stdout)["items"]
         assert {"Created", "Ready", "DriftCorrected"} <= {e["reason"] for e in events}
         assert forbidden_lines(op) == []
+        delete_consumers(admin(testbed), namespace)  # the poll daemon's finalizer goes with the operator's help
 
     # ... and not more
     ns = ["-n", namespace]
@@ -162,7 +168,7 @@ def test_namespaced_install_with_the_service_account_token(
     assert can_i(testbed, kubeconfig, "get", "secrets", *ns)
     for verb, resource in [("delete", "statefulsets"), ("update", "statefulsets"), ("deletecollection", "configmaps"),
                            ("list", "secrets"), ("watch", "secrets"), ("create", "secrets"), ("delete", "secrets"),
-                           ("get", "pods"), ("list", "pods"), ("create", "pods"), ("delete", "configmaps"),
+                           ("patch", "pods"), ("delete", "pods"), ("create", "pods"), ("delete", "configmaps"),
                            ("update", "adaptiveconsumers"), ("delete", "adaptiveconsumers"), ("create", "deployments"),
                            ("create", "roles"), ("patch", "rolebindings"), ("delete", "events"),
                            ("get", "adaptiveconsumers.afc.dev")]:
@@ -218,6 +224,7 @@ def test_a_forbidden_call_degrades_and_is_retried(
         op.wait_until(recovered, 30, "recovery once the Role allows PodDisruptionBudgets")
         assert api.request("GET", path_for("PodDisruptionBudget", namespace, "orders"))
         assert condition(api, namespace, "Degraded")["status"] == "False"
+        delete_consumers(admin(testbed), namespace)
 
 
 @pytest.fixture
@@ -255,6 +262,8 @@ def test_cluster_wide_install_serves_every_namespace(
                     return condition(api, ns, "Ready").get("status") == "True"
                 op.wait_until(is_ready, 60, f"Ready in {ns}")
             assert [line for line in forbidden_lines(op) if namespace in line or second_namespace in line] == []
+            for ns in (namespace, second_namespace):
+                delete_consumers(admin(testbed), ns)
     finally:
         for d in cluster_scoped:
             testbed.run_kubectl("delete", d["kind"].lower(), d["metadata"]["name"], "--ignore-not-found", check=False)

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from afc.operator.kube import Kube, KubeError, path_for
-from afc.operator.testing import OperatorProcess, mark_pods_ready
+from afc.operator.testing import OperatorProcess, delete_consumers, mark_pods_ready
 from afctest import Testbed, wait_for
 
 pytestmark = [pytest.mark.k8s, pytest.mark.kafka]
@@ -33,6 +33,11 @@ FAST = {"AFC_OPERATOR_BACKOFF_MAX_S": "4", "AFC_OPERATOR_KAFKA_TIMEOUT_S": "2"}
 def operator(testbed: Testbed, crd_installed: None, namespace: str, tmp_path: Path) -> Iterator[OperatorProcess]:
     with OperatorProcess(["--namespace", namespace], testbed.kubeconfig, tmp_path / "operator.log", env=FAST) as op:
         yield op
+        delete_consumers(admin(testbed), namespace)  # while the operator runs: it releases its finalizer
+
+
+def admin(testbed: Testbed) -> list[str]:
+    return [testbed.kubectl, f"--kubeconfig={testbed.kubeconfig}"]
 
 
 def consumer(testbed: Testbed, names, topic: str, name: str = "orders", **spec: Any) -> dict[str, Any]:
@@ -84,11 +89,14 @@ def event_messages(testbed: Testbed, namespace: str, reason: str, name: str = "o
 
 
 def ready(api: Kube, core, op: OperatorProcess, namespace: str, name: str = "orders", timeout: float = 60) -> dict:
-    """Play the kubelet until the consumer reports Ready (pods come and go during rollouts)."""
+    """Play the kubelet until the consumer reports Ready and no longer Progressing (pods come
+    and go during rollouts; Ready alone means consuming, which one pod already does)."""
     def check() -> dict[str, Any] | None:
         mark_pods_ready(core, namespace, SELECTOR.format(name=name))
         ac = get(api, "AdaptiveConsumer", namespace, name)
-        return ac if condition(ac, "Ready").get("status") == "True" else None
+        settled = (condition(ac, "Ready").get("status") == "True" and condition(ac, "Progressing").get("status") == "False"
+                   and condition(ac, "Ready").get("observedGeneration") == (ac or {}).get("metadata", {}).get("generation"))
+        return ac if settled else None
     return op.wait_until(check, timeout, f"{name} Ready", interval=0.5)
 
 
@@ -241,7 +249,7 @@ def test_manual_edits_are_reverted(testbed: Testbed, api: Kube, core, operator: 
 
 def test_reconciling_again_changes_nothing(testbed: Testbed, api: Kube, core, crd_installed: None,
                                            namespace: str, names, make_topic, tmp_path: Path) -> None:
-    # --verbose: a resync that changes nothing logs at debug level; the test counts them
+    # --verbose: a poll that changes nothing logs at debug level; the test counts them
     with OperatorProcess(["--namespace", namespace, "--verbose"], testbed.kubeconfig, tmp_path / "operator.log",
                          env=FAST) as op:
         kubectl_apply(testbed, namespace, consumer(testbed, names, make_topic("orders"), scaling={"pollIntervalS": 1}))
@@ -252,16 +260,17 @@ def test_reconciling_again_changes_nothing(testbed: Testbed, api: Kube, core, cr
                     for kind in CHILD_KINDS}
         cr_version = get(api, "AdaptiveConsumer", namespace, "orders")["metadata"]["resourceVersion"]
         events_before = event_reasons(testbed, namespace)
-        resyncs = lambda: sum(1 for r in op.records() if r.get("trigger") == "resync")  # noqa: E731
-        before = resyncs()
+        polls = lambda: sum(1 for r in op.records() if r.get("trigger") == "poll")  # noqa: E731
+        before = polls()
 
-        op.wait_until(lambda: resyncs() >= before + 4, 30, "four more resyncs")
+        op.wait_until(lambda: polls() >= before + 4, 30, "four more polls")
         after = {kind: get(api, kind, namespace, name_of.get(kind, "orders"))["metadata"]["resourceVersion"]
                  for kind in CHILD_KINDS}
-        assert after == versions, "a resync rewrote a child object"
+        assert after == versions, "a poll rewrote a child object"
         assert get(api, "AdaptiveConsumer", namespace, "orders")["metadata"]["resourceVersion"] == cr_version
         assert event_reasons(testbed, namespace) == events_before
         assert all(len(v) == 1 for v in children(api, namespace).values())
+        delete_consumers(admin(testbed), namespace)
 
 
 def test_deleting_the_consumer_collects_everything(testbed: Testbed, api: Kube, core, operator: OperatorProcess,
@@ -415,3 +424,4 @@ def test_restart_mid_reconcile_converges_without_duplicates(
         pods = sorted(p.metadata.name for p in core.list_namespaced_pod(namespace).items)
         assert pods == ["orders-0", "orders-1"]
         assert event_reasons(testbed, namespace).count("Ready") == 1
+        delete_consumers(admin(testbed), namespace)

@@ -5,7 +5,10 @@ from typing import Any
 
 import pytest
 
+import time
+
 from afc.operator import cli, kafka, reconcile, status as st
+from afc.operator.scaling import Observation, Offsets
 from afc.operator.settings import OperatorSettings
 
 NOW, LATER = "2026-01-01T00:00:00Z", "2026-01-01T00:05:00Z"
@@ -25,6 +28,7 @@ def sts(replicas: int = 2, ready: int = 2, updated: int = 2, generation: int = 1
     (sts(updated=1, update="r2"), 2, True, "RollingOut"),
     (sts(replicas=3, ready=3, updated=3), 2, True, "ScalingDown"),
     (sts(ready=1), 2, True, "WaitingForReady"),
+    (sts(replicas=1, ready=1, updated=1), 2, True, "ScalingUp"),
     (sts(replicas=0, ready=0, updated=0), 0, False, "RolloutComplete"),
 ])
 def test_rollout(obj: dict[str, Any] | None, desired: int, progressing: bool, reason: str) -> None:
@@ -52,9 +56,37 @@ def test_ready_when_all_desired_replicas_are_ready() -> None:
     assert [c["type"] for c in s["conditions"]] == ["Ready", "Progressing", "Degraded"]
 
 
-def test_not_ready_while_pods_are_not() -> None:
-    assert conds(build(sts=sts(ready=1)))["Ready"] == ("False", "WaitingForReady")
+def test_ready_means_consuming_and_does_not_flap_on_scale_or_rollout() -> None:
+    assert conds(build(sts=sts(ready=0)))["Ready"] == ("False", "NoReadyReplica")
     assert conds(build(sts=None))["Ready"] == ("False", "NotCreated")
+    # scaling 2 -> 6: two pods consume while four start; Progressing carries the scale
+    up = build(desired=6, sts=sts(replicas=6, ready=2, updated=6))
+    assert conds(up)["Ready"] == ("True", "Available") and conds(up)["Progressing"] == ("True", "WaitingForReady")
+    # a rollout: still consuming
+    rolling = build(sts=sts(updated=1, update="r2"))
+    assert conds(rolling)["Ready"] == ("True", "Available") and conds(rolling)["Progressing"] == ("True", "RollingOut")
+    assert conds(build(desired=0, sts=sts(replicas=0, ready=0, updated=0)))["Ready"] == ("True", "ScaledToZero")
+
+
+def test_status_patch_removes_stale_keys_and_is_empty_when_unchanged() -> None:
+    measured = build(lag={"total": 5, "partitions": 3, "maxPartitionLag": 4, "measuredAt": NOW})
+    failed = build(previous=measured, lag={"error": "lag of group g: timed out", "measuredAt": LATER}, now=LATER)
+    patch = st.merge_patch(measured, failed)
+    assert patch["lag"] == {"total": None, "partitions": None, "maxPartitionLag": None,
+                            "error": "lag of group g: timed out", "measuredAt": LATER}
+    recovered = build(previous=failed, lag={"total": 0, "partitions": 3, "maxPartitionLag": 0, "measuredAt": LATER},
+                      now=LATER)
+    assert st.merge_patch(failed, recovered)["lag"]["error"] is None
+    assert st.merge_patch(recovered, recovered) == {}
+    assert st.merge_patch({"a": {"b": 1}}, {}) == {"a": None}
+
+
+def test_scaling_conditions_are_added_beside_the_base_three() -> None:
+    s = build(extra={"conditions": {st.STALLED: (True, "PartitionsStalled", "t/0")}, "scaling": {"mode": "Lag"}})
+    assert [c["type"] for c in s["conditions"]] == ["Ready", "Progressing", "Degraded", "Stalled"]
+    assert s["scaling"] == {"mode": "Lag"}
+    again = build(previous=s)  # a reconcile that is not a poll keeps them
+    assert conds(again)["Stalled"] == ("True", "PartitionsStalled") and again["scaling"] == {"mode": "Lag"}
 
 
 def test_a_problem_degrades_and_unreadies() -> None:
@@ -67,8 +99,8 @@ def test_a_problem_degrades_and_unreadies() -> None:
 
 
 def test_transition_time_moves_only_when_status_flips() -> None:
-    first = build(sts=sts(ready=1))
-    same = build(previous=first, sts=sts(ready=1), now=LATER)
+    first = build(sts=sts(ready=0))
+    same = build(previous=first, sts=sts(ready=0), now=LATER)
     flipped = build(previous=first, now=LATER)
     ready = lambda s: next(c for c in s["conditions"] if c["type"] == "Ready")  # noqa: E731
     assert ready(same)["lastTransitionTime"] == NOW
@@ -91,22 +123,37 @@ def test_backoff_doubles_up_to_the_cap() -> None:
     assert st.backoff(10_000, 0.5, 60) == 60
 
 
-@pytest.mark.parametrize("committed,earliest,latest,reset,lag", [
-    (40, 0, 100, "earliest", 60),
-    (-1001, 10, 100, "earliest", 90),  # never committed: from the start
-    (-1001, 10, 100, "latest", 0),     # never committed: from the end
-    (5, 10, 100, "earliest", 90),      # committed offset deleted by retention
-    (100, 0, 100, "earliest", 0),
-])
-def test_partition_lag(committed: int, earliest: int, latest: int, reset: str, lag: int) -> None:
-    assert kafka.partition_lag(kafka.PartitionOffsets(committed, earliest, latest), reset) == lag
-
-
 def test_lag_summary() -> None:
-    parts = {("t", 0): kafka.PartitionOffsets(10, 0, 30), ("t", 1): kafka.PartitionOffsets(-1001, 0, 5)}
-    assert kafka.lag_summary(parts, "earliest", NOW) == {"total": 25, "partitions": 2, "maxPartitionLag": 20,
-                                                          "measuredAt": NOW}
-    assert kafka.lag_summary({}, "earliest", NOW)["total"] == 0
+    o = Observation(0, {("t", 0): Offsets(10, 0, 30), ("t", 1): Offsets(None, 0, 5)})
+    assert kafka.lag_summary(o, "earliest", NOW) == {"total": 25, "partitions": 2, "maxPartitionLag": 20,
+                                                      "measuredAt": NOW}
+    assert kafka.lag_summary(o, "latest", NOW, seconds=1.26)["seconds"] == 1.3
+    assert kafka.lag_summary(Observation(0, {}), "earliest", NOW)["total"] == 0
+
+
+def test_departing_members_are_the_highest_ordinals() -> None:
+    assert reconcile.departed_ids("orders", 4, 2) == ["orders-2", "orders-3"]
+    assert reconcile.departed_ids("orders", 2, 4) == []
+
+
+def test_rolling_out_is_a_new_revision_not_a_scale() -> None:
+    def s(**kw: Any) -> dict[str, Any]:
+        o = sts(**{k: v for k, v in kw.items() if k != "spec_replicas"})
+        o["spec"] = {"replicas": kw.get("spec_replicas", 2)}
+        return o
+    assert not reconcile.rolling_out(s(replicas=4, ready=2, updated=4, spec_replicas=4))
+    assert reconcile.rolling_out(s(updated=1, update="r2"))
+    assert not reconcile.rolling_out(None)
+
+
+def test_one_admin_client_per_cluster() -> None:
+    cache = kafka.ClientCache(timeout_s=1, idle_s=60)
+    conf = {"bootstrap.servers": "127.0.0.1:1", "security.protocol": "PLAINTEXT", "socket.timeout.ms": 1000}
+    a = cache.admin(conf)
+    assert cache.admin(dict(conf)) is a and len(cache) == 1 and cache.created == 1
+    other = cache.admin({**conf, "sasl.password": "x"})   # other credentials: another client
+    assert other is not a and len(cache) == 2
+    assert cache.sweep(now=time.monotonic() + 120) == 2 and len(cache) == 0
 
 
 def test_applied_change_tells_spec_changes_from_status_writes() -> None:

@@ -1,0 +1,425 @@
+"""The lag autoscaler's decision: a pure function of a window of observations.
+
+Nothing here does I/O. The operator's poll daemon measures the group (`Observation`: per
+partition committed offset, log-start and log-end, and the number of group members), keeps a
+window of them, reads the backpressure level and the StatefulSet's rollout, and calls
+`decide(window, policy, context)`. The `Decision` says how many replicas `spec.replicas`
+should hold, why, and with which inputs (written to status and an Event).
+
+Measurement (`measure`)
+    - lag of a partition = log-end - max(committed, log-start): messages deleted by
+      retention are not lag (KEDA #7936). No committed offset: the group starts where
+      `autoOffsetReset` says (earliest: the whole log; latest: nothing).
+    - rates from deltas over the last `rateWindowS`: produce rate (log-end), consume rate
+      (committed), and the rate per member when the group was busy all along (lag on at
+      least as many partitions as members at every observation: nobody was idle, so the
+      rate is what the consumers can do, as Flink's autoscaler measures its true rate).
+    - lag in seconds per partition as kafka-lag-exporter estimates it: the time at which the
+      log-end offset passed the committed offset, interpolated in the window's (offset, time)
+      table (extrapolated from the oldest slope when it lies before the window).
+    - stalled partitions (Burrow's STALL/STOP): committed offset unchanged for at least
+      `stallAfterS` while the partition had lag at every observation of that span. More
+      replicas do not help them, so their lag does not count towards scaling up.
+
+Recommendation
+    - `Lag`: ceil(lag / lagThresholdPerReplica), KEDA's formula, with no tolerance band (the
+      HPA's 10 % tolerance is what stalls KEDA at 22 of 24 and 63 of 64 partitions).
+    - `DrainTime`: ceil((lag / targetDrainTimeS + produce rate) / rate per replica): enough
+      replicas to keep up with producers and drain the backlog within the target. Without a
+      measured rate yet (no busy window so far) it falls back to the `Lag` formula.
+    - capped at the number of partitions (or partitions with lag, `limitToPartitionsWithLag`)
+      and at [minReplicas, maxReplicas]; from zero replicas only lag above `activationLag`
+      wakes the group.
+
+Decision (in this order; the first hold wins)
+    1. mode Off: the operator does not write spec.replicas.
+    2. stale data (the last measurement failed): keep the replicas; never scale on stale data.
+    3. rollout in progress: keep the replicas.
+    4. up: at once (or the lowest recommendation within `scaleUpStabilizationS`), unless
+       the group's backpressure level is at or above `backpressureBlocksAt` (the downstream
+       is saturated: more consumers would only push harder), at most `maxScaleUpStep`.
+    5. down: to the highest recommendation within `scaleDownStabilizationS`, once that
+       much history exists, at most `maxScaleDownStep`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Literal, Mapping, Sequence
+
+TP = tuple[str, int]
+Mode = Literal["Off", "Lag", "DrainTime"]
+
+# Decision reasons (CamelCase: they are Event reasons and status values).
+SCALING_OFF = "ScalingOff"
+STALE_DATA = "StaleData"
+NO_DATA = "NoData"
+ROLLING_OUT = "RollingOut"
+SCALE_UP = "ScaleUp"
+SCALE_DOWN = "ScaleDown"
+SCALE_TO_ZERO = "ScaleToZero"
+WAKE_UP = "WakeUp"
+STEADY = "Steady"
+IDLE = "Idle"
+BACKPRESSURE = "BackpressureEngaged"
+STALLED = "StalledPartitions"
+DOWN_STABILIZING = "ScaleDownStabilizing"
+UP_STABILIZING = "ScaleUpStabilizing"
+CLAMPED = "OutOfBounds"
+REASONS = (SCALING_OFF, STALE_DATA, NO_DATA, ROLLING_OUT, SCALE_UP, SCALE_DOWN, SCALE_TO_ZERO, WAKE_UP, STEADY,
+           IDLE, BACKPRESSURE, STALLED, DOWN_STABILIZING, UP_STABILIZING, CLAMPED)
+
+
+@dataclass(frozen=True)
+class Offsets:
+    """One partition at one instant. committed is None when the group never committed."""
+    committed: int | None
+    start: int   # log-start offset (earlier messages were deleted by retention)
+    end: int     # log-end offset (high watermark)
+
+
+@dataclass(frozen=True)
+class Observation:
+    at: float                       # seconds (epoch)
+    partitions: Mapping[TP, Offsets]
+    members: int = 0                # consumers in the group at that instant
+
+
+@dataclass(frozen=True)
+class Policy:
+    mode: Mode = "Lag"
+    min_replicas: int = 1
+    max_replicas: int = 10
+    lag_threshold: int = 1_000
+    target_drain_s: float = 300.0
+    scale_up_stabilization_s: float = 0.0
+    scale_down_stabilization_s: float = 300.0
+    max_step_up: int = 10
+    max_step_down: int = 10
+    activation_lag: int = 0
+    stall_after_s: float = 120.0
+    rate_window_s: float = 60.0
+    limit_to_partitions_with_lag: bool = False
+    backpressure_blocks_at: float = 0.5
+    auto_offset_reset: str = "earliest"
+
+
+@dataclass(frozen=True)
+class Context:
+    """What the operator knows besides the Kafka window at decision time."""
+    now: float
+    current: int                                        # spec.replicas as it stands (kept within bounds)
+    rolling: bool = False                               # the StatefulSet is rolling out a new revision
+    backpressure: float | None = None                   # the group's level (share of saturated members)
+    stale: str | None = None                            # why the newest measurement is missing (None: fresh)
+    recommendations: Sequence[tuple[float, int]] = ()   # earlier (time, recommendation), oldest first
+    known_rate: float | None = None                     # per-replica rate measured in an earlier busy window
+
+
+@dataclass(frozen=True)
+class Metrics:
+    partitions: int = 0
+    lag: int = 0                            # total lag, retention-deleted messages excluded
+    effective_lag: int = 0                  # lag of the partitions that are not stalled
+    max_partition_lag: int = 0
+    lagging: int = 0                        # partitions with lag that are not stalled
+    stalled: tuple[TP, ...] = ()
+    produce_rate: float | None = None       # msg/s into the topics
+    consume_rate: float | None = None       # msg/s committed by the group
+    per_replica_rate: float | None = None   # msg/s one member consumed while busy (None: not busy)
+    members: int = 0
+    lag_seconds: float | None = None        # the oldest unconsumed message's age, estimated
+
+    def summary(self) -> dict[str, object]:
+        """For status and Events: plain, rounded values."""
+        def r(x: float | None) -> float | None:
+            return None if x is None else round(x, 1)
+        return {"partitions": self.partitions, "lag": self.lag, "effectiveLag": self.effective_lag,
+                "laggingPartitions": self.lagging, "stalledPartitions": [f"{t}/{p}" for t, p in self.stalled],
+                "produceRate": r(self.produce_rate), "consumeRate": r(self.consume_rate),
+                "perReplicaRate": r(self.per_replica_rate), "members": self.members,
+                "lagSeconds": r(self.lag_seconds)}
+
+
+@dataclass(frozen=True)
+class Decision:
+    replicas: int                  # what spec.replicas should be
+    recommendation: int | None     # the formula's answer within bounds (None: none made), for the history
+    reason: str
+    message: str
+    metrics: Metrics = field(default_factory=Metrics)
+    rate: float | None = None      # the per-replica rate used (DrainTime), to remember as known_rate
+
+    @property
+    def scaled(self) -> bool:
+        return self.reason in (SCALE_UP, SCALE_DOWN, SCALE_TO_ZERO, WAKE_UP, CLAMPED)
+
+
+# ----------------------------------------------------------------------------- measurement
+
+def partition_lag(o: Offsets, auto_offset_reset: str) -> int:
+    """Messages the group has still to consume from one partition."""
+    if o.committed is not None and o.committed >= 0:
+        begin = max(o.committed, o.start)
+    else:
+        begin = o.start if auto_offset_reset == "earliest" else o.end
+    return max(0, o.end - begin)
+
+
+def consumed_position(o: Offsets, auto_offset_reset: str) -> int:
+    """Where the group stands in the partition (its committed offset, or where it would start)."""
+    return o.end - partition_lag(o, auto_offset_reset)
+
+
+def _since(window: Sequence[Observation], t0: float) -> list[Observation]:
+    return [o for o in window if o.at >= t0]
+
+
+def stalled_partitions(window: Sequence[Observation], stall_after_s: float, auto_offset_reset: str) -> list[TP]:
+    """Partitions whose position (committed offset, or where the group would start) stayed
+    the same for at least `stall_after_s` while they had lag and the group had members at
+    every observation of that span (Burrow's STALL/STOP). A group with no member at all is
+    not stalled but absent (scaled to zero, or pods not started): its lag must wake it."""
+    if not window:
+        return []
+    last = window[-1]
+    span = [o for o in window if o.at >= last.at - stall_after_s - 1e-9]
+    # the span must reach back at least stall_after_s: find the newest observation that old
+    older = [o for o in window if o.at <= last.at - stall_after_s + 1e-9]
+    if not older:
+        return []
+    span = [older[-1], *[o for o in span if o.at > older[-1].at]]
+    out = []
+    if any(o.members <= 0 for o in span):
+        return []
+    for tp, now in last.partitions.items():
+        pos = consumed_position(now, auto_offset_reset)
+        if all(tp in o.partitions and consumed_position(o.partitions[tp], auto_offset_reset) == pos
+               and partition_lag(o.partitions[tp], auto_offset_reset) > 0 for o in span):
+            out.append(tp)
+    return sorted(out)
+
+
+def _rate(a: Observation, b: Observation, pick) -> float | None:
+    dt = b.at - a.at
+    if dt <= 0:
+        return None
+    total = 0
+    for tp, ob in b.partitions.items():
+        oa = a.partitions.get(tp)
+        if oa is None:  # a new partition: it started empty, count from its start
+            oa = Offsets(ob.start, ob.start, ob.start)
+        total += max(0, pick(ob) - pick(oa))
+    return total / dt
+
+
+def lag_seconds(window: Sequence[Observation], tp: TP, auto_offset_reset: str) -> float | None:
+    """Age of the partition's oldest unconsumed message, from the (log-end, time) table of the
+    window: the time the log-end offset passed the group's position, interpolated."""
+    rows = [(o.at, o.partitions[tp].end) for o in window if tp in o.partitions]
+    if not rows:
+        return None
+    now, last = window[-1].at, window[-1].partitions.get(tp)
+    if last is None:
+        return None
+    pos = consumed_position(last, auto_offset_reset)
+    if pos >= last.end:
+        return 0.0
+    # newest row at or below pos: the message at pos was produced after it
+    for i in range(len(rows) - 1, -1, -1):
+        t_i, e_i = rows[i]
+        if e_i <= pos:
+            if i + 1 < len(rows):
+                t_j, e_j = rows[i + 1]
+                t = t_i + (t_j - t_i) * (pos - e_i) / (e_j - e_i) if e_j > e_i else t_i
+            else:
+                t = t_i
+            return max(0.0, now - t)
+    # before the table: extrapolate with the oldest slope, or say at least the table's age
+    (t0, e0) = rows[0]
+    nxt = next(((t, e) for t, e in rows[1:] if e > e0), None)
+    if nxt is None:
+        return max(0.0, now - t0)
+    slope = (nxt[1] - e0) / (nxt[0] - t0)
+    return max(0.0, now - (t0 - (e0 - pos) / slope))
+
+
+def measure(window: Sequence[Observation], policy: Policy) -> Metrics:
+    if not window:
+        return Metrics()
+    reset = policy.auto_offset_reset
+    last = window[-1]
+    lags = {tp: partition_lag(o, reset) for tp, o in last.partitions.items()}
+    stalled = tuple(stalled_partitions(window, policy.stall_after_s, reset))
+    live = {tp: n for tp, n in lags.items() if tp not in stalled}
+    recent = _since(window, last.at - policy.rate_window_s - 1e-9)
+    produce = consume = per_replica = None
+    if len(recent) >= 2:
+        first = recent[0]
+        produce = _rate(first, last, lambda o: o.end)
+        consume = _rate(first, last, lambda o: consumed_position(o, reset))
+        members = _mean_members(recent)
+        busy = all(sum(1 for tp, o in ob.partitions.items() if tp not in stalled and partition_lag(o, reset) > 0)
+                   >= max(1, ob.members) for ob in recent)
+        if busy and members > 0 and consume is not None and consume > 0:
+            per_replica = consume / members
+    seconds = [s for tp in live if lags[tp] > 0 and (s := lag_seconds(window, tp, reset)) is not None]
+    return Metrics(partitions=len(lags), lag=sum(lags.values()), effective_lag=sum(live.values()),
+                   max_partition_lag=max(lags.values(), default=0),
+                   lagging=sum(1 for n in live.values() if n > 0), stalled=stalled,
+                   produce_rate=produce, consume_rate=consume, per_replica_rate=per_replica,
+                   members=last.members, lag_seconds=max(seconds) if seconds else (0.0 if live else None))
+
+
+def _mean_members(obs: Sequence[Observation]) -> float:
+    """Time-weighted mean of the member count over the observations."""
+    if len(obs) < 2:
+        return float(obs[0].members) if obs else 0.0
+    total = weight = 0.0
+    for a, b in zip(obs, obs[1:]):
+        dt = b.at - a.at
+        total += (a.members + b.members) / 2 * dt
+        weight += dt
+    return total / weight if weight > 0 else float(obs[-1].members)
+
+
+# ----------------------------------------------------------------------------- recommendation
+
+def lag_formula(lag: int, threshold: int) -> int:
+    """KEDA's ceil(totalLag / lagThreshold), without the HPA's tolerance band."""
+    return math.ceil(lag / threshold) if lag > 0 else 0
+
+
+def drain_formula(lag: int, produce_rate: float, rate: float, target_s: float) -> int:
+    """Replicas that keep up with the producers and drain `lag` within `target_s`."""
+    need = lag / target_s + max(0.0, produce_rate)
+    return math.ceil(need / rate - 1e-9) if need > 0 else 0
+
+
+def cap(policy: Policy, m: Metrics) -> tuple[int, str]:
+    """The most replicas that can do anything: one per partition (or per lagging one)."""
+    if policy.limit_to_partitions_with_lag:
+        return max(1, m.lagging), "partitions with lag"
+    return max(1, m.partitions), "partitions"
+
+
+def recommend(policy: Policy, m: Metrics, known_rate: float | None, current: int) -> tuple[int, str, float | None]:
+    """(replicas within bounds, how they were computed, the per-replica rate used)."""
+    rate = m.per_replica_rate or known_rate
+    if policy.mode == "DrainTime" and rate:
+        raw = drain_formula(m.effective_lag, m.produce_rate or 0.0, rate, policy.target_drain_s)
+        how = (f"ceil(({m.effective_lag} lag / {policy.target_drain_s:g}s + {m.produce_rate or 0:.1f} msg/s produced)"
+               f" / {rate:.1f} msg/s per replica) = {raw}")
+    else:
+        raw = lag_formula(m.effective_lag, policy.lag_threshold)
+        how = f"ceil({m.effective_lag} lag / {policy.lag_threshold} per replica) = {raw}"
+        if policy.mode == "DrainTime":
+            how += " (no per-replica rate measured yet: lag formula)"
+            rate = None
+    limit, what = cap(policy, m)
+    if raw > limit:
+        raw = limit
+        how += f", capped at {limit} {what}"
+    # from zero, only lag above the activation threshold wakes the group
+    if current == 0 and m.effective_lag <= policy.activation_lag:
+        if raw > 0:
+            how += f", but lag {m.effective_lag} <= activationLag {policy.activation_lag}"
+        raw = 0
+    elif current == 0 and raw == 0 and m.effective_lag > policy.activation_lag:
+        raw = 1
+    bounded = min(policy.max_replicas, max(policy.min_replicas, raw))
+    if bounded != raw:
+        how += f", kept within [{policy.min_replicas}, {policy.max_replicas}]"
+    return bounded, how, rate
+
+
+# ----------------------------------------------------------------------------- decision
+
+def decide(window: Sequence[Observation], policy: Policy, ctx: Context) -> Decision:
+    """The replicas spec.replicas should hold now, with the reason and the inputs."""
+    current = ctx.current
+    inside = min(policy.max_replicas, max(policy.min_replicas, current))
+    if policy.mode == "Off":
+        return Decision(current, None, SCALING_OFF, "scaling.mode is Off: spec.replicas is written by users or an HPA")
+    if ctx.stale:
+        return Decision(inside, None, STALE_DATA if inside == current else CLAMPED,
+                        f"keeping {inside} replicas: the lag data is stale ({ctx.stale})")
+    if not window:
+        return Decision(inside, None, NO_DATA if inside == current else CLAMPED, "no measurement yet")
+    m = measure(window, policy)
+    rec, how, rate = recommend(policy, m, ctx.known_rate, current)
+
+    def out(replicas: int, reason: str, message: str) -> Decision:
+        return Decision(replicas, rec, reason, message, m, rate)
+
+    if ctx.rolling:
+        return out(inside, ROLLING_OUT if inside == current else CLAMPED,
+                   f"keeping {inside} replicas while the StatefulSet rolls out (recommended: {how})")
+    if rec > current:
+        target = rec
+        if policy.scale_up_stabilization_s > 0:
+            in_window = [r for t, r in ctx.recommendations if t >= ctx.now - policy.scale_up_stabilization_s]
+            target = min([rec, *in_window])
+            if target <= current:
+                return out(inside, UP_STABILIZING if inside == current else CLAMPED,
+                           f"{how}; waiting {policy.scale_up_stabilization_s:g}s (scaleUpStabilizationS) "
+                           f"for the recommendation to hold")
+        bp = ctx.backpressure
+        if bp is not None and bp >= policy.backpressure_blocks_at:
+            return out(inside, BACKPRESSURE if inside == current else CLAMPED,
+                       f"not scaling up to {target}: backpressure level {bp:.2f} >= {policy.backpressure_blocks_at:g} "
+                       f"(the downstream is saturated; more consumers would push it harder). {how}")
+        step = min(target, current + policy.max_step_up)
+        reason = WAKE_UP if current == 0 else SCALE_UP
+        note = f" (step limited to +{policy.max_step_up})" if step < target else ""
+        return out(step, reason, f"{current} -> {step}: {how}{note}")
+    if rec < current:
+        history = list(ctx.recommendations)
+        if policy.scale_down_stabilization_s > 0 and (
+                not history or history[0][0] > ctx.now - policy.scale_down_stabilization_s):
+            if inside != current:
+                return out(inside, CLAMPED, f"{current} -> {inside}: outside [minReplicas, maxReplicas]")
+            return out(current, DOWN_STABILIZING,
+                       f"{how}; scaling down only after {policy.scale_down_stabilization_s:g}s of recommendations "
+                       f"(scaleDownStabilizationS)")
+        in_window = [r for t, r in history if t >= ctx.now - policy.scale_down_stabilization_s]
+        target = max([rec, *in_window])
+        if target >= current:
+            return out(inside, DOWN_STABILIZING if inside == current else CLAMPED,
+                       f"{how}; the highest recommendation of the last {policy.scale_down_stabilization_s:g}s "
+                       f"is {target}")
+        step = max(target, current - policy.max_step_down)
+        note = f" (step limited to -{policy.max_step_down})" if step > target else ""
+        reason = SCALE_TO_ZERO if step == 0 else SCALE_DOWN
+        return out(step, reason, f"{current} -> {step}: {how}{note}")
+    # rec == current
+    if m.stalled and lag_formula(m.lag, policy.lag_threshold) > current:
+        return out(current, STALLED, f"partitions {', '.join(f'{t}/{p}' for t, p in m.stalled)} are stalled "
+                                     f"(committed offset frozen with lag): their lag does not scale up. {how}")
+    return out(current, IDLE if current == 0 else STEADY, how)
+
+
+def prune(window: list[Observation], now: float, keep_s: float, max_len: int = 240) -> list[Observation]:
+    """The observations still needed: the last `keep_s` seconds plus one older (a span's anchor)."""
+    older = [o for o in window if o.at < now - keep_s]
+    kept = ([older[-1]] if older else []) + [o for o in window if o.at >= now - keep_s]
+    return kept[-max_len:]
+
+
+def keep_seconds(policy: Policy) -> float:
+    """How much history decisions need (and lag-seconds estimates like)."""
+    return max(policy.scale_down_stabilization_s, policy.scale_up_stabilization_s, policy.stall_after_s,
+               policy.rate_window_s, 600.0)
+
+
+def prune_recommendations(recs: Iterable[tuple[float, int]], now: float, policy: Policy) -> list[tuple[float, int]]:
+    """Keep the recommendations of the stabilization windows, plus one older: its presence says
+    the history covers a whole window (the scale-down rule waits for that)."""
+    keep = max(policy.scale_down_stabilization_s, policy.scale_up_stabilization_s)
+    recs = list(recs)
+    older = [r for r in recs if r[0] < now - keep]
+    return ([older[-1]] if older else []) + [r for r in recs if r[0] >= now - keep]
+
+
+__all__ = ["Offsets", "Observation", "Policy", "Context", "Metrics", "Decision", "measure", "decide",
+           "partition_lag", "lag_seconds", "stalled_partitions", "recommend", "prune"]

@@ -1,0 +1,458 @@
+"""The lag autoscaler end to end on the test bed: the operator (`afc-operator` subprocess)
+measures a real group on the real broker, writes spec.replicas, and real `afc-consumer`
+processes play the pods.
+
+There is no kubelet: `Kubelet` below does its part for the AdaptiveConsumer's pods. For each
+pod it runs an `afc-consumer` with the pod's name as group.instance.id and reports the pod
+Ready; when a pod is deleted it stops that process (SIGTERM: drain, commit, close) before it
+lets the pod object go (a finalizer stands in for the kubelet's graceful deletion: the pod
+object stays until its containers stopped, as on a real node).
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import yaml
+
+from afc.operator.kube import Kube, KubeError, path_for
+from afc.operator.testing import OperatorProcess, delete_consumers
+from afctest import ConsumerProcess, Testbed, free_port, wait_for
+
+pytestmark = [pytest.mark.k8s, pytest.mark.kafka, pytest.mark.redis]
+
+ROOT = Path(__file__).resolve().parents[2]
+SAMPLE = ROOT / "manifests" / "samples" / "afc_v1alpha1_adaptiveconsumer.yaml"
+SELECTOR = "app.kubernetes.io/instance={name},app.kubernetes.io/name=afc-consumer"
+FAST = {"AFC_OPERATOR_BACKOFF_MAX_S": "4", "AFC_OPERATOR_KAFKA_TIMEOUT_S": "2"}
+FINALIZER = "test.afc.dev/kubelet"
+
+
+def admin(testbed: Testbed) -> list[str]:
+    return [testbed.kubectl, f"--kubeconfig={testbed.kubeconfig}"]
+
+
+class Kubelet:
+    """Runs an afc-consumer per pod of one AdaptiveConsumer and stops it when the pod goes."""
+
+    def __init__(self, testbed: Testbed, core: Any, namespace: str, topic: str, group: str, handler: str,
+                 tmp_path: Path, redis_prefix: str, env: dict[str, str] | None = None, name: str = "orders") -> None:
+        self.testbed, self.core, self.namespace = testbed, core, namespace
+        self.topic, self.group, self.handler, self.tmp_path = topic, group, handler, tmp_path
+        self.redis_prefix, self.env, self.name = redis_prefix, dict(env or {}), name
+        self.procs: dict[str, ConsumerProcess] = {}
+        self.exited: dict[str, float] = {}   # pod -> when its process had drained and exited
+        self.started: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def sync(self) -> None:
+        pods = self.core.list_namespaced_pod(self.namespace, label_selector=SELECTOR.format(name=self.name)).items
+        leaving = []
+        for pod in pods:
+            n, finalizers = pod.metadata.name, list(pod.metadata.finalizers or [])
+            if pod.metadata.deletion_timestamp is not None:
+                leaving.append((n, finalizers))
+                continue
+            if FINALIZER not in finalizers:
+                self.core.patch_namespaced_pod(n, self.namespace, {"metadata": {"finalizers": [*finalizers, FINALIZER]}})
+            if n not in self.procs:
+                self.procs[n] = ConsumerProcess(self.testbed, [self.topic], self.group, self.handler,
+                                                self.tmp_path / f"{n}.log", instance_id=n, env=self.env,
+                                                redis_prefix=self.redis_prefix).start()
+                self.started[n] = time.time()
+            if pod.status.phase != "Running":
+                self.core.patch_namespaced_pod_status(n, self.namespace, {"status": {
+                    "phase": "Running", "conditions": [{"type": "Ready", "status": "True"},
+                                                       {"type": "ContainersReady", "status": "True"}]}})
+        for n, _ in leaving:  # SIGTERM them all first: they drain side by side
+            if n in self.procs and self.procs[n].proc.poll() is None:
+                self.procs[n].proc.terminate()
+        for n, finalizers in leaving:
+            if n in self.procs:
+                p = self.procs.pop(n)
+                p.proc.wait(60)  # SIGTERM sent above; a second one would mean "exit now"
+                p._log.close()
+                self.exited[n] = time.time()
+            if FINALIZER in finalizers:
+                self.release(n, finalizers)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.sync()
+            except BaseException as e:  # noqa: BLE001 - reported by the test
+                self.error = e
+            self._stop.wait(0.3)
+
+    def __enter__(self) -> "Kubelet":
+        self._thread = threading.Thread(target=self._run, name="kubelet", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(30)
+        for p in self.procs.values():
+            if p.proc.poll() is None:
+                p.proc.kill()
+                p.proc.wait(10)
+        for pod in self.core.list_namespaced_pod(self.namespace, label_selector=SELECTOR.format(name=self.name)).items:
+            if FINALIZER in (pod.metadata.finalizers or []):
+                self.release(pod.metadata.name, pod.metadata.finalizers)
+
+    def release(self, pod: str, finalizers: list[str]) -> None:
+        """Let the pod object go (a JSON patch: a strategic merge would merge the list)."""
+        try:
+            self.core.patch_namespaced_pod(pod, self.namespace, [
+                {"op": "test", "path": "/metadata/finalizers", "value": finalizers},
+                {"op": "replace", "path": "/metadata/finalizers", "value": [f for f in finalizers if f != FINALIZER]}])
+        except Exception:  # noqa: BLE001 - gone already, or changed meanwhile (the next sync retries)
+            pass
+
+
+@pytest.fixture
+def operator(testbed: Testbed, crd_installed: None, namespace: str, tmp_path: Path) -> Iterator[OperatorProcess]:
+    port = free_port()
+    with OperatorProcess(["--namespace", namespace, "--metrics", f"127.0.0.1:{port}"], testbed.kubeconfig,
+                         tmp_path / "operator.log", env=FAST) as op:
+        op.metrics_port = port  # type: ignore[attr-defined]
+        yield op
+        delete_consumers(admin(testbed), namespace)
+
+
+def consumer(testbed: Testbed, names: Any, topic: str, **spec: Any) -> dict[str, Any]:
+    obj = yaml.safe_load(SAMPLE.read_text())
+    obj["spec"]["kafka"].update(bootstrapServers=testbed.bootstrap, topics=[topic], groupId=names.group)
+    obj["spec"].update(spec)
+    return obj
+
+
+def apply(testbed: Testbed, namespace: str, obj: dict[str, Any]) -> None:
+    testbed.run_kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(obj))
+
+
+def get(api: Kube, namespace: str, name: str = "orders") -> dict[str, Any]:
+    return api.request("GET", path_for("AdaptiveConsumer", namespace, name))
+
+
+def condition(ac: dict[str, Any], type_: str) -> dict[str, Any]:
+    return next((c for c in (ac.get("status") or {}).get("conditions") or [] if c["type"] == type_), {})
+
+
+def events(testbed: Testbed, namespace: str, name: str = "orders") -> list[dict[str, Any]]:
+    out = testbed.run_kubectl("get", "events", "-n", namespace, "-o", "json", "--field-selector",
+                              f"involvedObject.kind=AdaptiveConsumer,involvedObject.name={name}").stdout
+    return sorted(json.loads(out)["items"], key=lambda e: e["metadata"]["creationTimestamp"])
+
+
+def produce(bootstrap: str, topic: str, per_partition: dict[int, int], key: bytes | None = None) -> None:
+    from confluent_kafka import Producer
+    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20})
+    for part, n in per_partition.items():
+        for i in range(n):
+            while True:
+                try:
+                    p.produce(topic, value=json.dumps({"n": i}).encode(), key=key, partition=part)
+                    break
+                except BufferError:
+                    p.poll(0.05)
+    assert p.flush(60) == 0
+
+
+def scaling(spec: dict[str, Any] | None = None, **kw: Any) -> dict[str, Any]:
+    base = {"mode": "Lag", "pollIntervalS": 1, "scaleDownStabilizationS": 5, "stallAfterS": 4, "rateWindowS": 5}
+    return {**base, **(spec or {}), **kw}
+
+
+def redis_secret(testbed: Testbed, namespace: str) -> dict[str, Any]:
+    testbed.run_kubectl("create", "secret", "generic", "redis", "-n", namespace, f"--from-literal=url={testbed.redis_url}")
+    return {"redisUrlSecretRef": {"name": "redis", "key": "url"}}
+
+
+def metrics(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """The operator's /metrics as {(name, labels): value}."""
+    import re
+    import urllib.request
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        head, _, value = line.rpartition(" ")
+        name, _, labels = head.partition("{")
+        out[(name, frozenset(re.findall(r'(\w+)="([^"]*)"', labels)))] = float(value)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+
+def test_backlog_scales_up_within_two_polls_and_down_after_the_window(
+        testbed: Testbed, api: Kube, core, operator: OperatorProcess, namespace: str, names, make_topic,
+        redis_client, tmp_path: Path) -> None:
+    topic = make_topic("orders", partitions=12)
+    produce(testbed.bootstrap, topic, {p: 400 for p in range(12)})   # 4,800 behind
+    idem = {**redis_secret(testbed, namespace), "keyPrefix": names.redis_prefix.rstrip(":")}
+    obj = consumer(testbed, names, topic, replicas=1, minReplicas=1, maxReplicas=12, idempotency=idem,
+                   scaling=scaling(lagThresholdPerReplica=1200))
+    t0 = time.monotonic()
+    apply(testbed, namespace, obj)
+    # the poll daemon starts with the resource and polls every second: two polls, plus the
+    # operator's first reconcile (create handler, apply of four objects) as slack
+    ac = operator.wait_until(lambda: (a := get(api, namespace))["spec"]["replicas"] == 4 and a, 2 * 1 + 3,
+                             "spec.replicas raised to ceil(4,800 / 1,200) = 4 within two poll intervals")
+    print(f"scaled up {time.monotonic() - t0:.2f}s after the AdaptiveConsumer was applied")
+    ac = operator.wait_until(lambda: (a := get(api, namespace)).get("status", {}).get("scaling") and a, 5, "status")
+    assert ac["status"]["scaling"]["replicasOwner"] == "afc-operator"
+    operator.wait_until(lambda: api.request("GET", path_for("StatefulSet", namespace, "orders"))["spec"]["replicas"] == 4,
+                        10, "the StatefulSet at 4")
+    up = operator.wait_until(lambda: [e for e in events(testbed, namespace) if e["reason"] == "ScaleUp"], 10,
+                             "a ScaleUp Event from the poll daemon")
+    assert "1 -> 4" in up[0]["message"] and "lag=4800" in up[0]["message"]
+    assert up[0]["source"]["component"] == "afc-operator"
+
+    env = {"AFC_TEST_HASH": f"{names.redis_prefix}seen", "AFC_MEMBERSHIP__SESSION_TIMEOUT_MS": "10000"}
+    with Kubelet(testbed, core, namespace, topic, names.group, "autoscale_handlers:record", tmp_path,
+                 names.redis_prefix, env) as kubelet:
+        # the consumers drain the backlog; once the recommendation (ceil(lag / 1,200)) stayed at 1
+        # for scaleDownStabilizationS, back to minReplicas
+        last_high = [time.monotonic()]
+
+        def scaled_down() -> dict[str, Any] | None:
+            a = get(api, namespace)
+            if (a["status"].get("lag") or {}).get("total", 0) > 1200:
+                last_high[0] = time.monotonic()
+            return a if a["spec"]["replicas"] == 1 else None
+        ac = operator.wait_until(scaled_down, 90, "the backlog drained by four afc-consumer processes, then 1 replica",
+                                 interval=0.1)
+        assert time.monotonic() - last_high[0] >= 4, "scaled down before the stabilization window"
+        operator.wait_until(lambda: [e for e in events(testbed, namespace) if e["reason"] == "ScaleDown"], 10,
+                            "a ScaleDown Event")
+        operator.wait_until(lambda: set(kubelet.exited) == {"orders-1", "orders-2", "orders-3"}, 60,
+                            "the three departed pods' consumers drained and stopped")
+
+        def removed() -> str:
+            return " ".join(e["message"] for e in events(testbed, namespace) if e["reason"] == "MembersRemoved")
+        operator.wait_until(lambda: all(f"orders-{i} (NoError)" in removed() for i in (1, 2, 3)), 20,
+                            "the departed members removed from the group")
+        assert "UnknownMember" not in removed(), "a member was removed before it had joined and left"
+        assert kubelet.error is None, kubelet.error
+    assert condition(ac, "Ready")["status"] == "True"
+    m = metrics(operator.metrics_port)  # type: ignore[attr-defined]
+    mine = {"namespace": namespace, "name": "orders"}
+    assert m[("afc_operator_desired_replicas", frozenset(mine.items()))] == 1
+    assert m[("afc_operator_scaling_decisions_total", frozenset({**mine, "reason": "ScaleUp"}.items()))] == 1
+    assert m[("afc_operator_scaling_decisions_total", frozenset({**mine, "reason": "ScaleDown"}.items()))] >= 1
+    assert m[("afc_operator_poll_duration_seconds_count", frozenset(mine.items()))] >= 3
+    assert m[("afc_operator_members_removed_total", frozenset(mine.items()))] == 3
+    assert m[("afc_operator_lag_messages", frozenset(mine.items()))] == 0
+    assert m[("afc_operator_kafka_admin_clients", frozenset())] == 1
+
+
+def test_a_stuck_partition_does_not_scale_up(testbed: Testbed, api: Kube, core, operator: OperatorProcess,
+                                            namespace: str, names, make_topic, redis_client, tmp_path: Path) -> None:
+    topic = make_topic("orders", partitions=4)
+    obj = consumer(testbed, names, topic, replicas=1, minReplicas=1, maxReplicas=4,
+                   idempotency={**redis_secret(testbed, namespace), "keyPrefix": names.redis_prefix.rstrip(":")},
+                   scaling=scaling(lagThresholdPerReplica=500))
+    env = {"AFC_TEST_HASH": f"{names.redis_prefix}seen", "AFC_TEST_POISON_PARTITION": "0",
+           "AFC_ROUTING__ENABLED": "false", "AFC_MEMBERSHIP__SESSION_TIMEOUT_MS": "10000"}
+    with Kubelet(testbed, core, namespace, topic, names.group, "autoscale_handlers:poison_on_partition", tmp_path,
+                 names.redis_prefix, env) as kubelet:
+        apply(testbed, namespace, obj)
+        wait_for(lambda: "orders-0" in kubelet.procs, 30, what="orders-0 running")
+        kubelet.procs["orders-0"].wait_ready(60)
+        produce(testbed.bootstrap, topic, {0: 5, 1: 20, 2: 20, 3: 20}, key=b"k")
+        ac = operator.wait_until(lambda: (a := get(api, namespace)) and condition(a, "Stalled").get("status") == "True"
+                                 and a, 30, "partition 0 judged stalled")
+        assert f"{topic}/0" in condition(ac, "Stalled")["message"]
+        assert f"{topic}/1" not in condition(ac, "Stalled")["message"]
+        # now a backlog lands on the stuck partition: 3,000 >> 500 per replica, yet no scale-up
+        produce(testbed.bootstrap, topic, {0: 3000}, key=b"k")
+        operator.wait_until(lambda: (get(api, namespace)["status"].get("lag") or {}).get("total", 0) >= 3000, 10,
+                            "the backlog measured")
+        time.sleep(5)  # five polls
+        ac = get(api, namespace)
+        assert ac["spec"]["replicas"] == 1
+        assert ac["status"]["scaling"]["reason"] == "StalledPartitions", ac["status"]["scaling"]
+        assert ac["status"]["scaling"]["inputs"]["stalledPartitions"] == [f"{topic}/0"]
+        assert condition(ac, "ScalingLimited")["reason"] == "StalledPartitions"
+        assert any(e["reason"] == "StalledPartitions" for e in events(testbed, namespace))
+        assert kubelet.error is None, kubelet.error
+
+
+def test_engaged_backpressure_blocks_scale_up(testbed: Testbed, api: Kube, core, operator: OperatorProcess,
+                                             namespace: str, names, make_topic, redis_client, tmp_path: Path) -> None:
+    topic = make_topic("orders", partitions=4)
+    latency = f"{names.redis_prefix}latency"
+    redis_client.set(latency, 400)  # the downstream answers in 400 ms; the target is 50 ms
+    obj = consumer(testbed, names, topic, replicas=1, minReplicas=1, maxReplicas=4,
+                   idempotency={**redis_secret(testbed, namespace), "keyPrefix": names.redis_prefix.rstrip(":")},
+                   scaling=scaling(lagThresholdPerReplica=500, stallAfterS=60))
+    env = {"AFC_TEST_HASH": f"{names.redis_prefix}seen", "AFC_TEST_LATENCY_KEY": latency,
+           "AFC_FLOW__TARGET_LATENCY_MS": "50", "AFC_FLOW__WINDOW_MS": "200", "AFC_FLOW__MAX_INFLIGHT": "8",
+           "AFC_MEMBERSHIP__SESSION_TIMEOUT_MS": "10000"}
+    with Kubelet(testbed, core, namespace, topic, names.group, "autoscale_handlers:record", tmp_path,
+                 names.redis_prefix, env) as kubelet:
+        apply(testbed, namespace, obj)
+        wait_for(lambda: "orders-0" in kubelet.procs, 30, what="orders-0 running")
+        kubelet.procs["orders-0"].wait_ready(60)
+        # a little lag (no reason to scale) on a slow downstream: the consumer saturates
+        produce(testbed.bootstrap, topic, {p: 100 for p in range(4)})
+        operator.wait_until(lambda: (get(api, namespace)["status"].get("backpressure") or {}).get("level") == "Engaged",
+                            30, "the group's backpressure signal engaged")
+        assert get(api, namespace)["spec"]["replicas"] == 1
+        produce(testbed.bootstrap, topic, {p: 1000 for p in range(4)})  # now a backlog worth 4 replicas
+        ac = operator.wait_until(lambda: (a := get(api, namespace))["status"].get("scaling", {}).get("reason")
+                                 == "BackpressureEngaged" and a, 30, "scale-up held by backpressure")
+        assert ac["status"]["backpressure"]["level"] == "Engaged" and ac["status"]["backpressure"]["members"] == 1
+        assert "backpressure level 1.00" in ac["status"]["scaling"]["message"]
+        time.sleep(3)
+        assert get(api, namespace)["spec"]["replicas"] == 1
+        row = testbed.run_kubectl("get", "ac", "orders", "-n", namespace, "--no-headers").stdout.split()
+        assert "Engaged" in row, row  # the Backpressure printer column
+        assert any(e["reason"] == "BackpressureEngaged" for e in events(testbed, namespace))
+
+        redis_client.set(latency, 0)  # the downstream recovers: the signal clears, the lag scales up
+        operator.wait_until(lambda: get(api, namespace)["spec"]["replicas"] > 1, 30, "scale-up once clear")
+        assert kubelet.error is None, kubelet.error
+
+
+def test_scale_to_zero_and_wake_up(testbed: Testbed, api: Kube, operator: OperatorProcess, namespace: str, names,
+                                   make_topic) -> None:
+    topic = make_topic("orders", partitions=2)
+    obj = consumer(testbed, names, topic, replicas=1, minReplicas=0, maxReplicas=2,
+                   scaling=scaling(lagThresholdPerReplica=100, activationLag=30, scaleDownStabilizationS=3))
+    apply(testbed, namespace, obj)
+    ac = operator.wait_until(lambda: (a := get(api, namespace))["spec"]["replicas"] == 0 and a, 20, "scaled to zero")
+    operator.wait_until(lambda: condition(get(api, namespace), "Ready").get("reason") == "ScaledToZero", 10,
+                        "Ready: ScaledToZero")
+    produce(testbed.bootstrap, topic, {0: 10, 1: 10})  # 20 <= activationLag 30: stays asleep
+    time.sleep(3)
+    ac = get(api, namespace)
+    assert ac["spec"]["replicas"] == 0 and ac["status"]["scaling"]["reason"] == "Idle"
+    produce(testbed.bootstrap, topic, {0: 30})          # 50 > 30: wakes
+    operator.wait_until(lambda: get(api, namespace)["spec"]["replicas"] == 1, 5, "woken up by new lag")
+    operator.wait_until(lambda: {"ScaleToZero", "WakeUp"} <= {e["reason"] for e in events(testbed, namespace)}, 10,
+                        "ScaleToZero and WakeUp Events")
+
+
+def test_stale_data_holds_and_is_reported_by_the_poll(testbed: Testbed, api: Kube, operator: OperatorProcess,
+                                                     namespace: str, names, make_topic) -> None:
+    """An unreachable broker: the poll keeps the replicas, marks the data stale (condition
+    and a Warning Event posted from the poll daemon) and never scales on it."""
+    obj = consumer(testbed, names, "orders", replicas=2, scaling=scaling())
+    obj["spec"]["kafka"]["bootstrapServers"] = "127.0.0.1:1"
+    apply(testbed, namespace, obj)
+    ac = operator.wait_until(lambda: (a := get(api, namespace)) and condition(a, "ScalingActive").get("reason")
+                             == "StaleData" and a, 40, "ScalingActive False: StaleData")
+    assert condition(ac, "ScalingActive")["status"] == "False" and ac["spec"]["replicas"] == 2
+    stale = operator.wait_until(lambda: [e for e in events(testbed, namespace) if e["reason"] == "StaleData"], 10,
+                                "a StaleData Warning")
+    assert stale[0]["type"] == "Warning" and "127.0.0.1:1" in stale[0]["message"]
+    time.sleep(3)
+    assert get(api, namespace)["spec"]["replicas"] == 2
+
+
+def assignment(testbed: Testbed, group: str) -> dict[str, set[int]]:
+    """group.instance.id -> partitions of the topic it holds, as the broker describes the group."""
+    from confluent_kafka.admin import AdminClient
+    a = AdminClient({"bootstrap.servers": testbed.bootstrap})
+    (desc,) = [f.result(10) for f in a.describe_consumer_groups([group], request_timeout=10).values()]
+    return {m.group_instance_id: {tp.partition for tp in m.assignment.topic_partitions if not tp.topic.endswith(".retry")}
+            for m in desc.members if m.group_instance_id}
+
+
+class Load:
+    """Keeps every partition of a topic busy (a few messages a second each) until stopped."""
+
+    def __init__(self, bootstrap: str, topic: str, partitions: int, per_second: float = 10) -> None:
+        self.bootstrap, self.topic, self.partitions, self.per_second = bootstrap, topic, partitions, per_second
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="load", daemon=True)
+
+    def _run(self) -> None:
+        from confluent_kafka import Producer
+        p = Producer({"bootstrap.servers": self.bootstrap, "linger.ms": 5})
+        n = 0
+        while not self._stop.wait(1 / self.per_second):
+            for part in range(self.partitions):
+                p.produce(self.topic, value=json.dumps({"n": n}).encode(), partition=part)
+            n += 1
+            p.poll(0)
+        p.flush(10)
+
+    def __enter__(self) -> "Load":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(15)
+
+
+@pytest.mark.parametrize("protocol,hand_off", [("classic", True), ("classic", False), ("consumer", True)])
+def test_scale_down_hands_the_departed_members_partitions_over(
+        protocol: str, hand_off: bool, testbed: Testbed, api: Kube, core, operator: OperatorProcess, namespace: str,
+        names, make_topic, redis_client, tmp_path: Path) -> None:
+    """4 -> 2 static members. A static member sends no LeaveGroup when it stops, so without the
+    hand-off its partitions wait for the session timeout (classic: 12 s here; KIP-848: the
+    broker's 45 s). With it, the operator removes the departed group.instance.ids once their
+    pods are gone (LeaveGroup v3+, which Kafka 4.1 also applies to consumer-protocol groups),
+    and their partitions are consumed again within 5 s (classic), or at the remaining
+    members' next heartbeat (KIP-848, 5 s by default)."""
+    session_s = 12
+    topic = make_topic("orders", partitions=8)
+    obj = consumer(testbed, names, topic, replicas=4, minReplicas=1, maxReplicas=4,
+                   membership={"sessionTimeoutMs": session_s * 1000, "groupProtocol": protocol},
+                   scaling={"mode": "Off", "pollIntervalS": 1, "leaveGroupOnScaleDown": hand_off})
+    seen = f"{names.redis_prefix}seen"
+    env = {"AFC_TEST_HASH": seen, "AFC_MEMBERSHIP__SESSION_TIMEOUT_MS": str(session_s * 1000),
+           "AFC_MEMBERSHIP__GROUP_PROTOCOL": protocol, "AFC_SHUTDOWN__DRAIN_TIMEOUT_S": "5"}
+    with Kubelet(testbed, core, namespace, topic, names.group, "autoscale_handlers:record", tmp_path,
+                 names.redis_prefix, env) as kubelet, Load(testbed.bootstrap, topic, 8):
+        apply(testbed, namespace, obj)
+        held = wait_for(lambda: (a := assignment(testbed, names.group)) and len(a) == 4
+                        and sum(len(v) for v in a.values()) == 8 and (a["orders-2"] | a["orders-3"]) and a, 90,
+                        what="4 members holding 8 partitions, some on orders-2 and -3")
+        moving = held["orders-2"] | held["orders-3"]
+        time.sleep(2)
+        testbed.run_kubectl("scale", "ac/orders", "-n", namespace, "--replicas=2")
+        wait_for(lambda: {"orders-2", "orders-3"} <= set(kubelet.exited), 60, what="orders-2 and -3 drained and stopped")
+        left = max(kubelet.exited["orders-2"], kubelet.exited["orders-3"])
+
+        def resumed() -> float | None:
+            """Seconds from the departed members' exit until the last of their partitions was
+            consumed again (None while one is still waiting)."""
+            firsts = []
+            for p in moving:
+                times = [float(t) for t in redis_client.lrange(f"{seen}:p{p}", -400, -1)]
+                after = [t for t in times if t > left]
+                if not after:
+                    return None
+                firsts.append(min(after))
+            return max(firsts) - left
+        gap = wait_for(resumed, session_s + 60, interval=0.2, what="the departed members' partitions consumed again")
+        print(f"protocol={protocol} hand_off={hand_off}: partitions {sorted(moving)} consumed again "
+              f"{gap:.2f}s after their members stopped (session timeout {session_s}s)")
+        reasons = {e["reason"] for e in events(testbed, namespace)}
+        if hand_off and protocol == "classic":
+            assert gap < 5, f"{gap:.2f}s"
+            assert "MembersRemoved" in reasons
+        elif hand_off:
+            # KIP-848: the remaining members learn their new assignment at their next heartbeat,
+            # every group.consumer.heartbeat.interval.ms (the broker's, 5 s by default): the
+            # floor here. Without the hand-off: the broker's session timeout (45 s by default).
+            assert gap < 5 + 2, f"{gap:.2f}s"
+            assert "MembersRemoved" in reasons
+        else:
+            assert gap >= session_s - 3, f"{gap:.2f}s: faster than the session timeout without a hand-off?"
+            assert "MembersRemoved" not in reasons
+        assert kubelet.error is None, kubelet.error

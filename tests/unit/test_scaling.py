@@ -1,0 +1,217 @@
+"""The autoscaler's decision over synthetic observation windows: every rule, KEDA's stall
+cases, retention-deleted lag, stalls, backpressure, rollouts, scale to zero."""
+from __future__ import annotations
+
+from typing import Mapping
+
+import pytest
+
+from afc.operator import scaling as sc
+from afc.operator.scaling import Context, Observation, Offsets, Policy
+
+T = "orders"
+
+
+def obs(at: float, parts: Mapping[int, tuple[int | None, int, int]], members: int = 1) -> Observation:
+    """parts: partition -> (committed, log-start, log-end)."""
+    return Observation(at, {(T, p): Offsets(*v) for p, v in parts.items()}, members)
+
+
+def uniform(at: float, n: int, lag_each: int, committed: int = 0, members: int = 1) -> Observation:
+    return obs(at, {p: (committed, 0, committed + lag_each) for p in range(n)}, members)
+
+
+def decide(window: list[Observation], current: int, **kw) -> sc.Decision:
+    ctx_keys = {"rolling", "backpressure", "stale", "recommendations", "known_rate"}
+    ctx = {k: kw.pop(k) for k in list(kw) if k in ctx_keys}
+    policy = Policy(**{"stall_after_s": 1e9, **kw})
+    return sc.decide(window, policy, Context(now=window[-1].at if window else 0.0, current=current, **ctx))
+
+
+# ----------------------------------------------------------------------------- lag arithmetic
+
+@pytest.mark.parametrize("committed,start,end,reset,lag", [
+    (40, 0, 100, "earliest", 60),
+    (None, 10, 100, "earliest", 90),   # never committed: from the start of the log
+    (None, 10, 100, "latest", 0),      # never committed: from its end
+    (5, 50, 100, "earliest", 50),      # retention deleted 5..49: not lag (KEDA #7936 counts 95)
+    (100, 0, 100, "earliest", 0),
+])
+def test_partition_lag(committed, start, end, reset, lag) -> None:
+    assert sc.partition_lag(Offsets(committed, start, end), reset) == lag
+
+
+def test_retention_deleted_messages_do_not_scale_up() -> None:
+    # committed 0 on 4 partitions, retention moved the log start to 9,000 of 10,000
+    w = [obs(0, {p: (0, 9_000, 10_000) for p in range(4)})]
+    d = decide(w, current=1, lag_threshold=1_000)
+    assert d.metrics.lag == 4_000 and d.replicas == 4    # KEDA would see 40,000 and go to the cap
+
+
+def test_lag_seconds_interpolates_the_offset_time_table() -> None:
+    # log-end grows 100/s; the group stands at 250, produced at t=2.5
+    w = [obs(t, {0: (250 if t == 5 else 0, 0, 100 * t)}) for t in range(6)]
+    assert sc.lag_seconds(w, (T, 0), "earliest") == pytest.approx(2.5)
+    # before the table: extrapolated with the oldest slope
+    w2 = [obs(t, {0: (50, 0, 1000 + 100 * t)}) for t in range(3)]
+    assert sc.lag_seconds(w2, (T, 0), "earliest") == pytest.approx(2 + 9.5)
+    # caught up: zero
+    assert sc.lag_seconds([obs(0, {0: (10, 0, 10)})], (T, 0), "earliest") == 0
+
+
+# ----------------------------------------------------------------------------- Lag mode
+
+def test_lag_mode_is_kedas_formula() -> None:
+    d = decide([uniform(0, 12, 450)], current=1, lag_threshold=1_000)
+    assert d.recommendation == 6 and d.replicas == 6 and d.reason == sc.SCALE_UP  # ceil(5400/1000)
+
+
+@pytest.mark.parametrize("current,partitions", [(22, 24), (63, 64)])
+def test_no_tolerance_stall_below_the_partition_cap(current: int, partitions: int) -> None:
+    """KEDA caps the metric at partitions x threshold; the HPA's 10 % tolerance then refuses
+    24/22 (9 %) and 64/63 (1.6 %): stuck one step below the cap (#4791, #2908). Not here."""
+    w = [uniform(0, partitions, 50_000)]
+    d = decide(w, current=current, lag_threshold=100, max_replicas=100, max_step_up=100)
+    assert d.replicas == partitions and d.reason == sc.SCALE_UP
+
+
+def test_capped_at_partitions_and_at_partitions_with_lag() -> None:
+    w = [obs(0, {0: (0, 0, 90_000), 1: (0, 0, 10), 2: (0, 0, 0), 3: (0, 0, 0)})]
+    assert decide(w, current=1, lag_threshold=100).replicas == 4
+    assert decide(w, current=1, lag_threshold=100, limit_to_partitions_with_lag=True).replicas == 2
+
+
+def test_bounds_and_step_limits() -> None:
+    w = [uniform(0, 50, 10_000)]
+    assert decide(w, current=1, lag_threshold=100, max_replicas=8, max_step_up=100).replicas == 8
+    d = decide(w, current=2, lag_threshold=100, max_replicas=40, max_step_up=4)
+    assert d.replicas == 6 and "step limited" in d.message
+    # below minReplicas: raised at once, whatever the lag says
+    assert decide([uniform(0, 4, 0)], current=1, min_replicas=3).replicas == 3
+
+
+def test_scale_up_is_immediate_scale_down_waits_for_the_window() -> None:
+    p = dict(lag_threshold=100, scale_down_stabilization_s=60)
+    assert decide([uniform(0, 10, 100)], current=2, **p).replicas == 10
+    # little lag now; the window holds higher recommendations
+    recs = [(0.0, 10), (20.0, 8), (40.0, 3)]
+    d = decide([uniform(50, 10, 10)], current=10, recommendations=recs, **p)
+    assert (d.replicas, d.reason) == (10, sc.DOWN_STABILIZING)
+    # an older entry proves a whole window was seen; the highest within it wins
+    d = decide([uniform(100, 10, 10)], current=10, recommendations=[(30.0, 10), (45.0, 4), (70.0, 3)], **p)
+    assert (d.replicas, d.reason) == (4, sc.SCALE_DOWN)
+    # no history covering the window (operator restarted): wait
+    d = decide([uniform(100, 10, 10)], current=10, recommendations=[(70.0, 1)], **p)
+    assert d.replicas == 10 and d.reason == sc.DOWN_STABILIZING
+    # step limit down
+    d = decide([uniform(100, 10, 0)], current=10, recommendations=[(30.0, 1)], max_step_down=3, **p)
+    assert d.replicas == 7
+
+
+def test_scale_up_stabilization_takes_the_lowest_recent_recommendation() -> None:
+    p = dict(lag_threshold=100, scale_up_stabilization_s=30)
+    d = decide([uniform(100, 10, 100)], current=2, recommendations=[(80.0, 2)], **p)
+    assert d.replicas == 2 and d.reason == sc.UP_STABILIZING
+    d = decide([uniform(100, 10, 100)], current=2, recommendations=[(80.0, 5), (90.0, 7)], **p)
+    assert d.replicas == 5
+
+
+# ----------------------------------------------------------------------------- stalls, backpressure, rollouts, staleness
+
+def stuck_window(members: int = 1) -> list[Observation]:
+    """Partition 0 frozen at 100 with a growing backlog; partitions 1-3 keep up."""
+    return [obs(t, {0: (100, 0, 100 + 500 * t), 1: (10 * t, 0, 10 * t), 2: (10 * t, 0, 10 * t),
+                    3: (10 * t, 0, 10 * t)}, members) for t in range(0, 40, 10)]
+
+
+def test_a_stalled_partition_does_not_drive_scale_up() -> None:
+    w = stuck_window()
+    d = decide(w, current=1, lag_threshold=1_000, stall_after_s=20)
+    assert d.metrics.stalled == ((T, 0),) and d.metrics.lag == 15_000 and d.metrics.effective_lag == 0
+    assert d.replicas == 1 and d.reason == sc.STALLED and "orders/0" in d.message
+    # before the stall is proven (window shorter than stallAfterS) its lag counts
+    assert decide(w[:2], current=1, lag_threshold=1_000, stall_after_s=20).replicas == 4
+
+
+def test_a_group_without_members_is_absent_not_stalled() -> None:
+    w = stuck_window(members=0)
+    d = decide(w, current=1, lag_threshold=1_000, stall_after_s=20)
+    assert d.metrics.stalled == () and d.replicas == 4
+
+
+def test_backpressure_blocks_scale_up_but_not_scale_down() -> None:
+    w = [uniform(0, 10, 1_000)]
+    d = decide(w, current=2, lag_threshold=100, backpressure=1.0)
+    assert (d.replicas, d.reason) == (2, sc.BACKPRESSURE) and "backpressure level 1.00" in d.message
+    assert decide(w, current=2, lag_threshold=100, backpressure=0.25).replicas == 10
+    d = decide([uniform(500, 10, 0)], current=5, lag_threshold=100, backpressure=1.0,
+               recommendations=[(0.0, 1)], scale_down_stabilization_s=60)
+    assert d.replicas == 1
+
+
+def test_no_scaling_while_rolling_out_or_on_stale_data() -> None:
+    w = [uniform(0, 10, 1_000)]
+    d = decide(w, current=2, lag_threshold=100, rolling=True)
+    assert (d.replicas, d.reason) == (2, sc.ROLLING_OUT)
+    d = decide(w, current=2, lag_threshold=100, stale="kafka: no answer")
+    assert (d.replicas, d.reason) == (2, sc.STALE_DATA) and d.recommendation is None
+    assert decide(w, current=2, mode="Off").reason == sc.SCALING_OFF
+
+
+# ----------------------------------------------------------------------------- scale to zero
+
+def test_scale_to_zero_and_wake_up_above_the_activation_threshold() -> None:
+    p = dict(min_replicas=0, lag_threshold=100, scale_down_stabilization_s=30, activation_lag=50)
+    d = decide([uniform(100, 4, 0)], current=2, recommendations=[(60.0, 0), (80.0, 0)], **p)
+    assert (d.replicas, d.reason) == (0, sc.SCALE_TO_ZERO)
+    assert decide([uniform(200, 4, 10)], current=0, **p).reason == sc.IDLE           # 40 <= 50
+    d = decide([uniform(200, 4, 20)], current=0, **p)                                 # 80 > 50
+    assert (d.replicas, d.reason) == (1, sc.WAKE_UP)
+    d = decide([uniform(200, 4, 2_000)], current=0, **p)
+    assert (d.replicas, d.reason) == (4, sc.WAKE_UP)
+    # above zero the activation threshold plays no part: a little lag keeps one replica
+    assert decide([uniform(200, 4, 5)], current=1, recommendations=[(0.0, 1)], **p).replicas == 1
+
+
+# ----------------------------------------------------------------------------- DrainTime mode
+
+def draining(members: int, rate_each: float, produce: float, lag0: int, n: int = 8,
+             span: int = 60, step: int = 10) -> list[Observation]:
+    """n partitions, producers at `produce` msg/s, each member consuming `rate_each` msg/s."""
+    out = []
+    for t in range(0, span + 1, step):
+        end = int(lag0 + produce * t) // n
+        com = int(members * rate_each * t) // n
+        out.append(obs(t, {p: (com, 0, end) for p in range(n)}, members))
+    return out
+
+
+def test_drain_time_mode_from_measured_rates() -> None:
+    w = draining(members=2, rate_each=100, produce=150, lag0=60_000)
+    d = decide(w, current=2, mode="DrainTime", target_drain_s=300, max_replicas=20)
+    m = d.metrics
+    assert m.per_replica_rate == pytest.approx(100, rel=0.02) and m.produce_rate == pytest.approx(150, rel=0.02)
+    # lag 51,000 at t=60: (51,000/300 + 150) / 100 = 3.2 -> 4
+    assert d.recommendation == 4 and d.replicas == 4 and d.rate == pytest.approx(100, rel=0.02)
+
+
+def test_drain_time_without_a_busy_window_uses_the_known_rate_or_the_lag_formula() -> None:
+    idle = [uniform(t, 8, 0, committed=10 * t) for t in range(0, 70, 10)]  # caught up, 80 msg/s
+    d = decide(idle, current=4, mode="DrainTime", recommendations=[(-400.0, 4)], known_rate=40.0)
+    assert d.metrics.per_replica_rate is None and d.replicas == 2      # ceil(80 msg/s / 40)
+    d = decide([uniform(0, 8, 500)], current=1, mode="DrainTime", lag_threshold=1_000)
+    assert d.replicas == 4 and "lag formula" in d.message
+
+
+def test_new_partitions_are_picked_up() -> None:
+    w = [uniform(0, 2, 100), uniform(10, 4, 1_000)]
+    d = decide(w, current=1, lag_threshold=1_000)
+    assert d.metrics.partitions == 4 and d.replicas == 4
+
+
+def test_windows_are_pruned_but_keep_an_anchor() -> None:
+    w = [uniform(t, 1, 0) for t in range(0, 100, 10)]
+    kept = sc.prune(w, now=90, keep_s=30)
+    assert [o.at for o in kept] == [50, 60, 70, 80, 90]
+    recs = sc.prune_recommendations([(t, 1) for t in range(0, 100, 10)], 90, Policy(scale_down_stabilization_s=30))
+    assert [t for t, _ in recs] == [50, 60, 70, 80, 90]
