@@ -26,7 +26,9 @@ Recommendation
       HPA's 10 % tolerance is what stalls KEDA at 22 of 24 and 63 of 64 partitions).
     - `DrainTime`: ceil((lag / targetDrainTimeS + produce rate) / rate per replica): enough
       replicas to keep up with producers and drain the backlog within the target. Without a
-      measured rate yet (no busy window so far) it falls back to the `Lag` formula.
+      measured rate yet (no busy window so far) it falls back to the `Lag` formula. The
+      backlog term counts at most one replica's rate per partition (`drain_need`): a backlog
+      on few partitions cannot use more replicas than those partitions.
     - capped at the number of partitions (or partitions with lag, `limitToPartitionsWithLag`)
       and at [minReplicas, maxReplicas]; from zero replicas only lag above `activationLag`
       wakes the group.
@@ -38,8 +40,13 @@ Decision (in this order; the first hold wins)
     4. up: at once (or the lowest recommendation within `scaleUpStabilizationS`), unless
        the group's backpressure level is at or above `backpressureBlocksAt` (the downstream
        is saturated: more consumers would only push harder), at most `maxScaleUpStep`.
+       `Lag` mode holds increases of at most `lag_tolerance` (10 %), except when the
+       recommendation reaches the partition cap or maxReplicas (no stall below the cap).
     5. down: to the highest recommendation within `scaleDownStabilizationS`, once that
-       much history exists, at most `maxScaleDownStep`.
+       much history exists, at most `maxScaleDownStep`, and only when at least
+       `scale_down_band` (10 %) below the replicas or at minReplicas. In `DrainTime`, once
+       the backlog is drained (`backlog_drained_since`), recommendations older than that
+       no longer count: they were made for a backlog that is gone.
 """
 from __future__ import annotations
 
@@ -102,6 +109,15 @@ class Policy:
     limit_to_partitions_with_lag: bool = False
     backpressure_blocks_at: float = 0.5
     auto_offset_reset: str = "earliest"
+    # scale down only when the target is at least this share below the replicas (or reaches
+    # minReplicas): small decreases are not worth a rebalance. Scale-up has no band (no stall at the cap).
+    scale_down_band: float = 0.1
+    # DrainTime: the backlog is drained when its term needs less than this share of one
+    # replica; recommendations made while it was not are then no longer held by the window
+    drained_replica_share: float = 0.25
+    # Lag mode: scale up only when the recommendation exceeds the replicas by more than this
+    # share, or reaches the partition cap / maxReplicas (no stall one step below the cap)
+    lag_tolerance: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -129,6 +145,8 @@ class Metrics:
     per_replica_rate: float | None = None   # msg/s one member consumed while busy (None: not busy)
     members: int = 0
     lag_seconds: float | None = None        # the oldest unconsumed message's age, estimated
+    partition_lags: Mapping[TP, int] = field(default_factory=dict)        # not stalled ones only
+    max_partition_consume: float | None = None   # msg/s: the fastest any one partition was consumed
 
     def summary(self) -> dict[str, object]:
         """For status and Events: plain, rounded values."""
@@ -253,6 +271,13 @@ def measure(window: Sequence[Observation], policy: Policy) -> Metrics:
     stalled = tuple(stalled_partitions(window, policy.stall_after_s, reset))
     live = {tp: n for tp, n in lags.items() if tp not in stalled}
     recent = _since(window, last.at - policy.rate_window_s - 1e-9)
+    fastest = None
+    if len(recent) >= 2 and recent[-1].at > recent[0].at:
+        dt = recent[-1].at - recent[0].at
+        for tp, ob in last.partitions.items():
+            oa = recent[0].partitions.get(tp) or Offsets(ob.start, ob.start, ob.start)
+            c = max(0, consumed_position(ob, reset) - consumed_position(oa, reset)) / dt
+            fastest = c if fastest is None else max(fastest, c)
     produce = consume = per_replica = None
     if len(recent) >= 2:
         first = recent[0]
@@ -268,7 +293,8 @@ def measure(window: Sequence[Observation], policy: Policy) -> Metrics:
                    max_partition_lag=max(lags.values(), default=0),
                    lagging=sum(1 for n in live.values() if n > 0), stalled=stalled,
                    produce_rate=produce, consume_rate=consume, per_replica_rate=per_replica,
-                   members=last.members, lag_seconds=max(seconds) if seconds else (0.0 if live else None))
+                   members=last.members, lag_seconds=max(seconds) if seconds else (0.0 if live else None),
+                   partition_lags=live, max_partition_consume=fastest)
 
 
 def _mean_members(obs: Sequence[Observation]) -> float:
@@ -296,6 +322,19 @@ def drain_formula(lag: int, produce_rate: float, rate: float, target_s: float) -
     return math.ceil(need / rate - 1e-9) if need > 0 else 0
 
 
+def drain_need(m: Metrics, rate: float, target_s: float) -> float:
+    """msg/s the group can put to use: the produce rate plus, per partition, its backlog over
+    the target, but at most what one consumer takes from one partition (a partition is consumed
+    by one member at a time: a backlog concentrated on few partitions cannot use more replicas
+    than those partitions, e.g. the one a released stall leaves behind). That limit is the
+    larger of the per-replica rate and the fastest any single partition was consumed in the
+    rate window (the per-replica rate is an average over members that may also own idle
+    partitions, so alone it would underestimate what one partition can take)."""
+    one = max(rate, m.max_partition_consume or 0.0)
+    lags = m.partition_lags or {("", -1): m.effective_lag}
+    return sum(min(one, lag / target_s) for lag in lags.values()) + max(0.0, m.produce_rate or 0.0)
+
+
 def cap(policy: Policy, m: Metrics) -> tuple[int, str]:
     """The most replicas that can do anything: one per partition (or per lagging one)."""
     if policy.limit_to_partitions_with_lag:
@@ -310,6 +349,12 @@ def recommend(policy: Policy, m: Metrics, known_rate: float | None, current: int
         raw = drain_formula(m.effective_lag, m.produce_rate or 0.0, rate, policy.target_drain_s)
         how = (f"ceil(({m.effective_lag} lag / {policy.target_drain_s:g}s + {m.produce_rate or 0:.1f} msg/s produced)"
                f" / {rate:.1f} msg/s per replica) = {raw}")
+        need = drain_need(m, rate, policy.target_drain_s)
+        absorbable = math.ceil(need / rate - 1e-9) if need > 0 else 0
+        if absorbable < raw:
+            raw = absorbable
+            how += (f", but the partitions can absorb only {need:.1f} msg/s (a partition's backlog takes at most"
+                    f" one replica): {raw}")
     else:
         raw = lag_formula(m.effective_lag, policy.lag_threshold)
         how = f"ceil({m.effective_lag} lag / {policy.lag_threshold} per replica) = {raw}"
@@ -355,6 +400,12 @@ def decide(window: Sequence[Observation], policy: Policy, ctx: Context) -> Decis
     if ctx.rolling:
         return out(inside, ROLLING_OUT if inside == current else CLAMPED,
                    f"keeping {inside} replicas while the StatefulSet rolls out (recommended: {how})")
+    if rec > current and current > 0 and policy.mode == "Lag" and rec <= current * (1 + policy.lag_tolerance) \
+            and rec < min(cap(policy, m)[0], policy.max_replicas):
+        # Lag mode's tolerance, as the HPA's, but never below the cap: a recommendation that
+        # reaches the partition cap (or maxReplicas) is followed, so 22 of 24 cannot stall
+        return out(inside, STEADY if inside == current else CLAMPED,
+                   f"{how}; within the {policy.lag_tolerance:.0%} tolerance of {current} replicas")
     if rec > current:
         target = rec
         if policy.scale_up_stabilization_s > 0:
@@ -382,8 +433,17 @@ def decide(window: Sequence[Observation], policy: Policy, ctx: Context) -> Decis
             return out(current, DOWN_STABILIZING,
                        f"{how}; scaling down only after {policy.scale_down_stabilization_s:g}s of recommendations "
                        f"(scaleDownStabilizationS)")
-        in_window = [r for t, r in history if t >= ctx.now - policy.scale_down_stabilization_s]
+        since = ctx.now - policy.scale_down_stabilization_s
+        released = backlog_drained_since(window, policy, m, rate) if policy.mode == "DrainTime" else None
+        if released is not None and released > since:
+            since = released    # recommendations made for a backlog that is gone no longer hold replicas
+        in_window = [r for t, r in history if t >= since]
         target = max([rec, *in_window])
+        if target < current and target > policy.min_replicas and target > current * (1 - policy.scale_down_band):
+            return out(inside, DOWN_STABILIZING if inside == current else CLAMPED,
+                       f"{how}; {current} -> {target} is less than the {policy.scale_down_band:.0%} scale-down band")
+        if released is not None and since == released and target < current:
+            how += f" (backlog drained since {ctx.now - released:g}s: earlier recommendations released)"
         if target >= current:
             return out(inside, DOWN_STABILIZING if inside == current else CLAMPED,
                        f"{how}; the highest recommendation of the last {policy.scale_down_stabilization_s:g}s "
@@ -397,6 +457,30 @@ def decide(window: Sequence[Observation], policy: Policy, ctx: Context) -> Decis
         return out(current, STALLED, f"partitions {', '.join(f'{t}/{p}' for t, p in m.stalled)} are stalled "
                                      f"(committed offset frozen with lag): their lag does not scale up. {how}")
     return out(current, IDLE if current == 0 else STEADY, how)
+
+
+def backlog_drained_since(window: Sequence[Observation], policy: Policy, m: Metrics,
+                          rate: float | None) -> float | None:
+    """DrainTime: the time since which the backlog has been drained (its term in the formula,
+    lag / targetDrainTimeS / rate, below `drained_replica_share` of a replica at every
+    observation since), stalled partitions excluded; None when it is not drained now or no
+    rate is known. Recommendations older than that were made for a backlog that is gone."""
+    if not rate or not window:
+        return None
+    limit = policy.drained_replica_share * rate * policy.target_drain_s
+    reset, stalled = policy.auto_offset_reset, set(m.stalled)
+
+    def lag(o: Observation) -> int:
+        return sum(partition_lag(x, reset) for tp, x in o.partitions.items() if tp not in stalled)
+
+    if lag(window[-1]) > limit:
+        return None
+    since = None
+    for o in reversed(window):
+        if lag(o) > limit:
+            return since
+        since = o.at
+    return None   # drained over the whole window: nothing to release
 
 
 def prune(window: list[Observation], now: float, keep_s: float, max_len: int = 240) -> list[Observation]:

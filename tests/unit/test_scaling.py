@@ -215,3 +215,70 @@ def test_windows_are_pruned_but_keep_an_anchor() -> None:
     assert [o.at for o in kept] == [50, 60, 70, 80, 90]
     recs = sc.prune_recommendations([(t, 1) for t in range(0, 100, 10)], 90, Policy(scale_down_stabilization_s=30))
     assert [t for t, _ in recs] == [50, 60, 70, 80, 90]
+
+
+# ----------------------------------------------------------------------------- bands, absorbable backlog, drained backlog
+
+def test_lag_mode_tolerance_holds_small_increases_but_never_below_the_cap() -> None:
+    p = dict(lag_threshold=100, max_replicas=100, max_step_up=100)
+    # 10 -> 11 is within 10 %: held (fewer, larger steps); 10 -> 12 is not
+    d = decide([uniform(0, 40, 27)], current=10, **p)                 # ceil(1080 / 100) = 11
+    assert (d.recommendation, d.replicas, d.reason) == (11, 10, sc.STEADY) and "tolerance" in d.message
+    d = decide([uniform(0, 40, 30)], current=10, **p)                 # 12
+    assert (d.replicas, d.reason) == (12, sc.SCALE_UP)
+    # 22 of 24 with lag for 23: held; once the recommendation reaches the partition cap it is followed
+    assert decide([uniform(0, 24, 95)], current=22, **p).replicas == 22   # ceil(2280 / 100) = 23
+    assert decide([uniform(0, 24, 100)], current=22, **p).replicas == 24  # 24 = the cap: no stall
+    # ... and so is maxReplicas
+    assert decide([uniform(0, 24, 100)], current=20, **{**p, "max_replicas": 21}).replicas == 21
+    # DrainTime has no up tolerance: its answer already carries the target
+    w = draining(members=10, rate_each=100, produce=1_000, lag0=12_000, n=40)
+    assert decide(w, current=10, mode="DrainTime", target_drain_s=300, max_replicas=100).replicas > 10
+
+
+def test_scale_down_band_skips_small_decreases_except_to_min_replicas() -> None:
+    p = dict(lag_threshold=100, scale_down_stabilization_s=60, max_replicas=24)
+    d = decide([uniform(100, 20, 55)], current=12, recommendations=[(30.0, 11)], **p)   # 11 of 12: 8 %
+    assert (d.replicas, d.reason) == (12, sc.DOWN_STABILIZING) and "band" in d.message
+    d = decide([uniform(100, 20, 50)], current=12, recommendations=[(30.0, 10)], **p)   # 10 of 12: 17 %
+    assert (d.replicas, d.reason) == (10, sc.SCALE_DOWN)
+    # reaching minReplicas is always allowed, however small the step
+    d = decide([uniform(100, 20, 55)], current=12, recommendations=[(30.0, 11)], min_replicas=11, **p)
+    assert d.replicas == 11
+
+
+def test_drain_time_backlog_on_few_partitions_uses_at_most_one_replica_each() -> None:
+    p = dict(mode="DrainTime", target_drain_s=120, max_replicas=24, known_rate=100.0)
+    # 60,000 on one partition: ceil(60,000 / 120 / 100) = 5 by the formula, but only one
+    # consumer can read that partition: one replica's worth
+    one = [obs(0, {0: (0, 0, 60_000), **{q: (0, 0, 0) for q in range(1, 8)}})]
+    d = decide(one, current=1, **p)
+    assert d.recommendation == 1 and d.replicas == 1 and "can absorb" in d.message
+    # the same backlog over 8 partitions uses 5
+    spread = [obs(0, {q: (0, 0, 7_500) for q in range(8)})]
+    assert decide(spread, current=1, **p).replicas == 5
+    # two backlogged partitions: two replicas for the backlog, plus what the producers need
+    two = [obs(t, {0: (0, 0, 30_000 + 50 * t), 1: (0, 0, 30_000 + 50 * t), **{q: (50 * t, 0, 50 * t) for q in range(2, 8)}},
+               members=3) for t in (0, 60)]
+    d = decide(two, current=1, **p)
+    assert d.metrics.produce_rate == pytest.approx(400)
+    assert d.replicas == 6     # ceil((100 + 100 + 400) / 100), not ceil((60,000/120 + 400) / 100) = 10
+
+
+def test_drain_time_releases_the_window_once_the_backlog_is_drained() -> None:
+    """After a burst, recommendations made for the backlog no longer hold replicas once it is
+    gone (its term below a quarter replica at every poll since); Lag mode keeps the window."""
+    p = dict(mode="DrainTime", target_drain_s=120, max_replicas=24, scale_down_stabilization_s=300,
+             known_rate=100.0)
+    w = [uniform(t, 4, 10_000 if t < 300 else 0, committed=10 * t) for t in range(0, 401, 20)]
+    recs = [(float(t), 20 if t < 300 else 1) for t in range(0, 400, 20)]
+    d = decide(w, current=20, recommendations=recs, **p)
+    assert d.replicas < 20 and d.reason == sc.SCALE_DOWN and "backlog drained" in d.message
+    # the backlog not drained yet (lag above a quarter replica's target share at the last poll): held
+    w2 = [*w[:-1], uniform(400, 4, 2_000, committed=4_000)]
+    assert decide(w2, current=20, recommendations=recs, **p).replicas == 20
+    # Lag mode: the highest recommendation of the window still holds
+    d = decide(w, current=20, recommendations=recs, **{**p, "mode": "Lag", "lag_threshold": 100})
+    assert (d.replicas, d.reason) == (20, sc.DOWN_STABILIZING)
+    # and the release never skips the wait for a whole window of history (operator restarted)
+    assert decide(w, current=20, recommendations=recs[-3:], **p).replicas == 20
