@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import gc
 import logging
 import os
 import signal
@@ -567,7 +568,12 @@ class Runtime:
         if fresh:
             self._admit(fresh)
         for m in out.written:
-            self._finish(m)
+            part = m._part
+            if self.parts.get(part.tp) is part:
+                if m.token:
+                    part.marked(m.offset)
+                else:
+                    part.finish(m.offset)          # a routed record whose routing marker is written
         if out.lost:
             self.metrics.claims_lost.inc(len(out.lost))
             log.warning("event=claims-lost keys=%d detail=\"leases ran out while handlers ran; their done marks "
@@ -589,7 +595,7 @@ class Runtime:
                     self.metrics.errors.labels(type(m.decode_error).__name__).inc()
                     self._route(m, m.decode_error)
             msgs = [m for m in msgs if m.decode_error is None]
-        n = self.outstanding
+        n = self.in_work
         if n > self._win[3]:
             self._win[3] = n
         self.dispatcher.submit(msgs)
@@ -676,6 +682,7 @@ class Runtime:
         """The handler returned: the offset passes once the done mark is written."""
         self._release_behind(m)
         if self.session is not None and m.token:
+            m._part.marking += 1
             self.session.done(m.idempotency_key, m.token, m)
         else:
             self._finish(m)
@@ -741,6 +748,7 @@ class Runtime:
         # done: the retry (or a replay) must be able to claim it.
         if msg.claimed and self.session is not None and msg.token:
             self.session.release(msg.idempotency_key, msg.token)
+        msg.token = ""                                    # not ours any more (its routing marker may be)
         self._release_behind(msg)
         if verdict == "routed":
             self._finish(msg)
@@ -805,8 +813,8 @@ class Runtime:
     def _decide(self) -> None:
         completed, errors, lat, peak, qwait = self._win
         assert self.dispatcher is not None
-        outstanding = self.outstanding
-        self._win = [0, 0, 0.0, self.dispatcher.running, 0.0]
+        outstanding = self.in_work
+        self._win = [0, 0, 0.0, outstanding, 0.0]
         d = self.ctl.decide(WindowStats(completed, errors, lat, max(peak, outstanding), qwait))
         self.dispatcher.tune(lat / completed if completed else 0.0, completed)
         m = self.metrics
@@ -837,13 +845,20 @@ class Runtime:
 
     @property
     def outstanding(self) -> int:
+        """Accepted and not finished: what a drain waits for."""
         return sum(p.inflight for p in self.parts.values())
+
+    @property
+    def in_work(self) -> int:
+        """What the in-flight limit bounds: accepted and not yet handled. A handled record
+        waiting for its done mark no longer loads the downstream (its offset still waits)."""
+        return sum(p.inflight - p.marking for p in self.parts.values())
 
     def _pauses(self, now: float) -> None:
         """Recompute every partition's pause reasons and send the difference (and seeks)."""
         ctl = self.ctl
         store_down = self.session is not None and self.session.down
-        outstanding = self.outstanding
+        outstanding = self.in_work
         budget = 0 if store_down else ctl.fetch_budget(outstanding)
         if budget > 0:
             self._saturated_since = None
@@ -880,7 +895,7 @@ class Runtime:
         if self.fetching or self.consumer is None or self.state in ("closing", "closed"):
             return
         store_down = self.session is not None and self.session.down
-        budget = 0 if (store_down or self.state != "running") else self.ctl.fetch_budget(self.outstanding)
+        budget = 0 if (store_down or self.state != "running") else self.ctl.fetch_budget(self.in_work)
         if budget <= 0 and self.parts and len(self.paused) < len(self.parts):
             return                      # momentary saturation: wait for results, do not fetch more
         self.fetching = True
@@ -950,6 +965,11 @@ class Runtime:
                 await asyncio.to_thread(ensure_routing_topics, self.s)
             self.router = TopicRouter(self.s, self.loop)
         self.consumer = await self.loop.run_in_executor(self._kafka, make)
+        # Every record allocates a few objects that live for milliseconds; the default gen-0
+        # threshold (700) then runs the collector hundreds of times a second. Collect less
+        # often, and keep the long-lived start-up objects out of every collection.
+        gc.freeze()
+        gc.set_threshold(50_000, 20, 20)
         self.state = "running"
         log.info("event=started group=%s instance=%s topics=%s workers=%d handler=%s store=%s timeout_s=%g",
                  self.s.kafka.group_id, self.instance_id, ",".join(self.s.kafka.topics), self.s.flow.workers,

@@ -37,7 +37,7 @@ from .message import Message
 log = logging.getLogger("afc.runtime.dispatch")
 REPORT_EVERY_S = 0.02
 CHUNK_TIME_S = 0.005        # aim for chunks that take about this long
-MAX_CHUNK = 256
+MAX_CHUNK = 4096
 
 
 class Outcome(IntEnum):
@@ -352,7 +352,7 @@ class ThreadDispatcher(Dispatcher):
             err: BaseException | None = None
             try:
                 r = handler(m)
-                if inspect.isawaitable(r):     # a sync callable that returned a coroutine
+                if r is not None and inspect.isawaitable(r):     # a sync callable that returned a coroutine
                     r = asyncio.run_coroutine_threadsafe(_await(r), loop).result()
             except BaseException as e:  # noqa: BLE001 - every failure is routed, SystemExit included
                 err = e

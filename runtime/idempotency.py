@@ -49,29 +49,34 @@ EVICTING_POLICIES = ("allkeys-lru", "allkeys-lfu", "allkeys-random", "volatile-l
 # Redis, not on a Cluster.) Claim tokens are `owner .. '.' .. (seq0 + i)`: one argument.
 _APPLY_LUA = """
 local ns, owner, seq0, lease, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
-local function pairs_of(s)
-  local t, out = {}, {}
-  for x in string.gmatch(s, "([^%z]+)") do t[#t + 1] = x end
-  for i = 1, #t, 2 do out[#out + 1] = {t[i], t[i + 1]} end
-  return out
+local k
+for x in string.gmatch(ARGV[6], "([^%z]+)") do
+  if not k then k = x else
+    local cur = redis.call('GET', ns .. k)
+    if cur == x or not cur then redis.call('SET', ns .. k, 'd', 'EX', ttl) end
+    k = nil
+  end
 end
-for _, kt in ipairs(pairs_of(ARGV[6])) do
-  local cur = redis.call('GET', ns .. kt[1])
-  if cur == kt[2] or not cur then redis.call('SET', ns .. kt[1], 'd', 'EX', ttl) end
-end
-for _, kt in ipairs(pairs_of(ARGV[7])) do
-  if redis.call('GET', ns .. kt[1]) == kt[2] then redis.call('DEL', ns .. kt[1]) end
+for x in string.gmatch(ARGV[7], "([^%z]+)") do
+  if not k then k = x else
+    if redis.call('GET', ns .. k) == x then redis.call('DEL', ns .. k) end
+    k = nil
+  end
 end
 local lost = {}
-for _, kt in ipairs(pairs_of(ARGV[8])) do
-  if redis.call('GET', ns .. kt[1]) == kt[2] then redis.call('PEXPIRE', ns .. kt[1], lease); lost[#lost + 1] = '0'
-  else lost[#lost + 1] = '1' end
+for x in string.gmatch(ARGV[8], "([^%z]+)") do
+  if not k then k = x else
+    if redis.call('GET', ns .. k) == x then redis.call('PEXPIRE', ns .. k, lease); lost[#lost + 1] = '0'
+    else lost[#lost + 1] = '1' end
+    k = nil
+  end
 end
-local out, i = {}, 0
-for k in string.gmatch(ARGV[9], "([^%z]+)") do
-  local token = owner .. '.' .. (seq0 + i)
+local out, i = {}, seq0
+local prefix = owner .. '.'
+for key in string.gmatch(ARGV[9], "([^%z]+)") do
+  local token = prefix .. i
   i = i + 1
-  local old = redis.call('SET', ns .. k, token, 'NX', 'PX', lease, 'GET')
+  local old = redis.call('SET', ns .. key, token, 'NX', 'PX', lease, 'GET')
   if not old or old == token then out[#out + 1] = '0'
   elseif old == 'd' then out[#out + 1] = '1'
   else out[#out + 1] = '2' end

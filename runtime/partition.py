@@ -27,7 +27,7 @@ WINDOW_FULL = "window-full"     # too far ahead of its commit point
 
 class Partition:
     __slots__ = ("tp", "epoch", "retry", "unfinished", "high", "committed", "reasons", "due_at",
-                 "seek_to", "skip_from", "skip_until_fetch", "route_blocked", "revoking", "inflight", "topic_id")
+                 "seek_to", "skip_from", "skip_until_fetch", "route_blocked", "revoking", "inflight", "marking", "topic_id")
 
     def __init__(self, tp: TP, epoch: int, retry: bool = False, topic_id: str | None = None) -> None:
         self.tp = tp
@@ -45,6 +45,7 @@ class Partition:
         self.route_blocked = 0
         self.revoking = False
         self.inflight = 0                   # accepted messages not finished (running, parked, routing)
+        self.marking = 0                    # ...of which handled, their done mark not yet written
 
     # ------------------------------------------------------------------ offsets
 
@@ -67,6 +68,11 @@ class Partition:
         self.high = offset + 1
         self.inflight += 1
         return True
+
+    def marked(self, offset: int) -> None:
+        """A handled record's done mark is written: it finishes."""
+        self.marking -= 1
+        self.finish(offset)
 
     def finish(self, offset: int) -> None:
         u = self.unfinished

@@ -1,11 +1,13 @@
 """The idempotency session: the one owner of this process's claims, done marks, releases
-and renewals, batched into one store call at a time.
+and renewals, batched into as few store calls as the loop's ticks allow.
 
 The control loop asks (`claim`, `done`, `release`; the router asks for its markers with
-`claim_key`/`done_key`/`release_key`); `flush` sends everything pending in one call and
-hands the answers back to the loop through `post`, so no answer mutates loop state from
-anywhere but the loop. At most one call is in flight.
+`claim_key`/`done_key`/`release_key`); `flush` sends what is pending and hands the
+answers back to the loop through `post`, so no answer mutates loop state from anywhere but
+the loop.
 
+- At most one call with claims is in flight (answers in fetch order) and at most one with
+  only done marks, releases and renewals beside it.
 - Claims carry fencing tokens `<owner>.<seq>`. A call that fails with an unknown outcome is
   retried with the same tokens first (alone), so a claim that did land is answered CLAIMED
   instead of waiting out its own lease.
@@ -34,7 +36,7 @@ log = logging.getLogger("afc.runtime.session")
 Target = Any          # a Message (runtime claim) or an asyncio.Future (a router's marker)
 
 
-@dataclass
+@dataclass(slots=True)
 class Hold:
     token: str
     renewed: float
@@ -63,20 +65,22 @@ class Session:
         self.down_since: float | None = None
         self.retry_at = 0.0
         self._backoff = 0.2
-        self.task: asyncio.Task[None] | None = None
+        self.task: asyncio.Task[None] | None = None          # the call carrying claims
+        self.mark_task: asyncio.Task[None] | None = None     # a call with done marks/releases/renewals only
+        self._next_renew = 0.0
         self.calls = 0
 
     # ---------------------------------------------------------------- asks (loop only)
 
     def claim(self, key: str, target: Target) -> None:
+        """(The loop flushes at the end of the tick that asked; only callers outside a tick,
+        the router's marker calls, need to wake it.)"""
         self._claims.append((key, target))
-        self.wake()
 
     def done(self, key: str, token: str, target: Any) -> None:
         """Queue the done mark; `target` comes back in `Outcome.written` once it is stored."""
         self._unhold(key, token)
         self._done.append((key, token, target))
-        self.wake()
 
     def release(self, key: str, token: str) -> None:
         self._unhold(key, token)
@@ -91,15 +95,18 @@ class Session:
     async def claim_key(self, key: str) -> tuple[Claim, str]:
         fut: asyncio.Future[tuple[Claim, str]] = asyncio.get_running_loop().create_future()
         self.claim(key, fut)
+        self.wake()
         return await fut
 
     async def done_key(self, key: str, token: str) -> None:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.done(key, token, fut)
+        self.wake()
         await fut
 
     def release_key(self, key: str, token: str) -> None:
         self.release(key, token)
+        self.wake()
 
     @property
     def down(self) -> bool:
@@ -111,7 +118,7 @@ class Session:
 
     @property
     def busy(self) -> bool:
-        return self.task is not None and not self.task.done()
+        return any(t is not None and not t.done() for t in (self.task, self.mark_task))
 
     def token_of(self, seq: int) -> str:
         return f"{self.owner}.{seq}"
@@ -123,28 +130,44 @@ class Session:
         return [(k, h.token) for k, h in self.held.items() if h.renewed <= cutoff]
 
     def flush(self) -> bool:
-        """Start one store call with everything pending, if none is in flight; True if started."""
-        if self.busy:
-            return False
+        """Start store calls with what is pending; True if one started.
+
+        Two calls may be in flight: one carrying claims (at most one, so claim answers come
+        back in the order records were fetched, which the key gate relies on), and one
+        carrying only done marks, releases and renewals (their order does not matter), so
+        the claims of a new batch never wait behind the previous batch's done marks."""
         now = self.clock()
         if self.down_since is not None and now < self.retry_at:
             return False
-        renew = self.due_renewals(now)
-        if not (self.pending or renew):
+        claims_free = self.task is None or self.task.done()
+        marks_free = self.mark_task is None or self.mark_task.done()
+        if not (claims_free or marks_free):
             return False
-        if self._retry is not None:
-            seq0, group = self._retry
-            self._retry = None
+        renew: list[tuple[str, str]] = []
+        if now >= self._next_renew:
+            self._next_renew = now + self.lease_s / 6
+            renew = self.due_renewals(now)
+        has_claims = bool(self._claims or self._retry)
+        if has_claims and claims_free:
+            if self._retry is not None:
+                seq0, group = self._retry
+                self._retry = None
+            else:
+                seq0, group = self.seq, self._claims
+                self._claims = []
+                self.seq += len(group)
+            slot = "task"
+        elif (self._done or self._release or renew) and marks_free:
+            seq0, group, slot = self.seq, [], "mark_task"
         else:
-            seq0, group = self.seq, self._claims
-            self._claims = []
-            self.seq += len(group)
+            return False
         done, self._done = self._done, []
         release, self._release = self._release, []
         for k, _ in renew:
             self.held[k].renewed = now
         batch = Batch([k for k, _ in group], seq0, [(k, t) for k, t, _ in done], release, renew)
-        self.task = asyncio.get_running_loop().create_task(self._call(batch, seq0, group, done, release, renew))
+        setattr(self, slot, asyncio.get_running_loop().create_task(
+            self._call(batch, seq0, group, done, release, renew)))
         return True
 
     async def _call(self, batch: Batch, seq0: int, group: list[tuple[str, Target]],
@@ -154,11 +177,11 @@ class Session:
         try:
             answer = await self.store.apply(batch)
         except StoreUnavailable as e:
-            self._failed(e, seq0, group, done, release)
+            self._failed(e, seq0, group, done, release, renew)
             return
         except Exception as e:  # noqa: BLE001 - an unexpected store error is treated as the store being down
             log.exception("event=store-call-failed error=%r", e)
-            self._failed(StoreUnavailable(repr(e)), seq0, group, done, release)
+            self._failed(StoreUnavailable(repr(e)), seq0, group, done, release, renew)
             return
         now = self.clock()
         if self.down_since is not None:
@@ -192,8 +215,14 @@ class Session:
         self.post(out)
 
     def _failed(self, e: StoreUnavailable, seq0: int, group: list[tuple[str, Target]],
-                done: list[tuple[str, str, Any]], release: list[tuple[str, str]]) -> None:
+                done: list[tuple[str, str, Any]], release: list[tuple[str, str]],
+                renew: list[tuple[str, str]]) -> None:
         now = self.clock()
+        for k, t in renew:                    # not renewed after all: due again at once
+            h = self.held.get(k)
+            if h is not None and h.token == t:
+                h.renewed = 0.0
+        self._next_renew = 0.0
         if self.down_since is None:
             self.down_since = now
             log.error("event=idempotency-store-down action=pause-and-retry error=\"%s\"", str(e).replace('"', "'"))
@@ -206,8 +235,9 @@ class Session:
         self.post(Outcome(error=e))
 
     async def close(self) -> None:
-        if self.task is not None and not self.task.done():
-            try:
-                await asyncio.wait_for(asyncio.shield(self.task), 5)
-            except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - closing anyway
-                pass
+        for t in (self.task, self.mark_task):
+            if t is not None and not t.done():
+                try:
+                    await asyncio.wait_for(asyncio.shield(t), 5)
+                except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - closing anyway
+                    pass
