@@ -124,6 +124,7 @@ class Runtime:
         self.gate = KeyGate()
         self.parked: dict[int, Message] = {}          # their idempotency key is held elsewhere
         self.rechecking: set[int] = set()             # parked messages whose re-claim is in flight
+        self._parked_logged = 0.0
         self.member = False                           # in the group (assigned since the last loss)
         self.flow_state = "open"
         self.decode = DECODERS[settings.handler.decoder]
@@ -144,6 +145,7 @@ class Runtime:
         self.fetch_seq = 0
         self.fetching = False
         self.commit_inflight = False
+        self._commit_started = 0.0
         self.state = "new"                            # new, running, draining, committing, closing, closed
         self.fatal: str | None = None
         self.exit_code = 0
@@ -553,7 +555,7 @@ class Runtime:
                 skipped += 1
                 if rechecked:
                     del self.parked[id(m)]
-                    self._settle(m)
+                    self._release_behind(m)
                 self._finish(m)
             elif rechecked:
                 if code is Claim.CLAIMED:
@@ -604,7 +606,7 @@ class Runtime:
         if self.session is None:
             return
         now = time.monotonic()
-        if now - getattr(self, "_parked_logged", 0.0) > 10:
+        if now - self._parked_logged > 10:
             self._parked_logged = now
             sample = next(iter(self.parked.values()))
             log.info("event=parked count=%d sample_key=%s sample=%s rechecking=%d", len(self.parked),
@@ -697,9 +699,6 @@ class Runtime:
             if x not in live:
                 self._abandon(x, admitted=False)
         self._admit(live)
-
-    def _settle(self, m: Message) -> None:
-        self._release_behind(m)
 
     def _finish(self, m: Message) -> None:
         part = m._part
@@ -802,7 +801,7 @@ class Runtime:
             self.metrics.commit_errors.inc()
             log.warning("event=commit-failed why=interval error=%s", err)
             return
-        self.metrics.commit_latency.observe(time.perf_counter() - getattr(self, "_commit_started", time.perf_counter()))
+        self.metrics.commit_latency.observe(time.perf_counter() - self._commit_started)
         for t, p, o, perr in parts:
             part = self.parts.get((t, p))
             if part is not None and perr is None and o >= 0 and (part.committed is None or o > part.committed):
@@ -821,7 +820,7 @@ class Runtime:
         m.controller_decisions.labels(d.reason).inc()
         m.inflight_limit.set(d.inflight_limit)
         m.batch_size.set(d.batch_size)
-        m.inflight.set(outstanding)
+        m.inflight.set(self.outstanding)
         m.paused.set(len(self.paused))
         m.parked.set(len(self.parked))
         m.abandoned_threads.set(self.dispatcher.abandoned_alive())
@@ -919,7 +918,6 @@ class Runtime:
                 log.error("event=handler-timeout topic=%s partition=%d offset=%d ran_s=%.1f action=route-and-replace-worker",
                           m.topic, m.partition, m.offset, ran)
             self._on_results(stuck.timed_out)
-            self.dispatcher.reported(-len(stuck.timed_out))   # counted once by the watchdog already
         n = self.dispatcher.abandoned_alive()
         if n > self.s.handler.max_abandoned_threads:
             self._fail(f"{n} handler threads abandoned after timeouts (handler.maxAbandonedThreads="

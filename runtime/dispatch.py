@@ -189,6 +189,7 @@ def split_chunks(msgs: list[Message], n: int) -> list[list[Message]]:
 
 class Dispatcher:
     """Common part of the thread and task dispatchers (the loop calls all of it)."""
+    abandons = True           # the watchdog times records out (tasks time out by themselves)
 
     def __init__(self, handler: Callable[[Message], Any], workers: int, loop: asyncio.AbstractEventLoop,
                  on_results: OnResults, timeout_s: float, steal_after_s: float, max_abandoned: int) -> None:
@@ -225,7 +226,7 @@ class Dispatcher:
                 if m is None:
                     continue
                 ran = now - c.t0
-                if self.timeout_s and ran > self.timeout_s:
+                if self.abandons and self.timeout_s and ran > self.timeout_s:
                     w.abandoned = True
                     c.cur = None
                     out.timed_out.append((m, Outcome.FAILED, HandlerTimeout(
@@ -239,7 +240,6 @@ class Dispatcher:
             self._replace_abandoned()
         for _, rest in out.taken:
             self.running -= len(rest)
-        self.running -= len(out.timed_out)
         return out
 
     def _replace_abandoned(self) -> None:
@@ -258,9 +258,9 @@ class Dispatcher:
         for c in self._chunks():
             with c.lock:
                 rest = c.take_rest()
+            kept = []
             for m in rest:
-                (back if not keep(m) else []).append(m)
-            kept = [m for m in rest if keep(m)]
+                (kept if keep(m) else back).append(m)
             if kept:
                 self._enqueue([kept])
             self.running -= len(rest) - len(kept)
@@ -285,6 +285,20 @@ class Dispatcher:
 
 def _result(msg: Message, outcome: Outcome, err: BaseException | None, t0: float, t1: float) -> Result:
     return (msg, outcome, err, t1 - t0, time.time() - msg.timestamp / 1000.0 - (t1 - t0), t0 - msg.queued_at)
+
+
+def _record(results: list[Result], m: Message, err: BaseException | None, t0: float, t1: float,
+            failed: set[bytes] | None) -> set[bytes] | None:
+    """Append one run's result; a failed record's key joins `failed` (the rest of the
+    chunk's records of that key are then handed back unrun)."""
+    if err is None:
+        results.append(_result(m, Outcome.OK, None, t0, t1))
+        return failed
+    results.append(_result(m, Outcome.FAILED, err, t0, t1))
+    if m.key is not None:
+        failed = failed or set()
+        failed.add(m.key)
+    return failed
 
 
 class ThreadDispatcher(Dispatcher):
@@ -361,13 +375,7 @@ class ThreadDispatcher(Dispatcher):
                 c.cur = None
                 if w.abandoned:                # timed out: the loop has failed this record already
                     break
-            if err is None:
-                results.append(_result(m, Outcome.OK, None, t0, t1))
-            else:
-                results.append(_result(m, Outcome.FAILED, err, t0, t1))
-                if m.key is not None:
-                    failed = failed or set()
-                    failed.add(m.key)
+            failed = _record(results, m, err, t0, t1, failed)
             if t1 - last >= REPORT_EVERY_S:
                 self._report(results)
                 results, last = [], t1
@@ -388,7 +396,10 @@ async def _await(a: Any) -> Any:
 
 
 class TaskDispatcher(Dispatcher):
-    """Async handlers: up to `workers` tasks on the loop, each running chunks in order."""
+    """Async handlers: up to `workers` tasks on the loop, each running chunks in order. A
+    handler past its deadline is cancelled by its own `asyncio.timeout`; the watchdog only
+    hands on the records behind a slow one."""
+    abandons = False
 
     def __init__(self, *a: Any, **kw: Any) -> None:
         super().__init__(*a, **kw)
@@ -462,27 +473,13 @@ class TaskDispatcher(Dispatcher):
                 err = e
             t1 = perf()
             c.cur = None
-            if err is None:
-                results.append(_result(m, Outcome.OK, None, t0, t1))
-            else:
-                results.append(_result(m, Outcome.FAILED, err, t0, t1))
-                if m.key is not None:
-                    failed = failed or set()
-                    failed.add(m.key)
+            failed = _record(results, m, err, t0, t1, failed)
             if t1 - last >= REPORT_EVERY_S or len(results) >= 256:
                 self.on_results(results)
                 results, last = [], t1
                 await asyncio.sleep(0)
         if results:
             self.on_results(results)
-
-    def watchdog(self) -> Stuck:
-        # An async handler past its deadline is cancelled by its own timeout; only steals here.
-        saved, self.timeout_s = self.timeout_s, 0.0
-        try:
-            return super().watchdog()
-        finally:
-            self.timeout_s = saved
 
     async def close(self, timeout: float) -> None:
         tasks = [w.task for w in self.workers if w.task is not None and not w.task.done()]
