@@ -9,6 +9,7 @@ Every flag has an environment twin (`AFC_OPERATOR_NAMESPACES=a,b`, `AFC_OPERATOR
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import sys
 from typing import Any, Sequence
@@ -64,6 +65,10 @@ def load_settings(args: argparse.Namespace) -> OperatorSettings:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        faulthandler.enable()  # a crash in native code (librdkafka) still says where Python was
+    except (ValueError, OSError):   # stderr without a file descriptor (embedded, captured)
+        pass
     args = parse_args(argv)
     try:
         cfg = load_settings(args)

@@ -24,7 +24,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from afc.operator.crd import AdaptiveConsumerSpec
 from afc.operator.scaling import Observation, Offsets, partition_lag
@@ -191,10 +191,17 @@ def _kafka_error(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
-def observe_sync(admin: Any, spec: AdaptiveConsumerSpec, timeout_s: float) -> Snapshot:
+def observe_sync(admin: Any, spec: AdaptiveConsumerSpec, timeout_s: float,
+                 group_admin: Callable[[], Any]) -> Snapshot:
     """Reachability and topics (a Problem when they fail), then every partition's committed,
-    log-start and log-end offsets and the group's members, in four batched requests."""
-    from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException, TopicPartition
+    log-start and log-end offsets and the group's members, in four batched requests.
+
+    The group's committed offsets and members come from kafka-python (`group_admin()`), not
+    from librdkafka's admin API: librdkafka's group calls can crash the process when the
+    group coordinator is not available yet (confluent-kafka-python #1982, librdkafka #4605;
+    seen here as SIGSEGV on a freshly started broker). Only a KIP-848 group, which classic
+    DescribeGroups does not describe, is described through librdkafka."""
+    from confluent_kafka import KafkaException, TopicPartition
     from confluent_kafka.admin import OffsetSpec
 
     k = spec.kafka
@@ -211,12 +218,9 @@ def observe_sync(admin: Any, spec: AdaptiveConsumerSpec, timeout_s: float) -> Sn
     tps = [TopicPartition(t, p) for t in k.topics for p in sorted(topics[t].partitions)]
     at = time.time()
     try:
-        committed_f = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(k.group_id, tps)],
-                                                        request_timeout=timeout_s)[k.group_id]
         earliest_f = admin.list_offsets({tp: OffsetSpec.earliest() for tp in tps}, request_timeout=timeout_s)
         latest_f = admin.list_offsets({tp: OffsetSpec.latest() for tp in tps}, request_timeout=timeout_s)
-        group_f = admin.describe_consumer_groups([k.group_id], request_timeout=timeout_s)[k.group_id]
-        committed = {(tp.topic, tp.partition): tp.offset for tp in committed_f.result(timeout=timeout_s).topic_partitions}
+        committed, members, ids, state, gtype = _group_sync(admin, group_admin(), k.group_id, tps, timeout_s)
         partitions = {}
         for tp in tps:
             key = (tp.topic, tp.partition)
@@ -224,13 +228,33 @@ def observe_sync(admin: Any, spec: AdaptiveConsumerSpec, timeout_s: float) -> Sn
             partitions[key] = Offsets(committed=c if c >= 0 else None,
                                       start=earliest_f[tp].result(timeout=timeout_s).offset,
                                       end=latest_f[tp].result(timeout=timeout_s).offset)
-        group = group_f.result(timeout=timeout_s)
     except (KafkaException, TimeoutError) as e:
         return Snapshot(lag_error=f"lag of group {k.group_id}: {_kafka_error(e)}")
+    except Exception as e:  # noqa: BLE001 - kafka-python's errors (KafkaError and subclasses)
+        return Snapshot(lag_error=f"lag of group {k.group_id}: {type(e).__name__}: {e}")
+    return Snapshot(observation=Observation(at, partitions, members), instance_ids=ids, group_state=state,
+                    group_type=gtype)
+
+
+_GROUP_LOCK = threading.Lock()    # a kafka-python client is not thread-safe; the probe's pool is
+
+
+def _group_sync(admin: Any, group_admin: Any, group_id: str, tps: Sequence[Any],
+                timeout_s: float) -> tuple[dict[tuple[str, int], int], int, tuple[str, ...], str, str | None]:
+    """(committed offsets, member count, static member ids, state, type) of one group."""
+    from kafka import TopicPartition as KTP
+    with _GROUP_LOCK:
+        offsets = group_admin.list_group_offsets({group_id: [KTP(tp.topic, tp.partition) for tp in tps]})[group_id]
+        desc = group_admin.describe_groups([group_id])[group_id]
+    committed = {(tp.topic, tp.partition): om.offset for tp, om in offsets.items()}
+    err = str(desc.get("error") or "")
+    if "not a classic group" not in err:
+        ids = tuple(sorted(m["group_instance_id"] for m in desc["members"] if m.get("group_instance_id")))
+        return committed, len(desc["members"]), ids, str(desc.get("group_state")), "CLASSIC"
+    group = admin.describe_consumer_groups([group_id], request_timeout=timeout_s)[group_id].result(timeout=timeout_s)
     ids = tuple(sorted(m.group_instance_id for m in group.members if m.group_instance_id))
-    return Snapshot(observation=Observation(at, partitions, len(group.members)), instance_ids=ids,
-                    group_state=str(getattr(group.state, "name", group.state)),
-                    group_type=str(getattr(getattr(group, "type", None), "name", None)))
+    return (committed, len(group.members), ids, str(getattr(group.state, "name", group.state)),
+            str(getattr(getattr(group, "type", None), "name", None)))
 
 
 def remove_members_sync(leaver: Any, group_id: str, instance_ids: Sequence[str]) -> dict[str, str]:
@@ -238,7 +262,8 @@ def remove_members_sync(leaver: Any, group_id: str, instance_ids: Sequence[str])
     "UnknownMemberIdError" when it was not a member any more)."""
     from kafka.admin import MemberToRemove
     members = [MemberToRemove(group_instance_id=i, reason="afc-operator: scaled down") for i in instance_ids]
-    result = leaver.remove_group_members(group_id, members)
+    with _GROUP_LOCK:
+        result = leaver.remove_group_members(group_id, members)
     return {str(k.group_instance_id if hasattr(k, "group_instance_id") else k): v.__name__
             for k, v in result.items()}
 
@@ -264,7 +289,11 @@ class KafkaProbe:
         conf = client_config(spec, secrets, self.timeout_s)
 
         def run() -> Snapshot:
-            return observe_sync(self.clients.admin(conf), spec, self.timeout_s)
+            try:
+                return observe_sync(self.clients.admin(conf), spec, self.timeout_s, lambda: self.clients.leaver(conf))
+            except Exception:
+                self.clients.drop_leaver(conf)     # a broken kafka-python client is made anew next time
+                raise
         try:
             return await self._bounded(f"kafka {spec.kafka.bootstrap_servers}", run)
         except TimeoutError as e:

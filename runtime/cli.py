@@ -11,6 +11,7 @@ Exit codes: 0 after a clean stop, 2 for configuration errors (a restart would no
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import asyncio
 import logging
 import os
@@ -72,6 +73,10 @@ async def _run(settings: Any) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        faulthandler.enable()  # a crash in native code (librdkafka) still says where Python was
+    except (ValueError, OSError):   # stderr without a file descriptor (embedded, captured)
+        pass
     p = argparse.ArgumentParser(prog="afc-consumer", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd")
