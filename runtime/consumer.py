@@ -49,7 +49,7 @@ from .metrics import RuntimeMetrics
 from .partition import FLOW, TP, Partition
 from .routing import H_ATTEMPTS, H_DUE, Classification, InPlaceRetry, Router, TopicRouter, classify
 from .session import Outcome as StoreOutcome
-from .session import Session
+from .session import MARK_LINGER_S, Session
 
 log = logging.getLogger("afc.runtime.consumer")
 TOPIC_ID = "topic-id"          # pause reason: the topic's id is being looked up
@@ -139,7 +139,7 @@ class Runtime:
         self.session: Session | None = None
         self.bp: SignalPublisher | None = None
         self.inbox: list[tuple[Any, ...]] = []
-        self._wake = asyncio.Event()
+        self._waiter: asyncio.Future[None] | None = None   # the loop's sleep; any event ends it
         self.routes = 0                               # route tasks in flight
         self.revokes: list[Revoke] = []
         self.fetch_seq = 0
@@ -178,7 +178,12 @@ class Runtime:
     def _post(self, event: tuple[Any, ...]) -> None:
         """On the loop's thread: queue an event and wake the loop."""
         self.inbox.append(event)
-        self._wake.set()
+        self._wakeup()
+
+    def _wakeup(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
 
     def _post_threadsafe(self, event: tuple[Any, ...]) -> None:
         assert self.loop is not None
@@ -939,7 +944,7 @@ class Runtime:
         self.store = build_store(self.s, self.owner)
         if self.store is not None:
             self.session = Session(self.store, self.s.idempotency.lease_ms, lambda o: self._post(("store", o)),
-                                   self._wake.set)
+                                   self._wakeup)
             await self._check_store()
         self.bp = build_publisher(self.s, self.instance_id or self.owner, self.metrics)
         h = self.s.handler
@@ -1001,7 +1006,7 @@ class Runtime:
             self.state = "draining"
             self._drain_deadline = time.monotonic() + self.s.shutdown.drain_timeout_s
         if self.loop is not None:
-            self._wake.set()
+            self._wakeup()
 
     def _fail(self, reason: str) -> None:
         """Fatal: this process cannot go on consuming correctly (fenced, threads lost)."""
@@ -1040,6 +1045,7 @@ class Runtime:
         now = time.monotonic()
         next_commit, next_decide, next_lag, next_parked = now + interval, now + window, now + 1, now + 0.2
         drain_started = False
+        loop = asyncio.get_running_loop()
         close_fut: asyncio.Future[Any] | None = None
         commit_fut: asyncio.Future[Any] | None = None
         try:
@@ -1082,13 +1088,18 @@ class Runtime:
                         log.warning("event=close-failed error=%s", close_fut.exception())
                     self.state = "closed"
                     break
-                self._wake.clear()
                 if self.inbox:
                     continue
-                try:
-                    await asyncio.wait_for(self._wake.wait(), min(0.05, lease_tick))
-                except asyncio.TimeoutError:
-                    pass
+                # Sleep until an event or the next timer: a bare future and a timer handle,
+                # not wait_for (a task and a timeout per tick cost more than the tick).
+                self._waiter = w = loop.create_future()
+                nap = min(0.05, lease_tick)
+                if self.session is not None and self.session.pending:
+                    nap = min(nap, MARK_LINGER_S)        # lingering done marks go out on time
+                timer = loop.call_later(nap, _resolve, w)
+                await w
+                timer.cancel()
+                self._waiter = None
         finally:
             await self._shutdown()
 
@@ -1153,6 +1164,11 @@ class Runtime:
         if not self.parts:
             return True, "ok (idle: no partitions assigned)"
         return True, f"ok ({len(self.parts)} partitions)"
+
+
+def _resolve(f: "asyncio.Future[None]") -> None:
+    if not f.done():
+        f.set_result(None)
 
 
 def _fmt(tps: Any) -> str:

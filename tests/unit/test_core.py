@@ -201,7 +201,9 @@ async def test_a_claim_whose_answer_was_lost_is_retried_with_its_token_and_wins(
     await settle(s)
     assert [(m, c) for m, c in outs[-1].claims] == [(b, Claim.BUSY)]      # the copy waits
     s.done("order-1", a.token, a)
-    s.flush()
+    assert not s.flush()                                  # a lone done mark waits for company...
+    clock.t += 0.01
+    assert s.flush()                                      # ...MARK_LINGER_S at most
     await settle(s)
     assert outs[-1].written == [a] and store.kv["order-1"] == "d"
 
@@ -239,6 +241,7 @@ async def test_a_renewal_that_finds_another_token_reports_the_key_lost() -> None
     await settle(s)
     assert outs[-1].lost == ["k"] and "k" not in s.held
     s.done("k", m.token, m)                                 # our handler finishes anyway
+    clock.t += 0.01
     s.flush()
     await settle(s)
     assert store.kv["k"] == "other.7"                       # its done mark does not overwrite
