@@ -78,7 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     kopf.configure(verbose=cfg.verbose, log_format=kopf.LogFormat.JSON if cfg.log_format == "json"
                    else kopf.LogFormat.FULL)
-    for noisy in ("kubernetes", "urllib3", "aiohttp.access"):  # aiohttp.access: one line per probe
+    # aiohttp.access: one line per probe; kafka: kafka-python's info line per coordinator lookup
+    for noisy in ("kubernetes", "urllib3", "aiohttp.access", "kafka"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     for handler in logging.getLogger().handlers:
         handler.addFilter(QuietChildEvents())
