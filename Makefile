@@ -8,7 +8,7 @@ PYTEST := .venv/bin/pytest
 TESTBED := python3 scripts/testbed.py
 PYTEST_ARGS ?=
 
-.PHONY: deps testbed testbed-down testbed-clean testbed-status test unit demo bench bench-scaling soak crds pins
+.PHONY: deps testbed testbed-down testbed-clean testbed-status test unit demo bench bench-scaling bench-report soak crds pins
 
 deps:
 	bash scripts/install-deps.sh
@@ -55,3 +55,7 @@ pins: deps
 # bench/results/scaling.json and scaling.png. No test bed needed.
 bench-scaling: deps
 	$(PY) -P bench/scaling.py
+
+# docs/benchmarks.md and docs/img/bench-*.png from bench/results/*.json (no test bed needed).
+bench-report: deps
+	$(PY) -P bench/report.py

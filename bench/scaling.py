@@ -356,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
             r.pop("sweep", None)
     doc = {
         "benchmark": "bench/scaling.py",
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model": asdict(m),
         "traces": {tr.name: {"duration_s": tr.duration_s, "window": tr.window, "initial_replicas": tr.initial_replicas}
                    for tr in traces()},

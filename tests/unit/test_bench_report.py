@@ -1,0 +1,40 @@
+"""`make bench-report`: every results file becomes a labelled section with its plot."""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench"))
+import report  # noqa: E402
+
+pytestmark = pytest.mark.unit
+
+
+def test_the_checked_in_results_become_a_report_with_plots(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    shutil.copytree(ROOT / "bench" / "results", results)
+    md = report.report(results, tmp_path / "docs").read_text()
+    for fname in ("runtime.json", "backpressure.json", "scaling.json", "chaos.json"):
+        doc = json.loads((results / fname).read_text())
+        assert report.label(doc, fname) in md              # machine and date beside the figures
+    for png in ("bench-throughput.png", "bench-latency.png", "bench-backpressure.png", "bench-scaling.png"):
+        assert (tmp_path / "docs" / "img" / png).stat().st_size > 10_000
+        assert f"](img/{png})" in md
+    runtime = json.loads((results / "runtime.json").read_text())
+    assert f"| afc | {runtime['throughput']['afc']['msgs_per_s']:,} |" in md
+
+
+def test_a_missing_file_is_named_and_an_unknown_one_is_listed(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "new.json").write_text(json.dumps({"date": "2026-01-01T00:00:00Z", "findings": ["x went 1 -> 2"],
+                                                  "environment": {"machine": {"nproc": 2, "cpu_model": "c"}}}))
+    md = report.report(results, tmp_path / "docs").read_text()
+    assert "Not run yet: `make bench` writes it." in md
+    assert "Not run yet: `make bench-rollout` writes it." in md
+    assert "## new.json" in md and "- x went 1 -> 2" in md and "ran 2026-01-01T00:00:00Z, on 2 cores (c," in md
