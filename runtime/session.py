@@ -6,11 +6,15 @@ The control loop asks (`claim`, `done`, `release`; the router asks for its marke
 answers back to the loop through `post`, so no answer mutates loop state from anywhere but
 the loop.
 
-- At most one call with claims is in flight (answers in fetch order) and at most one with
-  only done marks, releases and renewals beside it.
+- Up to MAX_CLAIM_CALLS calls with claims are in flight at once, so a batch fetched while
+  the previous one's claims are on their way goes out at once instead of queueing behind
+  them; their answers are handed to the loop in the order the calls were made (fetch
+  order), whatever order they come back in. Beside them, at most one call with only done
+  marks, releases and renewals.
 - Claims carry fencing tokens `<owner>.<seq>`. A call that fails with an unknown outcome is
-  retried with the same tokens first (alone), so a claim that did land is answered CLAIMED
-  instead of waiting out its own lease.
+  retried with the same tokens first (alone, before any new claim call), so a claim that did
+  land is answered CLAIMED instead of waiting out its own lease; answers of later calls wait
+  for it, so the order holds across failures too.
 - Every held claim older than a third of the lease is renewed in the next call; a renewal
   that finds another token reports the key as lost (the worker keeps running, but its done
   mark can no longer overwrite the new owner's claim, and `mark_done_in` refuses).
@@ -23,6 +27,7 @@ the loop.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 import logging
 import time
 from dataclasses import dataclass, field
@@ -35,6 +40,7 @@ log = logging.getLogger("afc.runtime.session")
 
 MARK_BATCH = 256         # done marks that go in a call of their own at once...
 MARK_LINGER_S = 0.005    # ...or once the oldest has waited this long; else they ride the next claim call
+MAX_CLAIM_CALLS = 4      # claim calls in flight at once (answers still applied in call order)
 Target = Any          # a Message (runtime claim) or an asyncio.Future (a router's marker)
 
 
@@ -42,6 +48,15 @@ Target = Any          # a Message (runtime claim) or an asyncio.Future (a router
 class Hold:
     token: str
     renewed: float
+
+
+@dataclass(eq=False)
+class ClaimCall:
+    """One call carrying claims, kept in call order until its answer is handed over."""
+    seq0: int
+    group: list[tuple[str, "Target"]]
+    state: str = "flying"                 # flying | answered | failed
+    outcome: "Outcome | None" = None
 
 
 @dataclass
@@ -61,13 +76,13 @@ class Session:
         self.seq = 0
         self.held: dict[str, Hold] = {}
         self._claims: list[tuple[str, Target]] = []
-        self._retry: tuple[int, list[tuple[str, Target]]] | None = None    # a claim group of unknown outcome
+        self._calls: deque[ClaimCall] = deque()     # claim calls not yet handed over, in call order
         self._done: list[tuple[str, str, Any]] = []                       # (key, token, message or future)
         self._release: list[tuple[str, str]] = []
         self.down_since: float | None = None
         self.retry_at = 0.0
         self._backoff = 0.2
-        self.task: asyncio.Task[None] | None = None          # the call carrying claims
+        self.tasks: set[asyncio.Task[None]] = set()          # calls carrying claims, in flight
         self.mark_task: asyncio.Task[None] | None = None     # a call with done marks/releases/renewals only
         self._next_renew = 0.0
         self._marks_since = 0.0             # when the oldest pending done mark was queued
@@ -119,11 +134,14 @@ class Session:
 
     @property
     def pending(self) -> bool:
-        return bool(self._claims or self._retry or self._done or self._release)
+        return bool(self._claims or self._failed_calls() or self._done or self._release)
 
     @property
     def busy(self) -> bool:
-        return any(t is not None and not t.done() for t in (self.task, self.mark_task))
+        return bool(self.tasks) or (self.mark_task is not None and not self.mark_task.done())
+
+    def _failed_calls(self) -> list[ClaimCall]:
+        return [c for c in self._calls if c.state == "failed"]
 
     def token_of(self, seq: int) -> str:
         return f"{self.owner}.{seq}"
@@ -137,59 +155,66 @@ class Session:
     def flush(self) -> bool:
         """Start store calls with what is pending; True if one started.
 
-        Two calls may be in flight: one carrying claims (at most one, so claim answers come
-        back in the order records were fetched, which the key gate relies on), and one
-        carrying only done marks, releases and renewals (their order does not matter), so
-        the claims of a new batch never wait behind the previous batch's done marks. Done
-        marks alone wait up to MARK_LINGER_S for company (a claim call, or MARK_BATCH of
-        them): at a low rate, one store call per fetched batch instead of two."""
+        Claims go out at once while fewer than MAX_CLAIM_CALLS claim calls are in flight
+        (answers are handed over in call order, see `_hand_over`). A call whose outcome is
+        unknown is resent alone, with its tokens, before any new claim. Done marks alone wait
+        up to MARK_LINGER_S for company (a claim call, or MARK_BATCH of them): at a low rate,
+        one store call per fetched batch instead of two."""
         now = self.clock()
         if self.down_since is not None and now < self.retry_at:
             return False
-        claims_free = self.task is None or self.task.done()
         marks_free = self.mark_task is None or self.mark_task.done()
-        if not (claims_free or marks_free):
+        failed = self._failed_calls()
+        call: ClaimCall | None = None
+        if failed:
+            if not self.tasks:                # one resend at a time, alone
+                call = failed[0]
+                call.state = "flying"
+        elif self._claims and len(self.tasks) < MAX_CLAIM_CALLS:
+            call = ClaimCall(self.seq, self._claims)
+            self._claims = []
+            self.seq += len(call.group)
+            self._calls.append(call)
+        if call is None and not (marks_free and (self._renewals_due(now) or self._release or (self._done and (
+                len(self._done) >= MARK_BATCH or now - self._marks_since >= MARK_LINGER_S)))):
             return False
         renew: list[tuple[str, str]] = []
         if now >= self._next_renew:
             self._next_renew = now + self.lease_s / 6
             renew = self.due_renewals(now)
-        has_claims = bool(self._claims or self._retry)
-        if has_claims and claims_free:
-            if self._retry is not None:
-                seq0, group = self._retry
-                self._retry = None
-            else:
-                seq0, group = self.seq, self._claims
-                self._claims = []
-                self.seq += len(group)
-            slot = "task"
-        elif marks_free and (renew or self._release or (self._done and (
-                len(self._done) >= MARK_BATCH or now - self._marks_since >= MARK_LINGER_S))):
-            seq0, group, slot = self.seq, [], "mark_task"
-        else:
-            return False
         done, self._done = self._done, []
         release, self._release = self._release, []
         for k, _ in renew:
             self.held[k].renewed = now
+        seq0, group = (call.seq0, call.group) if call is not None else (self.seq, [])
         batch = Batch([k for k, _ in group], seq0, [(k, t) for k, t, _ in done], release, renew)
-        setattr(self, slot, asyncio.get_running_loop().create_task(
-            self._call(batch, seq0, group, done, release, renew)))
+        task = asyncio.get_running_loop().create_task(self._call(batch, call, done, release, renew))
+        if call is not None:
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        else:
+            self.mark_task = task
         return True
 
-    async def _call(self, batch: Batch, seq0: int, group: list[tuple[str, Target]],
-                    done: list[tuple[str, str, Any]], release: list[tuple[str, str]],
-                    renew: list[tuple[str, str]]) -> None:
+    def _renewals_due(self, now: float) -> bool:
+        if now < self._next_renew:
+            return False
+        if self.due_renewals(now):
+            return True
+        self._next_renew = now + self.lease_s / 6      # none due: do not scan `held` every tick
+        return False
+
+    async def _call(self, batch: Batch, call: ClaimCall | None, done: list[tuple[str, str, Any]],
+                    release: list[tuple[str, str]], renew: list[tuple[str, str]]) -> None:
         self.calls += 1
         try:
             answer = await self.store.apply(batch)
         except StoreUnavailable as e:
-            self._failed(e, seq0, group, done, release, renew)
+            self._failed(e, call, done, release, renew)
             return
         except Exception as e:  # noqa: BLE001 - an unexpected store error is treated as the store being down
             log.exception("event=store-call-failed error=%r", e)
-            self._failed(StoreUnavailable(repr(e)), seq0, group, done, release, renew)
+            self._failed(StoreUnavailable(repr(e)), call, done, release, renew)
             return
         now = self.clock()
         if self.down_since is not None:
@@ -197,6 +222,7 @@ class Session:
             self.down_since = None
         self._backoff = 0.2
         out = Outcome()
+        group, seq0 = (call.group, call.seq0) if call is not None else ([], 0)
         for i, ((key, target), code) in enumerate(zip(group, answer.claims)):
             token = self.token_of(seq0 + i)
             if isinstance(target, asyncio.Future):
@@ -220,11 +246,22 @@ class Session:
                     target.set_result(None)
             elif target is not None:
                 out.written.append(target)
-        self.post(out)
+        if call is None:
+            self.post(out)
+            return
+        call.state, call.outcome = "answered", out
+        self._hand_over()
 
-    def _failed(self, e: StoreUnavailable, seq0: int, group: list[tuple[str, Target]],
-                done: list[tuple[str, str, Any]], release: list[tuple[str, str]],
-                renew: list[tuple[str, str]]) -> None:
+    def _hand_over(self) -> None:
+        """Post the answered calls at the head of the line: a call's claims never reach the
+        loop before those of a call made earlier, which may still be flying or be resent."""
+        while self._calls and self._calls[0].state == "answered":
+            c = self._calls.popleft()
+            assert c.outcome is not None
+            self.post(c.outcome)
+
+    def _failed(self, e: StoreUnavailable, call: ClaimCall | None, done: list[tuple[str, str, Any]],
+                release: list[tuple[str, str]], renew: list[tuple[str, str]]) -> None:
         now = self.clock()
         for k, t in renew:                    # not renewed after all: due again at once
             h = self.held.get(k)
@@ -236,14 +273,14 @@ class Session:
             log.error("event=idempotency-store-down action=pause-and-retry error=\"%s\"", str(e).replace('"', "'"))
         self.retry_at = now + self._backoff
         self._backoff = min(5.0, self._backoff * 2)
-        if group:
-            self._retry = (seq0, group)       # same tokens: a claim that landed is answered CLAIMED
+        if call is not None:
+            call.state = "failed"             # same tokens: a claim that landed is answered CLAIMED
         self._done = done + self._done
         self._release = release + self._release
         self.post(Outcome(error=e))
 
     async def close(self) -> None:
-        for t in (self.task, self.mark_task):
+        for t in [*self.tasks, self.mark_task]:
             if t is not None and not t.done():
                 try:
                     await asyncio.wait_for(asyncio.shield(t), 5)

@@ -247,6 +247,103 @@ async def test_a_renewal_that_finds_another_token_reports_the_key_lost() -> None
     assert store.kv["k"] == "other.7"                       # its done mark does not overwrite
 
 
+class GatedStore(FakeStore):
+    """A FakeStore whose calls answer only when the test opens their gate, in any order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gates: list[asyncio.Event] = []
+        self.fail_next: list[bool] = []
+
+    async def apply(self, b: Batch) -> Answer:
+        gate = asyncio.Event()
+        self.gates.append(gate)
+        fail = self.fail_next.pop(0) if self.fail_next else False
+        await gate.wait()
+        self.fail = StoreUnavailable("connection reset") if fail else None
+        self.land_then_fail = fail
+        try:
+            return await super().apply(b)
+        finally:
+            self.fail = None
+
+
+async def test_claims_of_a_new_batch_go_out_while_earlier_ones_fly_and_answer_in_call_order() -> None:
+    """Issue 9 (latency): a batch fetched while the previous batch's claims are on their way
+    is claimed at once, not after them; the loop still gets the answers in fetch order."""
+    store, clock, outs = GatedStore(), Clock(), []
+    s = Session(store, lease_ms=30_000, post=outs.append, clock=clock)
+    a, b, c = msg(1), msg(2), msg(3)
+    s.claim("a", a)
+    assert s.flush()
+    s.claim("b", b)
+    assert s.flush()                                     # not held back by the flying call
+    s.claim("c", c)
+    assert s.flush()
+    await asyncio.sleep(0)
+    assert len(store.gates) == 3
+    store.gates[2].set()                                 # the last call answers first
+    store.gates[1].set()
+    await asyncio.sleep(0.01)
+    assert outs == []                                    # held: "a" has not answered yet
+    store.gates[0].set()
+    await settle(s)
+    assert [m for o in outs for m, _ in o.claims] == [a, b, c]
+    assert all(code is Claim.CLAIMED for o in outs for _, code in o.claims)
+
+
+async def test_claim_calls_in_flight_are_bounded() -> None:
+    from afc.runtime.session import MAX_CLAIM_CALLS
+    store, clock, outs = GatedStore(), Clock(), []
+    s = Session(store, lease_ms=30_000, post=outs.append, clock=clock)
+    for i in range(MAX_CLAIM_CALLS + 2):
+        s.claim(f"k{i}", msg(i))
+        s.flush()
+    await asyncio.sleep(0)
+    assert len(store.gates) == MAX_CLAIM_CALLS           # the rest wait for a free slot
+    for g in store.gates:
+        g.set()
+    await settle(s)
+    s.flush()
+    await asyncio.sleep(0)
+    assert len(store.gates) == MAX_CLAIM_CALLS + 1       # the two left go out together
+    store.gates[-1].set()
+    await settle(s)
+    assert [m.offset for o in outs for m, _ in o.claims] == list(range(MAX_CLAIM_CALLS + 2))
+
+
+async def test_a_failed_claim_call_is_resent_alone_and_later_answers_wait_for_it() -> None:
+    store, clock, outs = GatedStore(), Clock(), []
+    s = Session(store, lease_ms=30_000, post=outs.append, clock=clock)
+    a, b, c = msg(1), msg(2), msg(3)
+    store.fail_next = [True, False]                      # "a" lands but its answer is lost
+    s.claim("a", a)
+    s.flush()
+    s.claim("b", b)
+    s.flush()
+    await asyncio.sleep(0)
+    store.gates[1].set()
+    store.gates[0].set()
+    await settle(s)
+    assert [o.error is not None for o in outs] == [True] and s.down     # "b" answered, held back
+    s.claim("c", c)
+    clock.t += 1
+    assert s.flush()                                     # the resend, alone
+    await asyncio.sleep(0)
+    assert len(store.gates) == 3
+    store.gates[2].set()
+    await settle(s)
+    assert store.calls[-1].claims == ["a"] and store.calls[-1].seq0 == 0    # same token
+    claims = [(m, code) for o in outs if o.error is None for m, code in o.claims]
+    assert claims == [(a, Claim.CLAIMED), (b, Claim.CLAIMED)]            # in call order
+    assert not s.down
+    assert s.flush()                                     # now the new batch
+    await asyncio.sleep(0)
+    store.gates[3].set()
+    await settle(s)
+    assert [m for o in outs for m, _ in o.claims][-1] is c
+
+
 # ------------------------------------------------------------------ dispatcher watchdog
 
 
