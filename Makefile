@@ -43,9 +43,10 @@ SOAK_RUNS ?= 5
 soak: testbed
 	set -a; source .testbed/env; set +a; $(PY) -P bench/chaos.py --runs $(SOAK_RUNS)
 
-# The CRD is generated from the models; a test fails when the checked-in file drifts.
+# The CRD and its reference (docs/reference.md) are generated from the models; a test fails when either drifts.
 crds: deps
 	$(PY) -P -m afc.operator.crd > crds/afc.dev_adaptiveconsumers.yaml
+	$(PY) -P -m afc.operator.reference > docs/reference.md
 
 # Exact pins for the images (docker/constraints.txt) from the virtualenv.
 pins: deps
