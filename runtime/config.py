@@ -70,6 +70,10 @@ class MembershipSettings(Section):
     max_poll_interval_ms: int = Field(300_000, ge=10_000, le=86_400_000)
     group_protocol: Literal["classic", "consumer"] = Field(
         "classic", description="classic (with cooperative-sticky assignment) or KIP-848 consumer.")
+    remote_assignor: Literal["range", "uniform"] = Field(
+        "range", description="KIP-848 only: the broker-side assignor. range balances each topic on its own "
+                             "(partition i of the source and of its .retry topic go to the same member); "
+                             "uniform balances the total count, and can leave a member only idle retry partitions.")
 
     def resolved_instance_id(self) -> str | None:
         if not self.static:

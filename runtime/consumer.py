@@ -73,6 +73,10 @@ def kafka_config(s: RuntimeSettings, instance_id: str | None) -> dict[str, Any]:
     }
     if m.group_protocol == "consumer":
         conf["group.protocol"] = "consumer"
+        # Each member subscribes to the sources and their .retry topics: an assignor that
+        # balances the total count may give a member only (idle) retry partitions. range
+        # balances every topic on its own.
+        conf["group.remote.assignor"] = m.remote_assignor
     else:
         conf["partition.assignment.strategy"] = "cooperative-sticky"
         conf["session.timeout.ms"] = m.session_timeout_ms
