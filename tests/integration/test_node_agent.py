@@ -1,0 +1,303 @@
+"""The test bed's node agent (scripts/nodeagent.py) against the real control plane: pods go
+through the real scheduler and StatefulSet controller onto the agent's Node and run as
+local processes.
+
+One agent runs for the module, as its CLI in a subprocess, on a Node with a unique name and
+a taint: only these tests' pods (which tolerate it and select the node) land on it, so pods
+of tests that run side by side on the shared bed never do.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from afctest import ROOT, Testbed, wait_for
+
+pytestmark = [pytest.mark.k8s]
+
+TAINT_KEY = "afc.dev/node-agent"
+
+
+def load_nodeagent() -> Any:
+    if "nodeagent" in sys.modules:
+        return sys.modules["nodeagent"]
+    spec = importlib.util.spec_from_file_location("nodeagent", ROOT / "scripts" / "nodeagent.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["nodeagent"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+na = load_nodeagent()
+
+
+class Agent:
+    def __init__(self, node: str, state: Path, log: Path) -> None:
+        self.node, self.state, self.log = node, state, log
+
+    def log_path(self, namespace: str, pod: str, container: str) -> Path:
+        return self.state / "pods" / namespace / pod / "logs" / f"{container}.log"
+
+    def logs(self, namespace: str, pod: str, container: str) -> str:
+        p = self.log_path(namespace, pod, container)
+        return p.read_text(errors="replace") if p.exists() else ""
+
+    def placement(self) -> dict[str, Any]:
+        """What a pod spec needs to land on this agent's node (and only there)."""
+        return {"nodeSelector": {"kubernetes.io/hostname": self.node},
+                "tolerations": [{"key": TAINT_KEY, "operator": "Equal", "value": self.node, "effect": "NoSchedule"}]}
+
+
+@pytest.fixture(scope="module")
+def agent(testbed: Testbed, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
+    node = f"na-{uuid.uuid4().hex[:6]}"
+    d = tmp_path_factory.mktemp("nodeagent")
+    args = ["--node", node, "--state-dir", str(d / "state"), "--taint", f"{TAINT_KEY}={node}:NoSchedule",
+            "--backoff-initial", "1", "--backoff-max", "8"]
+    with na.NodeAgentProcess(args, d / "agent.log", kubeconfig=testbed.kubeconfig):
+        yield Agent(node, d / "state", d / "agent.log")
+    # stopping the agent stops every process it ran and removes its Node
+    assert not marked_processes(node), "processes of the agent's pods outlived it"
+    r = testbed.run_kubectl("get", "node", node, check=False)
+    assert r.returncode != 0 and "NotFound" in r.stderr
+
+
+def marked_processes(node: str, pod_uid: str | None = None) -> list[int]:
+    """Live processes the agent started for `node` (and pod), found by the marker env vars."""
+    out = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            env = (p / "environ").read_bytes().split(b"\0")
+            state = (p / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state == "Z":
+            continue
+        if f"{na.MARK_NODE}={node}".encode() in env and (
+                pod_uid is None or f"{na.MARK_POD}={pod_uid}".encode() in env):
+            out.append(int(p.name))
+    return out
+
+
+def kubectl_json(testbed: Testbed, *args: str) -> dict[str, Any]:
+    return json.loads(testbed.run_kubectl(*args, "-o", "json").stdout)
+
+
+def apply(testbed: Testbed, namespace: str, *objs: dict[str, Any]) -> None:
+    testbed.run_kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List",
+                                                                               "items": list(objs)}))
+
+
+def pod(testbed: Testbed, namespace: str, name: str) -> dict[str, Any] | None:
+    r = testbed.run_kubectl("get", "pod", "-n", namespace, name, "-o", "json", check=False)
+    return json.loads(r.stdout) if r.returncode == 0 else None
+
+
+def is_ready(p: dict[str, Any] | None) -> bool:
+    if not p or p["status"].get("phase") != "Running":
+        return False
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions") or [])
+
+
+def http_json(port: int, path: str = "/") -> Any:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+        return json.loads(r.read())
+
+
+# A small server: reports what it sees (env, files) as JSON on $PORT, says so on SIGTERM.
+SERVER = """
+import http.server, json, os, pathlib, signal, sys, time
+def files(d):
+    p = pathlib.Path(d)
+    return {f.name: f.read_text() for f in sorted(p.iterdir()) if f.is_file()} if p.is_dir() else None
+info = {"env": {k: v for k, v in os.environ.items() if k.startswith(("T_", "CFG_"))},
+        "config_volume": files("/etc/t/config"), "secret_volume": files("/etc/t/secret"),
+        "pid": os.getpid(), "port": os.environ["PORT"]}
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps(info).encode()
+        self.send_response(200); self.end_headers(); self.wfile.write(body)
+    def log_message(self, *a): pass
+def term(*a):
+    print("got SIGTERM", flush=True); time.sleep(0.3); sys.exit(0)
+signal.signal(signal.SIGTERM, term)
+print("serving on", os.environ["PORT"], flush=True)
+http.server.HTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
+"""
+
+
+def server_container(name: str = "app") -> dict[str, Any]:
+    return {
+        "name": name, "image": "python:3.11-slim", "command": ["python3", "-c", SERVER],
+        "env": [{"name": "PORT", "value": "8080"}],
+        "ports": [{"name": "http", "containerPort": 8080}],
+        "readinessProbe": {"httpGet": {"path": "/", "port": "http"}, "periodSeconds": 1},
+        "livenessProbe": {"httpGet": {"path": "/", "port": 8080}, "periodSeconds": 5},
+    }
+
+
+def mapped_port(p: dict[str, Any], container: str = "app", port: str = "http") -> int:
+    return json.loads(p["metadata"]["annotations"][na.PORTS_ANNOTATION])[container][port]
+
+
+# ---------------------------------------------------------------------------------------------
+
+def test_pod_runs_ready_with_downward_api_configmap_and_secret(testbed: Testbed, agent: Agent,
+                                                                namespace: str) -> None:
+    c = server_container()
+    c["env"] += [
+        {"name": "T_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "T_POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": "T_POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        {"name": "T_NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+        {"name": "T_TEAM", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['team']"}}},
+        {"name": "T_MEM_MI", "valueFrom": {"resourceFieldRef": {"resource": "limits.memory", "divisor": "1Mi"}}},
+        {"name": "T_COLOR", "valueFrom": {"configMapKeyRef": {"name": "settings", "key": "color"}}},
+        {"name": "T_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "password"}}},
+        {"name": "T_GREETING", "value": "hi $(T_POD_NAME)"},
+        {"name": "T_LISTEN", "value": "0.0.0.0:8080"},
+    ]
+    c["envFrom"] = [{"configMapRef": {"name": "settings"}, "prefix": "CFG_"}, {"secretRef": {"name": "creds"}, "prefix": "T_S_"}]
+    c["resources"] = {"limits": {"memory": "64Mi"}}
+    c["volumeMounts"] = [{"name": "config", "mountPath": "/etc/t/config", "readOnly": True},
+                         {"name": "secret", "mountPath": "/etc/t/secret", "readOnly": True}]
+    objs: list[dict[str, Any]] = [
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "settings"},
+         "data": {"color": "blue", "size": "L"}},
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "creds"}, "stringData": {"password": "s3cret"}},
+    ]
+    for name in ("web-a", "web-b"):  # the same containerPort twice on one host
+        objs.append({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": {"team": "afc"}},
+                     "spec": {**agent.placement(), "terminationGracePeriodSeconds": 5, "containers": [c],
+                              "volumes": [{"name": "config", "configMap": {"name": "settings"}},
+                                          {"name": "secret", "secret": {"secretName": "creds"}}]}})
+    apply(testbed, namespace, *objs)
+    pods = {n: wait_for(lambda n=n: (p := pod(testbed, namespace, n)) and is_ready(p) and p, timeout=40,
+                        what=f"pod {n} Running and Ready") for n in ("web-a", "web-b")}
+
+    ports = {n: mapped_port(p) for n, p in pods.items()}
+    assert ports["web-a"] != ports["web-b"] and 8080 not in ports.values()
+    for n, p in pods.items():
+        assert p["spec"]["nodeName"] == agent.node  # bound by the real scheduler
+        assert p["status"]["podIP"] == "127.0.0.1"
+        (st,) = p["status"]["containerStatuses"]
+        assert st["ready"] and st["started"] and "running" in st["state"] and st["restartCount"] == 0
+        seen = http_json(ports[n])
+        assert seen["port"] == str(ports[n])  # literal "8080" rewritten to the pod's own host port
+        env = seen["env"]
+        assert env["T_POD_NAME"] == n and env["T_POD_NAMESPACE"] == namespace
+        assert env["T_POD_IP"] == "127.0.0.1" and env["T_NODE"] == agent.node and env["T_TEAM"] == "afc"
+        assert env["T_MEM_MI"] == "64"
+        assert env["T_COLOR"] == "blue" and env["T_PASSWORD"] == "s3cret"
+        assert env["CFG_color"] == "blue" and env["CFG_size"] == "L" and env["T_S_password"] == "s3cret"
+        assert env["T_GREETING"] == f"hi {n}"
+        assert env["T_LISTEN"] == f"0.0.0.0:{ports[n]}"
+        assert seen["config_volume"] == {"color": "blue", "size": "L"}
+        assert seen["secret_volume"] == {"password": "s3cret"}
+        assert "serving on" in agent.logs(namespace, n, "app")
+    # the volumes are mounted only inside the pods' mount namespaces
+    assert not any(Path("/etc/t/config").iterdir())
+
+
+def test_statefulset_runs_through_scheduler_and_scales_to_zero_with_sigterm(
+        testbed: Testbed, agent: Agent, namespace: str) -> None:
+    sts = {
+        "apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "db"},
+        "spec": {"replicas": 2, "serviceName": "db", "podManagementPolicy": "Parallel",
+                 "selector": {"matchLabels": {"app": "db"}},
+                 "template": {"metadata": {"labels": {"app": "db"}},
+                              "spec": {**agent.placement(), "terminationGracePeriodSeconds": 10,
+                                       "containers": [server_container()]}}},
+    }
+    apply(testbed, namespace, sts)
+    names = ("db-0", "db-1")
+    pods = {n: wait_for(lambda n=n: (p := pod(testbed, namespace, n)) and is_ready(p) and p, timeout=60,
+                        what=f"StatefulSet pod {n} Running and Ready") for n in names}
+    wait_for(lambda: kubectl_json(testbed, "get", "statefulset", "-n", namespace, "db")["status"]
+             .get("readyReplicas") == 2, timeout=30, what="the StatefulSet counting 2 ready replicas")
+    uids = {n: p["metadata"]["uid"] for n, p in pods.items()}
+    for n in names:
+        assert marked_processes(agent.node, uids[n]), f"no process runs pod {n}"
+        assert http_json(mapped_port(pods[n]))["port"] == str(mapped_port(pods[n]))
+
+    t0 = time.monotonic()
+    testbed.run_kubectl("scale", "statefulset", "-n", namespace, "db", "--replicas=0")
+    wait_for(lambda: all(pod(testbed, namespace, n) is None for n in names), timeout=40,
+             what="the StatefulSet's pods to disappear")
+    took = time.monotonic() - t0
+    for n in names:
+        assert "got SIGTERM" in agent.logs(namespace, n, "app"), agent.logs(namespace, n, "app")
+        assert not marked_processes(agent.node, uids[n]), f"pod {n}'s processes outlived it"
+    assert took < 10, f"graceful stop took {took:.1f}s: the processes exit on SIGTERM at once"
+
+
+def test_crashing_container_goes_into_crash_loop_back_off(testbed: Testbed, agent: Agent, namespace: str) -> None:
+    apply(testbed, namespace, {
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "crash"},
+        "spec": {**agent.placement(), "containers": [{
+            "name": "app", "image": "python:3.11-slim",
+            "command": ["python3", "-c", "import sys; print('starting and failing', flush=True); sys.exit(1)"]}]}})
+    seen_backoffs: list[str] = []
+    counts: list[int] = []
+
+    def crash_looping() -> bool:
+        p = pod(testbed, namespace, "crash")
+        st = ((p or {}).get("status") or {}).get("containerStatuses") or [{}]
+        waiting = st[0].get("state", {}).get("waiting") or {}
+        counts.append(int(st[0].get("restartCount") or 0))
+        if waiting.get("reason") == "CrashLoopBackOff":
+            msg = waiting["message"].split()[1]  # "back-off 4s restarting failed container=..."
+            if msg not in seen_backoffs:
+                seen_backoffs.append(msg)
+            assert st[0]["lastState"]["terminated"]["exitCode"] == 1
+            assert st[0]["lastState"]["terminated"]["reason"] == "Error"
+        return len(seen_backoffs) >= 3
+
+    wait_for(crash_looping, timeout=45, interval=0.3, what="three growing back-off delays")
+    assert seen_backoffs[:3] == ["1s", "2s", "4s"], seen_backoffs
+    assert counts == sorted(counts) and counts[-1] >= 3, counts
+    out = kubectl_json(testbed, "get", "pod", "-n", namespace, "crash")
+    assert out["status"]["phase"] == "Running"  # restartPolicy Always: never a terminal phase
+    assert agent.logs(namespace, "crash", "app").count("starting and failing") >= 3
+    # `kubectl get pod` shows it the way users know it
+    assert "CrashLoopBackOff" in testbed.run_kubectl("get", "pod", "-n", namespace, "crash").stdout
+
+
+def test_service_account_token_is_mounted_at_the_fixed_path_and_authenticates(
+        testbed: Testbed, agent: Agent, namespace: str) -> None:
+    sa_dir = na.SA_DIR
+    apply(testbed, namespace, {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "reader"}})
+    script = (f"import os, pathlib; d = pathlib.Path('{sa_dir}'); "
+              "print('files', sorted(p.name for p in d.iterdir()), flush=True); "
+              "print('namespace', (d / 'namespace').read_text(), flush=True); "
+              "os.execvp(os.environ['KUBECTL'], [os.environ['KUBECTL'], 'auth', 'whoami', '-o', 'json'])")
+    apply(testbed, namespace, {
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "whoami"},
+        "spec": {**agent.placement(), "serviceAccountName": "reader", "restartPolicy": "Never",
+                 "containers": [{"name": "app", "image": "python:3.11-slim", "command": ["python3", "-c", script],
+                                 "env": [{"name": "KUBECTL", "value": testbed.kubectl}]}]}})
+    p = wait_for(lambda: (p := pod(testbed, namespace, "whoami")) and p["status"].get("phase") in ("Succeeded", "Failed")
+                 and p, timeout=40, what="the whoami pod to finish")
+    out = agent.logs(namespace, "whoami", "app")
+    assert p["status"]["phase"] == "Succeeded", out
+    (st,) = p["status"]["containerStatuses"]
+    assert st["state"]["terminated"]["exitCode"] == 0 and st["state"]["terminated"]["reason"] == "Completed"
+    assert "files ['ca.crt', 'namespace', 'token']" in out and f"namespace {namespace}" in out
+    review = json.loads(out[out.index("{"):])
+    assert review["status"]["userInfo"]["username"] == f"system:serviceaccount:{namespace}:reader"
+    # the token is bound to the pod (a TokenRequest with the pod as bound object)
+    extra = review["status"]["userInfo"].get("extra") or {}
+    assert extra.get("authentication.kubernetes.io/pod-name") == ["whoami"], extra
+    # ...and lives only in the pod's mount namespace
+    assert not os.path.exists(f"{sa_dir}/token")
