@@ -83,7 +83,7 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 HERE = Path(__file__).resolve()
 ROOT = HERE.parent.parent
@@ -156,24 +156,41 @@ def exec_container(spec_path: str) -> None:
                 print(f"nodeagent: {what}: {os.strerror(e)}", file=sys.stderr, flush=True)
                 os._exit(126)
 
+        if not spec["cwd_in_container"]:
+            os.chdir(spec["cwd"])  # the sandbox dir may lie below a mountPath (e.g. /tmp)
         check(libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
         check(libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "make / private")
-        for src, dst, ro in spec["mounts"]:
-            if os.path.isdir(src):
-                os.makedirs(dst, exist_ok=True)
-            else:
-                os.makedirs(os.path.dirname(dst), exist_ok=True)
-                if not os.path.exists(dst):
-                    open(dst, "a").close()
-            check(libc.mount(src.encode(), dst.encode(), None, MS_BIND | MS_REC, None), f"bind {src} -> {dst}")
+        # Sources are held open (in the new namespace) before any mount: a mount over /tmp must
+        # not hide a volume kept below /tmp.
+        held = [(os.open(src, os.O_PATH), os.path.isdir(src), src, dst, ro) for src, dst, ro in spec["mounts"]]
+        for fd, is_dir, src, dst, ro in held:
+            try:  # the mount point: made on the host file system if missing, left empty there
+                if is_dir:
+                    os.makedirs(dst, exist_ok=True)
+                else:
+                    os.makedirs(os.path.dirname(dst), exist_ok=True)
+                    if not os.path.exists(dst):
+                        open(dst, "a").close()
+            except OSError as e:
+                print(f"nodeagent: mount point {dst}: {e}", file=sys.stderr, flush=True)
+                os._exit(126)
+            via = f"/proc/self/fd/{fd}".encode()
+            check(libc.mount(via, dst.encode(), None, MS_BIND | MS_REC, None), f"bind {src} -> {dst}")
             if ro:
-                check(libc.mount(src.encode(), dst.encode(), None, MS_BIND | MS_REMOUNT | MS_RDONLY, None),
+                check(libc.mount(via, dst.encode(), None, MS_BIND | MS_REMOUNT | MS_RDONLY, None),
                       f"read-only {dst}")
+            os.close(fd)
+        if not spec["cwd_in_container"]:
+            return _exec(spec)
     try:
         os.chdir(spec["cwd"])
     except OSError as e:
         print(f"nodeagent: workingDir {spec['cwd']}: {e}", file=sys.stderr, flush=True)
         os._exit(126)
+    _exec(spec)
+
+
+def _exec(spec: dict[str, Any]) -> None:
     argv = spec["argv"]
     try:
         os.execve(argv[0], argv, spec["env"])
@@ -692,7 +709,8 @@ class PodWorker:
         spec_file = self.sandbox / f".exec-{c.name}.json"
         fd = os.open(spec_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            json.dump({"mountns": self.agent.mountns, "mounts": mounts, "cwd": cwd, "argv": argv, "env": env_probe}, f)
+            json.dump({"mountns": self.agent.mountns, "mounts": mounts, "cwd": cwd, "argv": argv, "env": env_probe,
+                       "cwd_in_container": bool(c.spec.get("workingDir"))}, f)
         out = open(self.log_path(c.name), "ab")
         try:
             c.proc = subprocess.Popen([sys.executable, "-I", "-S", str(HERE), "--exec-container", str(spec_file)],
@@ -893,6 +911,9 @@ class PodWorker:
                                     "containerID": self.container_id(c)}
                     log("container-stopped", pod=self.key, container=c.name, code=exit_code)
                 c.proc = None
+            c.terminated = c.terminated or c.last_terminated or {
+                "exitCode": 137, "reason": "ContainerStatusUnknown", "finishedAt": now_iso(),
+                "message": "the container never ran before the pod was terminated"}
             c.state, c.done, c.ready = "terminated", True, False
 
     def terminate(self) -> None:

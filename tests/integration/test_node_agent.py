@@ -301,3 +301,91 @@ def test_service_account_token_is_mounted_at_the_fixed_path_and_authenticates(
     assert extra.get("authentication.kubernetes.io/pod-name") == ["whoami"], extra
     # ...and lives only in the pod's mount namespace
     assert not os.path.exists(f"{sa_dir}/token")
+
+
+def test_liveness_failure_restarts_the_container(testbed: Testbed, agent: Agent, namespace: str) -> None:
+    # healthy for the first two liveness probes, then 500 for ever: the agent must kill and restart it
+    script = """
+import http.server, os, sys
+n = 0
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        global n
+        n += 1
+        self.send_response(200 if n <= 2 else 500); self.end_headers()
+    def log_message(self, *a): pass
+print("up", flush=True)
+http.server.HTTPServer(("127.0.0.1", int(os.environ["AFC_NODEAGENT_PORT_HEALTH"])), H).serve_forever()
+"""
+    apply(testbed, namespace, {
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "sick"},
+        "spec": {**agent.placement(), "terminationGracePeriodSeconds": 2, "containers": [{
+            "name": "app", "image": "python:3.11-slim", "command": ["python3", "-c", script],
+            "ports": [{"name": "health", "containerPort": 9000}],
+            "livenessProbe": {"httpGet": {"path": "/healthz", "port": "health"}, "periodSeconds": 1,
+                              "failureThreshold": 2}}]}})
+
+    def restarted() -> dict[str, Any] | None:
+        p = pod(testbed, namespace, "sick")
+        st = ((p or {}).get("status") or {}).get("containerStatuses") or [{}]
+        return st[0] if st[0].get("restartCount", 0) >= 1 and st[0].get("lastState") else None
+
+    st = wait_for(restarted, timeout=30, what="a restart after failed liveness probes")
+    last = st["lastState"]["terminated"]
+    assert "liveness probe failed" in last.get("message", ""), last
+    assert last["exitCode"] == 128 + 15  # SIGTERM ended it (the server has no handler)
+    wait_for(lambda: agent.logs(namespace, "sick", "app").count("up") >= 2, timeout=10, what="the restarted process")
+    reasons = [e["reason"] for e in kubectl_json(testbed, "get", "events", "-n", namespace)["items"]]
+    assert "Unhealthy" in reasons and "Killing" in reasons
+
+
+def test_statefulset_the_operator_renders_runs_afc_consumers(
+        testbed: Testbed, agent: Agent, namespace: str, names, make_topic, redis_client) -> None:
+    """The image mapping end to end: the operator's own StatefulSet (render.desired_objects),
+    config file from the ConfigMap volume at /etc/afc/config, probes on the runtime's port."""
+    import yaml
+    from confluent_kafka import Producer
+
+    from afc.operator.render import Owner, desired_objects, parse_spec
+
+    topic = make_topic("in", partitions=4)
+    hits = f"{names.redis_prefix}hits"
+    spec = yaml.safe_load((ROOT / "manifests" / "samples" / "afc_v1alpha1_adaptiveconsumer.yaml").read_text())["spec"]
+    spec["kafka"].update(bootstrapServers=testbed.bootstrap, topics=[topic], groupId=names.group)
+    spec["handler"] = {"handler": "afc_test_handlers:count_runs"}
+    spec.update(replicas=2, minReplicas=1, maxReplicas=2)
+    spec["idempotency"] = {"redisUrlSecretRef": {"name": "redis", "key": "url"},
+                           "keyPrefix": names.redis_prefix.rstrip(":")}
+    spec["podTemplate"] = {**agent.placement(), "env": [{"name": "PYTHONPATH", "value": str(ROOT / "tests")}]}
+    spec.pop("scaling", None)
+    objs = desired_objects(Owner("orders", namespace, str(uuid.uuid4())), parse_spec(spec))
+    for o in objs:
+        o["metadata"].pop("ownerReferences", None)  # no AdaptiveConsumer here: the GC would take them
+        if o["kind"] == "StatefulSet":  # what the test handler needs (AFC_* is the operator's in the spec)
+            o["spec"]["template"]["spec"]["containers"][0]["env"] += [
+                {"name": "AFC_TEST_REDIS_URL", "value": testbed.redis_url}, {"name": "AFC_TEST_HASH", "value": hits}]
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "redis"}, "stringData": {"url": testbed.redis_url}}
+    apply(testbed, namespace, secret, *objs)
+
+    names_ = ("orders-0", "orders-1")
+    pods = {n: wait_for(lambda n=n: (p := pod(testbed, namespace, n)) and is_ready(p) and p, timeout=90,
+                        what=f"consumer pod {n} Ready (its /readyz)") for n in names_}
+    ports = {n: mapped_port(p, "consumer", "http") for n, p in pods.items()}
+    assert len(set(ports.values())) == 2
+    for n in names_:
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports[n]}/metrics", timeout=5) as r:
+            assert r.status == 200
+
+    p = Producer({"bootstrap.servers": testbed.bootstrap})
+    for i in range(40):
+        p.produce(topic, value=json.dumps({"n": i}).encode(), key=str(i).encode(), partition=i % 4)
+    assert p.flush(30) == 0
+    wait_for(lambda: redis_client.hlen(hits) == 40, timeout=60, what="40 messages handled by the two pods")
+    uids = [p["metadata"]["uid"] for p in pods.values()]
+    testbed.run_kubectl("scale", "statefulset", "-n", namespace, "orders", "--replicas=0")
+    wait_for(lambda: all(pod(testbed, namespace, n) is None for n in names_), timeout=60,
+             what="the consumer pods to drain and go")
+    for n, uid in zip(names_, uids):
+        assert not marked_processes(agent.node, uid)
+        out = agent.logs(namespace, n, "consumer")
+        assert "event=signal signal=SIGTERM action=drain" in out, out[-2000:]
