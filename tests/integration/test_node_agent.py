@@ -389,3 +389,80 @@ def test_statefulset_the_operator_renders_runs_afc_consumers(
         assert not marked_processes(agent.node, uid)
         out = agent.logs(namespace, n, "consumer")
         assert "event=signal signal=SIGTERM action=drain" in out, out[-2000:]
+
+
+def crd_properties(crd: dict[str, Any]) -> set[str]:
+    return set(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"])
+
+
+def test_operator_from_manifests_runs_as_a_pod_and_its_consumers_run_too(
+        testbed: Testbed, agent: Agent, namespace: str, names, make_topic, redis_client) -> None:
+    """The install path a user takes: `kubectl kustomize manifests/` (ServiceAccount, Role,
+    RoleBinding, Deployment) in a namespace of its own; the operator pod authenticates with
+    its mounted service-account token, and the AdaptiveConsumer it reconciles gets pods.
+
+    The CRD is cluster-wide and shared by every branch testing on this bed: it is applied
+    only when missing (re-applying it would break other branches' runs), and the consumer
+    half is skipped when the installed CRD is another branch's version."""
+    import yaml
+    crd_file = yaml.safe_load((ROOT / "crds" / "afc.dev_adaptiveconsumers.yaml").read_text())
+    r = testbed.run_kubectl("get", "crd", "adaptiveconsumers.afc.dev", "-o", "json", check=False)
+    if r.returncode != 0:
+        testbed.run_kubectl("apply", "--server-side", "-f", str(ROOT / "crds" / "afc.dev_adaptiveconsumers.yaml"))
+        testbed.run_kubectl("wait", "--for=condition=Established", "crd/adaptiveconsumers.afc.dev", "--timeout=60s")
+        installed = crd_file
+    else:
+        installed = json.loads(r.stdout)
+    objs = list(yaml.safe_load_all(testbed.run_kubectl("kustomize", str(ROOT / "manifests")).stdout))
+    install = []
+    for o in objs:
+        if o["kind"] == "Namespace":
+            continue
+        o["metadata"]["namespace"] = namespace
+        for s in o.get("subjects") or []:
+            s["namespace"] = namespace
+        if o["kind"] == "Deployment":
+            o["spec"]["template"]["spec"].update(agent.placement())
+        install.append(o)
+    apply(testbed, namespace, *install)
+    sel = "app.kubernetes.io/name=afc-operator"
+
+    def operator_ready() -> dict[str, Any] | None:
+        items = kubectl_json(testbed, "get", "pods", "-n", namespace, "-l", sel)["items"]
+        return next((p for p in items if is_ready(p)), None)
+
+    op = wait_for(operator_ready, timeout=60, what="the operator pod Ready (its /healthz)")
+    op_log = lambda: agent.logs(namespace, op["metadata"]["name"], "operator")  # noqa: E731
+    assert op["spec"]["serviceAccountName"] == "afc-operator"
+    health = mapped_port(op, "operator", "health")
+    assert health != 8081
+    with urllib.request.urlopen(f"http://127.0.0.1:{health}/healthz", timeout=5) as r:
+        assert r.status == 200
+
+    if crd_properties(installed) != crd_properties(crd_file):
+        pytest.skip("the test bed's AdaptiveConsumer CRD is another branch's (spec fields "
+                    f"{sorted(crd_properties(installed) ^ crd_properties(crd_file))} differ); "
+                    "the operator pod ran and authenticated, the consumer half needs this branch's CRD")
+    topic = make_topic("in", partitions=2)
+    hits = f"{names.redis_prefix}hits"
+    ac = yaml.safe_load((ROOT / "manifests" / "samples" / "afc_v1alpha1_adaptiveconsumer.yaml").read_text())
+    ac["spec"]["kafka"].update(bootstrapServers=testbed.bootstrap, topics=[topic], groupId=names.group)
+    ac["spec"]["handler"] = {"handler": "na_handlers:record"}
+    ac["spec"].update(replicas=2, minReplicas=2, maxReplicas=2)
+    ac["spec"]["podTemplate"] = {**agent.placement(), "env": [
+        {"name": "PYTHONPATH", "value": str(ROOT / "tests" / "nodeagent")},
+        {"name": "NA_REDIS_URL", "value": testbed.redis_url}, {"name": "NA_HASH", "value": hits}]}
+    apply(testbed, namespace, ac)
+    for n in ("orders-0", "orders-1"):
+        wait_for(lambda n=n: is_ready(pod(testbed, namespace, n)), timeout=90,
+                 what=f"consumer pod {n} (made by the operator pod) Ready\n{op_log()[-3000:]}")
+    from confluent_kafka import Producer
+    p = Producer({"bootstrap.servers": testbed.bootstrap})
+    for i in range(20):
+        p.produce(topic, value=json.dumps({"n": i}).encode(), key=str(i).encode(), partition=i % 2)
+    assert p.flush(30) == 0
+    wait_for(lambda: redis_client.hlen(hits) == 20, timeout=60, what="20 messages handled by the operator's pods")
+    assert "Forbidden" not in op_log() and " 403 " not in op_log()
+    testbed.run_kubectl("delete", "adaptiveconsumer", "-n", namespace, "orders", "--wait=false")
+    wait_for(lambda: all(pod(testbed, namespace, n) is None for n in ("orders-0", "orders-1")), timeout=60,
+             what="the consumer pods to go after the AdaptiveConsumer was deleted")
