@@ -11,6 +11,7 @@ Images are not pulled. An image maps to a local entrypoint by substring (first m
 
     afc-operator                -> <venv>/bin/afc-operator
     afc-runtime / afc-consumer  -> <venv>/bin/afc-consumer run    (the image's ENTRYPOINT+CMD)
+    python:                     -> <venv>/bin/python3
     anything else               -> no entrypoint: the container must give `command`
 
 `command` replaces the entrypoint and `args` the default args, as in Kubernetes; a bare
@@ -113,6 +114,7 @@ def default_image_map(venv_bin: Path = VENV_BIN) -> list[ImageMapping]:
         ImageMapping("afc-operator", [str(venv_bin / "afc-operator")], [], dict(IMAGE_ENV)),
         ImageMapping("afc-runtime", [str(venv_bin / "afc-consumer")], ["run"], dict(IMAGE_ENV), afc_runtime=True),
         ImageMapping("afc-consumer", [str(venv_bin / "afc-consumer")], ["run"], dict(IMAGE_ENV), afc_runtime=True),
+        ImageMapping("python:", [str(venv_bin / "python3")]),
     ]
 
 
@@ -372,6 +374,7 @@ class ContainerRun:
     startup_ok: bool = False
     kill_deadline: float | None = None
     kill_reason: str = ""
+    env: dict[str, str] = field(default_factory=dict)  # the running process's environment
     done: bool = False                          # terminated and not restarting
     run_id: int = 0
 
@@ -721,6 +724,7 @@ class PodWorker:
         finally:
             out.close()
         c.run_id += 1
+        c.env = env_probe
         c.state, c.reason, c.message = "running", "", ""
         c.started_at, c.started_mono = now_iso(), time.monotonic()
         c.ever_started, c.ready, c.kill_deadline, c.kill_reason, c.terminated = True, False, None, "", None
@@ -869,9 +873,10 @@ class PodWorker:
             if "exec" in s:
                 assert c.proc is not None
                 cmd = ["nsenter", "--mount", "--target", str(c.proc.pid), "--", *s["exec"]["command"]]
+                if not self.agent.mountns:
+                    cmd = cmd[5:]
                 r = subprocess.run(cmd, capture_output=True, timeout=p.timeout, cwd=str(self.sandbox / "work"),
-                                   env=self.container_env(c, self.agent.map_image(c.spec.get("image") or ""))
-                                   if not self.agent.mountns else None)
+                                   env=c.env)
                 return r.returncode == 0, f"exit {r.returncode}: {r.stdout[-200:]!r}"
             if "grpc" in s:
                 return False, "grpc probes are not supported by the node agent"
@@ -1173,10 +1178,16 @@ class NodeAgent:
         last_status = time.monotonic()
         while not self.stopping.wait(10):
             try:
-                self.renew_lease()
                 if time.monotonic() - last_status >= 20:
-                    self.post_status()
+                    try:
+                        self.post_status()
+                    except ApiError as e:
+                        if e.status != 404:
+                            raise
+                        log("node-gone", action="registering again")
+                        self.register()
                     last_status = time.monotonic()
+                self.renew_lease()
             except Exception as e:  # noqa: BLE001 - retried on the next beat
                 log("heartbeat-failed", error=e)
 
@@ -1355,7 +1366,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--exec-container"]:
         exec_container(argv[1])
         return 127
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"))
     ap.add_argument("--node", default="afc-node-1")

@@ -170,6 +170,8 @@ def test_pod_runs_ready_with_downward_api_configmap_and_secret(testbed: Testbed,
     ]
     c["envFrom"] = [{"configMapRef": {"name": "settings"}, "prefix": "CFG_"}, {"secretRef": {"name": "creds"}, "prefix": "T_S_"}]
     c["resources"] = {"limits": {"memory": "64Mi"}}
+    # an exec probe runs inside the pod's mount namespace: it sees the ConfigMap volume
+    c["startupProbe"] = {"exec": {"command": ["test", "-f", "/etc/t/config/color"]}, "periodSeconds": 1}
     c["volumeMounts"] = [{"name": "config", "mountPath": "/etc/t/config", "readOnly": True},
                          {"name": "secret", "mountPath": "/etc/t/secret", "readOnly": True}]
     objs: list[dict[str, Any]] = [
