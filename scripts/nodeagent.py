@@ -132,6 +132,32 @@ def log(msg: str, **kv: Any) -> None:
     print(f"{time.strftime('%H:%M:%S')} nodeagent {msg} {fields}".rstrip(), file=sys.stderr, flush=True)
 
 
+def pod_log_path(state_dir: str | Path, namespace: str, pod: str, container: str) -> Path:
+    """Where a container's output goes (appended across restarts and pod re-creations)."""
+    return Path(state_dir) / "pods" / namespace / pod / "logs" / f"{container}.log"
+
+
+def agent_processes(node: str, state_dir: str | Path | None = None, pod_uid: str | None = None) -> list[int]:
+    """Live processes an agent started for `node` (and state dir, and pod), by their marker env."""
+    marks = [f"{MARK_NODE}={node}".encode()]
+    if state_dir is not None:
+        marks.append(f"{MARK_STATE}={Path(state_dir).resolve()}".encode())
+    if pod_uid is not None:
+        marks.append(f"{MARK_POD}={pod_uid}".encode())
+    out = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit() or int(p.name) == os.getpid():
+            continue
+        try:
+            env = (p / "environ").read_bytes().split(b"\0")
+            state = (p / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state != "Z" and all(m in env for m in marks):
+            out.append(int(p.name))
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST_IP, 0))
@@ -399,9 +425,8 @@ class PodWorker:
         meta = pod["metadata"]
         self.ns, self.name, self.uid = meta["namespace"], meta["name"], meta["uid"]
         self.key = f"{self.ns}/{self.name}"
-        self.dir = agent.state_dir / "pods" / self.ns / self.name
-        self.sandbox = self.dir / self.uid[:8]
-        self.logs = self.dir / "logs"
+        self.logs = pod_log_path(agent.state_dir, self.ns, self.name, "-").parent
+        self.sandbox = self.logs.parent / self.uid[:8]
         self.wake = threading.Event()
         self.gone = False                       # the pod vanished from the API
         self.prepared = False
@@ -1089,7 +1114,7 @@ class NodeAgent:
         log("stopped", node=self.node)
 
     def log_path(self, namespace: str, pod: str, container: str) -> Path:
-        return self.state_dir / "pods" / namespace / pod / "logs" / f"{container}.log"
+        return pod_log_path(self.state_dir, namespace, pod, container)
 
     def map_image(self, image: str) -> ImageMapping | None:
         return next((m for m in self.image_map if m.match in image), None)
@@ -1288,52 +1313,79 @@ class NodeAgent:
 
     def kill_orphans(self) -> None:
         """Processes a previous agent for this node and state dir left behind (it was killed)."""
-        mark_n, mark_s = f"{MARK_NODE}={self.node}".encode(), f"{MARK_STATE}={self.state_dir}".encode()
-        for p in Path("/proc").iterdir():
-            if not p.name.isdigit() or int(p.name) == os.getpid():
-                continue
+        for pid in agent_processes(self.node, self.state_dir):
             try:
-                env = (p / "environ").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if mark_n in env and mark_s in env:
-                try:
-                    os.kill(int(p.name), signal.SIGKILL)
-                    log("killed-orphan", pid=p.name)
-                except (ProcessLookupError, PermissionError):
-                    pass
+                os.kill(pid, signal.SIGKILL)
+                log("killed-orphan", pid=pid)
+            except (ProcessLookupError, PermissionError):
+                pass
 
 
 # --------------------------------------------------------------------------- as a subprocess
 
 class NodeAgentProcess:
-    """The CLI as a subprocess, for tests and scripts: ready when it printed `ready`."""
+    """The CLI as a subprocess, for tests and scripts; entered once it logged `ready`.
 
-    def __init__(self, args: list[str], log_path: Path, kubeconfig: str | None = None,
-                 python: str | None = None, timeout: float = 90) -> None:
-        self.args, self.log_path, self.timeout = args, Path(log_path), timeout
+        with NodeAgentProcess("afc-node-1", state_dir, log_path, kubeconfig) as agent:
+            agent.pod_log("ns", "pod-0", "consumer"); agent.processes(pod_uid)
+
+    With `taint=True` the Node carries `afc.dev/node-agent=<node>:NoSchedule`, so only pods
+    with `agent.placement()` (a toleration and a nodeSelector) land on it: tests that share
+    a control plane with other runs keep their pods to themselves."""
+
+    TAINT_KEY = "afc.dev/node-agent"
+
+    def __init__(self, node: str, state_dir: str | Path, log_path: str | Path, kubeconfig: str | None = None,
+                 args: list[str] | tuple[str, ...] = (), taint: bool = False, python: str | None = None,
+                 timeout: float = 90) -> None:
+        self.node, self.state_dir, self.log_path = node, Path(state_dir).resolve(), Path(log_path)
+        self.args, self.taint, self.timeout = list(args), taint, timeout
         self.python = python or str(VENV_BIN / "python")
         self.kubeconfig = kubeconfig
         self.proc: subprocess.Popen[bytes] | None = None
+        self._log: Any = None
 
-    def __enter__(self) -> "NodeAgentProcess":
+    def placement(self) -> dict[str, Any]:
+        """Pod spec fields that put a pod on this node (and, with the taint, only there)."""
+        out: dict[str, Any] = {"nodeSelector": {"kubernetes.io/hostname": self.node}}
+        if self.taint:
+            out["tolerations"] = [{"key": self.TAINT_KEY, "operator": "Equal", "value": self.node,
+                                   "effect": "NoSchedule"}]
+        return out
+
+    def pod_log_path(self, namespace: str, pod: str, container: str) -> Path:
+        return pod_log_path(self.state_dir, namespace, pod, container)
+
+    def pod_log(self, namespace: str, pod: str, container: str) -> str:
+        p = self.pod_log_path(namespace, pod, container)
+        return p.read_text(errors="replace") if p.exists() else ""
+
+    def processes(self, pod_uid: str | None = None) -> list[int]:
+        return agent_processes(self.node, self.state_dir, pod_uid)
+
+    def start(self) -> "NodeAgentProcess":
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [self.python, "-P", str(HERE), *self.args]
+        cmd = [self.python, "-P", str(HERE), "--node", self.node, "--state-dir", str(self.state_dir), *self.args]
+        if self.taint:
+            cmd += ["--taint", f"{self.TAINT_KEY}={self.node}:NoSchedule"]
         if self.kubeconfig:
             cmd += ["--kubeconfig", self.kubeconfig]
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
+            text = self.log_path.read_bytes()[offset:].decode(errors="replace")
             if self.proc.poll() is not None:
-                raise RuntimeError(f"node agent exited {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}")
-            if " nodeagent ready " in self.log_path.read_text(errors="replace"):
+                raise RuntimeError(f"node agent exited {self.proc.returncode}:\n{text[-3000:]}")
+            if " nodeagent ready " in text:
                 return self
             time.sleep(0.2)
-        self.__exit__()
-        raise TimeoutError(f"node agent not ready after {self.timeout}s:\n{self.log_path.read_text()[-3000:]}")
+        self.stop()
+        raise TimeoutError(f"node agent not ready after {self.timeout}s:\n{text[-3000:]}")
 
-    def __exit__(self, *exc: object) -> None:
+    def stop(self) -> None:
+        """SIGTERM: the agent stops its pods' processes and removes its Node."""
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -1341,7 +1393,24 @@ class NodeAgentProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
-        self._log.close()
+        if self._log:
+            self._log.close()
+            self._log = None
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash: the pods' processes outlive it (the next start kills them)."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        if self._log:
+            self._log.close()
+            self._log = None
+
+    def __enter__(self) -> "NodeAgentProcess":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 # --------------------------------------------------------------------------- CLI

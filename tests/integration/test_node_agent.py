@@ -24,8 +24,6 @@ from afctest import ROOT, Testbed, wait_for
 
 pytestmark = [pytest.mark.k8s]
 
-TAINT_KEY = "afc.dev/node-agent"
-
 
 def load_nodeagent() -> Any:
     if "nodeagent" in sys.modules:
@@ -40,54 +38,20 @@ def load_nodeagent() -> Any:
 na = load_nodeagent()
 
 
-class Agent:
-    def __init__(self, node: str, state: Path, log: Path) -> None:
-        self.node, self.state, self.log = node, state, log
-
-    def log_path(self, namespace: str, pod: str, container: str) -> Path:
-        return self.state / "pods" / namespace / pod / "logs" / f"{container}.log"
-
-    def logs(self, namespace: str, pod: str, container: str) -> str:
-        p = self.log_path(namespace, pod, container)
-        return p.read_text(errors="replace") if p.exists() else ""
-
-    def placement(self) -> dict[str, Any]:
-        """What a pod spec needs to land on this agent's node (and only there)."""
-        return {"nodeSelector": {"kubernetes.io/hostname": self.node},
-                "tolerations": [{"key": TAINT_KEY, "operator": "Equal", "value": self.node, "effect": "NoSchedule"}]}
+Agent = na.NodeAgentProcess
 
 
 @pytest.fixture(scope="module")
 def agent(testbed: Testbed, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
     node = f"na-{uuid.uuid4().hex[:6]}"
     d = tmp_path_factory.mktemp("nodeagent")
-    args = ["--node", node, "--state-dir", str(d / "state"), "--taint", f"{TAINT_KEY}={node}:NoSchedule",
-            "--backoff-initial", "1", "--backoff-max", "8"]
-    with na.NodeAgentProcess(args, d / "agent.log", kubeconfig=testbed.kubeconfig):
-        yield Agent(node, d / "state", d / "agent.log")
+    with Agent(node, d / "state", d / "agent.log", testbed.kubeconfig, taint=True,
+               args=["--backoff-initial", "1", "--backoff-max", "8"]) as a:
+        yield a
     # stopping the agent stops every process it ran and removes its Node
-    assert not marked_processes(node), "processes of the agent's pods outlived it"
+    assert not na.agent_processes(node), "processes of the agent's pods outlived it"
     r = testbed.run_kubectl("get", "node", node, check=False)
     assert r.returncode != 0 and "NotFound" in r.stderr
-
-
-def marked_processes(node: str, pod_uid: str | None = None) -> list[int]:
-    """Live processes the agent started for `node` (and pod), found by the marker env vars."""
-    out = []
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit():
-            continue
-        try:
-            env = (p / "environ").read_bytes().split(b"\0")
-            state = (p / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state == "Z":
-            continue
-        if f"{na.MARK_NODE}={node}".encode() in env and (
-                pod_uid is None or f"{na.MARK_POD}={pod_uid}".encode() in env):
-            out.append(int(p.name))
-    return out
 
 
 def kubectl_json(testbed: Testbed, *args: str) -> dict[str, Any]:
@@ -207,7 +171,7 @@ def test_pod_runs_ready_with_downward_api_configmap_and_secret(testbed: Testbed,
         assert env["T_LISTEN"] == f"0.0.0.0:{ports[n]}"
         assert seen["config_volume"] == {"color": "blue", "size": "L"}
         assert seen["secret_volume"] == {"password": "s3cret"}
-        assert "serving on" in agent.logs(namespace, n, "app")
+        assert "serving on" in agent.pod_log(namespace, n, "app")
     # the volumes are mounted only inside the pods' mount namespaces
     assert not any(Path("/etc/t/config").iterdir())
 
@@ -230,7 +194,7 @@ def test_statefulset_runs_through_scheduler_and_scales_to_zero_with_sigterm(
              .get("readyReplicas") == 2, timeout=30, what="the StatefulSet counting 2 ready replicas")
     uids = {n: p["metadata"]["uid"] for n, p in pods.items()}
     for n in names:
-        assert marked_processes(agent.node, uids[n]), f"no process runs pod {n}"
+        assert agent.processes(uids[n]), f"no process runs pod {n}"
         assert http_json(mapped_port(pods[n]))["port"] == str(mapped_port(pods[n]))
 
     t0 = time.monotonic()
@@ -239,8 +203,8 @@ def test_statefulset_runs_through_scheduler_and_scales_to_zero_with_sigterm(
              what="the StatefulSet's pods to disappear")
     took = time.monotonic() - t0
     for n in names:
-        assert "got SIGTERM" in agent.logs(namespace, n, "app"), agent.logs(namespace, n, "app")
-        assert not marked_processes(agent.node, uids[n]), f"pod {n}'s processes outlived it"
+        assert "got SIGTERM" in agent.pod_log(namespace, n, "app"), agent.pod_log(namespace, n, "app")
+        assert not agent.processes(uids[n]), f"pod {n}'s processes outlived it"
     assert took < 10, f"graceful stop took {took:.1f}s: the processes exit on SIGTERM at once"
 
 
@@ -271,7 +235,7 @@ def test_crashing_container_goes_into_crash_loop_back_off(testbed: Testbed, agen
     assert counts == sorted(counts) and counts[-1] >= 3, counts
     out = kubectl_json(testbed, "get", "pod", "-n", namespace, "crash")
     assert out["status"]["phase"] == "Running"  # restartPolicy Always: never a terminal phase
-    assert agent.logs(namespace, "crash", "app").count("starting and failing") >= 3
+    assert agent.pod_log(namespace, "crash", "app").count("starting and failing") >= 3
     # `kubectl get pod` shows it the way users know it
     assert "CrashLoopBackOff" in testbed.run_kubectl("get", "pod", "-n", namespace, "crash").stdout
 
@@ -291,7 +255,7 @@ def test_service_account_token_is_mounted_at_the_fixed_path_and_authenticates(
                                  "env": [{"name": "KUBECTL", "value": testbed.kubectl}]}]}})
     p = wait_for(lambda: (p := pod(testbed, namespace, "whoami")) and p["status"].get("phase") in ("Succeeded", "Failed")
                  and p, timeout=40, what="the whoami pod to finish")
-    out = agent.logs(namespace, "whoami", "app")
+    out = agent.pod_log(namespace, "whoami", "app")
     assert p["status"]["phase"] == "Succeeded", out
     (st,) = p["status"]["containerStatuses"]
     assert st["state"]["terminated"]["exitCode"] == 0 and st["state"]["terminated"]["reason"] == "Completed"
@@ -336,7 +300,7 @@ http.server.HTTPServer(("127.0.0.1", int(os.environ["AFC_NODEAGENT_PORT_HEALTH"]
     last = st["lastState"]["terminated"]
     assert "liveness probe failed" in last.get("message", ""), last
     assert last["exitCode"] == 128 + 15  # SIGTERM ended it (the server has no handler)
-    wait_for(lambda: agent.logs(namespace, "sick", "app").count("up") >= 2, timeout=10, what="the restarted process")
+    wait_for(lambda: agent.pod_log(namespace, "sick", "app").count("up") >= 2, timeout=10, what="the restarted process")
     reasons = [e["reason"] for e in kubectl_json(testbed, "get", "events", "-n", namespace)["items"]]
     assert "Unhealthy" in reasons and "Killing" in reasons
 
@@ -388,8 +352,8 @@ def test_statefulset_the_operator_renders_runs_afc_consumers(
     wait_for(lambda: all(pod(testbed, namespace, n) is None for n in names_), timeout=60,
              what="the consumer pods to drain and go")
     for n, uid in zip(names_, uids):
-        assert not marked_processes(agent.node, uid)
-        out = agent.logs(namespace, n, "consumer")
+        assert not agent.processes(uid)
+        out = agent.pod_log(namespace, n, "consumer")
         assert "event=signal signal=SIGTERM action=drain" in out, out[-2000:]
 
 
@@ -434,7 +398,7 @@ def test_operator_from_manifests_runs_as_a_pod_and_its_consumers_run_too(
         return next((p for p in items if is_ready(p)), None)
 
     op = wait_for(operator_ready, timeout=60, what="the operator pod Ready (its /healthz)")
-    op_log = lambda: agent.logs(namespace, op["metadata"]["name"], "operator")  # noqa: E731
+    op_log = lambda: agent.pod_log(namespace, op["metadata"]["name"], "operator")  # noqa: E731
     assert op["spec"]["serviceAccountName"] == "afc-operator"
     health = mapped_port(op, "operator", "health")
     assert health != 8081
@@ -468,3 +432,50 @@ def test_operator_from_manifests_runs_as_a_pod_and_its_consumers_run_too(
     testbed.run_kubectl("delete", "adaptiveconsumer", "-n", namespace, "orders", "--wait=false")
     wait_for(lambda: all(pod(testbed, namespace, n) is None for n in ("orders-0", "orders-1")), timeout=60,
              what="the consumer pods to go after the AdaptiveConsumer was deleted")
+
+
+def test_a_killed_agent_leaves_processes_that_its_successor_kills_and_replaces(
+        testbed: Testbed, namespace: str, tmp_path: Path) -> None:
+    """A SIGKILLed agent cannot stop its pods' processes; the next agent for the same node
+    and state dir kills them before anything else, then runs the pod again."""
+    node = f"na-{uuid.uuid4().hex[:6]}"
+    first = Agent(node, tmp_path / "state", tmp_path / "agent.log", testbed.kubeconfig, taint=True,
+                  args=["--keep-node"])
+    try:
+        first.start()
+        c = server_container()
+        apply(testbed, namespace, {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web"},
+                                   "spec": {**first.placement(), "terminationGracePeriodSeconds": 3, "containers": [c]}})
+        p = wait_for(lambda: (p := pod(testbed, namespace, "web")) and is_ready(p) and p, timeout=40, what="web Ready")
+        uid = p["metadata"]["uid"]
+        old = first.processes(uid)
+        assert old
+        first.kill()
+        time.sleep(0.5)
+        assert first.processes(uid) == old  # orphans now
+        with Agent(node, tmp_path / "state", tmp_path / "agent.log", testbed.kubeconfig, taint=True) as second:
+            assert not any(pid in second.processes(uid) for pid in old)
+            assert "killed-orphan" in second.log_path.read_text()
+            wait_for(lambda: (p := pod(testbed, namespace, "web")) and is_ready(p)
+                     and http_json(mapped_port(p))["pid"] not in old, timeout=40,
+                     what="the pod running again under the new agent")
+            testbed.run_kubectl("delete", "pod", "-n", namespace, "web", "--wait=false")
+            wait_for(lambda: pod(testbed, namespace, "web") is None, timeout=20, what="the pod gone")
+        assert not na.agent_processes(node)
+    finally:
+        first.kill()
+        testbed.run_kubectl("delete", "node", node, "--ignore-not-found", check=False)
+
+
+def test_env_expansion_and_port_rewriting_follow_kubernetes() -> None:
+    env = {"A": "x", "PORT": "1"}
+    assert na.expand("$(A)-$(B)-$$(A)-$$", env) == "x-$(B)-$(A)-$"
+    ports = {8080: 31000}
+    assert na.rewrite_ports("8080", ports) == "31000"
+    assert na.rewrite_ports("http://0.0.0.0:8080/healthz", ports) == "http://0.0.0.0:31000/healthz"
+    assert na.rewrite_ports("0.0.0.0:80801", ports) == "0.0.0.0:80801"
+    assert na.rewrite_ports("18080", ports) == "18080"
+    assert na.parse_taint("a=b:NoSchedule") == {"key": "a", "value": "b", "effect": "NoSchedule"}
+    pod_ = {"metadata": {"name": "p", "namespace": "n", "uid": "u", "labels": {"k": "v"}}, "spec": {"nodeName": "nd"}}
+    assert [na.field_ref(pod_, f) for f in ("metadata.name", "metadata.labels['k']", "spec.nodeName",
+                                            "status.podIP")] == ["p", "v", "nd", "127.0.0.1"]
