@@ -727,8 +727,8 @@ class PodWorker:
             c.state, c.reason, c.message = "waiting", "ErrImageNeverPull", str(e)
             c.next_start = time.monotonic() + 5
             return
-        except (ValueError, FileNotFoundError, ApiError) as e:
-            c.state, c.reason, c.message = "waiting", "CreateContainerConfigError", str(e)
+        except Exception as e:  # noqa: BLE001 - a missing key or object, or the API unreachable: retried
+            c.state, c.reason, c.message = "waiting", "CreateContainerConfigError", str(e)[:500]
             c.next_start = time.monotonic() + 2
             return
         cwd = c.spec.get("workingDir") or str(self.sandbox / "work")
