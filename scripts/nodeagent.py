@@ -1048,7 +1048,8 @@ class NodeAgent:
                  backoff_initial_s: float = 10, backoff_max_s: float = 300, backoff_reset_s: float = 600,
                  image_map: list[ImageMapping] | None = None, extra_env: dict[str, str] | None = None,
                  mountns: bool | None = None, keep_node: bool = False, venv_bin: Path = VENV_BIN,
-                 tick_s: float = 0.25, stop_grace_s: float = 30, ready_timeout_s: float = 60) -> None:
+                 tick_s: float = 0.25, stop_grace_s: float = 30, ready_timeout_s: float = 60,
+                 heartbeat_s: float = 10) -> None:
         self.kubeconfig, self.node = kubeconfig, node
         base = os.environ.get("AFC_TESTBED_DIR") or str(ROOT / ".testbed")
         self.state_dir = Path(state_dir or Path(base) / "nodeagent" / node).resolve()
@@ -1063,6 +1064,7 @@ class NodeAgent:
         self.keep_node, self.venv_bin = keep_node, venv_bin
         self.tick_s, self.stop_grace_s, self.ready_timeout_s = tick_s, stop_grace_s, ready_timeout_s
         self.volume_sync_s = 10.0
+        self.heartbeat_s = heartbeat_s  # Lease renewal; the Node's status every 2 beats
         self.stopping = threading.Event()
         self.workers: dict[str, PodWorker] = {}
         self.lock = threading.Lock()
@@ -1169,7 +1171,8 @@ class NodeAgent:
 
     def renew_lease(self) -> None:
         path = f"/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/{self.node}"
-        spec = {"holderIdentity": self.node, "leaseDurationSeconds": 40, "renewTime": micro_now()}
+        spec = {"holderIdentity": self.node, "leaseDurationSeconds": max(40, int(4 * self.heartbeat_s)),
+                "renewTime": micro_now()}
         try:
             self.api.request("PATCH", path, {"spec": spec}, content_type="application/merge-patch+json")
         except ApiError as e:
@@ -1201,9 +1204,9 @@ class NodeAgent:
 
     def heartbeat_loop(self) -> None:
         last_status = time.monotonic()
-        while not self.stopping.wait(10):
+        while not self.stopping.wait(self.heartbeat_s):
             try:
-                if time.monotonic() - last_status >= 20:
+                if time.monotonic() - last_status >= 2 * self.heartbeat_s:
                     try:
                         self.post_status()
                     except ApiError as e:
@@ -1452,6 +1455,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--env", type=parse_kv, action="append", default=[], help="KEY=VALUE for every container")
     ap.add_argument("--no-mount-ns", action="store_true", help="no private mount namespaces (see docstring)")
     ap.add_argument("--keep-node", action="store_true", help="leave the Node object when stopping")
+    ap.add_argument("--heartbeat", type=float, default=10.0, help="seconds between Lease renewals")
     a = ap.parse_args(argv)
     maps = []
     for sub, cmd in a.map_image:
@@ -1460,7 +1464,7 @@ def main(argv: list[str] | None = None) -> int:
     agent = NodeAgent(a.kubeconfig, a.node, a.state_dir, taints=a.taint, labels=dict(a.label), cpu=a.cpu,
                       memory=a.memory, pods=a.pods, backoff_initial_s=a.backoff_initial, backoff_max_s=a.backoff_max,
                       image_map=maps, extra_env=dict(a.env), mountns=False if a.no_mount_ns else None,
-                      keep_node=a.keep_node)
+                      keep_node=a.keep_node, heartbeat_s=a.heartbeat)
     done = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:

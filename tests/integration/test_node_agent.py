@@ -46,7 +46,7 @@ def agent(testbed: Testbed, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     node = f"na-{uuid.uuid4().hex[:6]}"
     d = tmp_path_factory.mktemp("nodeagent")
     with Agent(node, d / "state", d / "agent.log", testbed.kubeconfig, taint=True,
-               args=["--backoff-initial", "1", "--backoff-max", "8"]) as a:
+               args=["--backoff-initial", "1", "--backoff-max", "8", "--heartbeat", "2"]) as a:
         yield a
     # stopping the agent stops every process it ran and removes its Node
     assert not na.agent_processes(node), "processes of the agent's pods outlived it"
@@ -77,6 +77,22 @@ def is_ready(p: dict[str, Any] | None) -> bool:
 def http_json(port: int, path: str = "/") -> Any:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
         return json.loads(r.read())
+
+
+def test_node_is_ready_schedulable_and_renews_its_lease(testbed: Testbed, agent: Agent) -> None:
+    node = kubectl_json(testbed, "get", "node", agent.node)
+    ready = next(c for c in node["status"]["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "True"
+    assert node["status"]["allocatable"]["cpu"] == "16" and node["status"]["allocatable"]["pods"] == "110"
+    assert node["metadata"]["labels"]["kubernetes.io/hostname"] == agent.node
+    # only the agent's own taint: no node.kubernetes.io/not-ready left to block scheduling
+    assert [t["key"] for t in node["spec"].get("taints") or []] == [Agent.TAINT_KEY]
+    lease = kubectl_json(testbed, "get", "lease", "-n", "kube-node-lease", agent.node)
+    assert lease["spec"]["holderIdentity"] == agent.node
+    assert lease["metadata"]["ownerReferences"][0]["uid"] == node["metadata"]["uid"]
+    first = lease["spec"]["renewTime"]
+    wait_for(lambda: kubectl_json(testbed, "get", "lease", "-n", "kube-node-lease", agent.node)["spec"]["renewTime"]
+             != first, timeout=10, interval=0.5, what="the Lease renewed (every 2 s here)")
 
 
 # A small server: reports what it sees (env, files) as JSON on $PORT, says so on SIGTERM.
