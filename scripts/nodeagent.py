@@ -48,11 +48,23 @@ lastState, restartCount, ready, started). httpGet, tcpSocket and exec probes wit
 initialDelay/period/timeout/success/failure thresholds; startup and liveness failures kill
 the container, which then restarts per restartPolicy with exponential back-off (initial
 --backoff-initial, doubling to --backoff-max; the first restart is immediate), shown as
-the waiting reason CrashLoopBackOff. Deletion: SIGTERM to each container's process group,
-up to the pod's grace period, SIGKILL, then the pod is deleted with grace 0.
+the waiting reason CrashLoopBackOff. Exec probes run the command with `nsenter --mount`
+in the container's mount namespace. Events: Started, Killing, BackOff, Unhealthy,
+FailedMount. Deletion: SIGTERM to each container's process group, up to the pod's grace
+period, SIGKILL, then the pod is deleted with grace 0 (so a StatefulSet proceeds).
 
-Not done: init and ephemeral containers, lifecycle hooks, resource limits, runAsUser,
-image pull secrets, hostNetwork semantics, persistent volumes.
+Stopping the agent (SIGTERM/SIGINT, or leaving the context manager) stops every process
+(SIGTERM, at most 30 s, SIGKILL) and deletes the Node and its Lease (`--keep-node` keeps
+them); the pods are left to the pod garbage collector, as after a node loss. Each process
+carries marker env vars (AFC_NODEAGENT_NODE/_STATE/_POD_UID): an agent that was SIGKILLed
+leaves its processes behind, and the next agent for the same node and state dir kills
+them first (`agent_processes()` finds them, for tests that want to SIGKILL a "container").
+
+Not done: init and ephemeral containers (ignored), lifecycle hooks, resource limits,
+runAsUser, image pull secrets, hostNetwork semantics, persistent volumes, and the kubelet
+API (`kubectl logs/exec/port-forward` do not work: read the log files, use the mapped
+ports). On a bed shared with other test runs, give the Node a taint (`--taint`,
+`NodeAgentProcess(taint=True)`) or it will also run their pending pods.
 
 Usage:
     python -P scripts/nodeagent.py --kubeconfig $KUBECONFIG --node afc-node-1
