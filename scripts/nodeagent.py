@@ -60,7 +60,11 @@ carries marker env vars (AFC_NODEAGENT_NODE/_STATE/_POD_UID): an agent that was 
 leaves its processes behind, and the next agent for the same node and state dir kills
 them first (`agent_processes()` finds them, for tests that want to SIGKILL a "container").
 
-Not done: init and ephemeral containers (ignored), lifecycle hooks, resource limits,
+Init containers run one at a time, in order, to completion before the containers (a
+failed one restarts with back-off unless restartPolicy is Never; sidecars, i.e. init
+containers with restartPolicy Always, are not supported).
+
+Not done: ephemeral containers, sidecar init containers, lifecycle hooks, resource limits,
 runAsUser, image pull secrets, hostNetwork semantics, persistent volumes, and the kubelet
 API (`kubectl logs/exec/port-forward` do not work: read the log files, use the mapped
 ports). On a bed shared with other test runs, give the Node a taint (`--taint`,
@@ -413,6 +417,7 @@ class ContainerRun:
     kill_deadline: float | None = None
     kill_reason: str = ""
     env: dict[str, str] = field(default_factory=dict)  # the running process's environment
+    init: bool = False                          # an init container: runs to completion first
     done: bool = False                          # terminated and not restarting
     run_id: int = 0
 
@@ -451,14 +456,32 @@ class PodWorker:
         self.last_status: Any = None
         self.finished = False
         self.terminal = pod.get("status", {}).get("phase") in ("Succeeded", "Failed")
-        prev = {s["name"]: s for s in (pod.get("status") or {}).get("containerStatuses") or []}
-        self.containers: list[ContainerRun] = []
-        for c in pod["spec"]["containers"]:
-            cports = {int(p["containerPort"]): free_port() for p in c.get("ports") or []}
-            names = {p["name"]: int(p["containerPort"]) for p in c.get("ports") or [] if p.get("name")}
-            run = ContainerRun(c, cports, names, restart_count=int(prev.get(c["name"], {}).get("restartCount") or 0))
-            self.containers.append(run)
+        status = pod.get("status") or {}
+        self.inits = [self.container_run(c, status.get("initContainerStatuses"), init=True)
+                      for c in pod["spec"].get("initContainers") or []]
+        self.containers = [self.container_run(c, status.get("containerStatuses"))
+                           for c in pod["spec"]["containers"]]
+        if any(c["type"] == "Initialized" and c["status"] == "True" for c in status.get("conditions") or []):
+            for r in self.inits:  # initialised under an earlier agent: not again
+                r.state, r.done = "terminated", True
+                r.terminated = {"exitCode": 0, "reason": "Completed"}
         self.thread = threading.Thread(target=self.run, name=f"pod-{self.key}", daemon=True)
+
+    def container_run(self, c: dict[str, Any], prev: list[dict[str, Any]] | None, init: bool = False) -> ContainerRun:
+        ports = {int(p["containerPort"]): free_port() for p in c.get("ports") or []}
+        names = {p["name"]: int(p["containerPort"]) for p in c.get("ports") or [] if p.get("name")}
+        before = next((s for s in prev or [] if s["name"] == c["name"]), {})
+        return ContainerRun(c, ports, names, restart_count=int(before.get("restartCount") or 0), init=init,
+                            reason="ContainerCreating" if init or not self.pod["spec"].get("initContainers")
+                            else "PodInitializing")
+
+    @property
+    def initialized(self) -> bool:
+        return all(r.done and (r.terminated or {}).get("exitCode") == 0 for r in self.inits)
+
+    @property
+    def init_failed(self) -> bool:
+        return any(r.done and (r.terminated or {}).get("exitCode") != 0 for r in self.inits)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -502,7 +525,13 @@ class PodWorker:
                 self.prepare()
             elif time.monotonic() - self.last_volume_sync > self.agent.volume_sync_s:
                 self.sync_volumes()
-            if self.prepared:
+            if self.prepared and not self.initialized:
+                nxt = next((r for r in self.inits if not r.done), None)
+                if nxt is not None:  # one init container at a time, in order
+                    self.step(nxt)
+                if self.initialized:
+                    continue
+            elif self.prepared:
                 for c in self.containers:
                     self.step(c)
             self.report()
@@ -811,6 +840,8 @@ class PodWorker:
         c.proc, c.ready, c.kill_deadline = None, False, None
         policy = self.restart_policy()
         restart = policy == "Always" or (policy == "OnFailure" and exit_code != 0)
+        if c.init:  # init containers run to completion: Always means OnFailure for them
+            restart = policy != "Never" and exit_code != 0
         if not restart:
             c.state, c.terminated, c.done = "terminated", term, True
             return
@@ -930,13 +961,15 @@ class PodWorker:
         return float(g)
 
     def kill_all(self, grace: float) -> None:
-        for c in self.containers:
+        for c in self.inits + self.containers:
             if c.proc is not None and c.proc.poll() is None:
                 self.kill(c, grace, "pod is being deleted" if self.deleting else "node agent stopping")
         deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and any(c.proc and c.proc.poll() is None for c in self.containers):
+        while time.monotonic() < deadline and any(c.proc and c.proc.poll() is None for c in self.inits + self.containers):
             time.sleep(0.1)
-        for c in self.containers:
+        for c in self.inits + self.containers:
+            if c.done:
+                continue
             if c.proc is not None:
                 if c.proc.poll() is None:
                     self.signal(c, signal.SIGKILL)
@@ -997,6 +1030,10 @@ class PodWorker:
         return st
 
     def phase(self) -> str:
+        if self.init_failed:
+            return "Failed"
+        if not self.initialized:
+            return "Pending"
         cs = self.containers
         if all(c.done for c in cs):
             return "Succeeded" if all((c.terminated or {}).get("exitCode") == 0 for c in cs) else "Failed"
@@ -1022,10 +1059,12 @@ class PodWorker:
             "phase": phase, "hostIP": HOST_IP, "hostIPs": [{"ip": HOST_IP}], "podIP": HOST_IP,
             "podIPs": [{"ip": HOST_IP}], "startTime": self.start_time,
             "conditions": [self.condition("PodReadyToStartContainers", self.prepared),
-                           self.condition("Initialized", True),
+                           self.condition("Initialized", self.initialized),
                            self.condition("ContainersReady", ready), self.condition("Ready", ready)],
             "containerStatuses": statuses,
         }
+        if self.inits:
+            status["initContainerStatuses"] = [self.container_status(r) for r in self.inits]
         if self.prepare_error and not self.prepared:
             status["message"] = self.prepare_error
         if status == self.last_status:

@@ -285,6 +285,35 @@ def test_service_account_token_is_mounted_at_the_fixed_path_and_authenticates(
     assert not os.path.exists(f"{sa_dir}/token")
 
 
+def test_init_containers_run_in_order_before_the_container_and_share_its_volumes(
+        testbed: Testbed, agent: Agent, namespace: str) -> None:
+    step = "import pathlib, sys; p = pathlib.Path('/data/steps'); p.write_text(p.read_text() + sys.argv[1] + ' ') if p.exists() else p.write_text(sys.argv[1] + ' ')"
+    # the second init container fails once (no marker yet), then succeeds: a restart with back-off
+    flaky = ("import pathlib, sys; m = pathlib.Path('/data/tried'); "
+             "sys.exit(0) if m.exists() else (m.write_text('x'), sys.exit(3))")
+    apply(testbed, namespace, {
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "inits"},
+        "spec": {**agent.placement(), "restartPolicy": "Always", "volumes": [{"name": "data", "emptyDir": {}}],
+                 "initContainers": [
+                     {"name": "one", "image": "python:3.11-slim", "command": ["python3", "-c", step, "one"],
+                      "volumeMounts": [{"name": "data", "mountPath": "/data"}]},
+                     {"name": "two", "image": "python:3.11-slim", "command": ["python3", "-c", flaky],
+                      "volumeMounts": [{"name": "data", "mountPath": "/data"}]}],
+                 "containers": [{
+                     "name": "app", "image": "python:3.11-slim",
+                     "command": ["python3", "-c", "import pathlib, time; print('saw', pathlib.Path('/data/steps')"
+                                 ".read_text(), flush=True); time.sleep(600)"],
+                     "volumeMounts": [{"name": "data", "mountPath": "/data"}]}]}})
+    p = wait_for(lambda: (p := pod(testbed, namespace, "inits")) and is_ready(p) and p, timeout=40,
+                 what="the pod Running after its init containers")
+    one, two = p["status"]["initContainerStatuses"]
+    assert one["state"]["terminated"]["reason"] == "Completed" and one["restartCount"] == 0
+    assert two["state"]["terminated"]["reason"] == "Completed" and two["restartCount"] == 1
+    assert two["lastState"]["terminated"]["exitCode"] == 3
+    assert any(c["type"] == "Initialized" and c["status"] == "True" for c in p["status"]["conditions"])
+    wait_for(lambda: "saw one" in agent.pod_log(namespace, "inits", "app"), timeout=10, what="the app's output")
+
+
 def test_liveness_failure_restarts_the_container(testbed: Testbed, agent: Agent, namespace: str) -> None:
     # healthy for the first two liveness probes, then 500 for ever: the agent must kill and restart it
     script = """
