@@ -350,6 +350,8 @@ http.server.HTTPServer(("127.0.0.1", int(os.environ["AFC_NODEAGENT_PORT_HEALTH"]
     assert "Unhealthy" in reasons and "Killing" in reasons
 
 
+@pytest.mark.kafka
+@pytest.mark.redis
 def test_statefulset_the_operator_renders_runs_afc_consumers(
         testbed: Testbed, agent: Agent, namespace: str, names, make_topic, redis_client) -> None:
     """The image mapping end to end: the operator's own StatefulSet (render.desired_objects),
@@ -406,6 +408,8 @@ def crd_properties(crd: dict[str, Any]) -> set[str]:
     return set(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"])
 
 
+@pytest.mark.kafka
+@pytest.mark.redis
 def test_operator_from_manifests_runs_as_a_pod_and_its_consumers_run_too(
         testbed: Testbed, agent: Agent, namespace: str, names, make_topic, redis_client) -> None:
     """The install path a user takes: `kubectl kustomize manifests/` (ServiceAccount, Role,
@@ -510,6 +514,34 @@ def test_a_killed_agent_leaves_processes_that_its_successor_kills_and_replaces(
     finally:
         first.kill()
         testbed.run_kubectl("delete", "node", node, "--ignore-not-found", check=False)
+
+
+def test_without_a_mount_namespace_path_env_points_at_the_volumes_host_copy(
+        testbed: Testbed, namespace: str, tmp_path: Path) -> None:
+    """The documented fallback (--no-mount-ns, or not root): no private mounts, so env values
+    under a mountPath are rewritten to the volume's directory on the host."""
+    node = f"na-{uuid.uuid4().hex[:6]}"
+    with Agent(node, tmp_path / "state", tmp_path / "agent.log", testbed.kubeconfig, taint=True,
+               args=["--no-mount-ns"]) as a:
+        assert "mountns=False" in a.log_path.read_text()
+        apply(testbed, namespace,
+              {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cfg"}, "data": {"color": "green"}},
+              {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "plain"},
+               "spec": {**a.placement(), "restartPolicy": "Never",
+                        "volumes": [{"name": "cfg", "configMap": {"name": "cfg"}}],
+                        "containers": [{
+                            "name": "app", "image": "python:3.11-slim",
+                            "command": ["python3", "-c", "import os; print('path', os.environ['COLOR_FILE']); "
+                                        "print('color', open(os.environ['COLOR_FILE']).read())"],
+                            "env": [{"name": "COLOR_FILE", "value": "/etc/na-fallback/color"}],
+                            "volumeMounts": [{"name": "cfg", "mountPath": "/etc/na-fallback"}]}]}})
+        p = wait_for(lambda: (p := pod(testbed, namespace, "plain")) and p["status"].get("phase") in
+                     ("Succeeded", "Failed") and p, timeout=40, what="the pod to finish")
+        out = a.pod_log(namespace, "plain", "app")
+        assert p["status"]["phase"] == "Succeeded", out
+        assert "color green" in out and f"path {a.state_dir}" in out
+        assert not os.path.exists("/etc/na-fallback")  # nothing made on the host's fixed paths
+    assert not na.agent_processes(node)
 
 
 def test_env_expansion_and_port_rewriting_follow_kubernetes() -> None:
