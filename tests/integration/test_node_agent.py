@@ -544,6 +544,21 @@ def test_without_a_mount_namespace_path_env_points_at_the_volumes_host_copy(
     assert not na.agent_processes(node)
 
 
+def test_the_agent_runs_in_process_as_a_context_manager(testbed: Testbed, namespace: str, tmp_path: Path) -> None:
+    node = f"na-{uuid.uuid4().hex[:6]}"
+    taint = {"key": Agent.TAINT_KEY, "value": node, "effect": "NoSchedule"}
+    with na.NodeAgent(testbed.kubeconfig, node, tmp_path / "state", taints=[taint]) as agent_:
+        apply(testbed, namespace, {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "once"}, "spec": {
+            "nodeSelector": {"kubernetes.io/hostname": node}, "restartPolicy": "OnFailure",
+            "tolerations": [{**taint, "operator": "Equal"}],
+            "containers": [{"name": "app", "image": "python:3.11-slim", "command": ["python3", "-c", "print('done')"]}]}})
+        p = wait_for(lambda: (p := pod(testbed, namespace, "once")) and p["status"].get("phase") == "Succeeded" and p,
+                     timeout=40, what="the pod Succeeded")
+        assert p["status"]["containerStatuses"][0]["state"]["terminated"]["reason"] == "Completed"
+        assert agent_.log_path(namespace, "once", "app").read_text() == "done\n"
+    assert testbed.run_kubectl("get", "node", node, check=False).returncode != 0
+
+
 def test_env_expansion_and_port_rewriting_follow_kubernetes() -> None:
     env = {"A": "x", "PORT": "1"}
     assert na.expand("$(A)-$(B)-$$(A)-$$", env) == "x-$(B)-$(A)-$"
