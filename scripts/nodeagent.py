@@ -24,7 +24,7 @@ agent's kubeconfig, the mapped image's env, `--env` extras, then `envFrom` and `
 (literal values, downward-API fieldRef/resourceFieldRef, ConfigMap and Secret keys).
 
 Files at fixed paths: each container runs in a private mount namespace (unshare(CLONE_NEWNS)
-in a small exec helper, root needed), where the pod's volumes are bind-mounted at their
+in a small exec helper; root with CAP_SYS_ADMIN, tried at start), where the pod's volumes are bind-mounted at their
 mountPaths: configMap, secret, downwardAPI, emptyDir, hostPath and projected volumes
 (serviceAccountToken via a TokenRequest bound to the pod, so the admission-injected
 `kube-api-access-*` volume puts token, ca.crt and namespace at
@@ -241,6 +241,20 @@ def _exec(spec: dict[str, Any]) -> None:
     except OSError as e:
         print(f"nodeagent: exec {argv[0]}: {e}", file=sys.stderr, flush=True)
         os._exit(127)
+
+
+def mountns_available() -> bool:
+    """Whether this process may make private mount namespaces (root with CAP_SYS_ADMIN),
+    tried in a child so that nothing here changes."""
+    r = subprocess.run([sys.executable, "-I", "-S", str(HERE), "--probe-mountns"], capture_output=True, timeout=30)
+    return r.returncode == 0
+
+
+def probe_mountns() -> int:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(CLONE_NEWNS) != 0:
+        return 1
+    return 0 if libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) == 0 else 1
 
 
 # --------------------------------------------------------------------------- API client
@@ -1111,7 +1125,7 @@ class NodeAgent:
         self.backoff_initial_s, self.backoff_max_s, self.backoff_reset_s = backoff_initial_s, backoff_max_s, backoff_reset_s
         self.image_map = list(image_map or []) + default_image_map(venv_bin)
         self.extra_env = dict(extra_env or {})
-        self.mountns = (os.geteuid() == 0) if mountns is None else mountns
+        self.mountns = mountns_available() if mountns is None else mountns
         self.keep_node, self.venv_bin = keep_node, venv_bin
         self.tick_s, self.stop_grace_s, self.ready_timeout_s = tick_s, stop_grace_s, ready_timeout_s
         self.volume_sync_s = 10.0
@@ -1489,6 +1503,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--exec-container"]:
         exec_container(argv[1])
         return 127
+    if argv[:1] == ["--probe-mountns"]:
+        return probe_mountns()
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"))
