@@ -228,6 +228,25 @@ def test_statefulset_runs_through_scheduler_and_scales_to_zero_with_sigterm(
     assert took < 10, f"graceful stop took {took:.1f}s: the processes exit on SIGTERM at once"
 
 
+def test_a_process_that_ignores_sigterm_is_killed_after_the_grace_period(
+        testbed: Testbed, agent: Agent, namespace: str) -> None:
+    script = ("import signal, time; signal.signal(signal.SIGTERM, lambda *a: print('ignoring SIGTERM', flush=True)); "
+              "print('up', flush=True); time.sleep(600)")
+    apply(testbed, namespace, {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "stubborn"}, "spec": {
+        **agent.placement(), "terminationGracePeriodSeconds": 3,
+        "containers": [{"name": "app", "image": "python:3.11-slim", "command": ["python3", "-c", script]}]}})
+    p = wait_for(lambda: (p := pod(testbed, namespace, "stubborn")) and is_ready(p) and p, timeout=40, what="Ready")
+    uid = p["metadata"]["uid"]
+    wait_for(lambda: "up" in agent.pod_log(namespace, "stubborn", "app"), timeout=10, what="the process up")
+    t0 = time.monotonic()
+    testbed.run_kubectl("delete", "pod", "-n", namespace, "stubborn", "--wait=false")
+    wait_for(lambda: pod(testbed, namespace, "stubborn") is None, timeout=20, what="the pod gone")
+    took = time.monotonic() - t0
+    assert "ignoring SIGTERM" in agent.pod_log(namespace, "stubborn", "app")
+    assert 2.5 <= took < 8, f"deletion took {took:.1f}s for a 3 s grace period"
+    assert not agent.processes(uid)
+
+
 def test_crashing_container_goes_into_crash_loop_back_off(testbed: Testbed, agent: Agent, namespace: str) -> None:
     apply(testbed, namespace, {
         "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "crash"},
