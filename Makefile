@@ -25,6 +25,14 @@ testbed-clean:
 testbed-status:
 	$(TESTBED) status
 
+# The test bed's node agent (a kubelet stand-in, scripts/nodeagent.py), in the foreground:
+# registers Node $(NODE) and runs the pods bound to it as local processes; Ctrl-C stops them.
+.PHONY: node-agent
+NODE ?= afc-node-1
+NODE_AGENT_ARGS ?=
+node-agent: testbed
+	set -a; source .testbed/env; set +a; $(PY) -P scripts/nodeagent.py --node $(NODE) $(NODE_AGENT_ARGS)
+
 test: testbed
 	set -a; source .testbed/env; set +a; $(PYTEST) $(PYTEST_ARGS)
 
