@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -189,6 +190,14 @@ class Observer:
     def rebalances_between(self, t0: float, t1: float) -> int:
         return sum(1 for ts, _ in self.generations if t0 <= ts <= t1)
 
+    def generation_at(self, t: float) -> int | None:
+        before = [g for ts, g in self.generations if ts <= t]
+        return before[-1] if before else None
+
+    def quiet_since(self) -> float:
+        """Seconds since the group's last completed rebalance (from the broker's log)."""
+        return time.time() - self.generations[-1][0] if self.generations else float("inf")
+
     def snapshot(self, partitions: int) -> Snapshot:
         s = Snapshot(time.time())
         ac = get_json("adaptiveconsumer", self.name, "-n", self.ns) or {}
@@ -204,10 +213,10 @@ class Observer:
                 s.rolling = f"{c.get('reason')}: {c.get('message', '')}"[:120]
         high = self._high(self.topic, partitions)
         try:
-            from kafka.structs import TopicPartition as KTP
-            offsets = self.admin.list_consumer_group_offsets(self.group)
-            committed = {tp.partition: o.offset for tp, o in offsets.items()
-                         if isinstance(tp, KTP) and tp.topic == self.topic and o.offset >= 0}
+            from kafka import TopicPartition as KTP
+            offsets = self.admin.list_group_offsets(
+                {self.group: [KTP(self.topic, p) for p in range(partitions)]})[self.group]
+            committed = {tp.partition: o.offset for tp, o in offsets.items() if o.offset >= 0}
         except Exception:  # noqa: BLE001 - the group may not exist yet
             committed = {}
         s.partition_lag = {p: h - committed.get(p, 0) for p, h in high.items()}
@@ -223,6 +232,8 @@ class Observer:
         s.applied = int(self.redis.hlen(self.hash))
         evs = (get_json("events", "-n", self.ns, "--field-selector", f"involvedObject.name={self.name}") or {}).get("items", [])
         for e in sorted(evs, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or ""):
+            if (e.get("involvedObject") or {}).get("kind") not in ("AdaptiveConsumer", "StatefulSet"):
+                continue            # the Service's EndpointSlice churn is the control plane's, not ours
             key = e["metadata"]["uid"] + str(e.get("count"))
             if key not in self.seen_events:
                 self.seen_events.add(key)
@@ -339,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--partitions", type=int, default=8)
     a = ap.parse_args(argv)
     plain = a.plain or not sys.stdout.isatty()
+    started = time.monotonic()
     bootstrap, redis_url = os.environ["AFC_KAFKA_BOOTSTRAP"], os.environ["AFC_REDIS_URL"]
     state = Path(os.environ.get("AFC_TESTBED_DIR", ROOT / ".testbed"))
     run = f"demo-{uuid.uuid4().hex[:6]}"
@@ -373,21 +385,28 @@ def main(argv: list[str] | None = None) -> int:
         top = wait("the operator scaling up by lag", lambda: (s := obs.prev) and (s.desired or 0) > 1 and s.desired, 180, tick)
         view.check(True, f"scaled up by lag: 1 -> {top} replicas (DrainTime)")
         wait(f"{top} consumers ready", lambda: _ready_pods(ns, pods) >= top, 180, tick)
+        wait("the group settled (no rebalance for 5 s)", lambda: obs.quiet_since() > 5, 120, tick)
         view.say("changing the spec while the backlog drains: a rollout, pod by pod")
-        gen0 = obs.generations[-1][1] if obs.generations else None
         t0 = time.time()
         kubectl("patch", "adaptiveconsumer", name, "-n", ns, "--type=merge",
                 "-p", json.dumps({"spec": {"podTemplate": {"labels": {"demo.afc.dev/revision": "2"}}}}))
         wait("every pod on the new revision and ready", lambda: _rolled(ns, name), 300, tick)
         t1 = time.time()
         during = obs.rebalances_between(t0, t1)
-        view.check(during == 0, f"rollout of {top} pods with {during} rebalances (group generation "
-                                f"{gen0} -> {obs.generations[-1][1] if obs.generations else None})")
+        view.check(during == 0, f"rollout of {top} pods in {t1 - t0:.0f} s with {during} rebalances (group "
+                                f"generation {obs.generation_at(t0)} before, {obs.generation_at(t1)} after)")
+        victims = [p for p in agent.processes() if _is_consumer(p)]
+        killed = ""
+        if victims and obs.prev is not None and obs.prev.applied < a.orders:
+            os.kill(victims[0], signal.SIGKILL)
+            killed = " after a SIGKILL of one consumer process"
+            view.say(f"SIGKILL to consumer process {victims[0]} mid-stream (its pod's container restarts, same identity)")
         view.say("letting the backlog drain")
         wait("every order applied", lambda: (obs.prev and obs.prev.applied >= a.orders), 600, tick)
         dups = sum(1 for v in obs.redis.hvals(applied_hash) if int(v) > 1)
         view.check(dups == 0 and obs.prev is not None and obs.prev.applied == a.orders,
-                   f"every order applied exactly once: {obs.prev.applied:,} of {a.orders:,}, {dups} applied twice")
+                   f"every order applied exactly once{killed}: {obs.prev.applied:,} of {a.orders:,}, "
+                   f"{dups} applied twice")
         view.say("backlog drained: waiting for the scale-down and the hand-off")
         low = wait("the operator scaling down", lambda: (s := obs.prev) and s.desired is not None and s.desired < top
                    and _ready_pods(ns, pods) == s.desired and s.desired, 240, tick)
@@ -417,7 +436,8 @@ def main(argv: list[str] | None = None) -> int:
         except Exception:  # noqa: BLE001 - best effort
             pass
         view.stop()
-    print(f"demo: {'PASS' if ok else 'FAIL'} ({sum(c for c, _ in view.checks)}/{len(view.checks)} checks)")
+    print(f"demo: {'PASS' if ok else 'FAIL'} ({sum(c for c, _ in view.checks)}/{len(view.checks)} checks, "
+          f"{time.monotonic() - started:.0f} s)")
     return 0 if ok else 1
 
 
