@@ -127,7 +127,7 @@ def groups(overrides: dict[str, Any] | None = None) -> list[dict[str, Any]]:
                f"sum by ({BY}) (rate(afc_idempotency_store_errors_total[{p['store_error_window']}])) > 0",
                p["store_for"], PAGE, "Idempotency store (Redis) unavailable",
                f"Calls of AdaptiveConsumer {WHERE} to its idempotency store keep failing "
-               f"({{{{ $value | humanize }}}}/s): its partitions are paused and /readyz answers 503 until Redis "
+               f"({{{{ printf \"%.2f\" $value }}}} per second): its partitions are paused and /readyz answers 503 until Redis "
                f"answers again."),
         _alert(p, "AfcIdempotencyStoreEvicting", f"max by ({BY}) (afc_idempotency_store_evicting) == 1",
                p["store_evicting_for"], NOTIFY, "Idempotency store may evict done marks",
