@@ -2,9 +2,7 @@
 alert unit-tested (fires / stays quiet) and documented in docs/runbook.md."""
 from __future__ import annotations
 
-import importlib.util
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -12,33 +10,12 @@ from typing import Any
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-MON = ROOT / "manifests" / "monitoring"
+from prometheus_bed import MON, ROOT, alerts, gen, promtool
+
 RULES = MON / "rules" / "afc-alerts.rules.yaml"
 PROM_RULE = MON / "prometheus-rule" / "prometheusrule.yaml"
 PROMTOOL_TESTS = Path(__file__).resolve().parent / "monitoring" / "alerts.test.yaml"
 RUNBOOK = ROOT / "docs" / "runbook.md"
-
-
-def load_generator() -> Any:
-    spec = importlib.util.spec_from_file_location("afc_monitoring_generate", MON / "generate.py")
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-gen = load_generator()
-
-
-def promtool() -> str:
-    exe = shutil.which("promtool")
-    assert exe, "promtool missing: run scripts/install-deps.sh (Debian package prometheus)"
-    return exe
-
-
-def alerts(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [r for g in groups for r in g["rules"] if "alert" in r]
 
 
 def test_checked_in_files_equal_a_fresh_generation() -> None:
