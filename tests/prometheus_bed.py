@@ -7,6 +7,7 @@ import importlib.util
 import json
 import shutil
 import subprocess
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -111,8 +112,16 @@ class PrometheusBed:
     def alerts(self, state: str | None = None) -> list[dict[str, Any]]:
         return [a for a in self.api("alerts")["alerts"] if state is None or a["state"] == state]
 
-    def targets_up(self) -> dict[str, str]:
-        return {t["scrapeUrl"]: t["health"] for t in self.api("targets")["activeTargets"]}
+    def targets(self) -> dict[str, str]:
+        """scrape URL -> "up", or "<health>: <last error>"."""
+        return {t["scrapeUrl"]: t["health"] if t["health"] == "up" else f'{t["health"]}: {t["lastError"]}'
+                for t in self.api("targets")["activeTargets"]}
+
+    def wait_targets_up(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while (last := self.targets()) and set(last.values()) != {"up"}:
+            assert time.monotonic() < deadline, f"targets not all up after {timeout}s: {last}"
+            time.sleep(0.5)
 
     def log_tail(self, n: int = 30) -> str:
         try:

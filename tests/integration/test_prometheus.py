@@ -21,14 +21,15 @@ import pytest
 import yaml
 
 from afc.operator.testing import OperatorProcess, delete_consumers, mark_pods_ready
-from afctest import ROOT, ConsumerProcess, Testbed, free_port, wait_for
+from afctest import ROOT, ConsumerProcess, PrivateRedis, Testbed, free_port, wait_for
 from prometheus_bed import PrometheusBed, alerts, gen
 
 pytestmark = [pytest.mark.k8s, pytest.mark.kafka, pytest.mark.redis]
 
 SAMPLE = ROOT / "manifests" / "samples" / "afc_v1alpha1_adaptiveconsumer.yaml"
 # the integration run's overrides: a poison window Prometheus can fill within the test
-FAST = {"poison_window": "30s", "poison_records": 10, "poison_for": "0s"}
+FAST = {"poison_window": "30s", "poison_records": 10, "poison_for": "0s", "store_error_window": "10s",
+        "store_for": "2s", "member_down_for": "2s"}
 
 
 def substitute(expr: str, namespace: str) -> str:
@@ -87,7 +88,11 @@ class Feed:
         self.server_thread.join(10)
 
 
-def test_dashboard_queries_have_data_and_a_poison_flood_fires_the_alert(
+def firing(prom: PrometheusBed, name: str) -> list[dict[str, Any]]:
+    return [a for a in prom.alerts("firing") if a["labels"]["alertname"] == name]
+
+
+def test_dashboard_queries_have_data_and_the_alerts_fire(
         testbed: Testbed, operator: OperatorProcess, core, namespace: str, names, make_topic, redis_client,
         tmp_path: Path) -> None:
     topic = make_topic("orders", partitions=3)
@@ -97,18 +102,17 @@ def test_dashboard_queries_have_data_and_a_poison_flood_fires_the_alert(
     obj["spec"].update(replicas=1, minReplicas=1, maxReplicas=3,
                        scaling={"mode": "Lag", "pollIntervalS": 1, "lagThresholdPerReplica": 100000})
     testbed.run_kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(obj))
-    wait_for(lambda: mark_pods_ready(core, namespace, "app.kubernetes.io/instance=orders") or
-             core.list_namespaced_pod(namespace).items, 30, what="the operator's pod orders-0")
 
     rules = tmp_path / "rules" / "afc-alerts.rules.yaml"
     assert gen.main(["--out", str(tmp_path), *[f"--set={k}={v}" for k, v in FAST.items()]]) == 0
     poison_rule = next(a for a in alerts(yaml.safe_load(rules.read_text())["groups"]) if a["alert"] == "AfcPoisonRecords")
     assert "[30s]" in poison_rule["expr"] and "for" not in poison_rule
 
+    store = PrivateRedis(tmp_path / "redis").start()    # the consumer's idempotency store, to be stopped
     c = ConsumerProcess(testbed, [topic], names.group, "afc_test_handlers:scripted", tmp_path / "orders-0.log",
                         instance_id="orders-0", redis_prefix=names.redis_prefix,
                         env={"AFC_TEST_HASH": f"{names.redis_prefix}runs", "AFC_ROUTING__BACKOFF_INITIAL_MS": "200",
-                             "AFC_ROUTING__BACKOFF_MAX_MS": "400"}).start()
+                             "AFC_ROUTING__BACKOFF_MAX_MS": "400", "AFC_IDEMPOTENCY__REDIS_URL": store.url}).start()
     try:
         c.wait_ready()
         with Feed(testbed, topic, names.group, prefix) as feed, PrometheusBed(
@@ -118,7 +122,7 @@ def test_dashboard_queries_have_data_and_a_poison_flood_fires_the_alert(
                  "afc-operator": [(f"127.0.0.1:{operator.metrics_port}", {})],  # type: ignore[attr-defined]
                  "afc-producers": [(f"127.0.0.1:{feed.port}", {"namespace": namespace, "pod": "producer-0"})]},
                 rule_files=[rules], honor_labels=("afc-operator",)) as prom:
-            wait_for(lambda: set(prom.targets_up().values()) == {"up"}, 30, 0.5, "all three targets up")
+            prom.wait_targets_up(60)
             # the normal run: good records, and one that fails for good (dead-lettered)
             feed.one(json.dumps({"fail": "always"}).encode())
 
@@ -126,6 +130,7 @@ def test_dashboard_queries_have_data_and_a_poison_flood_fires_the_alert(
             empty: list[tuple[str, str]] = []
 
             def all_have_data() -> bool:
+                # no kubelet: report the StatefulSet's pod ready once the controller made it
                 mark_pods_ready(core, namespace, "app.kubernetes.io/instance=orders")
                 empty[:] = [(t, q) for t, q in queries if not prom.query(q)]
                 return not empty
@@ -147,11 +152,8 @@ def test_dashboard_queries_have_data_and_a_poison_flood_fires_the_alert(
             t0 = time.monotonic()
             for _ in range(40):
                 feed.one(b"\xff not json either")
-            firing: list[dict[str, Any]] = wait_for(
-                lambda: [a for a in prom.alerts("firing") if a["labels"]["alertname"] == "AfcPoisonRecords"],
-                60, 1, "AfcPoisonRecords firing in /api/v1/alerts")
+            (a,) = wait_for(lambda: firing(prom, "AfcPoisonRecords"), 60, 1, "AfcPoisonRecords firing in /api/v1/alerts")
             print(f"AfcPoisonRecords firing {time.monotonic() - t0:.1f}s after the flood")
-            (a,) = firing
             assert a["labels"] == {"alertname": "AfcPoisonRecords", "severity": "warning", "component": "afc",
                                    "namespace": namespace, "adaptiveconsumer": "orders"}
             assert float(a["value"]) > 10
@@ -159,5 +161,28 @@ def test_dashboard_queries_have_data_and_a_poison_flood_fires_the_alert(
             assert a["annotations"]["runbook_url"].endswith("docs/runbook.md#afcpoisonrecords")
             poison = prom.query(f'afc_poison_records_total{{namespace="{namespace}"}}')
             assert float(poison[0]["value"][1]) >= 43
+
+            # the idempotency store goes away: paged within the (shortened) window, and back
+            assert not firing(prom, "AfcIdempotencyStoreUnavailable")
+            t0 = time.monotonic()
+            store.stop()
+            (a,) = wait_for(lambda: firing(prom, "AfcIdempotencyStoreUnavailable"), 60, 1,
+                            "AfcIdempotencyStoreUnavailable firing")
+            print(f"AfcIdempotencyStoreUnavailable firing {time.monotonic() - t0:.1f}s after Redis stopped")
+            assert a["labels"]["severity"] == "critical" and a["labels"]["adaptiveconsumer"] == "orders"
+            store.start()
+            wait_for(lambda: c.http("/readyz")[0] == 200, 60, 0.5, "the consumer ready again once Redis is back")
+            wait_for(lambda: not firing(prom, "AfcIdempotencyStoreUnavailable"), 60, 1, "the store alert resolved")
+
+            # the member goes away
+            assert not firing(prom, "AfcConsumerMemberDown")
+            assert c.stop() == 0, c.log_tail()
+            t0 = time.monotonic()
+            (a,) = wait_for(lambda: firing(prom, "AfcConsumerMemberDown"), 30, 1, "AfcConsumerMemberDown firing")
+            print(f"AfcConsumerMemberDown firing {time.monotonic() - t0:.1f}s after the member stopped")
+            assert {k: a["labels"][k] for k in ("namespace", "adaptiveconsumer", "pod", "severity")} == {
+                "namespace": namespace, "adaptiveconsumer": "orders", "pod": "orders-0", "severity": "critical"}
     finally:
-        assert c.stop() == 0, c.log_tail()
+        code = c.stop()
+        store.stop()
+        assert code == 0, c.log_tail()

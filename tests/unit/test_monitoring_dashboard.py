@@ -178,17 +178,21 @@ def kubectl() -> str:
     return exe
 
 
-def test_kustomize_components_build(tmp_path: Path) -> None:
+def build(tmp_path: Path, **extra: Any) -> dict[tuple[str, str], dict[str, Any]]:
     overlay = tmp_path / "overlay"
-    overlay.mkdir()
+    overlay.mkdir(exist_ok=True)
     (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
         "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "namespace": "monitoring",
         "resources": [os.path.relpath(ROOT / "manifests", overlay)],
-        "components": [os.path.relpath(MON, overlay)]}))
+        "components": [os.path.relpath(MON, overlay)], **extra}))
     r = subprocess.run([kubectl(), "kustomize", str(overlay), "--load-restrictor", "LoadRestrictionsNone"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    objs = {(o["kind"], o["metadata"]["name"]): o for o in yaml.safe_load_all(r.stdout)}
+    return {(o["kind"], o["metadata"]["name"]): o for o in yaml.safe_load_all(r.stdout)}
+
+
+def test_kustomize_components_build(tmp_path: Path) -> None:
+    objs = build(tmp_path)
     rule = objs[("PrometheusRule", "afc-alerts")]
     assert rule["spec"]["groups"] == yaml.safe_load((MON / "rules" / "afc-alerts.rules.yaml").read_text())["groups"]
     cm = objs[("ConfigMap", "afc-dashboard")]
@@ -219,3 +223,12 @@ def test_scrape_targets_match_what_the_operator_renders() -> None:
     dep = yaml.safe_load((ROOT / "manifests" / "manager" / "deployment.yaml").read_text())
     op_ports = {p["name"] for p in dep["spec"]["template"]["spec"]["containers"][0]["ports"]}
     assert "metrics" in op_ports and dep["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+
+
+def test_the_documented_kustomize_patch_overrides_a_threshold(tmp_path: Path) -> None:
+    doc = (ROOT / "docs" / "observability.md").read_text()
+    patch = yaml.safe_load(re.search(r"```yaml\n(patches:\n.*?)```", doc, re.S).group(1))["patches"]
+    rule = build(tmp_path, patches=patch)[("PrometheusRule", "afc-alerts")]
+    lag = rule["spec"]["groups"][0]["rules"][0]
+    assert lag["alert"] == "AfcConsumerLagHigh" and lag["expr"].endswith("> 200000")
+    assert lag["expr"].replace("200000", "50000") == gen.groups()[0]["rules"][0]["expr"]
