@@ -142,6 +142,12 @@ def test_dashboard_queries_have_data_and_the_alerts_fire(
                 values = prom.api("label/" + label + "/values", **{"match[]": series})
                 assert values == [namespace if label == "namespace" else "orders"], (var["name"], values)
 
+            # every rule loaded and evaluated without error against the real series, none firing in a normal run
+            loaded = [r for g in prom.api("rules")["groups"] for r in g["rules"]]
+            assert sorted(r["name"] for r in loaded) == sorted(a["alert"] for a in alerts(gen.groups()))
+            assert [(r["name"], r.get("lastError")) for r in loaded if r["health"] != "ok"] == []
+            assert prom.alerts("firing") == []
+
             # quiet while poison stays under the threshold (the evaluation runs every second)
             for _ in range(3):
                 feed.one(b"{not json")
