@@ -17,6 +17,7 @@ need mvn maven
 need ss iproute2
 need curl curl
 need unzip unzip
+need promtool prometheus  # prometheus + promtool: the monitoring rules' tests (manifests/monitoring)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "error: missing Debian packages: ${missing[*]}; run: sudo apt-get install -y ${missing[*]}" >&2
@@ -25,8 +26,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "installing Debian packages: ${missing[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  # Debian starts redis and etcd as services on their default ports; the test bed runs its own.
-  for svc in redis-server etcd; do service "$svc" stop >/dev/null 2>&1 || true; done
+  # Debian starts redis, etcd and prometheus as services on their default ports; the test bed
+  # and the tests run their own.
+  for svc in redis-server etcd prometheus prometheus-node-exporter; do service "$svc" stop >/dev/null 2>&1 || true; done
 fi
 
 # Go >= 1.24 builds Kubernetes 1.33. Without one, fetch the official toolchain module
