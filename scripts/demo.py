@@ -155,7 +155,10 @@ class Observer:
         self.redis = redis.Redis.from_url(redis_url)
         self.broker_log, self.log_offset = broker_log, broker_log.stat().st_size if broker_log.exists() else 0
         self.gen_pattern = re.compile(GROUP_LINE.format(g=re.escape(group)) + r"\b")
+        self.join_pattern = re.compile(r"Static member with groupInstanceId=(\S+) and unknown member id joins "
+                                       rf"group {re.escape(group)}\b")
         self.generations: list[tuple[float, int]] = []
+        self.rejoins: list[tuple[float, str]] = []     # (time, group.instance.id): a static member (re)joined
         self.prev: Snapshot | None = None
         self.seen_events: set[str] = set()
 
@@ -182,10 +185,15 @@ class Observer:
         cut = chunk.rfind(b"\n") + 1
         self.log_offset += cut
         for line in chunk[:cut].decode(errors="replace").splitlines():
-            m = self.gen_pattern.search(line)
-            if m and line.startswith("["):
+            if not line.startswith("["):
+                continue
+            m, j = self.gen_pattern.search(line), self.join_pattern.search(line)
+            if m or j:
                 ts = datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f").timestamp()
-                self.generations.append((ts, int(m.group(1))))
+                if m:
+                    self.generations.append((ts, int(m.group(1))))
+                else:
+                    self.rejoins.append((ts, j.group(1)))
 
     def rebalances_between(self, t0: float, t1: float) -> int:
         return sum(1 for ts, _ in self.generations if t0 <= ts <= t1)
@@ -343,6 +351,39 @@ def produce(bootstrap: str, topic: str, run: str, n: int) -> None:
         raise RuntimeError("orders not all delivered")
 
 
+class Trickle:
+    """Orders at a steady rate in a thread (during the rollout: consumption must go on)."""
+
+    def __init__(self, bootstrap: str, topic: str, prefix: str, per_second: float) -> None:
+        import threading
+        self.bootstrap, self.topic, self.prefix, self.per_second = bootstrap, topic, prefix, per_second
+        self.sent = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="trickle", daemon=True)
+
+    def start(self) -> "Trickle":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        from confluent_kafka import Producer
+        p = Producer({"bootstrap.servers": self.bootstrap, "linger.ms": 5, "enable.idempotence": True})
+        while not self._stop.wait(1 / self.per_second):
+            oid = f"{self.prefix}-{self.sent}"
+            p.produce(self.topic, key=oid.encode(), value=json.dumps({"id": oid, "amount": 1}).encode(),
+                      headers=[("idempotency-key", oid.encode())])
+            self.sent += 1
+            p.poll(0)
+        if p.flush(30):
+            raise RuntimeError("trickle orders not all delivered")
+
+    def stop(self) -> int:
+        """Stop and return how many orders were sent (all delivered)."""
+        self._stop.set()
+        self._thread.join(60)
+        return self.sent
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="afc end to end on the local test bed")
     ap.add_argument("--plain", action="store_true", help="plain lines even on a terminal")
@@ -385,27 +426,34 @@ def main(argv: list[str] | None = None) -> int:
         top = wait("the operator scaling up by lag", lambda: (s := obs.prev) and (s.desired or 0) > 1 and s.desired, 180, tick)
         view.check(True, f"scaled up by lag: 1 -> {top} replicas (DrainTime)")
         wait(f"{top} consumers ready", lambda: _ready_pods(ns, pods) >= top, 180, tick)
-        wait("the group settled (no rebalance for 5 s)", lambda: obs.quiet_since() > 5, 120, tick)
-        view.say("changing the spec while the backlog drains: a rollout, pod by pod")
-        t0 = time.time()
-        kubectl("patch", "adaptiveconsumer", name, "-n", ns, "--type=merge",
-                "-p", json.dumps({"spec": {"podTemplate": {"labels": {"demo.afc.dev/revision": "2"}}}}))
-        wait("every pod on the new revision and ready", lambda: _rolled(ns, name), 300, tick)
-        t1 = time.time()
-        during = obs.rebalances_between(t0, t1)
-        view.check(during == 0, f"rollout of {top} pods in {t1 - t0:.0f} s with {during} rebalances (group "
-                                f"generation {obs.generation_at(t0)} before, {obs.generation_at(t1)} after)")
         victims = [p for p in agent.processes() if _is_consumer(p)]
         killed = ""
         if victims and obs.prev is not None and obs.prev.applied < a.orders:
             os.kill(victims[0], signal.SIGKILL)
             killed = " after a SIGKILL of one consumer process"
             view.say(f"SIGKILL to consumer process {victims[0]} mid-stream (its pod's container restarts, same identity)")
+        wait("the group settled (no rebalance for 5 s)", lambda: obs.quiet_since() > 5, 120, tick)
+        view.say("changing the spec while orders keep coming: a rollout, pod by pod")
+        trickle = Trickle(bootstrap, topic, f"{run}-t", per_second=50).start()
+        t0 = time.time()
+        kubectl("patch", "adaptiveconsumer", name, "-n", ns, "--type=merge",
+                "-p", json.dumps({"spec": {"podTemplate": {"labels": {"demo.afc.dev/revision": "2"}}}}))
+        wait("every pod on the new revision and ready", lambda: _rolled(ns, name), 300, tick)
+        # In the group, the rollout ends when the last restarted member rejoined (the broker's
+        # log): polling here is slower, and the scale-down (whose LeaveGroup does rebalance,
+        # by design) may follow within a second.
+        wait("every restarted member rejoined", lambda: len({i for ts, i in obs.rejoins if ts >= t0}) >= top, 60, tick)
+        t1 = max(ts for ts, _ in obs.rejoins if ts >= t0) + 0.5
+        total = a.orders + trickle.stop()
+        view.total = total
+        during = obs.rebalances_between(t0, t1)
+        view.check(during == 0, f"rollout of {top} pods in {t1 - t0:.0f} s with {during} rebalances (group "
+                                f"generation {obs.generation_at(t0)} before, {obs.generation_at(t1)} after)")
         view.say("letting the backlog drain")
-        wait("every order applied", lambda: (obs.prev and obs.prev.applied >= a.orders), 600, tick)
+        wait("every order applied", lambda: (obs.prev and obs.prev.applied >= total), 600, tick)
         dups = sum(1 for v in obs.redis.hvals(applied_hash) if int(v) > 1)
-        view.check(dups == 0 and obs.prev is not None and obs.prev.applied == a.orders,
-                   f"every order applied exactly once{killed}: {obs.prev.applied:,} of {a.orders:,}, "
+        view.check(dups == 0 and obs.prev is not None and obs.prev.applied == total,
+                   f"every order applied exactly once{killed}: {obs.prev.applied:,} of {total:,}, "
                    f"{dups} applied twice")
         view.say("backlog drained: waiting for the scale-down and the hand-off")
         low = wait("the operator scaling down", lambda: (s := obs.prev) and s.desired is not None and s.desired < top
