@@ -8,7 +8,7 @@ PYTEST := .venv/bin/pytest
 TESTBED := python3 scripts/testbed.py
 PYTEST_ARGS ?=
 
-.PHONY: deps testbed testbed-down testbed-clean testbed-status test unit demo bench bench-scaling bench-report soak crds pins
+.PHONY: deps testbed testbed-down testbed-clean testbed-status test unit demo demo-runtime bench bench-scaling bench-report soak crds pins
 
 deps:
 	bash scripts/install-deps.sh
@@ -39,7 +39,12 @@ test: testbed
 unit: deps
 	$(PYTEST) -m unit $(PYTEST_ARGS)
 
+# The mission end to end: node agent, operator from manifests/, autoscaling, a rollout, a
+# SIGKILL, scale-down (scripts/demo.py). The runtime alone: make demo-runtime.
 demo: testbed
+	set -a; source .testbed/env; set +a; $(PY) -P scripts/demo.py
+
+demo-runtime: testbed
 	set -a; source .testbed/env; set +a; $(PY) -P -m afc.runtime.demo
 
 bench: testbed
