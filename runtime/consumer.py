@@ -54,6 +54,13 @@ from .session import MARK_LINGER_S, Session
 log = logging.getLogger("afc.runtime.consumer")
 TOPIC_ID = "topic-id"          # pause reason: the topic's id is being looked up
 EXIT_FATAL = 3
+# Group membership as /readyz reports it: ready only while HOLDING. librdkafka calls the assign
+# callback after every rebalance (eager, cooperative and KIP-848 alike, an empty list included),
+# so every state below ends at the next assignment.
+JOINING = "joining"            # started, no assignment yet
+HOLDING = "holding"            # assigned (possibly nothing) and holding it
+REVOKING = "revoking"          # a revoke is being handled: the group is rebalancing around us
+LOST = "lost"                  # the group moved on without us (session timeout, fenced epoch)
 
 
 def kafka_config(s: RuntimeSettings, instance_id: str | None) -> dict[str, Any]:
@@ -125,7 +132,7 @@ class Runtime:
         self.parked: dict[int, Message] = {}          # their idempotency key is held elsewhere
         self.rechecking: set[int] = set()             # parked messages whose re-claim is in flight
         self._parked_logged = 0.0
-        self.member = False                           # in the group (assigned since the last loss)
+        self.membership = JOINING                     # see JOINING..LOST; only _set_membership changes it
         self.flow_state = "open"
         self.decode = DECODERS[settings.handler.decoder]
         self._handler = handler
@@ -360,10 +367,16 @@ class Runtime:
             assert self.loop is not None
             fut = self.loop.run_in_executor(None, self._describe_topics, sorted(ask))
             fut.add_done_callback(lambda f: self._post(("ids", f)))
-        self.member = True
+        self._set_membership(HOLDING, f"assigned {len(assigned)} partitions")
         self.metrics.rebalances.labels("assign").inc()
         self.metrics.assigned.set(len(self.parts))
         log.info("event=assigned partitions=%s total=%d", _fmt(tp for tp, _ in assigned), len(self.parts))
+
+    def _set_membership(self, to: str, why: str) -> None:
+        """The one writer of `membership` (the loop, from rebalance events): /readyz reads it."""
+        if to != self.membership:
+            log.info("event=membership from=%s to=%s why=\"%s\"", self.membership, to, why)
+            self.membership = to
 
     def _describe_topics(self, names: list[str]) -> dict[str, str | None]:
         """Topic ids (a thread of its own: an admin call, not a consumer call)."""
@@ -418,6 +431,7 @@ class Runtime:
         for tp in tps:
             if tp in self.parts:
                 self.parts[tp].revoking = True
+        self._set_membership(REVOKING, f"revoke of {len(tps)} partitions")
         bound = 0.0 if self.state in ("closing", "closed") else self._revoke_bound()
         self.revokes.append(Revoke(tps, reply, time.monotonic() + bound))
         log.info("event=revoking partitions=%s bound_s=%.1f", _fmt(tps), bound)
@@ -451,7 +465,7 @@ class Runtime:
         for p in self._forget(set(tps)):
             del self.parts[p.tp]
             self.paused.discard(p.tp)
-        self.member = False
+        self._set_membership(LOST, f"lost {len(tps)} partitions")
         self.metrics.rebalances.labels("lost").inc()
         self.metrics.assigned.set(len(self.parts))
         log.warning("event=lost partitions=%s", _fmt(tps))
@@ -1153,12 +1167,16 @@ class Runtime:
         return True, "ok"
 
     def readiness(self) -> tuple[bool, str]:
+        """Ready = a member of the group holding its assignment (and able to work on it): a
+        rolling update waits for this before it restarts the next member."""
         if self.fatal is not None:
             return False, f"fatal: {self.fatal}"
         if self.stopping:
             return False, "stopping"
-        if not self.member:
-            return False, "not a group member"
+        if self.membership != HOLDING:
+            return False, {JOINING: "joining the group: no assignment yet",
+                           REVOKING: "rebalancing: a revoke is being handled",
+                           LOST: "partitions lost: rejoining the group"}[self.membership]
         if self.session is not None and self.session.down_since is not None:
             return False, f"idempotency store down {time.monotonic() - self.session.down_since:.0f}s"
         if not self.parts:
