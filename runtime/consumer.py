@@ -378,7 +378,7 @@ class Runtime:
             log.info("event=membership from=%s to=%s why=\"%s\"", self.membership, to, why)
             self.membership = to
 
-    def _describe_topics(self, names: list[str]) -> dict[str, str | None]:
+    def _describe_topics(self, names: list[str], warn: bool = True) -> dict[str, str | None]:
         """Topic ids (a thread of its own: an admin call, not a consumer call)."""
         from confluent_kafka import TopicCollection
         from confluent_kafka.admin import AdminClient
@@ -388,8 +388,9 @@ class Runtime:
             try:
                 out[name] = str(fut.result(timeout=15).topic_id)
             except Exception as e:  # noqa: BLE001 - fall back to the name, and say so
-                log.warning("event=topic-id-unknown topic=%s error=\"%s\" detail=\"position keys use the name\"",
-                            name, str(e).replace('"', "'"))
+                if warn:
+                    log.warning("event=topic-id-unknown topic=%s error=\"%s\" detail=\"position keys use the name\"",
+                                name, str(e).replace('"', "'"))
                 out[name] = None
         return out
 
@@ -981,7 +982,17 @@ class Runtime:
             if self.s.routing.create_topics:
                 await asyncio.to_thread(ensure_routing_topics, self.s)
             self.router = TopicRouter(self.s, self.loop)
+        # The topic ids, looked up now rather than on the first assignment: a partition assigned
+        # before its topic's id is known is paused until it is, and that pause and resume cost a
+        # restarted member ~1 s of consumption in a rolling update (bench/rollout.py). Ids not
+        # found now (a topic created later) are still looked up on assignment.
+        ids = self.loop.run_in_executor(None, self._describe_topics,
+                                        sorted({*self.s.kafka.topics, *self.retry_topics}), False)
         self.consumer = await self.loop.run_in_executor(self._kafka, make)
+        try:
+            self.topic_ids.update({t: i for t, i in (await ids).items() if i is not None})
+        except Exception as e:  # noqa: BLE001 - the lookup on assignment covers it
+            log.warning("event=topic-id-prefetch-failed error=\"%s\"", str(e).replace('"', "'"))
         # Every record allocates a few objects that live for milliseconds; the default gen-0
         # threshold (700) then runs the collector hundreds of times a second. Collect less
         # often, and keep the long-lived start-up objects out of every collection.
