@@ -49,6 +49,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))  # appended, not prepended: our operator/ must not shadow the stdlib's
 log = logging.getLogger("bench.rollout")
 
 # -- the handler (runs inside afc-consumer: only the standard library at import) ----------
@@ -132,7 +134,8 @@ class RolloutResult:
     partition_seconds_stopped: float = 0.0
     peak_lag: int = 0
     lag_before_roll: int = 0
-    produced: int = 0
+    produced: int = 0                    # records in the topic (log-end offsets) after the producer stopped
+    delivered: int = 0                   # the producer's delivery reports without error
     handled_keys: int = 0
     duplicates: int = 0                  # handler runs beyond the first, summed over keys
     missing: int = 0
@@ -238,7 +241,15 @@ class Producer(threading.Thread):
         self.bootstrap, self.topic, self.partitions, self.rate = bootstrap, topic, partitions, rate
         self.halt = threading.Event()
         self.sent = 0
+        self.delivered = 0
+        self.failed = 0
         self.error: str | None = None
+
+    def _report(self, err: Any, _msg: Any) -> None:
+        if err is None:
+            self.delivered += 1
+        else:
+            self.failed += 1
 
     def run(self) -> None:
         from confluent_kafka import Producer as KProducer
@@ -249,7 +260,8 @@ class Producer(threading.Thread):
                 due = int((time.monotonic() - t0) * self.rate)
                 while self.sent < due:
                     try:
-                        p.produce(self.topic, value=b'{"n": %d}' % self.sent, partition=self.sent % self.partitions)
+                        p.produce(self.topic, value=b'{"n": %d}' % self.sent, partition=self.sent % self.partitions,
+                                  on_delivery=self._report)
                         self.sent += 1
                     except BufferError:
                         p.poll(0.05)
@@ -282,6 +294,16 @@ class LagSampler(threading.Thread):
                     self.samples.append((time.time(), lag))
                 except Exception as e:  # noqa: BLE001 - a missed sample is a gap in the series, not a failure
                     log.debug("event=lag-sample-failed error=%r", e)
+        finally:
+            c.close()
+
+    def log_end(self) -> int:
+        """Records in the topic: the sum of its log-end offsets."""
+        from confluent_kafka import Consumer, TopicPartition
+        c = Consumer({"bootstrap.servers": self.bootstrap, "group.id": self.group})
+        try:
+            return sum(c.get_watermark_offsets(TopicPartition(self.topic, p), timeout=10)[1]
+                       for p in range(self.partitions))
         finally:
             c.close()
 
@@ -458,9 +480,13 @@ def run_scenario(bootstrap: str, redis_url: str, cfg: RolloutConfig, logs: Path,
         for m in members:
             m.stop(cfg.stop_timeout_s)
         lag.join(10)
-    if producer.error:
-        res.errors.append(f"producer: {producer.error}")
-    res.produced = producer.sent
+    if producer.error or producer.failed:
+        res.errors.append(f"producer: {producer.error} ({producer.failed} delivery errors)")
+    res.delivered = producer.delivered
+    try:
+        res.produced = lag.log_end()
+    except Exception as e:  # noqa: BLE001
+        res.errors.append(f"log end: {e!r}")
     res.peak_lag = lag.peak(roll_t0, roll_t1)
     res.max_restart_s = max((r.restart_s for r in res.restarts), default=0.0)
     # Broker: the coordinator's lines for this group, before and during the roll.
@@ -488,7 +514,7 @@ def run_scenario(bootstrap: str, redis_url: str, cfg: RolloutConfig, logs: Path,
         res.handled_keys = len(runs)
         res.duplicates = sum(n - 1 for n in runs if n > 1)
         res.missing = max(0, res.produced - res.handled_keys)
-        keys = list(r.scan_iter(match=f"{prefix}:*", count=1000))
+        keys = [] if os.environ.get("AFC_ROLLOUT_KEEP") else list(r.scan_iter(match=f"{prefix}:*", count=1000))
         for k in range(0, len(keys), 1000):
             r.delete(*keys[k:k + 1000])
     finally:
