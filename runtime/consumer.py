@@ -127,7 +127,8 @@ class Runtime:
         self.metrics = RuntimeMetrics()
         self.ctl = FetchController(settings.flow)
         self.parts: dict[TP, Partition] = {}
-        self.paused: set[TP] = set()
+        self.paused: set[TP] = set()                  # what the Kafka thread was last told to pause
+        self.fresh: set[TP] = set()                   # assigned since the last tick: pause state unknown
         self.gate = KeyGate()
         self.parked: dict[int, Message] = {}          # their idempotency key is held elsewhere
         self.rechecking: set[int] = set()             # parked messages whose re-claim is in flight
@@ -285,19 +286,26 @@ class Runtime:
         c.commit(offsets=tps, asynchronous=True)
         return True
 
-    def _set_paused(self, pause: list[TP], resume: list[TP], seeks: list[tuple[TP, int]]) -> None:
-        """Kafka thread: pause, resume and seek the partitions that are still ours."""
+    def _set_paused(self, pause: list[TP], resume: list[TP], seeks: list[tuple[TP, int]],
+                    epochs: dict[TP, int]) -> None:
+        """Kafka thread: pause, resume and seek the partitions still held under the epoch the
+        loop computed this for. A pause computed before a revoke must not land on the same
+        partition assigned again (eager rebalances hand the same partitions back): the loop,
+        which no longer counts it paused, would never resume it."""
         c = self.consumer
         assert c is not None
         held = self._k_epochs
-        p = [TopicPartition(t, q) for t, q in pause if (t, q) in held]
-        p += [TopicPartition(t, q) for (t, q), _ in seeks if (t, q) in held and (t, q) not in pause]
+
+        def ours(tp: TP) -> bool:
+            return held.get(tp) == epochs.get(tp)
+        p = [TopicPartition(t, q) for t, q in pause if ours((t, q))]
+        p += [TopicPartition(t, q) for (t, q), _ in seeks if ours((t, q)) and (t, q) not in pause]
         if p:
             c.pause(p)
         for (t, q), off in seeks:
-            if (t, q) in held:
+            if ours((t, q)):
                 c.seek(TopicPartition(t, q, off))
-        r = [TopicPartition(t, q) for t, q in resume if (t, q) in held]
+        r = [TopicPartition(t, q) for t, q in resume if ours((t, q))]
         if r:
             c.resume(r)
 
@@ -363,6 +371,7 @@ class Runtime:
                 ask.add(tp[0])
             self.parts[tp] = part
         self.paused -= {tp for tp, _ in assigned}
+        self.fresh |= {tp for tp, _ in assigned}
         if ask:
             assert self.loop is not None
             fut = self.loop.run_in_executor(None, self._describe_topics, sorted(ask))
@@ -904,11 +913,15 @@ class Runtime:
             s = p.take_seek(nxt)
             if s is not None:
                 seeks.append((tp, s))
-        pause = sorted(want - self.paused)
-        resume = sorted(self.paused - want)
+        # A partition assigned since the last tick: librdkafka may still hold a pause of its
+        # previous assignment, so its state is sent explicitly either way.
+        fresh, self.fresh = self.fresh & set(self.parts), set()
+        pause = sorted((want - self.paused) | (want & fresh))
+        resume = sorted((self.paused - want) | (fresh - want))
         if pause or resume or seeks:
             self.paused = want
-            self._kop(self._set_paused, pause, resume, seeks, then="pause-op")
+            epochs = {tp: self.parts[tp].epoch for tp in (*pause, *resume, *(tp for tp, _ in seeks)) if tp in self.parts}
+            self._kop(self._set_paused, pause, resume, seeks, epochs, then="pause-op")
 
     def _maybe_fetch(self) -> None:
         if self.fetching or self.consumer is None or self.state in ("closing", "closed"):
