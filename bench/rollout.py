@@ -562,6 +562,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bootstrap", default=os.environ.get("AFC_KAFKA_BOOTSTRAP", "127.0.0.1:19092"))
     ap.add_argument("--redis-url", default=os.environ.get("AFC_REDIS_URL", "redis://127.0.0.1:19079/0"))
     a = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)   # cleanup (members, topic, keys) runs on SIGTERM too
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="ts=%(asctime)s level=%(levelname)s logger=%(name)s %(message)s")
     variants = [x for x in a.variants.split(",") if x]
@@ -609,6 +610,10 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(doc["goal"], indent=1))
     print(f"results: {a.out}")
     return 0 if all(g["met"] for g in doc["goal"]) else 1
+
+
+def _interrupt(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def table(scenarios: list[dict[str, Any]]) -> list[dict[str, Any]]:
