@@ -26,7 +26,9 @@ for until /readyz answers 200 (what a StatefulSet rolling update does; readiness
 
 Variants (`VARIANTS`): static (classic protocol, cooperative-sticky, `group.instance.id`),
 eager (dynamic, classic `range`), cooperative (dynamic, classic cooperative-sticky), kip848
-(static, `group.protocol=consumer`), kip848-dynamic. `run_scenario` is what
+(static, `group.protocol=consumer`), kip848-dynamic. Then static membership against its
+session timeout: 4 static members, a 10 s session, each restart delayed 3 s (back in time) and
+14 s (back too late, as a pod slower than its session). `run_scenario` is what
 tests/integration/test_rollout.py runs; `main` writes bench/results/rollout.json itself.
 """
 from __future__ import annotations
@@ -102,6 +104,7 @@ class RolloutConfig:
     settle_s: float = 4.0                # steady consumption before the roll, after the group settled
     tail_s: float = 4.0                  # steady consumption after the last restart
     min_ready_s: float = 0.0             # wait after a member is ready before the next (minReadySeconds)
+    restart_delay_s: float = 0.0         # between the exit and the new start (a pod's deletion, scheduling, pull)
     stall_s: float = 1.0                 # a gap longer than this counts as stopped (spacing ~50 ms)
     ready_timeout_s: float = 90.0
     stop_timeout_s: float = 40.0
@@ -123,6 +126,8 @@ class RolloutResult:
     variant: str
     members: int
     what: str = ""
+    session_timeout_ms: int = 0
+    restart_delay_s: float = 0.0
     rebalances: int = 0                  # broker log: completed rebalances (classic) / epoch bumps (KIP-848)
     generation_before: int | None = None
     generation_after: int | None = None
@@ -422,7 +427,8 @@ def run_scenario(bootstrap: str, redis_url: str, cfg: RolloutConfig, logs: Path,
     kip848 = v["env"].get("AFC_MEMBERSHIP__GROUP_PROTOCOL") == "consumer"
     stem = f"roll-{cfg.variant}-{cfg.members}-{uuid.uuid4().hex[:6]}"
     topic, group, prefix = f"{stem}.in", f"{stem}-group", stem
-    res = RolloutResult(cfg.variant, cfg.members, what=v["what"], logs_dir=str(logs / stem))
+    res = RolloutResult(cfg.variant, cfg.members, what=v["what"], session_timeout_ms=cfg.session_timeout_ms,
+                        restart_delay_s=cfg.restart_delay_s, logs_dir=str(logs / stem))
     run_logs = logs / stem
     run_logs.mkdir(parents=True, exist_ok=True)
     pypath = run_logs / "pypath"
@@ -459,6 +465,7 @@ def run_scenario(bootstrap: str, redis_url: str, cfg: RolloutConfig, logs: Path,
         for i in range(cfg.members):
             t_term = time.monotonic()
             stop_s, code = members[i].stop(cfg.stop_timeout_s)
+            time.sleep(cfg.restart_delay_s)
             members[i] = member(i, members[i].incarnation + 1)
             ready_s = members[i].wait_ready(cfg.ready_timeout_s)
             res.restarts.append(Restart(i, round(stop_s, 2), round(ready_s, 2),
@@ -558,6 +565,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
     ap.add_argument("--rate", type=float, default=RolloutConfig.rate)
     ap.add_argument("--min-ready-s", type=float, default=0.0)
+    ap.add_argument("--no-session", action="store_true",
+                    help="skip the session-timeout scenarios (static N=4, session 10 s, restarts delayed 3 s and 14 s)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "rollout.json")
     ap.add_argument("--bootstrap", default=os.environ.get("AFC_KAFKA_BOOTSTRAP", "127.0.0.1:19092"))
     ap.add_argument("--redis-url", default=os.environ.get("AFC_REDIS_URL", "redis://127.0.0.1:19079/0"))
@@ -605,6 +614,18 @@ def main(argv: list[str] | None = None) -> int:
             doc["table"] = table(doc["scenarios"])
             a.out.parent.mkdir(parents=True, exist_ok=True)
             a.out.write_text(json.dumps(doc, indent=1) + "\n")   # after every scenario: partial runs still say something
+    # Static membership against its session timeout: restarts that come back within it and
+    # restarts that do not (a pod slower to return than the session lasts).
+    doc["session_timeout"] = []
+    if "static" in variants and not a.no_session:
+        for delay in (3.0, 14.0):
+            cfg = RolloutConfig(variant="static", members=4, rate=a.rate, session_timeout_ms=10_000,
+                                restart_delay_s=delay)
+            res = run_scenario(a.bootstrap, a.redis_url, cfg, logs)
+            doc["session_timeout"].append(res.to_json())
+            print(f"session 10 s, restart delay {delay:.0f} s: {res.summary()}", flush=True)
+            a.out.write_text(json.dumps(doc, indent=1) + "\n")
+        doc["session_timeout_table"] = table(doc["session_timeout"])
     doc["goal"] = goal(doc["scenarios"])
     a.out.write_text(json.dumps(doc, indent=1) + "\n")
     print(json.dumps(doc["goal"], indent=1))
@@ -618,7 +639,8 @@ def _interrupt(signum: int, _frame: Any) -> None:
 
 def table(scenarios: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per scenario, the figures the issue asks for."""
-    return [{"variant": s["variant"], "members": s["members"], "rebalances": s["rebalances"],
+    return [{"variant": s["variant"], "members": s["members"], "session_timeout_ms": s["session_timeout_ms"],
+             "restart_delay_s": s["restart_delay_s"], "rebalances": s["rebalances"],
              "generation": f"{s['generation_before']}->{s['generation_after']}",
              "revoked_partitions": s["revoked_partitions"], "longest_gap_s": s["longest_gap_s"],
              "max_restart_s": s["max_restart_s"], "partition_seconds_stopped": s["partition_seconds_stopped"],
