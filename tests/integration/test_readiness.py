@@ -8,12 +8,17 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
 from afctest import ConsumerProcess, produce_json, wait_for
 
 pytestmark = [pytest.mark.kafka, pytest.mark.redis]
+
+
+def dynamic_member(testbed, topic: str, names, log: Path, handler: str, env: dict[str, str]) -> ConsumerProcess:
+    return ConsumerProcess(testbed, [topic], names.group, handler, log, env=env, redis_prefix=names.redis_prefix)
 
 
 def watch_ready(c: ConsumerProcess, until, timeout: float) -> list[tuple[float, int]]:
@@ -43,10 +48,8 @@ def test_readyz_is_503_while_a_revoke_is_handled_and_200_after_the_next_assignme
     env = {"AFC_TEST_HASH": f"{names.redis_prefix}runs", "AFC_KAFKA__EXTRA": json.dumps(
         {"partition.assignment.strategy": assignor})}
 
-    def member(name: str) -> ConsumerProcess:
-        return ConsumerProcess(testbed, [topic], names.group, "afc_test_handlers:sleep_and_record",
-                               tmp_path / f"{name}.log", env=env, redis_prefix=names.redis_prefix)
-    a, b = member("a"), member("b")
+    a, b = (dynamic_member(testbed, topic, names, tmp_path / f"{n}.log", "afc_test_handlers:sleep_and_record", env)
+            for n in "ab")
     try:
         a.start().wait_ready()
         produce_json(testbed.bootstrap, topic, [{"n": i, "sleep_ms": 8000} for i in range(2)],
@@ -61,7 +64,7 @@ def test_readyz_is_503_while_a_revoke_is_handled_and_200_after_the_next_assignme
             c.stop(30)
     codes = [code for _, code in seen]
     first_503 = next((i for i, code in enumerate(codes) if code == 503), None)
-    log = (tmp_path / "a.log").read_text()
+    log = a.log_path.read_text()
     assert first_503 is not None, f"A never answered 503 during its revoke; codes {sorted(set(codes))}:\n{a.log_tail(15)}"
     assert 200 in codes[first_503:] and b_ready == 200, f"A (or B) not ready again after the rebalance: {codes[-5:]}, B {b_ready}"
     not_ready_s = sum(t2 - t1 for (t1, c1), (t2, _) in zip(seen, seen[1:]) if c1 == 503)
@@ -80,10 +83,8 @@ def test_readyz_is_503_after_the_assignment_is_lost_until_the_member_is_assigned
     env = {"AFC_TEST_HASH": f"{names.redis_prefix}runs", "AFC_MEMBERSHIP__SESSION_TIMEOUT_MS": "6000",
            "AFC_ROUTING__ENABLED": "false"}            # no retry topic: 4 partitions in the group
 
-    def member(name: str) -> ConsumerProcess:
-        return ConsumerProcess(testbed, [topic], names.group, "afc_test_handlers:count_by_id",
-                               tmp_path / f"{name}.log", env=env, redis_prefix=names.redis_prefix)
-    a, b = member("a"), member("b")
+    a, b = (dynamic_member(testbed, topic, names, tmp_path / f"{n}.log", "afc_test_handlers:count_by_id", env)
+            for n in "ab")
     try:
         a.start().wait_ready()
         b.start().wait_ready()
@@ -104,7 +105,7 @@ def test_readyz_is_503_after_the_assignment_is_lost_until_the_member_is_assigned
                 os.kill(c.proc.pid, signal.SIGCONT)
             c.stop(30)
     codes = [code for _, code in seen]
-    log = (tmp_path / "a.log").read_text()
+    log = a.log_path.read_text()
     steps = transitions(log)
     assert "lost" in steps and steps[steps.index("lost") + 1:][:1] == ["holding"], f"A's transitions: {steps}"
     assert 503 in codes, f"A's /readyz never answered 503 after it lost its partitions: {sorted(set(codes))}"
