@@ -38,7 +38,7 @@ bench: testbed
 	set -a; source .testbed/env; set +a; $(PY) -P bench/run.py && $(PY) -P bench/scaling.py && $(PY) -P bench/rollout.py
 
 # Issue 11's rolling restarts: N = 4 and 8 members, static vs eager vs cooperative-sticky vs KIP-848,
-# rebalances counted in the broker's log; results in bench/results/rollout.json (~15 minutes).
+# rebalances counted in the broker's log; results in bench/results/rollout.json (~7 minutes on the test bed).
 bench-rollout: testbed
 	set -a; source .testbed/env; set +a; $(PY) -P bench/rollout.py
 
