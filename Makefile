@@ -8,7 +8,7 @@ PYTEST := .venv/bin/pytest
 TESTBED := python3 scripts/testbed.py
 PYTEST_ARGS ?=
 
-.PHONY: deps testbed testbed-down testbed-clean testbed-status test unit demo demo-runtime bench bench-scaling bench-report soak crds pins
+.PHONY: deps testbed testbed-down testbed-clean testbed-status test unit demo demo-runtime bench bench-scaling bench-rollout bench-report soak crds pins
 
 deps:
 	bash scripts/install-deps.sh
@@ -48,7 +48,12 @@ demo-runtime: testbed
 	set -a; source .testbed/env; set +a; $(PY) -P -m afc.runtime.demo
 
 bench: testbed
-	set -a; source .testbed/env; set +a; $(PY) -P bench/run.py && $(PY) -P bench/scaling.py
+	set -a; source .testbed/env; set +a; $(PY) -P bench/run.py && $(PY) -P bench/scaling.py && $(PY) -P bench/rollout.py
+
+# Issue 11's rolling restarts: N = 4 and 8 members, static vs eager vs cooperative-sticky vs KIP-848,
+# rebalances counted in the broker's log; results in bench/results/rollout.json (~7 minutes on the test bed).
+bench-rollout: testbed
+	set -a; source .testbed/env; set +a; $(PY) -P bench/rollout.py
 
 # Issue 9's chaos soak: 3 members, 100k records, 3 SIGKILLs, mark_done_in; N runs (SOAK_RUNS,
 # default 5), results in bench/results/chaos.json.

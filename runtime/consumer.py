@@ -54,6 +54,13 @@ from .session import MARK_LINGER_S, Session
 log = logging.getLogger("afc.runtime.consumer")
 TOPIC_ID = "topic-id"          # pause reason: the topic's id is being looked up
 EXIT_FATAL = 3
+# Group membership as /readyz reports it: ready only while HOLDING. librdkafka calls the assign
+# callback after every rebalance (eager, cooperative and KIP-848 alike, an empty list included),
+# so every state below ends at the next assignment.
+JOINING = "joining"            # started, no assignment yet
+HOLDING = "holding"            # assigned (possibly nothing) and holding it
+REVOKING = "revoking"          # a revoke is being handled: the group is rebalancing around us
+LOST = "lost"                  # the group moved on without us (session timeout, fenced epoch)
 
 
 def kafka_config(s: RuntimeSettings, instance_id: str | None) -> dict[str, Any]:
@@ -124,12 +131,13 @@ class Runtime:
         self.metrics = RuntimeMetrics()
         self.ctl = FetchController(settings.flow)
         self.parts: dict[TP, Partition] = {}
-        self.paused: set[TP] = set()
+        self.paused: set[TP] = set()                  # what the Kafka thread was last told to pause
+        self.fresh: set[TP] = set()                   # assigned since the last tick: pause state unknown
         self.gate = KeyGate()
         self.parked: dict[int, Message] = {}          # their idempotency key is held elsewhere
         self.rechecking: set[int] = set()             # parked messages whose re-claim is in flight
         self._parked_logged = 0.0
-        self.member = False                           # in the group (assigned since the last loss)
+        self.membership = JOINING                     # see JOINING..LOST; only _set_membership changes it
         self.flow_state = "open"
         self.decode = DECODERS[settings.handler.decoder]
         self._handler = handler
@@ -282,19 +290,26 @@ class Runtime:
         c.commit(offsets=tps, asynchronous=True)
         return True
 
-    def _set_paused(self, pause: list[TP], resume: list[TP], seeks: list[tuple[TP, int]]) -> None:
-        """Kafka thread: pause, resume and seek the partitions that are still ours."""
+    def _set_paused(self, pause: list[TP], resume: list[TP], seeks: list[tuple[TP, int]],
+                    epochs: dict[TP, int]) -> None:
+        """Kafka thread: pause, resume and seek the partitions still held under the epoch the
+        loop computed this for. A pause computed before a revoke must not land on the same
+        partition assigned again (eager rebalances hand the same partitions back): the loop,
+        which no longer counts it paused, would never resume it."""
         c = self.consumer
         assert c is not None
         held = self._k_epochs
-        p = [TopicPartition(t, q) for t, q in pause if (t, q) in held]
-        p += [TopicPartition(t, q) for (t, q), _ in seeks if (t, q) in held and (t, q) not in pause]
+
+        def ours(tp: TP) -> bool:
+            return held.get(tp) == epochs.get(tp)
+        p = [TopicPartition(t, q) for t, q in pause if ours((t, q))]
+        p += [TopicPartition(t, q) for (t, q), _ in seeks if ours((t, q)) and (t, q) not in pause]
         if p:
             c.pause(p)
         for (t, q), off in seeks:
-            if (t, q) in held:
+            if ours((t, q)):
                 c.seek(TopicPartition(t, q, off))
-        r = [TopicPartition(t, q) for t, q in resume if (t, q) in held]
+        r = [TopicPartition(t, q) for t, q in resume if ours((t, q))]
         if r:
             c.resume(r)
 
@@ -360,16 +375,23 @@ class Runtime:
                 ask.add(tp[0])
             self.parts[tp] = part
         self.paused -= {tp for tp, _ in assigned}
+        self.fresh |= {tp for tp, _ in assigned}
         if ask:
             assert self.loop is not None
             fut = self.loop.run_in_executor(None, self._describe_topics, sorted(ask))
             fut.add_done_callback(lambda f: self._post(("ids", f)))
-        self.member = True
+        self._set_membership(HOLDING, f"assigned {len(assigned)} partitions")
         self.metrics.rebalances.labels("assign").inc()
         self.metrics.assigned.set(len(self.parts))
         log.info("event=assigned partitions=%s total=%d", _fmt(tp for tp, _ in assigned), len(self.parts))
 
-    def _describe_topics(self, names: list[str]) -> dict[str, str | None]:
+    def _set_membership(self, to: str, why: str) -> None:
+        """The one writer of `membership` (the loop, from rebalance events): /readyz reads it."""
+        if to != self.membership:
+            log.info("event=membership from=%s to=%s why=\"%s\"", self.membership, to, why)
+            self.membership = to
+
+    def _describe_topics(self, names: list[str], warn: bool = True) -> dict[str, str | None]:
         """Topic ids (a thread of its own: an admin call, not a consumer call)."""
         from confluent_kafka import TopicCollection
         from confluent_kafka.admin import AdminClient
@@ -379,8 +401,9 @@ class Runtime:
             try:
                 out[name] = str(fut.result(timeout=15).topic_id)
             except Exception as e:  # noqa: BLE001 - fall back to the name, and say so
-                log.warning("event=topic-id-unknown topic=%s error=\"%s\" detail=\"position keys use the name\"",
-                            name, str(e).replace('"', "'"))
+                if warn:
+                    log.warning("event=topic-id-unknown topic=%s error=\"%s\" detail=\"position keys use the name\"",
+                                name, str(e).replace('"', "'"))
                 out[name] = None
         return out
 
@@ -422,6 +445,7 @@ class Runtime:
         for tp in tps:
             if tp in self.parts:
                 self.parts[tp].revoking = True
+        self._set_membership(REVOKING, f"revoke of {len(tps)} partitions")
         bound = 0.0 if self.state in ("closing", "closed") else self._revoke_bound()
         self.revokes.append(Revoke(tps, reply, time.monotonic() + bound))
         log.info("event=revoking partitions=%s bound_s=%.1f", _fmt(tps), bound)
@@ -455,7 +479,7 @@ class Runtime:
         for p in self._forget(set(tps)):
             del self.parts[p.tp]
             self.paused.discard(p.tp)
-        self.member = False
+        self._set_membership(LOST, f"lost {len(tps)} partitions")
         self.metrics.rebalances.labels("lost").inc()
         self.metrics.assigned.set(len(self.parts))
         log.warning("event=lost partitions=%s", _fmt(tps))
@@ -893,11 +917,15 @@ class Runtime:
             s = p.take_seek(nxt)
             if s is not None:
                 seeks.append((tp, s))
-        pause = sorted(want - self.paused)
-        resume = sorted(self.paused - want)
+        # A partition assigned since the last tick: librdkafka may still hold a pause of its
+        # previous assignment, so its state is sent explicitly either way.
+        fresh, self.fresh = self.fresh & set(self.parts), set()
+        pause = sorted((want - self.paused) | (want & fresh))
+        resume = sorted((self.paused - want) | (fresh - want))
         if pause or resume or seeks:
             self.paused = want
-            self._kop(self._set_paused, pause, resume, seeks, then="pause-op")
+            epochs = {tp: self.parts[tp].epoch for tp in (*pause, *resume, *(tp for tp, _ in seeks)) if tp in self.parts}
+            self._kop(self._set_paused, pause, resume, seeks, epochs, then="pause-op")
 
     def _maybe_fetch(self) -> None:
         if self.fetching or self.consumer is None or self.state in ("closing", "closed"):
@@ -971,7 +999,17 @@ class Runtime:
             if self.s.routing.create_topics:
                 await asyncio.to_thread(ensure_routing_topics, self.s)
             self.router = TopicRouter(self.s, self.loop)
+        # The topic ids, looked up now rather than on the first assignment: a partition assigned
+        # before its topic's id is known is paused until it is, and that pause and resume cost a
+        # restarted member ~1 s of consumption in a rolling update (bench/rollout.py). Ids not
+        # found now (a topic created later) are still looked up on assignment.
+        ids = self.loop.run_in_executor(None, self._describe_topics,
+                                        sorted({*self.s.kafka.topics, *self.retry_topics}), False)
         self.consumer = await self.loop.run_in_executor(self._kafka, make)
+        try:
+            self.topic_ids.update({t: i for t, i in (await ids).items() if i is not None})
+        except Exception as e:  # noqa: BLE001 - the lookup on assignment covers it
+            log.warning("event=topic-id-prefetch-failed error=\"%s\"", str(e).replace('"', "'"))
         # Every record allocates a few objects that live for milliseconds; the default gen-0
         # threshold (700) then runs the collector hundreds of times a second. Collect less
         # often, and keep the long-lived start-up objects out of every collection.
@@ -1157,12 +1195,16 @@ class Runtime:
         return True, "ok"
 
     def readiness(self) -> tuple[bool, str]:
+        """Ready = a member of the group holding its assignment (and able to work on it): a
+        rolling update waits for this before it restarts the next member."""
         if self.fatal is not None:
             return False, f"fatal: {self.fatal}"
         if self.stopping:
             return False, "stopping"
-        if not self.member:
-            return False, "not a group member"
+        if self.membership != HOLDING:
+            return False, {JOINING: "joining the group: no assignment yet",
+                           REVOKING: "rebalancing: a revoke is being handled",
+                           LOST: "partitions lost: rejoining the group"}[self.membership]
         if self.session is not None and self.session.down_since is not None:
             return False, f"idempotency store down {time.monotonic() - self.session.down_since:.0f}s"
         if not self.parts:

@@ -491,3 +491,24 @@ def test_a_commit_computed_before_a_revoke_is_not_sent_after_it() -> None:
     rt._k_epochs = {("t", 0): 3, ("t", 1): 4}
     tps = rt._current({("t", 0): (100, 2), ("t", 1): (50, 4), ("t", 2): (7, 1)})
     assert [(x.topic, x.partition, x.offset) for x in tps] == [("t", 1, 50)]
+
+
+def test_a_pause_computed_before_a_revoke_is_not_applied_to_the_partition_assigned_again() -> None:
+    """Issue 11 (eager rebalances hand the same partitions back): pause, resume and seek carry
+    the epoch they were computed under, like commits; the Kafka thread drops older ones."""
+    from afc.runtime.config import load_settings
+    from afc.runtime.consumer import Runtime
+    rt = Runtime(load_settings(kafka={"topics": ["t"]}, handler={"handler": "afc.runtime.handlers:noop"}))
+    calls: list[tuple[str, list]] = []
+
+    class Calls:  # librdkafka's pause/resume/seek surface, recorded
+        def pause(self, tps): calls.append(("pause", [(x.topic, x.partition) for x in tps]))
+        def resume(self, tps): calls.append(("resume", [(x.topic, x.partition) for x in tps]))
+        def seek(self, tp): calls.append(("seek", [(tp.topic, tp.partition, tp.offset)]))
+
+    rt.consumer = Calls()
+    rt._k_epochs = {("t", 0): 5}
+    rt._set_paused([("t", 0)], [], [(("t", 0), 7)], {("t", 0): 4})
+    assert calls == []
+    rt._set_paused([("t", 0)], [], [(("t", 0), 7)], {("t", 0): 5})
+    assert calls == [("pause", [("t", 0)]), ("seek", [("t", 0, 7)])]
