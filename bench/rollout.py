@@ -86,7 +86,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "cooperative": {"static": False, "env": {},
                     "what": "dynamic membership, classic protocol, cooperative-sticky"},
     "kip848": {"static": True, "env": {"AFC_MEMBERSHIP__GROUP_PROTOCOL": "consumer"},
-               "what": "static membership, KIP-848 (group.protocol=consumer, broker-side uniform assignor)"},
+               "what": "static membership, KIP-848 (group.protocol=consumer, the broker-side range assignor afc sets)"},
     "kip848-dynamic": {"static": False, "env": {"AFC_MEMBERSHIP__GROUP_PROTOCOL": "consumer"},
                        "what": "dynamic membership, KIP-848 (group.protocol=consumer)"},
 }

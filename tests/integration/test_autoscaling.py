@@ -153,13 +153,17 @@ def events(testbed: Testbed, namespace: str, name: str = "orders") -> list[dict[
 
 
 def produce(bootstrap: str, topic: str, per_partition: dict[int, int], key: bytes | None = None) -> None:
+    """`key` is suffixed with the partition (as a key partitioner would keep a key on one
+    partition): the runtime keeps a key's records in order, so one key on every partition
+    would tie them all to the slowest."""
     from confluent_kafka import Producer
     p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20})
     for part, n in per_partition.items():
+        k = None if key is None else key + b"-p%d" % part
         for i in range(n):
             while True:
                 try:
-                    p.produce(topic, value=json.dumps({"n": i}).encode(), key=key, partition=part)
+                    p.produce(topic, value=json.dumps({"n": i}).encode(), key=k, partition=part)
                     break
                 except BufferError:
                     p.poll(0.05)
