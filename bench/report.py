@@ -34,7 +34,8 @@ def label(doc: dict[str, Any], name: str) -> str:
     m = _machine(doc)
     parts = [f"ran {doc.get('date') or 'at an unrecorded time'}"]
     if m:
-        parts.append(f"on {m.get('nproc', '?')} cores ({m.get('cpu_model', 'unknown CPU')}, kernel {m.get('kernel', '?')})")
+        detail = ", ".join(x for x in (m.get("cpu_model"), m.get("kernel") and f"kernel {m['kernel']}") if x)
+        parts.append(f"on {m.get('nproc', '?')} cores" + (f" ({detail})" if detail else ""))
         load = m.get("load_avg_at_start")
         if load:
             parts.append(f"load average {round(load[0], 2)} at start")
@@ -213,10 +214,10 @@ def rollout_section(doc: dict[str, Any], out: Path, name: str) -> list[str]:
     """The rollout benchmark: one bar group per (members, variant), whatever fields it reports."""
     stamp = label(doc, name)
     lines = ["## Rollouts: rebalances and stalls during a rolling restart", "", stamp + ".", ""]
-    rows = doc.get("results") or doc.get("runs") or []
+    rows = doc.get("table") or doc.get("results") or doc.get("runs") or []
     if isinstance(rows, dict):
         rows = [{"name": k, **v} for k, v in rows.items() if isinstance(v, dict)]
-    numeric = [k for k in ("rebalances", "partition_seconds_stopped", "peak_lag", "duplicates", "max_gap_s")
+    numeric = [k for k in ("rebalances", "longest_gap_s", "partition_seconds_stopped", "peak_lag", "duplicates")
                if any(isinstance(r.get(k), (int, float)) for r in rows)]
     if rows and numeric:
         names = [str(r.get("name") or f"{r.get('variant', '?')} x{r.get('members', '?')}") for r in rows]
@@ -231,7 +232,12 @@ def rollout_section(doc: dict[str, Any], out: Path, name: str) -> list[str]:
             lines.append(f"| {n} | " + " | ".join(_fmt(r.get(k), "{:,.1f}" if isinstance(r.get(k), float) else "{:,}")
                                                  for k in numeric) + " |")
         lines.append("")
-    return lines + ["Goals:", ""] + _goals(doc) + ["", "Findings:", ""] + _findings(doc) + [""]
+    for g in doc.get("goal") or []:
+        if isinstance(g, dict) and "met" in g:
+            lines.append(f"- {'met' if g['met'] else '**not met**'}: {g.get('members')} static members rolled with "
+                         f"{g.get('rebalances')} rebalances, longest stall {g.get('longest_gap_s')} s against the "
+                         f"longest restart {g.get('max_restart_s')} s")
+    return lines + [""] + _goals(doc) + _findings(doc) + [""]
 
 
 SECTIONS: dict[str, Callable[[dict[str, Any], Path, str], list[str]]] = {

@@ -37,4 +37,4 @@ def test_a_missing_file_is_named_and_an_unknown_one_is_listed(tmp_path: Path) ->
     md = report.report(results, tmp_path / "docs").read_text()
     assert "Not run yet: `make bench` writes it." in md
     assert "Not run yet: `make bench-rollout` writes it." in md
-    assert "## new.json" in md and "- x went 1 -> 2" in md and "ran 2026-01-01T00:00:00Z, on 2 cores (c," in md
+    assert "## new.json" in md and "- x went 1 -> 2" in md and "ran 2026-01-01T00:00:00Z, on 2 cores (c)" in md
