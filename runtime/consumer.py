@@ -464,8 +464,7 @@ class Runtime:
                 self._forget(set(r.tps))
             offsets = {p.tp: (o, p.epoch) for p in parts if (o := p.to_commit()) is not None}
             for p in parts:
-                del self.parts[p.tp]
-                self.paused.discard(p.tp)
+                self._drop_part(p.tp)
             if not r.reply.done():
                 r.reply.set_result(offsets)
             self.metrics.rebalances.labels("revoke").inc()
@@ -473,12 +472,21 @@ class Runtime:
             log.info("event=revoked partitions=%s commit=%s", _fmt(r.tps), _fmt_offsets(offsets))
         self.revokes = keep
 
+    def _drop_part(self, tp: TP) -> None:
+        """The partition is no longer ours: forget it, and its lag series (another member
+        reports it now; a stale value here would count it twice)."""
+        del self.parts[tp]
+        self.paused.discard(tp)
+        try:
+            self.metrics.lag.remove(tp[0], str(tp[1]))
+        except KeyError:
+            pass
+
     def _on_lost_parts(self, tps: list[TP]) -> None:
         """Lost (the group moved on without us): nothing can be committed; work not started is
         dropped, running handlers finish (their done marks still count, fenced by token)."""
         for p in self._forget(set(tps)):
-            del self.parts[p.tp]
-            self.paused.discard(p.tp)
+            self._drop_part(p.tp)
         self._set_membership(LOST, f"lost {len(tps)} partitions")
         self.metrics.rebalances.labels("lost").inc()
         self.metrics.assigned.set(len(self.parts))
@@ -976,7 +984,7 @@ class Runtime:
         self.store = build_store(self.s, self.owner)
         if self.store is not None:
             self.session = Session(self.store, self.s.idempotency.lease_ms, lambda o: self._post(("store", o)),
-                                   self._wakeup)
+                                   self._wakeup, claim_latency=self.metrics.claim_latency.observe)
             await self._check_store()
         self.bp = build_publisher(self.s, self.instance_id or self.owner, self.metrics)
         h = self.s.handler

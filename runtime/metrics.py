@@ -83,6 +83,9 @@ class RuntimeMetrics:
         self.commit_latency = Histogram("afc_commit_latency_seconds", "Offset commit round trip.",
                                         buckets=LATENCY_BUCKETS, registry=r)
         self.commit_errors = Counter("afc_commit_errors", "Failed offset commits.", registry=r)
+        self.claim_latency = Histogram("afc_idempotency_claim_latency_seconds", "Round trip of one idempotency "
+                                       "store call carrying claims (one per fetched batch).",
+                                       buckets=LATENCY_BUCKETS, registry=r)
         self.rebalances = Counter("afc_rebalances", "Partition assignment changes.", ["kind"], registry=r)
         self.store_errors = Counter("afc_idempotency_store_errors", "Idempotency store calls that failed.",
                                     registry=r)

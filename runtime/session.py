@@ -70,8 +70,10 @@ class Outcome:
 
 class Session:
     def __init__(self, store: IdempotencyStore, lease_ms: int, post: Callable[[Outcome], None],
-                 wake: Callable[[], None] = lambda: None, clock: Callable[[], float] = time.monotonic) -> None:
+                 wake: Callable[[], None] = lambda: None, clock: Callable[[], float] = time.monotonic,
+                 claim_latency: Callable[[float], None] = lambda s: None) -> None:
         self.store, self.lease_s, self.post, self.wake, self.clock = store, lease_ms / 1000, post, wake, clock
+        self.claim_latency = claim_latency          # observes each claim call's round trip (seconds)
         self.owner = store.owner
         self.seq = 0
         self.held: dict[str, Hold] = {}
@@ -207,6 +209,7 @@ class Session:
     async def _call(self, batch: Batch, call: ClaimCall | None, done: list[tuple[str, str, Any]],
                     release: list[tuple[str, str]], renew: list[tuple[str, str]]) -> None:
         self.calls += 1
+        t0 = time.perf_counter()
         try:
             answer = await self.store.apply(batch)
         except StoreUnavailable as e:
@@ -216,6 +219,8 @@ class Session:
             log.exception("event=store-call-failed error=%r", e)
             self._failed(StoreUnavailable(repr(e)), call, done, release, renew)
             return
+        if call is not None:
+            self.claim_latency(time.perf_counter() - t0)
         now = self.clock()
         if self.down_since is not None:
             log.warning("event=idempotency-store-back down_s=%.1f", now - self.down_since)

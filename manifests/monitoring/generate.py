@@ -233,6 +233,9 @@ def rows() -> list[tuple[str, list[dict[str, Any]]]]:
                 (f"sum by (adaptiveconsumer) (rate(afc_idempotency_claims_lost_total{C}[{RI}]))", "claims lost")],
                "ops"),
             _p("Parked messages (key held elsewhere)", [(f"sum by (pod) (afc_parked_messages{C})", "{{pod}}")]),
+            _p("Claim latency p99 (one store call per fetched batch)", [
+                (f"histogram_quantile(0.99, sum by (adaptiveconsumer, le) "
+                 f"(rate(afc_idempotency_claim_latency_seconds_bucket{C}[{RI}])))", "{{adaptiveconsumer}}")], "s"),
             _p("Commit latency p99", [
                 (f"histogram_quantile(0.99, sum by (adaptiveconsumer, le) "
                  f"(rate(afc_commit_latency_seconds_bucket{C}[{RI}])))", "{{adaptiveconsumer}}")], "s"),

@@ -5,6 +5,7 @@ unit test (tests/unit/test_readiness.py) walks the same transitions deterministi
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import time
@@ -40,7 +41,7 @@ def transitions(log: str) -> list[str]:
 @pytest.mark.parametrize("assignor", ["range", "cooperative-sticky"])
 def test_readyz_is_503_while_a_revoke_is_handled_and_200_after_the_next_assignment(
         testbed, make_topic, names, redis_client, tmp_path, assignor) -> None:
-    """A holds both partitions, each busy with an 8 s record; B joins, so A must revoke (all
+    """A holds both partitions, each busy with a 12 s record; B joins, so A must revoke (all
     of them under eager `range`, one under cooperative-sticky) and its revoke waits for the
     busy record. Meanwhile A's /readyz must answer 503 (it said "ready" forever before), and
     200 again once the rebalance hands it its new assignment."""
@@ -52,13 +53,15 @@ def test_readyz_is_503_while_a_revoke_is_handled_and_200_after_the_next_assignme
             for n in "ab")
     try:
         a.start().wait_ready()
-        produce_json(testbed.bootstrap, topic, [{"n": i, "sleep_ms": 8000} for i in range(2)],
+        produce_json(testbed.bootstrap, topic, [{"n": i, "sleep_ms": 12000} for i in range(2)],
                      partition_of=lambda i, d: i)
         wait_for(lambda: a.metrics().get("afc_inflight_messages", 0) >= 2, 20, what="both records in A's handler")
+        wait_for(lambda: len(lag_series(a)) >= 2, 10, what="A reporting the lag of both partitions")
         b.start()
         joined = time.monotonic()
         seen = watch_ready(a, lambda: b.http("/readyz")[0] == 200 and a.http("/readyz")[0] == 200, 45)
         b_ready = b.http("/readyz")[0]
+        a_lag_series, a_log_then = lag_series(a), a.log_path.read_text()
     finally:
         for c in (a, b):
             c.stop(30)
@@ -72,6 +75,29 @@ def test_readyz_is_503_while_a_revoke_is_handled_and_200_after_the_next_assignme
     steps = transitions(log)
     assert steps[:3] == ["holding", "revoking", "holding"], f"A's membership transitions: {steps}"
     assert "event=revoked" in log and time.monotonic() - joined < 60
+    # the revoked partition's lag series went with it (else two members report it)
+    held = held_from_log(a_log_then)
+    assert len(held) < 4 and set(a_lag_series) <= held, f"A holds {sorted(held)} but reports the lag of {a_lag_series}"
+
+
+def lag_series(c) -> list[str]:
+    """'topic[partition]' of every afc_partition_lag series the member exports."""
+    out = []
+    for k in c.metrics():
+        m = re.match(r'afc_partition_lag\{(.*)\}$', k)
+        if m:
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+            out.append(f"{labels['topic']}[{labels['partition']}]")
+    return out
+
+
+def held_from_log(log: str) -> set[str]:
+    """The partitions a member holds, replayed from its assigned/revoked/lost log lines."""
+    held: set[str] = set()
+    for kind, parts in re.findall(r"event=(assigned|revoked|lost) partitions=(\S*)", log):
+        tps = {p for p in parts.split(",") if p}
+        held = held | tps if kind == "assigned" else held - tps
+    return held
 
 
 def test_readyz_is_503_after_the_assignment_is_lost_until_the_member_is_assigned_again(
