@@ -93,7 +93,7 @@ class Tracked:
     decision: sc.Decision | None = None
     decided_at: str | None = None
     last_scale_time: str | None = None
-    departing: dict[str, float] = field(default_factory=dict)   # group.instance.id -> since (monotonic)
+    departing: dict[str, float] = field(default_factory=dict)   # pod name -> since (monotonic)
     spec: AdaptiveConsumerSpec | None = None
     secrets: dict[str, str] = field(default_factory=dict)
     latest: dict[str, Any] | None = None   # metadata and spec of the newest generation seen
@@ -167,8 +167,8 @@ def policy_for(spec: AdaptiveConsumerSpec) -> sc.Policy:
                      auto_offset_reset=spec.kafka.auto_offset_reset)
 
 
-def departed_ids(name: str, before: int, after: int) -> list[str]:
-    """The group.instance.ids (pod names) a StatefulSet going from `before` to `after` removes."""
+def departed_pods(name: str, before: int, after: int) -> list[str]:
+    """The pods a StatefulSet going from `before` to `after` replicas removes."""
     return [f"{name}-{i}" for i in range(after, before)]
 
 
@@ -420,15 +420,15 @@ class Reconciler:
         """Which pods a change of the StatefulSet's replicas removes (their members are
         removed from the group once the pods are gone), and which come back."""
         new = int((after.get("spec") or {}).get("replicas") or 0)
-        for iid in [i for i in tr.departing if int(i.rsplit("-", 1)[1]) < new]:
-            tr.departing.pop(iid)  # scaled up again before it left: it stays a member
+        for pod in [p for p in tr.departing if int(p.rsplit("-", 1)[1]) < new]:
+            tr.departing.pop(pod)  # scaled up again before it left: it stays a member
         if before is None:
             return
         old = int((before.get("spec") or {}).get("replicas") or 0)
         if tr.spec is not None and not tr.spec.scaling.leave_group_on_scale_down:
             return
-        for iid in departed_ids(name, old, new):
-            tr.departing.setdefault(iid, time.monotonic())
+        for pod in departed_pods(name, old, new):
+            tr.departing.setdefault(pod, time.monotonic())
 
     async def hand_off(self, key: Key) -> None:
         """Remove departed static members whose pods are gone (they drained and committed on
@@ -440,28 +440,29 @@ class Reconciler:
         lock = self._handoff_locks.setdefault(key, asyncio.Lock())
         async with lock:
             gone = []
-            for iid in list(tr.departing):
+            for pod_name in list(tr.departing):
                 try:
-                    pod = await self.kube.get(path_for("Pod", key[0], iid))
+                    pod = await self.kube.get(path_for("Pod", key[0], pod_name))
                 except KubeError as e:
                     logger.warning("pod not readable; hand-off waits", extra={"object": f"{key[0]}/{key[1]}",
-                                                                              "pod": iid, "error": str(e)})
+                                                                              "pod": pod_name, "error": str(e)})
                     return
                 if pod is None:
-                    gone.append(iid)
+                    gone.append(pod_name)
             if not gone:
                 return
+            ids = [render.instance_id(key[0], p) for p in gone]  # what the pods joined as (render.instance_id_env)
             try:
-                result = await self.kafka.remove_members(tr.spec, tr.secrets, gone)
+                result = await self.kafka.remove_members(tr.spec, tr.secrets, ids)
             except Exception as e:  # noqa: BLE001 - retried on the next poll; the session timeout is the fallback
                 self.metrics.poll_errors.labels(*key, "leave-group").inc()
                 if tr.body:
                     post_event(tr.body, "Warning", "MemberRemovalFailed",
-                               f"could not remove {', '.join(gone)} from group {tr.spec.kafka.group_id}: "
+                               f"could not remove {', '.join(ids)} from group {tr.spec.kafka.group_id}: "
                                f"{type(e).__name__}: {e}; their partitions move after the session timeout")
                 return
-            for iid in gone:
-                tr.departing.pop(iid, None)
+            for pod_name in gone:
+                tr.departing.pop(pod_name, None)
             removed = [i for i, err in result.items() if err == "NoError"]
             self.metrics.members_removed.labels(*key).inc(len(removed))
             if tr.body:

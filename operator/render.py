@@ -37,6 +37,7 @@ DEFAULT_RESOURCES = {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {
 ENV_SASL_PASSWORD = "AFC_KAFKA__SASL_PASSWORD"
 ENV_REDIS_URL = "AFC_IDEMPOTENCY__REDIS_URL"
 ENV_SIGNAL_REDIS_URL = "AFC_BACKPRESSURE__REDIS_URL"
+ENV_INSTANCE_ID = "AFC_INSTANCE_ID"  # the runtime's group.instance.id (afc.runtime.config.MembershipSettings)
 
 
 class InvalidSpec(ValueError):
@@ -100,6 +101,21 @@ def config_name(name: str) -> str:
     return f"{name}-config"
 
 
+def instance_id(namespace: str, pod: str) -> str:
+    """A pod's group.instance.id: `<namespace>.<pod>`, so AdaptiveConsumers of the same name in
+    two namespaces sharing a group do not fence each other, and a restarted pod (same name) keeps
+    its id. Namespaces (63) and pod names (52 + '-' + ordinal) are DNS labels, so the id has at
+    most 121 characters of [a-z0-9.-], within Kafka's 249, and no '.' inside either part: no two
+    pods share an id. No hash fallback: the kubelet computes the same string (instance_id_env)."""
+    return f"{namespace}.{pod}"
+
+
+def instance_id_env() -> dict[str, str]:
+    """instance_id() as the kubelet computes it: dependent env vars expand `$(VAR)` of the
+    variables defined before them (POD_NAMESPACE, POD_NAME from the downward API)."""
+    return {"name": ENV_INSTANCE_ID, "value": "$(POD_NAMESPACE).$(POD_NAME)"}
+
+
 def secret_refs(spec: AdaptiveConsumerSpec) -> list[tuple[str, str, SecretKeyRef]]:
     """Every Secret key the pods need: (the spec field naming it, what it is, the reference)."""
     refs = []
@@ -125,7 +141,7 @@ def runtime_settings(spec: AdaptiveConsumerSpec) -> RuntimeSettings:
     overrides: dict[str, dict[str, Any]] = {
         "kafka": {"sasl_password": None,
                   "ssl_ca_location": f"{CA_DIR}/{CA_FILE}" if spec.kafka.tls_ca_secret_ref else None},
-        "membership": {"instance_id": None},  # the pod name, from POD_NAME
+        "membership": {"instance_id": None},  # <namespace>.<pod>, from AFC_INSTANCE_ID (instance_id_env)
         "idempotency": {"redis_url": None},
         "backpressure": {"redis_url": None},      # falls back to the idempotency URL (a Secret env var)
         "server": {"host": "0.0.0.0"},
@@ -191,6 +207,7 @@ def _env(spec: AdaptiveConsumerSpec) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        instance_id_env(),
         {"name": "AFC_CONFIG_FILE", "value": f"{CONFIG_DIR}/{CONFIG_KEY}"},
     ]
     for var, ref in ((ENV_SASL_PASSWORD, spec.kafka.sasl_password_secret_ref),

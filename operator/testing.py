@@ -4,11 +4,15 @@
   logs to a file, stopped by its pid; its log tail is added to a failed wait's message.
 - `mark_pods_ready`: what a kubelet would report for a running, ready pod, for control
   planes without nodes (Pods otherwise stay Pending and a StatefulSet never gets ready).
+- `resolve_env`: a container's environment as a kubelet builds it (downward API, Secret keys,
+  `$(VAR)` references to variables defined before).
+- `set_container_waiting`: a kubelet's report of a failing container (CrashLoopBackOff, ...).
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -157,3 +161,51 @@ def delete_consumers(kubectl: Sequence[str], namespace: str, timeout: float = 30
     for name in left:
         subprocess.run([*base, "patch", name, "--type=merge", "-p", '{"metadata":{"finalizers":null}}'],
                        capture_output=True, timeout=30)
+
+
+_REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
+
+
+def expand(value: str, env: Mapping[str, str]) -> str:
+    """The kubelet's expansion of `$(VAR)` in an env value: defined variables are replaced,
+    undefined references stay as written, `$$` is a literal `$`."""
+    def sub(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        return env.get(m.group(1), m.group(0))
+    return _REF.sub(sub, value)
+
+
+def resolve_env(container: Mapping[str, Any], pod_name: str, namespace: str,
+                secret: Callable[[str, str], str] | None = None) -> dict[str, str]:
+    """What a kubelet puts in the container's environment. `secret(name, key)` reads a Secret
+    key; without it those variables are left out."""
+    env: dict[str, str] = {}
+    for e in container.get("env") or []:
+        if "value" in e:
+            env[e["name"]] = expand(e["value"], env)
+            continue
+        src = e["valueFrom"]
+        if "fieldRef" in src:
+            env[e["name"]] = {"metadata.name": pod_name, "metadata.namespace": namespace}[src["fieldRef"]["fieldPath"]]
+        elif "secretKeyRef" in src:
+            if secret is not None:  # without a reader, Secret-backed variables are left out
+                env[e["name"]] = secret(src["secretKeyRef"]["name"], src["secretKeyRef"]["key"])
+        else:
+            raise AssertionError(f"unexpected env source {src}")
+    return env
+
+
+def set_container_waiting(core_api: Any, namespace: str, pod: str, reason: str, message: str = "",
+                          container: str = "consumer", restarts: int = 5) -> None:
+    """Report the pod's container as a kubelet does when it cannot keep it running: waiting
+    with `reason` (CrashLoopBackOff, ImagePullBackOff, ...), not ready."""
+    core_api.patch_namespaced_pod_status(pod, namespace, {"status": {
+        "phase": "Running",
+        "conditions": [{"type": "Ready", "status": "False", "reason": "ContainersNotReady"},
+                       {"type": "ContainersReady", "status": "False", "reason": "ContainersNotReady"}],
+        "containerStatuses": [{"name": container, "ready": False, "restartCount": restarts, "image": "afc",
+                               "imageID": "", "started": False,
+                               "state": {"waiting": {"reason": reason, "message": message}},
+                               "lastState": {}}],
+    }})

@@ -3,13 +3,15 @@ measures a real group on the real broker, writes spec.replicas, and real `afc-co
 processes play the pods.
 
 There is no kubelet: `Kubelet` below does its part for the AdaptiveConsumer's pods. For each
-pod it runs an `afc-consumer` with the pod's name as group.instance.id and reports the pod
+pod it runs an `afc-consumer` with the pod's group.instance.id (`<namespace>.<pod>`, resolved
+from the pod's env as a kubelet would) and reports the pod
 Ready; when a pod is deleted it stops that process (SIGTERM: drain, commit, close) before it
 lets the pod object go (a finalizer stands in for the kubelet's graceful deletion: the pod
 object stays until its containers stopped, as on a real node).
 """
 from __future__ import annotations
 
+import base64
 import json
 import threading
 import time
@@ -20,7 +22,7 @@ import pytest
 import yaml
 
 from afc.operator.kube import Kube, KubeError, path_for
-from afc.operator.testing import OperatorProcess, delete_consumers
+from afc.operator.testing import OperatorProcess, delete_consumers, resolve_env
 from afctest import ConsumerProcess, Testbed, free_port, wait_for
 
 pytestmark = [pytest.mark.k8s, pytest.mark.kafka, pytest.mark.redis]
@@ -63,7 +65,8 @@ class Kubelet:
                 self.core.patch_namespaced_pod(n, self.namespace, {"metadata": {"finalizers": [*finalizers, FINALIZER]}})
             if n not in self.procs:
                 self.procs[n] = ConsumerProcess(self.testbed, [self.topic], self.group, self.handler,
-                                                self.tmp_path / f"{n}.log", instance_id=n, env=self.env,
+                                                self.tmp_path / f"{n}.log", instance_id=self.instance_id(pod),
+                                                env=self.env,
                                                 redis_prefix=self.redis_prefix).start()
                 self.started[n] = time.time()
             if pod.status.phase != "Running":
@@ -81,6 +84,16 @@ class Kubelet:
                 self.exited[n] = time.time()
             if FINALIZER in finalizers:
                 self.release(n, finalizers)
+
+    def instance_id(self, pod: Any) -> str:
+        """The group.instance.id the pod's container gets: its env as the kubelet resolves it."""
+        body = self.core.api_client.sanitize_for_serialization(pod)
+        (container,) = body["spec"]["containers"]
+
+        def secret(name: str, key: str) -> str:
+            data = self.core.read_namespaced_secret(name, self.namespace).data or {}
+            return base64.b64decode(data[key]).decode()
+        return resolve_env(container, pod.metadata.name, self.namespace, secret)["AFC_INSTANCE_ID"]
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -423,10 +436,11 @@ def test_scale_down_hands_the_departed_members_partitions_over(
     with Kubelet(testbed, core, namespace, topic, names.group, "autoscale_handlers:record", tmp_path,
                  names.redis_prefix, env) as kubelet, Load(testbed.bootstrap, topic, 8):
         apply(testbed, namespace, obj)
-        held = wait_for(lambda: (a := assignment(testbed, names.group)) and len(a) == 4
-                        and sum(len(v) for v in a.values()) == 8 and (a["orders-2"] | a["orders-3"]) and a, 90,
+        leaving = [f"{namespace}.orders-2", f"{namespace}.orders-3"]  # group.instance.id = <namespace>.<pod>
+        held = wait_for(lambda: (a := assignment(testbed, names.group)) and len(a) == 4 and set(leaving) <= set(a)
+                        and sum(len(v) for v in a.values()) == 8 and (a[leaving[0]] | a[leaving[1]]) and a, 90,
                         what="4 members holding 8 partitions, some on orders-2 and -3")
-        moving = held["orders-2"] | held["orders-3"]
+        moving = held[leaving[0]] | held[leaving[1]]
         time.sleep(2)
         testbed.run_kubectl("scale", "ac/orders", "-n", namespace, "--replicas=2")
         wait_for(lambda: {"orders-2", "orders-3"} <= set(kubelet.exited), 60, what="orders-2 and -3 drained and stopped")

@@ -132,8 +132,8 @@ def test_lag_summary() -> None:
 
 
 def test_departing_members_are_the_highest_ordinals() -> None:
-    assert reconcile.departed_ids("orders", 4, 2) == ["orders-2", "orders-3"]
-    assert reconcile.departed_ids("orders", 2, 4) == []
+    assert reconcile.departed_pods("orders", 4, 2) == ["orders-2", "orders-3"]
+    assert reconcile.departed_pods("orders", 2, 4) == []
 
 
 def test_rolling_out_is_a_new_revision_not_a_scale() -> None:
