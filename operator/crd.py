@@ -82,6 +82,13 @@ class Rule:
         return out
 
 
+def immutable(field: str, why: str) -> dict[str, Any]:
+    """A CEL transition rule: the apiserver refuses an update that changes the field. The
+    operator cannot check transitions itself (it sees one spec at a time), so it is CEL only."""
+    return {"x-kubernetes-validations": [{"rule": "self == oldSelf", "message": f"{field} is immutable: {why}",
+                                          "reason": "FieldValueForbidden"}]}
+
+
 def _crd_schema_extra(schema: dict[str, Any], cls: type[BaseModel]) -> None:
     """pydantic hook: drop the properties the CRD must not have, add the class's CEL rules."""
     for name in getattr(cls, "crd_drop", ()):
@@ -189,7 +196,10 @@ class KafkaSpec(Checked, KafkaSettings):
     topics: list[TopicName] = Field(min_length=1, max_length=64,
                                     json_schema_extra={"x-kubernetes-list-type": "set"},
                                     description="Topics to consume (at least one, unique).")
-    group_id: str = Field(min_length=1, max_length=249, description="Consumer group id.")
+    group_id: str = Field(min_length=1, max_length=249, description="Consumer group id (immutable).",
+                          json_schema_extra=immutable(
+                              "kafka.groupId", "a rolling update would run the old and the new group side by side, "
+                              "each consuming every partition; create a new AdaptiveConsumer for the new group"))
     extra: dict[str, str] = Field(default_factory=dict, max_length=64,
                                   description="Further librdkafka properties, passed through as given.")
     sasl_password_secret_ref: SecretKeyRef | None = Field(
@@ -199,9 +209,14 @@ class KafkaSpec(Checked, KafkaSettings):
 
 
 class MembershipSpec(Checked, MembershipSettings):
-    """The runtime's `membership` section; the pod name is the group.instance.id."""
+    """The runtime's `membership` section; `<namespace>.<pod name>` is the group.instance.id."""
     model_config = ConfigDict(json_schema_extra=_crd_schema_extra)
     crd_drop = ("instanceId",)
+    static: bool = Field(MembershipSettings.model_fields["static"].default,
+                         description=f"{MembershipSettings.model_fields['static'].description} Immutable.",
+                         json_schema_extra=immutable(
+                             "membership.static", "a rolling update would mix static and dynamic members in one "
+                             "group and rebalance on every restart; create a new AdaptiveConsumer instead"))
 
 
 class FlowSpec(Checked, FlowSettings):
