@@ -25,6 +25,7 @@ L_MANAGED_BY = "app.kubernetes.io/managed-by"
 L_PART_OF = "app.kubernetes.io/part-of"
 L_COMPONENT = "app.kubernetes.io/component"
 A_CONFIG_HASH = "afc.dev/config-hash"
+L_CONFIG_HASH = "afc.dev/config-hash"  # on the ConfigMaps: which content each holds
 
 CONTAINER = "consumer"
 CONFIG_KEY = "config.json"
@@ -97,8 +98,10 @@ def labels(name: str) -> dict[str, str]:
     return {**selector_labels(name), L_MANAGED_BY: MANAGED_BY, L_PART_OF: "afc", L_COMPONENT: "consumer"}
 
 
-def config_name(name: str) -> str:
-    return f"{name}-config"
+def config_name(name: str, cfg_hash: str) -> str:
+    """One immutable ConfigMap per content: a pod of an older revision keeps reading the config
+    it was started with, even when it restarts before its turn in a rollout."""
+    return f"{name}-config-{cfg_hash}"
 
 
 def instance_id(namespace: str, pod: str) -> str:
@@ -177,9 +180,11 @@ def _meta(owner: Owner, name: str) -> dict[str, Any]:
             "ownerReferences": [owner.reference()]}
 
 
-def configmap(owner: Owner, spec: AdaptiveConsumerSpec) -> dict[str, Any]:
-    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(owner, config_name(owner.name)),
-            "data": {CONFIG_KEY: config_document(spec)}}
+def configmap(owner: Owner, document: str, cfg_hash: str) -> dict[str, Any]:
+    meta = _meta(owner, config_name(owner.name, cfg_hash))
+    meta["labels"][L_CONFIG_HASH] = cfg_hash
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "immutable": True,
+            "data": {CONFIG_KEY: document}}
 
 
 def service(owner: Owner, spec: AdaptiveConsumerSpec) -> dict[str, Any]:
@@ -223,11 +228,19 @@ def termination_grace_seconds(spec: AdaptiveConsumerSpec) -> int:
     return math.ceil(spec.shutdown.drain_timeout_s) + GRACE_MARGIN_S
 
 
-def statefulset(owner: Owner, spec: AdaptiveConsumerSpec, replicas: int, cfg_hash: str) -> dict[str, Any]:
+def partition(spec: AdaptiveConsumerSpec, held: int | None = None) -> int:
+    """The StatefulSet's rollingUpdate.partition: pods with a lower ordinal keep the previous
+    revision. spec.rollout.partition stages a rollout; `held` is where the operator stopped a
+    failing one (afc.operator.rollout); the higher of the two holds."""
+    return max(spec.rollout.partition or 0, held or 0)
+
+
+def statefulset(owner: Owner, spec: AdaptiveConsumerSpec, replicas: int, cfg_hash: str,
+                held: int | None = None) -> dict[str, Any]:
     pt = spec.pod_template
     http = {"port": "http", "scheme": "HTTP"}
     volumes: list[dict[str, Any]] = [
-        {"name": "config", "configMap": {"name": config_name(owner.name)}},
+        {"name": "config", "configMap": {"name": config_name(owner.name, cfg_hash)}},
         {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
     ]
     mounts: list[dict[str, Any]] = [
@@ -296,7 +309,7 @@ def statefulset(owner: Owner, spec: AdaptiveConsumerSpec, replicas: int, cfg_has
             "serviceName": owner.name,
             # All members start and stop together; static membership keeps their identities.
             "podManagementPolicy": "Parallel",
-            "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"partition": 0}},
+            "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"partition": partition(spec, held)}},
             "revisionHistoryLimit": 5,
             "selector": {"matchLabels": selector_labels(owner.name)},
             "template": {
@@ -307,12 +320,43 @@ def statefulset(owner: Owner, spec: AdaptiveConsumerSpec, replicas: int, cfg_has
     }
 
 
-def desired_objects(owner: Owner, spec: AdaptiveConsumerSpec) -> list[dict[str, Any]]:
-    """In the order they are applied: the config before the pods that read it."""
-    cm = configmap(owner, spec)
-    cfg_hash = config_hash(cm["data"][CONFIG_KEY])
-    return [cm, service(owner, spec), statefulset(owner, spec, desired_replicas(spec), cfg_hash),
-            pod_disruption_budget(owner, spec)]
+def desired_objects(owner: Owner, spec: AdaptiveConsumerSpec, held: int | None = None) -> list[dict[str, Any]]:
+    """In the order they are applied: the config before the pods that read it. `held`: the
+    partition at which the operator holds a failing rollout (see `partition`)."""
+    document = config_document(spec)
+    cfg_hash = config_hash(document)
+    return [configmap(owner, document, cfg_hash), service(owner, spec),
+            statefulset(owner, spec, desired_replicas(spec), cfg_hash, held), pod_disruption_budget(owner, spec)]
+
+
+def template_hash(sts: Mapping[str, Any]) -> str:
+    """The identity of a StatefulSet's pod template as rendered (a hold applies to one template:
+    a new spec that changes the pods starts a new rollout)."""
+    return hashlib.sha256(json.dumps(sts["spec"]["template"], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def config_volume(template: Mapping[str, Any]) -> str | None:
+    """The ConfigMap a pod template (or a pod's spec) mounts as the runtime's config."""
+    spec = template.get("spec") or {}
+    for v in spec.get("volumes") or []:
+        if v.get("name") == "config" and v.get("configMap"):
+            return v["configMap"].get("name")
+    return None
+
+
+def unused_configs(owner: Owner, configmaps: list[Mapping[str, Any]], in_use: set[str]) -> list[Mapping[str, Any]]:
+    """The ConfigMaps of this AdaptiveConsumer (controlled by it) that no pod, no revision the
+    StatefulSet may still create pods from, and not the current render uses: safe to delete."""
+    out = []
+    for cm in configmaps:
+        meta = cm.get("metadata") or {}
+        refs = [r for r in meta.get("ownerReferences") or [] if r.get("controller")]
+        if not refs or refs[0].get("uid") != owner.uid or meta.get("name") in in_use:
+            continue
+        if meta.get("deletionTimestamp"):
+            continue
+        out.append(cm)
+    return out
 
 
 # --------------------------------------------------------------------------- comparison
