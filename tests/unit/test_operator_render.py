@@ -216,3 +216,41 @@ def test_instance_ids_are_unique_per_namespace_and_within_kafkas_limits() -> Non
     names = [e["name"] for e in container(sts)["env"]]
     assert names.index("AFC_INSTANCE_ID") > max(names.index("POD_NAME"), names.index("POD_NAMESPACE"))
     assert resolve_env(container(sts), "orders-7", "n" * 63)["AFC_INSTANCE_ID"] == render.instance_id("n" * 63, "orders-7")
+
+
+def test_config_is_an_immutable_configmap_per_content_referenced_by_the_pods() -> None:
+    """A config change is a new ConfigMap and a new pod template (a new StatefulSet revision);
+    the old revision's pods keep reading theirs, which nothing changes in place."""
+    a, b = objects(sample()), objects({**sample(), "flow": {"maxInflight": 10}})
+    for objs in (a, b):
+        cm = objs["ConfigMap"]
+        digest = render.config_hash(cm["data"][render.CONFIG_KEY])
+        assert cm["metadata"]["name"] == f"orders-config-{digest}" and cm["immutable"] is True
+        assert cm["metadata"]["labels"][render.L_CONFIG_HASH] == digest
+        assert render.config_volume(objs["StatefulSet"]["spec"]["template"]) == cm["metadata"]["name"]
+    assert a["ConfigMap"]["metadata"]["name"] != b["ConfigMap"]["metadata"]["name"]
+    assert render.template_hash(a["StatefulSet"]) != render.template_hash(b["StatefulSet"])
+    scaled = objects({**sample(), "replicas": 4})
+    assert scaled["ConfigMap"]["metadata"]["name"] == a["ConfigMap"]["metadata"]["name"]
+    assert render.template_hash(scaled["StatefulSet"]) == render.template_hash(a["StatefulSet"])
+
+
+@pytest.mark.parametrize("spec_partition,held,want", [(None, None, 0), (2, None, 2), (None, 3, 3), (2, 1, 2), (1, 2, 2)])
+def test_the_update_partition_is_the_spec_or_the_hold_whichever_holds_more(
+        spec_partition: int | None, held: int | None, want: int) -> None:
+    spec = render.parse_spec({**sample(), "rollout": {"partition": spec_partition} if spec_partition is not None else {}})
+    (sts,) = [o for o in render.desired_objects(OWNER, spec, held=held) if o["kind"] == "StatefulSet"]
+    assert sts["spec"]["updateStrategy"] == {"type": "RollingUpdate", "rollingUpdate": {"partition": want}}
+    assert spec.rollout.progress_deadline_seconds == 600  # as a Deployment's default
+
+
+def test_unused_configs_are_ours_and_used_by_nothing() -> None:
+    def cm(name: str, uid: str = OWNER.uid, deleting: bool = False) -> dict[str, Any]:
+        meta: dict[str, Any] = {"name": name, "ownerReferences": [{"controller": True, "uid": uid}]}
+        if deleting:
+            meta["deletionTimestamp"] = "2027-01-01T00:00:00Z"
+        return {"metadata": meta}
+    cms = [cm("orders-config-a"), cm("orders-config-b"), cm("orders-config-c"), cm("orders-config-d", uid="other"),
+           cm("orders-config"), cm("orders-config-e", deleting=True)]
+    gone = render.unused_configs(OWNER, cms, {"orders-config-a", "orders-config-c"})
+    assert [c["metadata"]["name"] for c in gone] == ["orders-config-b", "orders-config"]
