@@ -6,7 +6,8 @@
   planes without nodes (Pods otherwise stay Pending and a StatefulSet never gets ready).
 - `resolve_env`: a container's environment as a kubelet builds it (downward API, Secret keys,
   `$(VAR)` references to variables defined before).
-- `set_container_waiting`: a kubelet's report of a failing container (CrashLoopBackOff, ...).
+- `set_container_waiting`, `set_container_running`: a kubelet's report of a failing container
+  (CrashLoopBackOff, ...), and of one running and ready again.
 """
 from __future__ import annotations
 
@@ -207,5 +208,16 @@ def set_container_waiting(core_api: Any, namespace: str, pod: str, reason: str, 
         "containerStatuses": [{"name": container, "ready": False, "restartCount": restarts, "image": "afc",
                                "imageID": "", "started": False,
                                "state": {"waiting": {"reason": reason, "message": message}},
+                               "lastState": {}}],
+    }})
+
+
+def set_container_running(core_api: Any, namespace: str, pod: str, container: str = "consumer") -> None:
+    """Report the pod's container running and ready (a pod that recovered)."""
+    core_api.patch_namespaced_pod_status(pod, namespace, {"status": {
+        "phase": "Running",
+        "conditions": [{"type": "Ready", "status": "True"}, {"type": "ContainersReady", "status": "True"}],
+        "containerStatuses": [{"name": container, "ready": True, "restartCount": 0, "image": "afc", "imageID": "",
+                               "started": True, "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}},
                                "lastState": {}}],
     }})
