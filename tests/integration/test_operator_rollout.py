@@ -61,13 +61,14 @@ def test_a_crashlooping_pod_degrades_the_consumer_naming_it(testbed: Testbed, ap
                                                             operator: OperatorProcess, namespace: str, names,
                                                             make_topic) -> None:
     """A kubelet's CrashLoopBackOff on one pod: Degraded=True, reason CrashLoopBackOff, the pod
-    named, a Warning Event; the pod running again: Degraded=False and a Recovered Event."""
-    kubectl_apply(testbed, namespace, consumer(testbed, names, make_topic("orders")))
+    named, a Warning Event; the pod running again: Degraded=False and a Recovered Event. Reported
+    at once (the pod is watched), not at the next poll (every 60 s here)."""
+    kubectl_apply(testbed, namespace, consumer(testbed, names, make_topic("orders"), scaling={"pollIntervalS": 60}))
     ready(api, core, operator, namespace)
     set_container_waiting(core, namespace, "orders-1", "CrashLoopBackOff",
                           "back-off 20s restarting failed container=consumer pod=orders-1")
     ac = operator.wait_until(lambda: (a := get(api, "AdaptiveConsumer", namespace, "orders"))
-                             and condition(a, "Degraded").get("status") == "True" and a, 15, "Degraded")
+                             and condition(a, "Degraded").get("status") == "True" and a, 10, "Degraded")
     degraded = condition(ac, "Degraded")
     assert degraded["reason"] == "CrashLoopBackOff" and "orders-1" in degraded["message"], degraded
     messages = operator.wait_until(lambda: event_messages(testbed, namespace, "CrashLoopBackOff"), 15, "the Event")
@@ -76,7 +77,7 @@ def test_a_crashlooping_pod_degrades_the_consumer_naming_it(testbed: Testbed, ap
 
     set_container_running(core, namespace, "orders-1")
     operator.wait_until(lambda: condition(get(api, "AdaptiveConsumer", namespace, "orders"), "Degraded")
-                        .get("status") == "False", 15, "Degraded=False")
+                        .get("status") == "False", 10, "Degraded=False")
     operator.wait_until(lambda: "Recovered" in event_reasons(testbed, namespace), 15, "a Recovered Event")
 
 
@@ -118,8 +119,11 @@ def test_a_rollout_reports_the_pod_holds_autoscaling_and_stops_at_a_failing_pod(
     assert (held["partition"], held["pod"], held["revision"]) == (2, "orders-2", new)
     operator.wait_until(lambda: "RolloutHeld" in event_reasons(testbed, namespace), 15, "a RolloutHeld Event")
 
-    # it runs again: the StatefulSet controller would roll orders-1 next; the hold keeps it
+    # it runs again: the StatefulSet controller would roll orders-1 next; the hold keeps it,
+    # also across a restart of the operator (the hold lives in the status)
     set_container_running(core, namespace, "orders-2")
+    operator.stop()
+    operator.start()
     time.sleep(4)
     assert revision_of(core, namespace, "orders-1") == old and revision_of(core, namespace, "orders-0") == old
     assert partition(api, namespace) == 2
