@@ -127,7 +127,8 @@ def test_a_rollout_reports_the_pod_holds_autoscaling_and_stops_at_a_failing_pod(
     time.sleep(4)
     assert revision_of(core, namespace, "orders-1") == old and revision_of(core, namespace, "orders-0") == old
     assert partition(api, namespace) == 2
-    assert condition(get(api, "AdaptiveConsumer", namespace, "orders"), "Degraded")["status"] == "True"
+    degraded = condition(get(api, "AdaptiveConsumer", namespace, "orders"), "Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", "RolloutHeld") and "partition 2" in degraded["message"]
 
     # a new spec (the fix) renders another template: released, and the rollout goes through
     kubectl_apply(testbed, namespace, changed(obj, flow={"maxInflight": 128}))

@@ -152,3 +152,23 @@ def test_a_staged_rollout_waits_at_the_spec_partition_without_holding() -> None:
     step = decide(sts(updated=1, partition=2), pods)
     assert step.rolling and step.hold is None and step.pod is None
     assert step.progressing is not None and step.progressing[:2] == (False, ro.ROLLOUT_STAGED)
+
+
+def test_the_reconcile_renders_the_hold_only_for_its_template() -> None:
+    """status.rollout.held sets the StatefulSet's partition while the spec renders the template
+    it held; another template (a fix, or the previous spec back) renders spec.rollout.partition."""
+    from afc.operator import reconcile, render
+    owner = render.Owner(name="orders", namespace="shop", uid="u1")
+    spec = render.parse_spec({"image": "afc:1", "handler": {"handler": "a.b:c"},
+                              "kafka": {"bootstrapServers": "k:9092", "topics": ["t"], "groupId": "g"}})
+
+    def part(objs: list[dict[str, Any]]) -> int:
+        (sts,) = [o for o in objs if o["kind"] == "StatefulSet"]
+        return sts["spec"]["updateStrategy"]["rollingUpdate"]["partition"]
+    objs, template, held = reconcile.rendered(owner, spec, None)
+    assert part(objs) == 0 and held is None
+    hold = {"partition": 2, "template": template}
+    objs, same, held = reconcile.rendered(owner, spec, {"rollout": {"held": hold}})
+    assert part(objs) == 2 and same == template and held == hold
+    objs, _, _ = reconcile.rendered(owner, spec, {"rollout": {"held": {**hold, "template": "another"}}})
+    assert part(objs) == 0
