@@ -64,8 +64,10 @@ def _epoch(ts: str | None) -> float | None:
     return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
 
 
-def ordinal(pod_name: str) -> int:
-    return int(pod_name.rsplit("-", 1)[1])
+def ordinal(sts_name: str, pod_name: str) -> int | None:
+    """The pod's ordinal in the StatefulSet, None for a pod that only carries its labels."""
+    prefix, _, n = pod_name.rpartition("-")
+    return int(n) if prefix == sts_name and n.isdigit() else None
 
 
 def revision(pod: Mapping[str, Any]) -> str | None:
@@ -138,7 +140,7 @@ def decide(sts: Mapping[str, Any] | None, pods: Sequence[Mapping[str, Any]], *, 
         return Step(failures=failures, status=status)  # done (or nothing to roll): a hold has nothing left to hold
     replicas = int((sts.get("spec") or {}).get("replicas") or 0)
     name = (sts.get("metadata") or {}).get("name", "")
-    by_ordinal = {ordinal(p["metadata"]["name"]): p for p in pods}
+    by_ordinal = {o: p for p in pods if (o := ordinal(name, p["metadata"]["name"])) is not None}
     target = None  # the pod being rolled: highest ordinal first, down to the partition
     for i in range(replicas - 1, partition - 1, -1):
         p = by_ordinal.get(i)

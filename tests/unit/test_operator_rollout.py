@@ -172,3 +172,9 @@ def test_the_reconcile_renders_the_hold_only_for_its_template() -> None:
     assert part(objs) == 2 and same == template and held == hold
     objs, _, _ = reconcile.rendered(owner, spec, {"rollout": {"held": {**hold, "template": "another"}}})
     assert part(objs) == 0
+
+
+def test_a_pod_that_only_carries_the_labels_is_not_rolled() -> None:
+    pods = [pod("orders-0", rev="r1"), pod("orders-1"), pod("orders-2"), pod("debug-shell", rev="r1")]
+    step = decide(sts(updated=2), pods)
+    assert step.pod == "orders-0" and step.hold is None
