@@ -99,6 +99,7 @@ class Tracked:
     secrets: dict[str, str] = field(default_factory=dict)
     latest: dict[str, Any] | None = None   # metadata and spec of the newest generation seen
     failing: dict[str, str] = field(default_factory=dict)  # pod -> failure reason, as last reported
+    rolled: bool = False  # a rollout ran since the last RolloutComplete (its pods may still get ready after it)
 
     def newest(self, body: Mapping[str, Any]) -> Mapping[str, Any]:
         """`body`, or the newer spec this operator has seen (a handler may run with the body of
@@ -289,6 +290,7 @@ class Reconciler:
                               lag=done.lag, now=now, extra=done.extra)
         await self._write_status(body, key, owner, previous, new)
         self._post_decisions(body, trigger, done, previous, new)
+        self._post_rollout(body, tr, done, previous, new)
         self._observe_metrics(key, done, new)
         changed = [f"{c.action} {c.kind}/{c.name}" for c in done.changes if c.action != "unchanged"]
         quiet = trigger in ("poll", "rollout", "pod") and not done.problem and not changed and not (
@@ -640,24 +642,27 @@ class Reconciler:
             post_event(body, "Warning", problem.reason, problem.message + retry)
         elif not problem and before.get("status") == "True" and after.get("status") == "False":
             post_event(body, "Normal", "Recovered", f"no longer degraded (was {before.get('reason')})")
-        self._post_rollout(body, done, previous, new)
         ready_before = (st.condition(previous, st.READY) or {}).get("status")
         ready_after = st.condition(new, st.READY) or {}
         if ready_after.get("status") == "True" and ready_before != "True":
             post_event(body, "Normal", "Ready", ready_after.get("message", ""))
 
-    def _post_rollout(self, body: Mapping[str, Any], done: Converged, previous: Mapping[str, Any],
+    def _post_rollout(self, body: Mapping[str, Any], tr: Tracked, done: Converged, previous: Mapping[str, Any],
                       new: Mapping[str, Any]) -> None:
         """The rollout's Events: it started (RollingUpdate, with the pod being rolled), it was
-        held (RolloutHeld, a Warning), it completed (RolloutComplete)."""
+        held (RolloutHeld, a Warning), it completed (RolloutComplete: every pod on one revision
+        and ready, also after a rollback)."""
         before = (st.condition(previous, st.PROGRESSING) or {}).get("reason")
         after = st.condition(new, st.PROGRESSING) or {}
+        tr.rolled = tr.rolled or bool(done.step and done.step.rolling)
         if done.step is not None and done.step.new_hold and done.step.hold is not None:
             post_event(body, "Warning", ro.ROLLOUT_HELD, done.step.hold["message"])
         elif after.get("reason") == ro.ROLLING_UPDATE and before != ro.ROLLING_UPDATE:
             post_event(body, "Normal", ro.ROLLING_UPDATE, after.get("message", ""))
-        elif after.get("reason") == "RolloutComplete" and before in (ro.ROLLING_UPDATE, ro.ROLLOUT_STAGED):
-            post_event(body, "Normal", "RolloutComplete", after.get("message", ""))
+        elif after.get("reason") == "RolloutComplete" and tr.rolled:
+            tr.rolled = False
+            revision = (new.get("rollout") or {}).get("currentRevision")
+            post_event(body, "Normal", "RolloutComplete", f"revision {revision}: {after.get('message', '')}")
 
     def _post_scaling(self, body: Mapping[str, Any], done: Converged, previous: Mapping[str, Any]) -> None:
         """The autoscaler's Events: each change of replicas with its inputs, and the start of

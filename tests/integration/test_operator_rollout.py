@@ -87,7 +87,8 @@ def test_a_rollout_reports_the_pod_holds_autoscaling_and_stops_at_a_failing_pod(
     the pod being rolled and the autoscaler holds (RollingOut). The restarted pod crash-loops: the
     operator sets the StatefulSet's partition to hold the pods below on the old revision,
     Degraded=True and Progressing=False RolloutHeld, a RolloutHeld Event; the stop lasts even when
-    the pod runs again. A new spec releases the hold and the rollout completes."""
+    the pod runs again. The previous spec back releases the hold and rolls the pod back; a fix
+    rolls through."""
     obj = consumer(testbed, names, make_topic("orders"), replicas=3, minReplicas=3, maxReplicas=3,
                    scaling={"mode": "Lag", "pollIntervalS": 1})
     kubectl_apply(testbed, namespace, obj)
@@ -130,13 +131,22 @@ def test_a_rollout_reports_the_pod_holds_autoscaling_and_stops_at_a_failing_pod(
     degraded = condition(get(api, "AdaptiveConsumer", namespace, "orders"), "Degraded")
     assert (degraded["status"], degraded["reason"]) == ("True", "RolloutHeld") and "partition 2" in degraded["message"]
 
-    # a new spec (the fix) renders another template: released, and the rollout goes through
-    kubectl_apply(testbed, namespace, changed(obj, flow={"maxInflight": 128}))
+    # the previous spec back renders another template: released, and orders-2 rolled back
+    kubectl_apply(testbed, namespace, obj)
     operator.wait_until(lambda: partition(api, namespace) == 0, 15, "the hold released")
     ac = ready(api, core, operator, namespace, timeout=90)
     assert condition(ac, "Progressing")["reason"] == "RolloutComplete"
     assert condition(ac, "Degraded")["status"] == "False" and "held" not in ac["status"]["rollout"]
+    assert ac["status"]["rollout"]["updateRevision"] == ac["status"]["rollout"]["currentRevision"] == old
+    assert {revision_of(core, namespace, f"orders-{i}") for i in range(3)} == {old}
     assert "RolloutComplete" in event_reasons(testbed, namespace)
+
+    # a fix (another new spec) rolls through every pod
+    kubectl_apply(testbed, namespace, changed(obj, flow={"maxInflight": 128}))
+    operator.wait_until(lambda: sts_status(api, namespace).get("updateRevision") not in (old, new), 15, "a third revision")
+    ac = ready(api, core, operator, namespace, timeout=90)
+    fixed = ac["status"]["rollout"]["currentRevision"]
+    assert fixed not in (old, new) and {revision_of(core, namespace, f"orders-{i}") for i in range(3)} == {fixed}
 
 
 def test_a_restarted_pod_not_ready_within_the_deadline_exceeds_progress(
