@@ -74,6 +74,7 @@ def test_a_crashlooping_pod_degrades_the_consumer_naming_it(testbed: Testbed, ap
     messages = operator.wait_until(lambda: event_messages(testbed, namespace, "CrashLoopBackOff"), 15, "the Event")
     assert any("orders-1" in m for m in messages), messages
     assert get(api, "StatefulSet", namespace, "orders")["spec"]["replicas"] == 2  # nothing else changed
+    assert partition(api, namespace) == 0  # no rollout: nothing to hold
 
     set_container_running(core, namespace, "orders-1")
     operator.wait_until(lambda: condition(get(api, "AdaptiveConsumer", namespace, "orders"), "Degraded")

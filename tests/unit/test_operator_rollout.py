@@ -49,7 +49,8 @@ def decide(s: dict[str, Any] | None, pods: list[dict[str, Any]], held: dict[str,
 # ------------------------------------------------------------------------------- pod failures
 
 @pytest.mark.parametrize("reason", ["CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull",
-                                    "CreateContainerConfigError"])
+                                    "CreateContainerConfigError", "CreateContainerError", "InvalidImageName",
+                                    "RunContainerError"])
 def test_a_failing_container_is_a_pod_failure_naming_the_pod(reason: str) -> None:
     f = ro.pod_failure(pod("orders-1", ready=False, waiting=reason), T0, 600)
     assert f is not None and (f.pod, f.reason, f.revision) == ("orders-1", reason, "r2")
