@@ -508,23 +508,30 @@ class Reconciler:
             if not gone:
                 return
             ids = [render.instance_id(key[0], p) for p in gone]  # what the pods joined as (render.instance_id_env)
-            try:
-                result = await self.kafka.remove_members(tr.spec, tr.secrets, ids)
-            except Exception as e:  # noqa: BLE001 - retried on the next poll; the session timeout is the fallback
-                self.metrics.poll_errors.labels(*key, "leave-group").inc()
-                if tr.body:
-                    post_event(tr.body, "Warning", "MemberRemovalFailed",
-                               f"could not remove {', '.join(ids)} from group {tr.spec.kafka.group_id}: "
-                               f"{type(e).__name__}: {e}; their partitions move after the session timeout")
-                return
-            for pod_name in gone:
-                tr.departing.pop(pod_name, None)
-            removed = [i for i, err in result.items() if err == "NoError"]
-            self.metrics.members_removed.labels(*key).inc(len(removed))
+            if await self._remove_members(key, tr, ids, "departed static members"):
+                for pod_name in gone:
+                    tr.departing.pop(pod_name, None)
+
+    async def _remove_members(self, key: Key, tr: Tracked, ids: list[str], what: str) -> bool:
+        """LeaveGroup by group.instance.id for members whose pods stopped; an Event either way.
+        False when the request failed (the session timeout remains the fallback)."""
+        assert tr.spec is not None
+        try:
+            result = await self.kafka.remove_members(tr.spec, tr.secrets, ids)
+        except Exception as e:  # noqa: BLE001 - retried on the next poll; the session timeout is the fallback
+            self.metrics.poll_errors.labels(*key, "leave-group").inc()
             if tr.body:
-                post_event(tr.body, "Normal", "MembersRemoved",
-                           f"removed departed static members from group {tr.spec.kafka.group_id} after their pods "
-                           f"stopped: " + ", ".join(f"{i} ({err})" for i, err in sorted(result.items())))
+                post_event(tr.body, "Warning", "MemberRemovalFailed",
+                           f"could not remove {', '.join(ids)} from group {tr.spec.kafka.group_id}: "
+                           f"{type(e).__name__}: {e}; their partitions move after the session timeout")
+            return False
+        removed = [i for i, err in result.items() if err == "NoError"]
+        self.metrics.members_removed.labels(*key).inc(len(removed))
+        if tr.body:
+            post_event(tr.body, "Normal", "MembersRemoved",
+                       f"removed {what} from group {tr.spec.kafka.group_id} after their pods stopped: "
+                       + ", ".join(f"{i} ({err})" for i, err in sorted(result.items())))
+        return True
 
     async def _live_statefulset(self, owner: render.Owner) -> dict[str, Any] | None:
         """Ours, as it stands."""
@@ -735,12 +742,22 @@ class Reconciler:
             await self.reconcile(owner_body, trigger="pod")
 
     async def on_pod_deleted(self, namespace: str, pod: Mapping[str, Any]) -> None:
-        """A consumer pod is gone: if a scale-down removed it, hand its partitions over now."""
+        """A consumer pod is gone: if a scale-down removed it, hand its partitions over now. If it
+        had joined under another group.instance.id than its successor will (a pod of an older
+        render: the bare pod name before ids were `<namespace>.<pod>`), remove that id, which no
+        pod will use again; otherwise the restarted pod keeps its id and nothing is removed."""
         name = ((pod.get("metadata") or {}).get("labels") or {}).get(render.L_INSTANCE)
         pod_name = (pod.get("metadata") or {}).get("name")
-        tr = self._tracked.get((namespace, name)) if name else None
-        if tr is not None and pod_name in tr.departing:
-            await self.hand_off((namespace, name))
+        key = (namespace, name or "")
+        tr = self._tracked.get(key) if name else None
+        if tr is None or tr.spec is None or not pod_name:
+            return
+        if pod_name in tr.departing:
+            await self.hand_off(key)
+            return
+        old = render.pod_instance_id(pod)
+        if tr.spec.membership.static and old and old != render.instance_id(namespace, pod_name):
+            await self._remove_members(key, tr, [old], f"the member {pod_name} ran as before its restart")
 
     async def poll_forever(self, body: Mapping[str, Any], stopped: Any) -> None:
         """The per-resource poll (run by kopf's daemon): reconcile with a fresh measurement and

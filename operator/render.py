@@ -8,8 +8,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from pydantic import ValidationError
 
@@ -131,6 +132,52 @@ def secret_refs(spec: AdaptiveConsumerSpec) -> list[tuple[str, str, SecretKeyRef
     if spec.backpressure.redis_url_secret_ref:
         refs.append(("spec.backpressure.redisUrlSecretRef", "signal_redis_url", spec.backpressure.redis_url_secret_ref))
     return refs
+
+
+_REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
+
+
+def expand(value: str, env: Mapping[str, str]) -> str:
+    """The kubelet's expansion of `$(VAR)` in an env value: defined variables are replaced,
+    undefined references stay as written, `$$` is a literal `$`."""
+    def sub(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        return env.get(m.group(1), m.group(0))
+    return _REF.sub(sub, value)
+
+
+def resolve_env(container: Mapping[str, Any], pod_name: str, namespace: str,
+                secret: Callable[[str, str], str] | None = None) -> dict[str, str]:
+    """What a kubelet puts in the container's environment. `secret(name, key)` reads a Secret
+    key; without it those variables are left out."""
+    env: dict[str, str] = {}
+    for e in container.get("env") or []:
+        if "value" in e:
+            env[e["name"]] = expand(e["value"], env)
+            continue
+        src = e["valueFrom"]
+        if "fieldRef" in src:
+            value = {"metadata.name": pod_name, "metadata.namespace": namespace}.get(src["fieldRef"]["fieldPath"])
+            if value is not None:
+                env[e["name"]] = value
+        elif "secretKeyRef" in src:
+            if secret is not None:  # without a reader, Secret-backed variables are left out
+                env[e["name"]] = secret(src["secretKeyRef"]["name"], src["secretKeyRef"]["key"])
+        # other sources (configMapKeyRef, resourceFieldRef, ...) are left out
+    return env
+
+
+def pod_instance_id(pod: Mapping[str, Any]) -> str | None:
+    """The group.instance.id a pod joined with, read from its own spec as the runtime resolves
+    it (AFC_INSTANCE_ID, then POD_NAME): a pod of an older render (the bare pod name) differs
+    from instance_id()."""
+    meta = pod.get("metadata") or {}
+    container = next((c for c in (pod.get("spec") or {}).get("containers") or [] if c.get("name") == CONTAINER), None)
+    if container is None:
+        return None
+    env = resolve_env(container, meta.get("name", ""), meta.get("namespace", ""))
+    return env.get(ENV_INSTANCE_ID) or env.get("POD_NAME") or None
 
 
 # --------------------------------------------------------------------------- runtime configuration

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -21,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
+
+from afc.operator.render import expand, resolve_env  # noqa: F401 - re-exported for the tests
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parent.parent
@@ -162,39 +163,6 @@ def delete_consumers(kubectl: Sequence[str], namespace: str, timeout: float = 30
     for name in left:
         subprocess.run([*base, "patch", name, "--type=merge", "-p", '{"metadata":{"finalizers":null}}'],
                        capture_output=True, timeout=30)
-
-
-_REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
-
-
-def expand(value: str, env: Mapping[str, str]) -> str:
-    """The kubelet's expansion of `$(VAR)` in an env value: defined variables are replaced,
-    undefined references stay as written, `$$` is a literal `$`."""
-    def sub(m: re.Match[str]) -> str:
-        if m.group(0) == "$$":
-            return "$"
-        return env.get(m.group(1), m.group(0))
-    return _REF.sub(sub, value)
-
-
-def resolve_env(container: Mapping[str, Any], pod_name: str, namespace: str,
-                secret: Callable[[str, str], str] | None = None) -> dict[str, str]:
-    """What a kubelet puts in the container's environment. `secret(name, key)` reads a Secret
-    key; without it those variables are left out."""
-    env: dict[str, str] = {}
-    for e in container.get("env") or []:
-        if "value" in e:
-            env[e["name"]] = expand(e["value"], env)
-            continue
-        src = e["valueFrom"]
-        if "fieldRef" in src:
-            env[e["name"]] = {"metadata.name": pod_name, "metadata.namespace": namespace}[src["fieldRef"]["fieldPath"]]
-        elif "secretKeyRef" in src:
-            if secret is not None:  # without a reader, Secret-backed variables are left out
-                env[e["name"]] = secret(src["secretKeyRef"]["name"], src["secretKeyRef"]["key"])
-        else:
-            raise AssertionError(f"unexpected env source {src}")
-    return env
 
 
 def set_container_waiting(core_api: Any, namespace: str, pod: str, reason: str, message: str = "",

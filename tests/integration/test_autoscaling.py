@@ -11,7 +11,6 @@ object stays until its containers stopped, as on a real node).
 """
 from __future__ import annotations
 
-import base64
 import json
 import threading
 import time
@@ -22,7 +21,8 @@ import pytest
 import yaml
 
 from afc.operator.kube import Kube, KubeError, path_for
-from afc.operator.testing import OperatorProcess, delete_consumers, resolve_env
+from afc.operator import render
+from afc.operator.testing import OperatorProcess, delete_consumers
 from afctest import ConsumerProcess, Testbed, free_port, wait_for
 
 pytestmark = [pytest.mark.k8s, pytest.mark.kafka, pytest.mark.redis]
@@ -86,14 +86,11 @@ class Kubelet:
                 self.release(n, finalizers)
 
     def instance_id(self, pod: Any) -> str:
-        """The group.instance.id the pod's container gets: its env as the kubelet resolves it."""
-        body = self.core.api_client.sanitize_for_serialization(pod)
-        (container,) = body["spec"]["containers"]
-
-        def secret(name: str, key: str) -> str:
-            data = self.core.read_namespaced_secret(name, self.namespace).data or {}
-            return base64.b64decode(data[key]).decode()
-        return resolve_env(container, pod.metadata.name, self.namespace, secret)["AFC_INSTANCE_ID"]
+        """The group.instance.id the pod's container gets: its env as the kubelet resolves it,
+        read as the runtime does (AFC_INSTANCE_ID, then POD_NAME)."""
+        iid = render.pod_instance_id(self.core.api_client.sanitize_for_serialization(pod))
+        assert iid, f"pod {pod.metadata.name} has no group.instance.id in its env"
+        return iid
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -473,4 +470,41 @@ def test_scale_down_hands_the_departed_members_partitions_over(
         else:
             assert gap >= session_s - 3, f"{gap:.2f}s: faster than the session timeout without a hand-off?"
             assert "MembersRemoved" not in reasons
+        assert kubelet.error is None, kubelet.error
+
+
+def test_an_upgrade_removes_the_members_old_ids(testbed: Testbed, api: Kube, core, operator: OperatorProcess,
+                                                namespace: str, names, make_topic, tmp_path: Path) -> None:
+    """Pods rendered before group.instance.id was `<namespace>.<pod>` joined under the bare pod
+    name. When the operator rolls them onto its render, it removes each old id from the group as
+    that pod goes (LeaveGroup by instance id), so the group holds only the new ids well before the
+    session timeout, instead of ghosts sitting on partitions until it."""
+    session_s = 40
+    topic = make_topic("orders", partitions=4)
+    obj = consumer(testbed, names, topic, replicas=0, minReplicas=0, maxReplicas=2,
+                   membership={"sessionTimeoutMs": session_s * 1000}, scaling={"mode": "Off", "pollIntervalS": 1})
+    env = {"AFC_TEST_HASH": f"{names.redis_prefix}seen", "AFC_MEMBERSHIP__SESSION_TIMEOUT_MS": str(session_s * 1000),
+           "AFC_SHUTDOWN__DRAIN_TIMEOUT_S": "5", "AFC_ROUTING__ENABLED": "false"}
+    apply(testbed, namespace, obj)
+    sts = wait_for(lambda: (s := api.request("GET", path_for("StatefulSet", namespace)).get("items")) and s[0], 30,
+                   what="the StatefulSet")
+    operator.stop()
+    # what an older operator rendered: no AFC_INSTANCE_ID (the runtime falls back to POD_NAME)
+    (index,) = [i for i, e in enumerate(sts["spec"]["template"]["spec"]["containers"][0]["env"])
+                if e["name"] == "AFC_INSTANCE_ID"]
+    testbed.run_kubectl("patch", "statefulset/orders", "-n", namespace, "--type=json", "-p", json.dumps([
+        {"op": "remove", "path": f"/spec/template/spec/containers/0/env/{index}"},
+        {"op": "replace", "path": "/spec/replicas", "value": 2}]))
+    testbed.run_kubectl("patch", "ac/orders", "-n", namespace, "--type=merge", "-p", '{"spec":{"replicas":2}}')
+    legacy, new = {"orders-0", "orders-1"}, {f"{namespace}.orders-0", f"{namespace}.orders-1"}
+    with Kubelet(testbed, core, namespace, topic, names.group, "autoscale_handlers:record", tmp_path,
+                 names.redis_prefix, env) as kubelet:
+        wait_for(lambda: set(assignment(testbed, names.group)) == legacy, 60, what="the members under the old ids")
+        operator.start()
+        started = time.monotonic()
+        wait_for(lambda: set(assignment(testbed, names.group)) == new, session_s - 10, interval=0.5,
+                 what="only the new ids in the group")
+        print(f"upgrade: only the new ids after {time.monotonic() - started:.1f}s (session timeout {session_s}s)")
+        removed = [e["message"] for e in events(testbed, namespace) if e["reason"] == "MembersRemoved"]
+        assert any("orders-0 (NoError)" in m for m in removed) and any("orders-1 (NoError)" in m for m in removed), removed
         assert kubelet.error is None, kubelet.error

@@ -254,3 +254,16 @@ def test_unused_configs_are_ours_and_used_by_nothing() -> None:
            cm("orders-config"), cm("orders-config-e", deleting=True)]
     gone = render.unused_configs(OWNER, cms, {"orders-config-a", "orders-config-c"})
     assert [c["metadata"]["name"] for c in gone] == ["orders-config-b", "orders-config"]
+
+
+def test_the_id_a_pod_joined_with_is_read_from_its_own_spec() -> None:
+    """A restarted pod of the same render keeps its id (nothing to remove from the group); a pod
+    of an older render that used the bare pod name is told apart (its id is removed when it goes)."""
+    sts = objects(sample())["StatefulSet"]
+    pod = {"metadata": {"name": "orders-1", "namespace": "shop"}, "spec": sts["spec"]["template"]["spec"]}
+    assert render.pod_instance_id(pod) == render.instance_id("shop", "orders-1") == "shop.orders-1"
+    legacy = json.loads(json.dumps(pod))
+    (c,) = legacy["spec"]["containers"]
+    c["env"] = [e for e in c["env"] if e["name"] != render.ENV_INSTANCE_ID]
+    assert render.pod_instance_id(legacy) == "orders-1"
+    assert render.pod_instance_id({"metadata": {"name": "x"}, "spec": {"containers": [{"name": "sidecar"}]}}) is None
