@@ -90,6 +90,15 @@ def pod_failure(pod: Mapping[str, Any], now: float, deadline_s: float) -> PodFai
     rev = revision(pod)
     for cs in [*(st.get("initContainerStatuses") or []), *(st.get("containerStatuses") or [])]:
         waiting = (cs.get("state") or {}).get("waiting") or {}
+        last = (cs.get("lastState") or {}).get("terminated") or {}
+        crashed = not cs.get("ready") and last.get("exitCode") not in (None, 0)
+        if waiting.get("reason") == "CrashLoopBackOff" or (crashed and waiting.get("reason") not in FAILING_WAITING):
+            # A crash loop cycles through waiting (back-off), running (not ready yet) and
+            # terminated: one reason and one message for the whole cycle (the kubelet's back-off
+            # message changes every time), so the condition neither flaps nor posts an Event per restart.
+            exit_ = f"; last exit {last.get('reason') or 'Error'} (code {last.get('exitCode')})" if last else ""
+            return PodFailure(name, "CrashLoopBackOff", f"pod {name} container {cs.get('name')}: "
+                              f"CrashLoopBackOff{exit_}", rev)
         if waiting.get("reason") in FAILING_WAITING:
             detail = f": {waiting['message']}" if waiting.get("message") else ""
             return PodFailure(name, waiting["reason"], f"pod {name} container {cs.get('name')}: "

@@ -2,6 +2,7 @@
 as the apiserver holds them."""
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -179,3 +180,26 @@ def test_a_pod_that_only_carries_the_labels_is_not_rolled() -> None:
     pods = [pod("orders-0", rev="r1"), pod("orders-1"), pod("orders-2"), pod("debug-shell", rev="r1")]
     step = decide(sts(updated=2), pods)
     assert step.pod == "orders-0" and step.hold is None
+
+
+def test_a_crash_loop_is_one_failure_through_its_whole_cycle() -> None:
+    """Back-off (waiting), restarted (running, not ready), back-off again with a longer delay:
+    the same reason and message throughout, so Degraded does not flap nor post an Event each time."""
+    last = {"terminated": {"reason": "OOMKilled", "exitCode": 137}}
+    waiting = pod("orders-1", ready=False, waiting="CrashLoopBackOff")
+    waiting["status"]["containerStatuses"][0]["lastState"] = last
+    longer = json.loads(json.dumps(waiting))
+    longer["status"]["containerStatuses"][0]["state"]["waiting"]["message"] = "back-off 2m40s"
+    running = pod("orders-1", ready=False)
+    running["status"]["containerStatuses"] = [{"name": "consumer", "ready": False, "restartCount": 5,
+                                               "state": {"running": {}}, "lastState": last}]
+    failures = {ro.pod_failure(p, T0, 600) for p in (waiting, longer, running)}
+    assert len(failures) == 1
+    (f,) = failures
+    assert f is not None and f.reason == "CrashLoopBackOff" and "OOMKilled (code 137)" in f.message
+    # a clean exit before (a rolling restart) is not a crash
+    clean = pod("orders-1", ready=False)
+    clean["status"]["containerStatuses"] = [{"name": "consumer", "ready": False, "restartCount": 1,
+                                             "state": {"running": {}},
+                                             "lastState": {"terminated": {"reason": "Completed", "exitCode": 0}}}]
+    assert ro.pod_failure(clean, T0, 600) is None
