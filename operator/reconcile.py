@@ -100,6 +100,7 @@ class Tracked:
     latest: dict[str, Any] | None = None   # metadata and spec of the newest generation seen
     failing: dict[str, str] = field(default_factory=dict)  # pod -> failure reason, as last reported
     rolled: bool = False  # a rollout ran since the last RolloutComplete (its pods may still get ready after it)
+    collected: tuple[Any, ...] | None = None  # what the last complete config collection looked at
 
     def newest(self, body: Mapping[str, Any]) -> Mapping[str, Any]:
         """`body`, or the newer spec this operator has seen (a handler may run with the body of
@@ -328,7 +329,7 @@ class Reconciler:
                     self._track_departures(tr, owner.name, before, live)
             pods = await self.kube.list_objects("Pod", owner.namespace, render.selector_labels(owner.name))
             await self._rollout(owner, spec, tr, done, pods, template, held, now)
-            await self._collect_configs(owner, done.sts, pods)
+            await self._collect_configs(owner, tr, done.sts, pods)
             done.problem = snap.problem
             degraded = ro.degraded(done.step.failures, done.step.hold) if done.step else None
             if done.problem is None and degraded:
@@ -369,16 +370,21 @@ class Reconciler:
         if step.progressing is not None:
             done.extra.setdefault("conditions", {})[st.PROGRESSING] = step.progressing
 
-    async def _collect_configs(self, owner: render.Owner, sts: Mapping[str, Any] | None,
+    async def _collect_configs(self, owner: render.Owner, tr: Tracked, sts: Mapping[str, Any] | None,
                                pods: list[dict[str, Any]]) -> None:
         """Delete this AdaptiveConsumer's ConfigMaps that nothing uses any more: not the current
         render, not a pod, not the StatefulSet's current or update revision (from which it may
-        still create pods: a pod below the partition is recreated at the current revision)."""
+        still create pods: a pod below the partition is recreated at the current revision).
+        Skipped while none of these changed since the last complete pass (no reads per poll)."""
         if sts is None:
             return
         s = sts.get("status") or {}
         if int(s.get("observedGeneration") or 0) < int((sts.get("metadata") or {}).get("generation") or 0):
             return  # the revisions are not known yet
+        looked_at = (s.get("currentRevision"), s.get("updateRevision"), render.config_volume(sts["spec"]["template"]),
+                     frozenset(render.config_volume(p) for p in pods))
+        if looked_at == tr.collected:
+            return
         in_use = {render.config_volume(sts["spec"]["template"])}
         for rev in {s.get("currentRevision"), s.get("updateRevision")} - {None, ""}:
             cr = await self.kube.get(path_for("ControllerRevision", owner.namespace, rev))
@@ -392,6 +398,7 @@ class Reconciler:
             if await self.kube.delete("ConfigMap", owner.namespace, meta["name"], meta["uid"]):
                 logger.info("config deleted", extra={"object": f"{owner.namespace}/{owner.name}",
                                                      "configmap": meta["name"], "why": "no pod or revision uses it"})
+        tr.collected = looked_at
 
     def _record(self, tr: Tracked, spec: AdaptiveConsumerSpec, snap: Snapshot) -> None:
         tr.snapshot = snap

@@ -4,6 +4,7 @@ the kubelet until the consumer is Ready and no longer Progressing)."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from afctest import Testbed
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "manifests" / "samples" / "afc_v1alpha1_adaptiveconsumer.yaml"
+CRD = ROOT / "crds" / "afc.dev_adaptiveconsumers.yaml"
 SELECTOR = "app.kubernetes.io/instance={name},app.kubernetes.io/name=afc-consumer"
 CHILD_KINDS = ("ConfigMap", "Service", "StatefulSet", "PodDisruptionBudget")
 FAST = {"AFC_OPERATOR_BACKOFF_MAX_S": "4", "AFC_OPERATOR_KAFKA_TIMEOUT_S": "2"}
@@ -93,3 +95,19 @@ def ready(api: Kube, core, op: OperatorProcess, namespace: str, name: str = "ord
                    and condition(ac, "Ready").get("observedGeneration") == (ac or {}).get("metadata", {}).get("generation"))
         return ac if settled else None
     return op.wait_until(check, timeout, f"{name} Ready", interval=0.5)
+
+
+def serve_this_crd(testbed: Testbed, namespace: str, probe: dict[str, Any], timeout: float = 15) -> None:
+    """Apply this checkout's CRD again and wait until the apiserver accepts `probe` (a server-side
+    dry run). The test bed's CRD is cluster-wide and every checkout's test session applies its own
+    at start, so a newer field may vanish under a running session; tests that need one call this."""
+    testbed.run_kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD))
+    deadline = time.monotonic() + timeout
+    while True:
+        r = testbed.run_kubectl("apply", "-n", namespace, "--dry-run=server", "-f", "-", input=json.dumps(probe),
+                                check=False)
+        if r.returncode == 0:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the apiserver does not serve this checkout's CRD: {r.stderr}")
+        time.sleep(0.5)
