@@ -82,6 +82,13 @@ class Rule:
         return out
 
 
+def immutable(field: str, why: str) -> dict[str, Any]:
+    """A CEL transition rule: the apiserver refuses an update that changes the field. The
+    operator cannot check transitions itself (it sees one spec at a time), so it is CEL only."""
+    return {"x-kubernetes-validations": [{"rule": "self == oldSelf", "message": f"{field} is immutable: {why}",
+                                          "reason": "FieldValueForbidden"}]}
+
+
 def _crd_schema_extra(schema: dict[str, Any], cls: type[BaseModel]) -> None:
     """pydantic hook: drop the properties the CRD must not have, add the class's CEL rules."""
     for name in getattr(cls, "crd_drop", ()):
@@ -189,7 +196,10 @@ class KafkaSpec(Checked, KafkaSettings):
     topics: list[TopicName] = Field(min_length=1, max_length=64,
                                     json_schema_extra={"x-kubernetes-list-type": "set"},
                                     description="Topics to consume (at least one, unique).")
-    group_id: str = Field(min_length=1, max_length=249, description="Consumer group id.")
+    group_id: str = Field(min_length=1, max_length=249, description="Consumer group id (immutable).",
+                          json_schema_extra=immutable(
+                              "kafka.groupId", "a rolling update would run the old and the new group side by side, "
+                              "each consuming every partition; create a new AdaptiveConsumer for the new group"))
     extra: dict[str, str] = Field(default_factory=dict, max_length=64,
                                   description="Further librdkafka properties, passed through as given.")
     sasl_password_secret_ref: SecretKeyRef | None = Field(
@@ -199,9 +209,14 @@ class KafkaSpec(Checked, KafkaSettings):
 
 
 class MembershipSpec(Checked, MembershipSettings):
-    """The runtime's `membership` section; the pod name is the group.instance.id."""
+    """The runtime's `membership` section; `<namespace>.<pod name>` is the group.instance.id."""
     model_config = ConfigDict(json_schema_extra=_crd_schema_extra)
     crd_drop = ("instanceId",)
+    static: bool = Field(MembershipSettings.model_fields["static"].default,
+                         description=f"{MembershipSettings.model_fields['static'].description} Immutable.",
+                         json_schema_extra=immutable(
+                             "membership.static", "a rolling update would mix static and dynamic members in one "
+                             "group and rebalance on every restart; create a new AdaptiveConsumer instead"))
 
 
 class FlowSpec(Checked, FlowSettings):
@@ -329,6 +344,20 @@ def _env_not_reserved(p: "PodTemplateOverrides") -> bool:
     return all(e.name not in RESERVED_ENV and not e.name.startswith(RESERVED_ENV_PREFIX) for e in p.env)
 
 
+class RolloutSpec(CrdModel):
+    """How a new revision (a changed pod template or config) rolls through the pods: a
+    StatefulSet rolling update, highest ordinal first, one pod at a time. A `canary` block
+    (a share of pods first, health gates, promotion or rollback) is planned beside these."""
+    partition: int | None = Field(None, ge=0, le=1_000, description="Only pods with an ordinal >= partition get a "
+                                  "new revision; the others keep the previous one (a staged rollout: lower it to go "
+                                  "on). Unset: every pod.")
+    progress_deadline_seconds: int = Field(600, ge=10, le=86_400, description="How long a restarted pod may take to "
+                                           "become ready. Beyond it, or as soon as a pod of the new revision fails "
+                                           "(CrashLoopBackOff, image pull errors, ...), the operator holds the "
+                                           "rollout at that pod (rollingUpdate.partition) and reports Degraded and "
+                                           "Progressing=False (ProgressDeadlineExceeded, as a Deployment's).")
+
+
 class PodTemplateOverrides(CrdModel):
     """What may be changed in the consumer pods; everything else is the operator's."""
     crd_rules = (
@@ -379,6 +408,7 @@ class AdaptiveConsumerSpec(CrdModel):
     shutdown: ShutdownSettings = section(ShutdownSettings, "Graceful drain on SIGTERM.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     scaling: ScalingSpec = section(ScalingSpec, "Lag-based scaling inputs.")
+    rollout: RolloutSpec = section(RolloutSpec, "How a new revision rolls through the pods.")
     pod_template: PodTemplateOverrides = section(PodTemplateOverrides, "Overrides for the consumer pods.")
 
 
@@ -438,6 +468,26 @@ class ScalingStatus(CrdModel):
     inputs: ScalingInputs | None = None
 
 
+class RolloutHold(CrdModel):
+    partition: int = Field(description="The StatefulSet's rollingUpdate.partition the operator set: pods below it "
+                           "keep the previous revision.")
+    template: str = Field(description="Hash of the pod template held; a spec that renders another template "
+                          "(a fix, or the previous spec back) releases the hold.")
+    revision: str | None = Field(None, description="The StatefulSet revision held.")
+    pod: str | None = None
+    reason: str | None = None
+    message: str | None = Field(None, max_length=4_096)
+    since: str | None = Field(None, json_schema_extra={"format": "date-time"})
+
+
+class RolloutStatus(CrdModel):
+    current_revision: str | None = Field(None, description="The StatefulSet revision the pods ran before the rollout.")
+    update_revision: str | None = Field(None, description="The revision being rolled out.")
+    partition: int | None = Field(None, description="The StatefulSet's rollingUpdate.partition.")
+    pod: str | None = Field(None, description="The pod being rolled (restarted, or waited for).")
+    held: RolloutHold | None = Field(None, description="Set when the operator stopped a failing rollout.")
+
+
 class AdaptiveConsumerStatus(CrdModel):
     observed_generation: int | None = None
     replicas: int | None = Field(None, description="Pods of the StatefulSet (the scale subresource).")
@@ -450,6 +500,7 @@ class AdaptiveConsumerStatus(CrdModel):
     lag: LagSummary | None = None
     backpressure: BackpressureStatus | None = None
     scaling: ScalingStatus | None = None
+    rollout: RolloutStatus | None = None
 
 
 # --------------------------------------------------------------------------- structural schema

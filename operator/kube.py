@@ -20,6 +20,7 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "Secret": ("/api/v1", "secrets"),
     "Service": ("/api/v1", "services"),
     "StatefulSet": ("/apis/apps/v1", "statefulsets"),
+    "ControllerRevision": ("/apis/apps/v1", "controllerrevisions"),
     "PodDisruptionBudget": ("/apis/policy/v1", "poddisruptionbudgets"),
     "Pod": ("/api/v1", "pods"),
     "AdaptiveConsumer": (f"/apis/{GROUP}/{VERSION}", PLURAL),
@@ -110,6 +111,23 @@ class Kube:
         path = path_for(obj["kind"], meta["namespace"], meta["name"])
         return await self._run("PATCH", path, body=dict(obj), content_type="application/apply-patch+yaml",
                                query=[("fieldManager", field_manager), ("force", "true")])
+
+    async def list_objects(self, kind: str, namespace: str, selector: Mapping[str, str]) -> list[dict[str, Any]]:
+        """The objects of a kind in a namespace matching every label of `selector`."""
+        sel = ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
+        return (await self._run("GET", path_for(kind, namespace), query=[("labelSelector", sel)])).get("items") or []
+
+    async def delete(self, kind: str, namespace: str, name: str, uid: str) -> bool:
+        """Delete that very object (a uid precondition: not a namesake created meanwhile).
+        False when it is gone already."""
+        body = {"apiVersion": "v1", "kind": "DeleteOptions", "preconditions": {"uid": uid}}
+        try:
+            await self._run("DELETE", path_for(kind, namespace, name), body=body)
+            return True
+        except KubeError as e:
+            if e.not_found or e.status == 409:
+                return False
+            raise
 
     async def patch_status(self, kind: str, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any]:
         """A JSON merge patch of the status (null removes a key)."""

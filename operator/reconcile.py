@@ -24,7 +24,7 @@ from typing import Any, Mapping
 
 import kopf
 
-from afc.operator import render, scaling as sc, status as st
+from afc.operator import render, rollout as ro, scaling as sc, status as st
 from afc.operator.crd import API_VERSION, GROUP, KIND, PLURAL, VERSION, AdaptiveConsumerSpec
 from afc.operator.kafka import KafkaProbe, Snapshot, lag_summary
 from afc.operator.kube import Kube, KubeError, path_for
@@ -70,6 +70,7 @@ class Converged:
     lag: dict[str, Any] | None = None
     decision: sc.Decision | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    step: ro.Step | None = None
 
 
 @dataclass
@@ -93,10 +94,13 @@ class Tracked:
     decision: sc.Decision | None = None
     decided_at: str | None = None
     last_scale_time: str | None = None
-    departing: dict[str, float] = field(default_factory=dict)   # group.instance.id -> since (monotonic)
+    departing: dict[str, float] = field(default_factory=dict)   # pod name -> since (monotonic)
     spec: AdaptiveConsumerSpec | None = None
     secrets: dict[str, str] = field(default_factory=dict)
     latest: dict[str, Any] | None = None   # metadata and spec of the newest generation seen
+    failing: dict[str, str] = field(default_factory=dict)  # pod -> failure reason, as last reported
+    rolled: bool = False  # a rollout ran since the last RolloutComplete (its pods may still get ready after it)
+    collected: tuple[Any, ...] | None = None  # what the last complete config collection looked at
 
     def newest(self, body: Mapping[str, Any]) -> Mapping[str, Any]:
         """`body`, or the newer spec this operator has seen (a handler may run with the body of
@@ -143,15 +147,16 @@ def applied_change(before: Mapping[str, Any], after: Mapping[str, Any], paths: l
     return bool(paths) or "generation" not in a
 
 
-def rolling_out(sts: Mapping[str, Any] | None) -> bool:
-    """A new revision is rolling through the pods (not a mere change of replicas)."""
-    if not sts:
-        return False
-    s = sts.get("status") or {}
-    if int(s.get("observedGeneration") or 0) < int((sts.get("metadata") or {}).get("generation") or 0):
-        return False  # not observed yet: a scale or a rollout, the next look tells
-    return bool(s.get("updateRevision")) and s.get("currentRevision") != s.get("updateRevision") \
-        and int(s.get("updatedReplicas") or 0) < int((sts.get("spec") or {}).get("replicas") or 0)
+def rendered(owner: render.Owner, spec: AdaptiveConsumerSpec, status: Mapping[str, Any] | None
+             ) -> tuple[list[dict[str, Any]], str, dict[str, Any] | None]:
+    """The objects to apply, the hash of their pod template, and the rollout hold that applies
+    to it (status.rollout.held, kept while the spec renders the same template)."""
+    objs = render.desired_objects(owner, spec)
+    template = render.template_hash(next(o for o in objs if o["kind"] == "StatefulSet"))
+    held = ((status or {}).get("rollout") or {}).get("held")
+    if held and held.get("template") == template:
+        return render.desired_objects(owner, spec, held=int(held["partition"])), template, held
+    return objs, template, held
 
 
 def policy_for(spec: AdaptiveConsumerSpec) -> sc.Policy:
@@ -167,8 +172,8 @@ def policy_for(spec: AdaptiveConsumerSpec) -> sc.Policy:
                      auto_offset_reset=spec.kafka.auto_offset_reset)
 
 
-def departed_ids(name: str, before: int, after: int) -> list[str]:
-    """The group.instance.ids (pod names) a StatefulSet going from `before` to `after` removes."""
+def departed_pods(name: str, before: int, after: int) -> list[str]:
+    """The pods a StatefulSet going from `before` to `after` replicas removes."""
     return [f"{name}-{i}" for i in range(after, before)]
 
 
@@ -276,7 +281,7 @@ class Reconciler:
         if written and written[0] == owner.uid:
             # What we wrote last is at least as new as a body from an index or a queued event.
             previous = union(previous, written[1])
-        done = await self._converge(owner, body, tr, now, poll=trigger == "poll")
+        done = await self._converge(owner, body, tr, now, poll=trigger == "poll", previous=previous)
         body = done.body or body
         owner = render.Owner.from_body(body)
         tr.body = {k: body[k] for k in ("apiVersion", "kind", "metadata") if k in body}
@@ -286,9 +291,10 @@ class Reconciler:
                               lag=done.lag, now=now, extra=done.extra)
         await self._write_status(body, key, owner, previous, new)
         self._post_decisions(body, trigger, done, previous, new)
+        self._post_rollout(body, tr, done, previous, new)
         self._observe_metrics(key, done, new)
         changed = [f"{c.action} {c.kind}/{c.name}" for c in done.changes if c.action != "unchanged"]
-        quiet = trigger in ("poll", "rollout") and not done.problem and not changed and not (
+        quiet = trigger in ("poll", "rollout", "pod") and not done.problem and not changed and not (
             done.decision and done.decision.scaled)
         logger.log(logging.DEBUG if quiet else logging.INFO, "reconciled", extra={
             "object": f"{owner.namespace}/{owner.name}", "trigger": trigger, "generation": owner.generation,
@@ -299,7 +305,7 @@ class Reconciler:
         return Outcome(done.problem, new, done.changes, done.decision)
 
     async def _converge(self, owner: render.Owner, body: Mapping[str, Any], tr: Tracked, now: str,
-                        poll: bool) -> Converged:
+                        poll: bool, previous: Mapping[str, Any]) -> Converged:
         """Make the cluster match the spec: Secrets present, (on a poll) replicas decided,
         objects applied, the group measured. Stops at the first problem, which says what and where."""
         done = Converged(body=body)
@@ -314,13 +320,20 @@ class Reconciler:
                 await self._decide(done, tr, live, now)
                 spec, owner = done.spec, render.Owner.from_body(done.body)
             done.desired = render.desired_replicas(spec)
-            for obj in render.desired_objects(owner, spec):
+            objs, template, held = rendered(owner, spec, previous)
+            for obj in objs:
                 change, before, live = await self._apply(owner, obj)
                 done.changes.append(change)
                 if obj["kind"] == "StatefulSet":
                     done.sts = live
                     self._track_departures(tr, owner.name, before, live)
+            pods = await self.kube.list_objects("Pod", owner.namespace, render.selector_labels(owner.name))
+            await self._rollout(owner, spec, tr, done, pods, template, held, now)
+            await self._collect_configs(owner, tr, done.sts, pods)
             done.problem = snap.problem
+            degraded = ro.degraded(done.step.failures, done.step.hold) if done.step else None
+            if done.problem is None and degraded:
+                done.problem = Problem(*degraded, observed=True)
             if snap.observation is not None:
                 seconds = tr.decision.metrics.lag_seconds if poll and tr.decision else None
                 done.lag = lag_summary(snap.observation, spec.kafka.auto_offset_reset, now, seconds)
@@ -336,6 +349,56 @@ class Reconciler:
             logger.exception("reconcile failed", extra={"object": f"{owner.namespace}/{owner.name}"})
             done.problem = Problem(INTERNAL_ERROR, f"{type(e).__name__}: {e}")
         return done
+
+    async def _rollout(self, owner: render.Owner, spec: AdaptiveConsumerSpec, tr: Tracked, done: Converged,
+                       pods: list[dict[str, Any]], template: str, held: Mapping[str, Any] | None, now: str) -> None:
+        """The rollout's step (afc.operator.rollout.decide): status.rollout and Progressing, and
+        a new hold applied at once (the StatefulSet's partition, so no further pod is rolled)."""
+        step = ro.decide(done.sts, pods, template=template, held=held,
+                         deadline_s=spec.rollout.progress_deadline_seconds, now=time.time(), now_iso=now)
+        if step.new_hold and step.hold is not None:
+            sts = next(o for o in render.desired_objects(owner, spec, held=int(step.hold["partition"]))
+                       if o["kind"] == "StatefulSet")
+            done.sts = await self.kube.apply(sts, self.cfg.field_manager)
+            logger.warning("rollout held", extra={"object": f"{owner.namespace}/{owner.name}",
+                                                  "partition": step.hold["partition"], "pod": step.hold["pod"],
+                                                  "reason": step.hold["reason"]})
+        done.step = step
+        tr.failing = {f.pod: f.reason for f in step.failures}
+        if done.sts is not None:
+            done.extra["rollout"] = clean(step.status)
+        if step.progressing is not None:
+            done.extra.setdefault("conditions", {})[st.PROGRESSING] = step.progressing
+
+    async def _collect_configs(self, owner: render.Owner, tr: Tracked, sts: Mapping[str, Any] | None,
+                               pods: list[dict[str, Any]]) -> None:
+        """Delete this AdaptiveConsumer's ConfigMaps that nothing uses any more: not the current
+        render, not a pod, not the StatefulSet's current or update revision (from which it may
+        still create pods: a pod below the partition is recreated at the current revision).
+        Skipped while none of these changed since the last complete pass (no reads per poll)."""
+        if sts is None:
+            return
+        s = sts.get("status") or {}
+        if int(s.get("observedGeneration") or 0) < int((sts.get("metadata") or {}).get("generation") or 0):
+            return  # the revisions are not known yet
+        looked_at = (s.get("currentRevision"), s.get("updateRevision"), render.config_volume(sts["spec"]["template"]),
+                     frozenset(render.config_volume(p) for p in pods))
+        if looked_at == tr.collected:
+            return
+        in_use = {render.config_volume(sts["spec"]["template"])}
+        for rev in {s.get("currentRevision"), s.get("updateRevision")} - {None, ""}:
+            cr = await self.kube.get(path_for("ControllerRevision", owner.namespace, rev))
+            if cr is None:
+                return  # not readable now: keep everything until the next look
+            in_use.add(render.config_volume(((cr.get("data") or {}).get("spec") or {}).get("template") or {}))
+        in_use |= {render.config_volume(p) for p in pods}
+        configs = await self.kube.list_objects("ConfigMap", owner.namespace, render.selector_labels(owner.name))
+        for cm in render.unused_configs(owner, configs, {n for n in in_use if n}):
+            meta = cm["metadata"]
+            if await self.kube.delete("ConfigMap", owner.namespace, meta["name"], meta["uid"]):
+                logger.info("config deleted", extra={"object": f"{owner.namespace}/{owner.name}",
+                                                     "configmap": meta["name"], "why": "no pod or revision uses it"})
+        tr.collected = looked_at
 
     def _record(self, tr: Tracked, spec: AdaptiveConsumerSpec, snap: Snapshot) -> None:
         tr.snapshot = snap
@@ -362,7 +425,7 @@ class Reconciler:
             stale = (snap.problem.message if snap and snap.problem else snap.lag_error if snap else "not measured")
         bp_share, bp_status = await self._backpressure(spec, done.secrets)
         done.extra["backpressure"] = clean(bp_status)
-        rolling = rolling_out(live_sts)
+        rolling = ro.in_progress(live_sts)
         t = time.time()
         ctx = sc.Context(now=t, current=spec.replicas, rolling=rolling, backpressure=bp_share, stale=stale,
                          recommendations=tuple(tr.recommendations), known_rate=tr.known_rate)
@@ -420,15 +483,15 @@ class Reconciler:
         """Which pods a change of the StatefulSet's replicas removes (their members are
         removed from the group once the pods are gone), and which come back."""
         new = int((after.get("spec") or {}).get("replicas") or 0)
-        for iid in [i for i in tr.departing if int(i.rsplit("-", 1)[1]) < new]:
-            tr.departing.pop(iid)  # scaled up again before it left: it stays a member
+        for pod in [p for p in tr.departing if int(p.rsplit("-", 1)[1]) < new]:
+            tr.departing.pop(pod)  # scaled up again before it left: it stays a member
         if before is None:
             return
         old = int((before.get("spec") or {}).get("replicas") or 0)
         if tr.spec is not None and not tr.spec.scaling.leave_group_on_scale_down:
             return
-        for iid in departed_ids(name, old, new):
-            tr.departing.setdefault(iid, time.monotonic())
+        for pod in departed_pods(name, old, new):
+            tr.departing.setdefault(pod, time.monotonic())
 
     async def hand_off(self, key: Key) -> None:
         """Remove departed static members whose pods are gone (they drained and committed on
@@ -440,34 +503,42 @@ class Reconciler:
         lock = self._handoff_locks.setdefault(key, asyncio.Lock())
         async with lock:
             gone = []
-            for iid in list(tr.departing):
+            for pod_name in list(tr.departing):
                 try:
-                    pod = await self.kube.get(path_for("Pod", key[0], iid))
+                    pod = await self.kube.get(path_for("Pod", key[0], pod_name))
                 except KubeError as e:
                     logger.warning("pod not readable; hand-off waits", extra={"object": f"{key[0]}/{key[1]}",
-                                                                              "pod": iid, "error": str(e)})
+                                                                              "pod": pod_name, "error": str(e)})
                     return
                 if pod is None:
-                    gone.append(iid)
+                    gone.append(pod_name)
             if not gone:
                 return
-            try:
-                result = await self.kafka.remove_members(tr.spec, tr.secrets, gone)
-            except Exception as e:  # noqa: BLE001 - retried on the next poll; the session timeout is the fallback
-                self.metrics.poll_errors.labels(*key, "leave-group").inc()
-                if tr.body:
-                    post_event(tr.body, "Warning", "MemberRemovalFailed",
-                               f"could not remove {', '.join(gone)} from group {tr.spec.kafka.group_id}: "
-                               f"{type(e).__name__}: {e}; their partitions move after the session timeout")
-                return
-            for iid in gone:
-                tr.departing.pop(iid, None)
-            removed = [i for i, err in result.items() if err == "NoError"]
-            self.metrics.members_removed.labels(*key).inc(len(removed))
+            ids = [render.instance_id(key[0], p) for p in gone]  # what the pods joined as (render.instance_id_env)
+            if await self._remove_members(key, tr, ids, "departed static members"):
+                for pod_name in gone:
+                    tr.departing.pop(pod_name, None)
+
+    async def _remove_members(self, key: Key, tr: Tracked, ids: list[str], what: str) -> bool:
+        """LeaveGroup by group.instance.id for members whose pods stopped; an Event either way.
+        False when the request failed (the session timeout remains the fallback)."""
+        assert tr.spec is not None
+        try:
+            result = await self.kafka.remove_members(tr.spec, tr.secrets, ids)
+        except Exception as e:  # noqa: BLE001 - retried on the next poll; the session timeout is the fallback
+            self.metrics.poll_errors.labels(*key, "leave-group").inc()
             if tr.body:
-                post_event(tr.body, "Normal", "MembersRemoved",
-                           f"removed departed static members from group {tr.spec.kafka.group_id} after their pods "
-                           f"stopped: " + ", ".join(f"{i} ({err})" for i, err in sorted(result.items())))
+                post_event(tr.body, "Warning", "MemberRemovalFailed",
+                           f"could not remove {', '.join(ids)} from group {tr.spec.kafka.group_id}: "
+                           f"{type(e).__name__}: {e}; their partitions move after the session timeout")
+            return False
+        removed = [i for i, err in result.items() if err == "NoError"]
+        self.metrics.members_removed.labels(*key).inc(len(removed))
+        if tr.body:
+            post_event(tr.body, "Normal", "MembersRemoved",
+                       f"removed {what} from group {tr.spec.kafka.group_id} after their pods stopped: "
+                       + ", ".join(f"{i} ({err})" for i, err in sorted(result.items())))
+        return True
 
     async def _live_statefulset(self, owner: render.Owner) -> dict[str, Any] | None:
         """Ours, as it stands."""
@@ -580,7 +651,8 @@ class Reconciler:
         after = st.condition(new, st.DEGRADED) or {}
         if problem and (before.get("status") != "True" or before.get("reason") != problem.reason
                         or before.get("message") != problem.message):
-            retry = "; retrying with backoff" if problem.retry else "; waiting for a spec change"
+            retry = ("" if problem.observed else "; retrying with backoff" if problem.retry
+                     else "; waiting for a spec change")
             post_event(body, "Warning", problem.reason, problem.message + retry)
         elif not problem and before.get("status") == "True" and after.get("status") == "False":
             post_event(body, "Normal", "Recovered", f"no longer degraded (was {before.get('reason')})")
@@ -588,6 +660,23 @@ class Reconciler:
         ready_after = st.condition(new, st.READY) or {}
         if ready_after.get("status") == "True" and ready_before != "True":
             post_event(body, "Normal", "Ready", ready_after.get("message", ""))
+
+    def _post_rollout(self, body: Mapping[str, Any], tr: Tracked, done: Converged, previous: Mapping[str, Any],
+                      new: Mapping[str, Any]) -> None:
+        """The rollout's Events: it started (RollingUpdate, with the pod being rolled), it was
+        held (RolloutHeld, a Warning), it completed (RolloutComplete: every pod on one revision
+        and ready, also after a rollback)."""
+        before = (st.condition(previous, st.PROGRESSING) or {}).get("reason")
+        after = st.condition(new, st.PROGRESSING) or {}
+        tr.rolled = tr.rolled or bool(done.step and done.step.rolling)
+        if done.step is not None and done.step.new_hold and done.step.hold is not None:
+            post_event(body, "Warning", ro.ROLLOUT_HELD, done.step.hold["message"])
+        elif after.get("reason") == ro.ROLLING_UPDATE and before != ro.ROLLING_UPDATE:
+            post_event(body, "Normal", ro.ROLLING_UPDATE, after.get("message", ""))
+        elif after.get("reason") == "RolloutComplete" and tr.rolled:
+            tr.rolled = False
+            revision = (new.get("rollout") or {}).get("currentRevision")
+            post_event(body, "Normal", "RolloutComplete", f"revision {revision}: {after.get('message', '')}")
 
     def _post_scaling(self, body: Mapping[str, Any], done: Converged, previous: Mapping[str, Any]) -> None:
         """The autoscaler's Events: each change of replicas with its inputs, and the start of
@@ -617,18 +706,19 @@ class Reconciler:
         if owner_body is None or owner_body["metadata"].get("deletionTimestamp"):
             return  # the owner is gone or going: garbage collection handles the children
         reason = None
+        try:
+            spec = render.parse_spec(owner_body.get("spec") or {})
+        except render.InvalidSpec:
+            return
+        owner = render.Owner.from_body(owner_body)
+        objs, _, _ = rendered(owner, spec, owner_body.get("status"))
+        desired = next((o for o in objs if o["kind"] == body.get("kind") and o["metadata"]["name"] == meta["name"]),
+                       None)
+        if desired is None:
+            return  # not ours to render (a config of an older revision, collected by the reconcile)
         if event.get("type") == "DELETED":
             reason = "deleted"
         else:
-            try:
-                spec = render.parse_spec(owner_body.get("spec") or {})
-            except render.InvalidSpec:
-                return
-            owner = render.Owner.from_body(owner_body)
-            desired = next((o for o in render.desired_objects(owner, spec)
-                            if o["kind"] == body.get("kind") and o["metadata"]["name"] == meta["name"]), None)
-            if desired is None:
-                return
             paths = render.object_drift(desired, body)
             if paths:
                 reason = "drift"
@@ -642,13 +732,39 @@ class Reconciler:
                                                "child": f"{body.get('kind')}/{meta['name']}"})
             await self.reconcile(owner_body, trigger=reason)
 
+    async def on_pod_changed(self, namespace: str, pod: Mapping[str, Any],
+                             consumers: kopf.Index[Key, dict[str, Any]]) -> None:
+        """A consumer pod's state changed: if it starts or stops failing (as the kubelet reports
+        it), reconcile its AdaptiveConsumer now rather than at the next poll."""
+        meta = pod.get("metadata") or {}
+        name = (meta.get("labels") or {}).get(render.L_INSTANCE)
+        tr = self._tracked.get((namespace, name)) if name else None
+        if tr is None or tr.spec is None:
+            return
+        failure = ro.pod_failure(pod, time.time(), tr.spec.rollout.progress_deadline_seconds)
+        if (failure.reason if failure else None) == tr.failing.get(meta.get("name", "")):
+            return
+        owner_body = next((b for b in consumers.get((namespace, name), []) if b["metadata"].get("uid") == tr.uid), None)
+        if owner_body is not None and not owner_body["metadata"].get("deletionTimestamp"):
+            await self.reconcile(owner_body, trigger="pod")
+
     async def on_pod_deleted(self, namespace: str, pod: Mapping[str, Any]) -> None:
-        """A consumer pod is gone: if a scale-down removed it, hand its partitions over now."""
+        """A consumer pod is gone: if a scale-down removed it, hand its partitions over now. If it
+        had joined under another group.instance.id than its successor will (a pod of an older
+        render: the bare pod name before ids were `<namespace>.<pod>`), remove that id, which no
+        pod will use again; otherwise the restarted pod keeps its id and nothing is removed."""
         name = ((pod.get("metadata") or {}).get("labels") or {}).get(render.L_INSTANCE)
         pod_name = (pod.get("metadata") or {}).get("name")
-        tr = self._tracked.get((namespace, name)) if name else None
-        if tr is not None and pod_name in tr.departing:
-            await self.hand_off((namespace, name))
+        key = (namespace, name or "")
+        tr = self._tracked.get(key) if name else None
+        if tr is None or tr.spec is None or not pod_name:
+            return
+        if pod_name in tr.departing:
+            await self.hand_off(key)
+            return
+        old = render.pod_instance_id(pod)
+        if tr.spec.membership.static and old and old != render.instance_id(namespace, pod_name):
+            await self._remove_members(key, tr, [old], f"the member {pod_name} ran as before its restart")
 
     async def poll_forever(self, body: Mapping[str, Any], stopped: Any) -> None:
         """The per-resource poll (run by kopf's daemon): reconcile with a fresh measurement and
@@ -728,7 +844,7 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, cfg: Opera
     async def changed(body: kopf.Body, retry: int, trigger: str) -> None:
         outcome = await reconciler.reconcile(snapshot(body), trigger=trigger)
         p = outcome.problem
-        if p is None:
+        if p is None or p.observed:  # a failing pod is followed by pod events and the poll, not retried here
             return
         if not p.retry:
             raise kopf.PermanentError(f"{p.reason}: {p.message}")
@@ -759,9 +875,12 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, cfg: Opera
             await reconciler.on_child_event(event, snapshot(body), consumers)
 
     @kopf.on.event("", "v1", "pods", registry=registry, id="pods", labels={render.L_MANAGED_BY: render.MANAGED_BY})
-    async def on_pod(event: kopf.RawEvent, body: kopf.Body, namespace: str, **_: Any) -> None:
+    async def on_pod(event: kopf.RawEvent, body: kopf.Body, namespace: str,
+                     consumers: kopf.Index[Key, dict[str, Any]], **_: Any) -> None:
         if event.get("type") == "DELETED":
             await reconciler.on_pod_deleted(namespace, snapshot(body))
+        elif event.get("type") in ("ADDED", "MODIFIED"):
+            await reconciler.on_pod_changed(namespace, snapshot(body), consumers)
 
     @kopf.on.probe(registry=registry, id="adaptiveconsumers")
     def served(consumers: kopf.Index[Key, dict[str, Any]], **_: Any) -> int:

@@ -8,8 +8,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from pydantic import ValidationError
 
@@ -25,6 +26,7 @@ L_MANAGED_BY = "app.kubernetes.io/managed-by"
 L_PART_OF = "app.kubernetes.io/part-of"
 L_COMPONENT = "app.kubernetes.io/component"
 A_CONFIG_HASH = "afc.dev/config-hash"
+L_CONFIG_HASH = "afc.dev/config-hash"  # on the ConfigMaps: which content each holds
 
 CONTAINER = "consumer"
 CONFIG_KEY = "config.json"
@@ -37,6 +39,7 @@ DEFAULT_RESOURCES = {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {
 ENV_SASL_PASSWORD = "AFC_KAFKA__SASL_PASSWORD"
 ENV_REDIS_URL = "AFC_IDEMPOTENCY__REDIS_URL"
 ENV_SIGNAL_REDIS_URL = "AFC_BACKPRESSURE__REDIS_URL"
+ENV_INSTANCE_ID = "AFC_INSTANCE_ID"  # the runtime's group.instance.id (afc.runtime.config.MembershipSettings)
 
 
 class InvalidSpec(ValueError):
@@ -96,8 +99,25 @@ def labels(name: str) -> dict[str, str]:
     return {**selector_labels(name), L_MANAGED_BY: MANAGED_BY, L_PART_OF: "afc", L_COMPONENT: "consumer"}
 
 
-def config_name(name: str) -> str:
-    return f"{name}-config"
+def config_name(name: str, cfg_hash: str) -> str:
+    """One immutable ConfigMap per content: a pod of an older revision keeps reading the config
+    it was started with, even when it restarts before its turn in a rollout."""
+    return f"{name}-config-{cfg_hash}"
+
+
+def instance_id(namespace: str, pod: str) -> str:
+    """A pod's group.instance.id: `<namespace>.<pod>`, so AdaptiveConsumers of the same name in
+    two namespaces sharing a group do not fence each other, and a restarted pod (same name) keeps
+    its id. Namespaces (63) and pod names (52 + '-' + ordinal) are DNS labels, so the id has at
+    most 121 characters of [a-z0-9.-], within Kafka's 249, and no '.' inside either part: no two
+    pods share an id. No hash fallback: the kubelet computes the same string (instance_id_env)."""
+    return f"{namespace}.{pod}"
+
+
+def instance_id_env() -> dict[str, str]:
+    """instance_id() as the kubelet computes it: dependent env vars expand `$(VAR)` of the
+    variables defined before them (POD_NAMESPACE, POD_NAME from the downward API)."""
+    return {"name": ENV_INSTANCE_ID, "value": "$(POD_NAMESPACE).$(POD_NAME)"}
 
 
 def secret_refs(spec: AdaptiveConsumerSpec) -> list[tuple[str, str, SecretKeyRef]]:
@@ -114,6 +134,52 @@ def secret_refs(spec: AdaptiveConsumerSpec) -> list[tuple[str, str, SecretKeyRef
     return refs
 
 
+_REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
+
+
+def expand(value: str, env: Mapping[str, str]) -> str:
+    """The kubelet's expansion of `$(VAR)` in an env value: defined variables are replaced,
+    undefined references stay as written, `$$` is a literal `$`."""
+    def sub(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        return env.get(m.group(1), m.group(0))
+    return _REF.sub(sub, value)
+
+
+def resolve_env(container: Mapping[str, Any], pod_name: str, namespace: str,
+                secret: Callable[[str, str], str] | None = None) -> dict[str, str]:
+    """What a kubelet puts in the container's environment. `secret(name, key)` reads a Secret
+    key; without it those variables are left out."""
+    env: dict[str, str] = {}
+    for e in container.get("env") or []:
+        if "value" in e:
+            env[e["name"]] = expand(e["value"], env)
+            continue
+        src = e["valueFrom"]
+        if "fieldRef" in src:
+            value = {"metadata.name": pod_name, "metadata.namespace": namespace}.get(src["fieldRef"]["fieldPath"])
+            if value is not None:
+                env[e["name"]] = value
+        elif "secretKeyRef" in src:
+            if secret is not None:  # without a reader, Secret-backed variables are left out
+                env[e["name"]] = secret(src["secretKeyRef"]["name"], src["secretKeyRef"]["key"])
+        # other sources (configMapKeyRef, resourceFieldRef, ...) are left out
+    return env
+
+
+def pod_instance_id(pod: Mapping[str, Any]) -> str | None:
+    """The group.instance.id a pod joined with, read from its own spec as the runtime resolves
+    it (AFC_INSTANCE_ID, then POD_NAME): a pod of an older render (the bare pod name) differs
+    from instance_id()."""
+    meta = pod.get("metadata") or {}
+    container = next((c for c in (pod.get("spec") or {}).get("containers") or [] if c.get("name") == CONTAINER), None)
+    if container is None:
+        return None
+    env = resolve_env(container, meta.get("name", ""), meta.get("namespace", ""))
+    return env.get(ENV_INSTANCE_ID) or env.get("POD_NAME") or None
+
+
 # --------------------------------------------------------------------------- runtime configuration
 
 def runtime_settings(spec: AdaptiveConsumerSpec) -> RuntimeSettings:
@@ -125,7 +191,7 @@ def runtime_settings(spec: AdaptiveConsumerSpec) -> RuntimeSettings:
     overrides: dict[str, dict[str, Any]] = {
         "kafka": {"sasl_password": None,
                   "ssl_ca_location": f"{CA_DIR}/{CA_FILE}" if spec.kafka.tls_ca_secret_ref else None},
-        "membership": {"instance_id": None},  # the pod name, from POD_NAME
+        "membership": {"instance_id": None},  # <namespace>.<pod>, from AFC_INSTANCE_ID (instance_id_env)
         "idempotency": {"redis_url": None},
         "backpressure": {"redis_url": None},      # falls back to the idempotency URL (a Secret env var)
         "server": {"host": "0.0.0.0"},
@@ -161,9 +227,11 @@ def _meta(owner: Owner, name: str) -> dict[str, Any]:
             "ownerReferences": [owner.reference()]}
 
 
-def configmap(owner: Owner, spec: AdaptiveConsumerSpec) -> dict[str, Any]:
-    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(owner, config_name(owner.name)),
-            "data": {CONFIG_KEY: config_document(spec)}}
+def configmap(owner: Owner, document: str, cfg_hash: str) -> dict[str, Any]:
+    meta = _meta(owner, config_name(owner.name, cfg_hash))
+    meta["labels"][L_CONFIG_HASH] = cfg_hash
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "immutable": True,
+            "data": {CONFIG_KEY: document}}
 
 
 def service(owner: Owner, spec: AdaptiveConsumerSpec) -> dict[str, Any]:
@@ -191,6 +259,7 @@ def _env(spec: AdaptiveConsumerSpec) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        instance_id_env(),
         {"name": "AFC_CONFIG_FILE", "value": f"{CONFIG_DIR}/{CONFIG_KEY}"},
     ]
     for var, ref in ((ENV_SASL_PASSWORD, spec.kafka.sasl_password_secret_ref),
@@ -206,11 +275,19 @@ def termination_grace_seconds(spec: AdaptiveConsumerSpec) -> int:
     return math.ceil(spec.shutdown.drain_timeout_s) + GRACE_MARGIN_S
 
 
-def statefulset(owner: Owner, spec: AdaptiveConsumerSpec, replicas: int, cfg_hash: str) -> dict[str, Any]:
+def partition(spec: AdaptiveConsumerSpec, held: int | None = None) -> int:
+    """The StatefulSet's rollingUpdate.partition: pods with a lower ordinal keep the previous
+    revision. spec.rollout.partition stages a rollout; `held` is where the operator stopped a
+    failing one (afc.operator.rollout); the higher of the two holds."""
+    return max(spec.rollout.partition or 0, held or 0)
+
+
+def statefulset(owner: Owner, spec: AdaptiveConsumerSpec, replicas: int, cfg_hash: str,
+                held: int | None = None) -> dict[str, Any]:
     pt = spec.pod_template
     http = {"port": "http", "scheme": "HTTP"}
     volumes: list[dict[str, Any]] = [
-        {"name": "config", "configMap": {"name": config_name(owner.name)}},
+        {"name": "config", "configMap": {"name": config_name(owner.name, cfg_hash)}},
         {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
     ]
     mounts: list[dict[str, Any]] = [
@@ -279,7 +356,7 @@ def statefulset(owner: Owner, spec: AdaptiveConsumerSpec, replicas: int, cfg_has
             "serviceName": owner.name,
             # All members start and stop together; static membership keeps their identities.
             "podManagementPolicy": "Parallel",
-            "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"partition": 0}},
+            "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"partition": partition(spec, held)}},
             "revisionHistoryLimit": 5,
             "selector": {"matchLabels": selector_labels(owner.name)},
             "template": {
@@ -290,12 +367,43 @@ def statefulset(owner: Owner, spec: AdaptiveConsumerSpec, replicas: int, cfg_has
     }
 
 
-def desired_objects(owner: Owner, spec: AdaptiveConsumerSpec) -> list[dict[str, Any]]:
-    """In the order they are applied: the config before the pods that read it."""
-    cm = configmap(owner, spec)
-    cfg_hash = config_hash(cm["data"][CONFIG_KEY])
-    return [cm, service(owner, spec), statefulset(owner, spec, desired_replicas(spec), cfg_hash),
-            pod_disruption_budget(owner, spec)]
+def desired_objects(owner: Owner, spec: AdaptiveConsumerSpec, held: int | None = None) -> list[dict[str, Any]]:
+    """In the order they are applied: the config before the pods that read it. `held`: the
+    partition at which the operator holds a failing rollout (see `partition`)."""
+    document = config_document(spec)
+    cfg_hash = config_hash(document)
+    return [configmap(owner, document, cfg_hash), service(owner, spec),
+            statefulset(owner, spec, desired_replicas(spec), cfg_hash, held), pod_disruption_budget(owner, spec)]
+
+
+def template_hash(sts: Mapping[str, Any]) -> str:
+    """The identity of a StatefulSet's pod template as rendered (a hold applies to one template:
+    a new spec that changes the pods starts a new rollout)."""
+    return hashlib.sha256(json.dumps(sts["spec"]["template"], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def config_volume(template: Mapping[str, Any]) -> str | None:
+    """The ConfigMap a pod template (or a pod's spec) mounts as the runtime's config."""
+    spec = template.get("spec") or {}
+    for v in spec.get("volumes") or []:
+        if v.get("name") == "config" and v.get("configMap"):
+            return v["configMap"].get("name")
+    return None
+
+
+def unused_configs(owner: Owner, configmaps: list[Mapping[str, Any]], in_use: set[str]) -> list[Mapping[str, Any]]:
+    """The ConfigMaps of this AdaptiveConsumer (controlled by it) that no pod, no revision the
+    StatefulSet may still create pods from, and not the current render uses: safe to delete."""
+    out = []
+    for cm in configmaps:
+        meta = cm.get("metadata") or {}
+        refs = [r for r in meta.get("ownerReferences") or [] if r.get("controller")]
+        if not refs or refs[0].get("uid") != owner.uid or meta.get("name") in in_use:
+            continue
+        if meta.get("deletionTimestamp"):
+            continue
+        out.append(cm)
+    return out
 
 
 # --------------------------------------------------------------------------- comparison

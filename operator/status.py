@@ -28,10 +28,13 @@ SCALING_ACTIVE, SCALING_LIMITED, STALLED = "ScalingActive", "ScalingLimited", "S
 @dataclass(frozen=True)
 class Problem:
     """Why the AdaptiveConsumer is Degraded. `retry`: whether trying again may help without
-    a change of the spec (a missing Secret may appear; an invalid spec will not fix itself)."""
+    a change of the spec (a missing Secret may appear; an invalid spec will not fix itself).
+    `observed`: seen on the consumers (a failing pod, a held rollout) after a reconcile that
+    did its job: reported, and followed by pod events and the poll, not retried by the handler."""
     reason: str
     message: str
     retry: bool = True
+    observed: bool = False
 
 
 # Reasons (CamelCase, as Kubernetes condition reasons are).
@@ -68,10 +71,10 @@ def rollout(sts: Mapping[str, Any] | None, desired: int) -> Rollout:
     counts = dict(replicas=replicas, ready=ready, updated=updated)
     generation = int((sts.get("metadata") or {}).get("generation") or 0)
     if int(st.get("observedGeneration") or 0) < generation:
-        return Rollout(True, "RollingOut", f"StatefulSet generation {generation} not yet observed", **counts)
+        return Rollout(True, "RollingUpdate", f"StatefulSet generation {generation} not yet observed", **counts)
     stale_revision = bool(st.get("updateRevision")) and st.get("currentRevision") != st.get("updateRevision")
     if desired > 0 and (stale_revision or updated < min(replicas, desired)):
-        return Rollout(True, "RollingOut", f"{updated}/{desired} replicas updated", **counts)
+        return Rollout(True, "RollingUpdate", f"{updated}/{desired} replicas updated", **counts)
     if replicas > desired:
         return Rollout(True, "ScalingDown", f"{replicas} replicas, {desired} desired", **counts)
     if replicas < desired:
@@ -159,7 +162,7 @@ def build_status(*, previous: Mapping[str, Any] | None, generation: int, desired
         status["lag"] = dict(old) if same and old else dict(lag)
     elif previous.get("lag"):
         status["lag"] = dict(previous["lag"])
-    for key in ("backpressure", "scaling"):  # written by the poll; other reconciles keep them
+    for key in ("backpressure", "scaling", "rollout"):  # when not observed this time, the previous ones are kept
         value = extra.get(key, previous.get(key))
         if value is not None:
             status[key] = value

@@ -4,6 +4,10 @@
   logs to a file, stopped by its pid; its log tail is added to a failed wait's message.
 - `mark_pods_ready`: what a kubelet would report for a running, ready pod, for control
   planes without nodes (Pods otherwise stay Pending and a StatefulSet never gets ready).
+- `resolve_env`: a container's environment as a kubelet builds it (downward API, Secret keys,
+  `$(VAR)` references to variables defined before).
+- `set_container_waiting`, `set_container_running`: a kubelet's report of a failing container
+  (CrashLoopBackOff, ...), and of one running and ready again.
 """
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
+
+from afc.operator.render import expand, resolve_env  # noqa: F401 - re-exported for the tests
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parent.parent
@@ -157,3 +163,29 @@ def delete_consumers(kubectl: Sequence[str], namespace: str, timeout: float = 30
     for name in left:
         subprocess.run([*base, "patch", name, "--type=merge", "-p", '{"metadata":{"finalizers":null}}'],
                        capture_output=True, timeout=30)
+
+
+def set_container_waiting(core_api: Any, namespace: str, pod: str, reason: str, message: str = "",
+                          container: str = "consumer", restarts: int = 5) -> None:
+    """Report the pod's container as a kubelet does when it cannot keep it running: waiting
+    with `reason` (CrashLoopBackOff, ImagePullBackOff, ...), not ready."""
+    core_api.patch_namespaced_pod_status(pod, namespace, {"status": {
+        "phase": "Running",
+        "conditions": [{"type": "Ready", "status": "False", "reason": "ContainersNotReady"},
+                       {"type": "ContainersReady", "status": "False", "reason": "ContainersNotReady"}],
+        "containerStatuses": [{"name": container, "ready": False, "restartCount": restarts, "image": "afc",
+                               "imageID": "", "started": False,
+                               "state": {"waiting": {"reason": reason, "message": message}},
+                               "lastState": {}}],
+    }})
+
+
+def set_container_running(core_api: Any, namespace: str, pod: str, container: str = "consumer") -> None:
+    """Report the pod's container running and ready (a pod that recovered)."""
+    core_api.patch_namespaced_pod_status(pod, namespace, {"status": {
+        "phase": "Running",
+        "conditions": [{"type": "Ready", "status": "True"}, {"type": "ContainersReady", "status": "True"}],
+        "containerStatuses": [{"name": container, "ready": True, "restartCount": 0, "image": "afc", "imageID": "",
+                               "started": True, "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}},
+                               "lastState": {}}],
+    }})

@@ -3,7 +3,8 @@ measures a real group on the real broker, writes spec.replicas, and real `afc-co
 processes play the pods.
 
 There is no kubelet: `Kubelet` below does its part for the AdaptiveConsumer's pods. For each
-pod it runs an `afc-consumer` with the pod's name as group.instance.id and reports the pod
+pod it runs an `afc-consumer` with the pod's group.instance.id (`<namespace>.<pod>`, resolved
+from the pod's env as a kubelet would) and reports the pod
 Ready; when a pod is deleted it stops that process (SIGTERM: drain, commit, close) before it
 lets the pod object go (a finalizer stands in for the kubelet's graceful deletion: the pod
 object stays until its containers stopped, as on a real node).
@@ -20,6 +21,7 @@ import pytest
 import yaml
 
 from afc.operator.kube import Kube, KubeError, path_for
+from afc.operator import render
 from afc.operator.testing import OperatorProcess, delete_consumers
 from afctest import ConsumerProcess, Testbed, free_port, wait_for
 
@@ -63,7 +65,8 @@ class Kubelet:
                 self.core.patch_namespaced_pod(n, self.namespace, {"metadata": {"finalizers": [*finalizers, FINALIZER]}})
             if n not in self.procs:
                 self.procs[n] = ConsumerProcess(self.testbed, [self.topic], self.group, self.handler,
-                                                self.tmp_path / f"{n}.log", instance_id=n, env=self.env,
+                                                self.tmp_path / f"{n}.log", instance_id=self.instance_id(pod),
+                                                env=self.env,
                                                 redis_prefix=self.redis_prefix).start()
                 self.started[n] = time.time()
             if pod.status.phase != "Running":
@@ -81,6 +84,13 @@ class Kubelet:
                 self.exited[n] = time.time()
             if FINALIZER in finalizers:
                 self.release(n, finalizers)
+
+    def instance_id(self, pod: Any) -> str:
+        """The group.instance.id the pod's container gets: its env as the kubelet resolves it,
+        read as the runtime does (AFC_INSTANCE_ID, then POD_NAME)."""
+        iid = render.pod_instance_id(self.core.api_client.sanitize_for_serialization(pod))
+        assert iid, f"pod {pod.metadata.name} has no group.instance.id in its env"
+        return iid
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -427,10 +437,11 @@ def test_scale_down_hands_the_departed_members_partitions_over(
     with Kubelet(testbed, core, namespace, topic, names.group, "autoscale_handlers:record", tmp_path,
                  names.redis_prefix, env) as kubelet, Load(testbed.bootstrap, topic, 8):
         apply(testbed, namespace, obj)
-        held = wait_for(lambda: (a := assignment(testbed, names.group)) and len(a) == 4
-                        and sum(len(v) for v in a.values()) == 8 and (a["orders-2"] | a["orders-3"]) and a, 90,
+        leaving = [f"{namespace}.orders-2", f"{namespace}.orders-3"]  # group.instance.id = <namespace>.<pod>
+        held = wait_for(lambda: (a := assignment(testbed, names.group)) and len(a) == 4 and set(leaving) <= set(a)
+                        and sum(len(v) for v in a.values()) == 8 and (a[leaving[0]] | a[leaving[1]]) and a, 90,
                         what="4 members holding 8 partitions, some on orders-2 and -3")
-        moving = held["orders-2"] | held["orders-3"]
+        moving = held[leaving[0]] | held[leaving[1]]
         time.sleep(2)
         testbed.run_kubectl("scale", "ac/orders", "-n", namespace, "--replicas=2")
         wait_for(lambda: {"orders-2", "orders-3"} <= set(kubelet.exited), 60, what="orders-2 and -3 drained and stopped")
@@ -463,4 +474,41 @@ def test_scale_down_hands_the_departed_members_partitions_over(
         else:
             assert gap >= session_s - 3, f"{gap:.2f}s: faster than the session timeout without a hand-off?"
             assert "MembersRemoved" not in reasons
+        assert kubelet.error is None, kubelet.error
+
+
+def test_an_upgrade_removes_the_members_old_ids(testbed: Testbed, api: Kube, core, operator: OperatorProcess,
+                                                namespace: str, names, make_topic, tmp_path: Path) -> None:
+    """Pods rendered before group.instance.id was `<namespace>.<pod>` joined under the bare pod
+    name. When the operator rolls them onto its render, it removes each old id from the group as
+    that pod goes (LeaveGroup by instance id), so the group holds only the new ids well before the
+    session timeout, instead of ghosts sitting on partitions until it."""
+    session_s = 40
+    topic = make_topic("orders", partitions=4)
+    obj = consumer(testbed, names, topic, replicas=0, minReplicas=0, maxReplicas=2,
+                   membership={"sessionTimeoutMs": session_s * 1000}, scaling={"mode": "Off", "pollIntervalS": 1})
+    env = {"AFC_TEST_HASH": f"{names.redis_prefix}seen", "AFC_MEMBERSHIP__SESSION_TIMEOUT_MS": str(session_s * 1000),
+           "AFC_SHUTDOWN__DRAIN_TIMEOUT_S": "5", "AFC_ROUTING__ENABLED": "false"}
+    apply(testbed, namespace, obj)
+    sts = wait_for(lambda: (s := api.request("GET", path_for("StatefulSet", namespace)).get("items")) and s[0], 30,
+                   what="the StatefulSet")
+    operator.stop()
+    # what an older operator rendered: no AFC_INSTANCE_ID (the runtime falls back to POD_NAME)
+    (index,) = [i for i, e in enumerate(sts["spec"]["template"]["spec"]["containers"][0]["env"])
+                if e["name"] == "AFC_INSTANCE_ID"]
+    testbed.run_kubectl("patch", "statefulset/orders", "-n", namespace, "--type=json", "-p", json.dumps([
+        {"op": "remove", "path": f"/spec/template/spec/containers/0/env/{index}"},
+        {"op": "replace", "path": "/spec/replicas", "value": 2}]))
+    testbed.run_kubectl("patch", "ac/orders", "-n", namespace, "--type=merge", "-p", '{"spec":{"replicas":2}}')
+    legacy, new = {"orders-0", "orders-1"}, {f"{namespace}.orders-0", f"{namespace}.orders-1"}
+    with Kubelet(testbed, core, namespace, topic, names.group, "autoscale_handlers:record", tmp_path,
+                 names.redis_prefix, env) as kubelet:
+        wait_for(lambda: set(assignment(testbed, names.group)) == legacy, 60, what="the members under the old ids")
+        operator.start()
+        started = time.monotonic()
+        wait_for(lambda: set(assignment(testbed, names.group)) == new, session_s - 10, interval=0.5,
+                 what="only the new ids in the group")
+        print(f"upgrade: only the new ids after {time.monotonic() - started:.1f}s (session timeout {session_s}s)")
+        removed = [e["message"] for e in events(testbed, namespace) if e["reason"] == "MembersRemoved"]
+        assert any("orders-0 (NoError)" in m for m in removed) and any("orders-1 (NoError)" in m for m in removed), removed
         assert kubelet.error is None, kubelet.error

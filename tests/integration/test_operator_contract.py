@@ -1,8 +1,8 @@
 """The contract between the operator and the runtime, end to end: the pod the operator renders,
 played by a real `afc-consumer run` process. Its environment is the StatefulSet's container env
-resolved as a kubelet would (downward API, Secret references), its config file is the
-ConfigMap's. It must pass the probes the pod declares, join the group with its pod name as
-group.instance.id, handle messages, and drain within the grace period."""
+resolved as a kubelet would (downward API, Secret references, `$(VAR)` references), its config
+file is the ConfigMap's. It must pass the probes the pod declares, join the group with
+`<namespace>.<pod name>` as group.instance.id, handle messages, and drain within the grace period."""
 from __future__ import annotations
 
 import base64
@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from afc.operator.kube import Kube, path_for
-from afc.operator.testing import OperatorProcess, delete_consumers
+from afc.operator.testing import OperatorProcess, delete_consumers, resolve_env
 from afctest import Testbed, free_port, produce_json, wait_for
 
 pytestmark = [pytest.mark.k8s, pytest.mark.kafka, pytest.mark.redis]
@@ -38,23 +38,11 @@ def api(k8s_api) -> Iterator[Kube]:
     kube.close()
 
 
-def resolve_env(container: dict[str, Any], pod_name: str, namespace: str, api: Kube) -> dict[str, str]:
-    """What a kubelet puts in the container's environment."""
-    env: dict[str, str] = {}
-    for e in container["env"]:
-        if "value" in e:
-            env[e["name"]] = e["value"]
-            continue
-        src = e["valueFrom"]
-        if "fieldRef" in src:
-            env[e["name"]] = {"metadata.name": pod_name, "metadata.namespace": namespace}[src["fieldRef"]["fieldPath"]]
-        elif "secretKeyRef" in src:
-            ref = src["secretKeyRef"]
-            secret = api.request("GET", path_for("Secret", namespace, ref["name"]))
-            env[e["name"]] = base64.b64decode(secret["data"][ref["key"]]).decode()
-        else:
-            raise AssertionError(f"unexpected env source {src}")
-    return env
+def read_secret(api: Kube, namespace: str) -> Any:
+    def read(name: str, key: str) -> str:
+        secret = api.request("GET", path_for("Secret", namespace, name))
+        return base64.b64decode(secret["data"][key]).decode()
+    return read
 
 
 def http(port: int, path: str) -> int:
@@ -93,7 +81,8 @@ def test_rendered_pod_runs_the_runtime(testbed: Testbed, api: Kube, crd_installe
         testbed.run_kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(obj))
         sts = op.wait_until(lambda: api.request("GET", path_for("StatefulSet", namespace))["items"], 30,
                             "the StatefulSet")[0]
-        cm = api.request("GET", path_for("ConfigMap", namespace, "orders-config"))
+        (volume,) = [v for v in sts["spec"]["template"]["spec"]["volumes"] if v["name"] == "config"]
+        cm = api.request("GET", path_for("ConfigMap", namespace, volume["configMap"]["name"]))
         delete_consumers([testbed.kubectl, f"--kubeconfig={testbed.kubeconfig}"], namespace)  # finalizer
 
     # "mount" the ConfigMap and resolve the env of pod orders-0
@@ -103,7 +92,7 @@ def test_rendered_pod_runs_the_runtime(testbed: Testbed, api: Kube, crd_installe
     config_dir.mkdir()
     for key, text in cm["data"].items():
         (config_dir / key).write_text(text)
-    env = resolve_env(container, "orders-0", namespace, api)
+    env = resolve_env(container, "orders-0", namespace, read_secret(api, namespace))
     assert env["AFC_CONFIG_FILE"].startswith(mount["mountPath"] + "/")
     env["AFC_CONFIG_FILE"] = str(config_dir / Path(env["AFC_CONFIG_FILE"]).name)
     assert env["AFC_IDEMPOTENCY__REDIS_URL"] == testbed.redis_url  # from the Secret, not the ConfigMap
@@ -128,8 +117,10 @@ def test_rendered_pod_runs_the_runtime(testbed: Testbed, api: Kube, crd_installe
             assert proc.poll() is None, f"afc-consumer exited {proc.returncode}:\n{tail()}"
             assert http(port, probes["livenessProbe"]) == 200
             assert http(port, "/metrics") == 200
-            # static membership: the pod name is the group.instance.id
-            wait_for(lambda: instance_ids(testbed, names.group) == ["orders-0"], 60, what="member orders-0")
+            # static membership: <namespace>.<pod name> is the group.instance.id
+            iid = f"{namespace}.orders-0"
+            assert env["AFC_INSTANCE_ID"] == iid
+            wait_for(lambda: instance_ids(testbed, names.group) == [iid], 60, what=f"member {iid}")
             produce_json(testbed.bootstrap, topic, [{"n": i} for i in range(20)])
             wait_for(lambda: redis_client.hlen(runs) == 20, 60, what="20 messages handled")
         except AssertionError as e:

@@ -31,7 +31,8 @@ EXPECTED_RULES = {
     ("", "pods"): {"get", "list", "watch"},
     ("apps", "statefulsets"): {"get", "list", "watch", "create", "patch"},
     ("", "services"): {"get", "list", "watch", "create", "patch"},
-    ("", "configmaps"): {"get", "list", "watch", "create", "patch"},
+    ("", "configmaps"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("apps", "controllerrevisions"): {"get"},
     ("policy", "poddisruptionbudgets"): {"get", "list", "watch", "create", "patch"},
     ("", "secrets"): {"get"},
     ("", "events"): {"create"},
@@ -168,9 +169,10 @@ def test_namespaced_install_with_the_service_account_token(
     ns = ["-n", namespace]
     assert can_i(testbed, kubeconfig, "patch", "statefulsets", *ns)
     assert can_i(testbed, kubeconfig, "get", "secrets", *ns)
+    assert can_i(testbed, kubeconfig, "delete", "configmaps", *ns)  # configs no revision uses any more
     for verb, resource in [("delete", "statefulsets"), ("update", "statefulsets"), ("deletecollection", "configmaps"),
                            ("list", "secrets"), ("watch", "secrets"), ("create", "secrets"), ("delete", "secrets"),
-                           ("patch", "pods"), ("delete", "pods"), ("create", "pods"), ("delete", "configmaps"),
+                           ("patch", "pods"), ("delete", "pods"), ("create", "pods"), ("list", "controllerrevisions"),
                            ("update", "adaptiveconsumers"), ("delete", "adaptiveconsumers"), ("create", "deployments"),
                            ("create", "roles"), ("patch", "rolebindings"), ("delete", "events"),
                            ("get", "adaptiveconsumers.afc.dev")]:

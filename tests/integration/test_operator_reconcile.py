@@ -14,20 +14,14 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-import yaml
 
-from afc.operator.kube import Kube, KubeError, path_for
-from afc.operator.testing import OperatorProcess, delete_consumers, mark_pods_ready
+from afc.operator.kube import Kube
+from afc.operator.testing import OperatorProcess, delete_consumers
 from afctest import Testbed, wait_for
+from operator_bed import (CHILD_KINDS, SELECTOR, FAST, admin, children, condition, config_of, consumer,
+                          event_messages, event_reasons, get, kubectl_apply, ready)
 
 pytestmark = [pytest.mark.k8s, pytest.mark.kafka]
-
-ROOT = Path(__file__).resolve().parents[2]
-SAMPLE = ROOT / "manifests" / "samples" / "afc_v1alpha1_adaptiveconsumer.yaml"
-SELECTOR = "app.kubernetes.io/instance={name},app.kubernetes.io/name=afc-consumer"
-CHILD_KINDS = ("ConfigMap", "Service", "StatefulSet", "PodDisruptionBudget")
-FAST = {"AFC_OPERATOR_BACKOFF_MAX_S": "4", "AFC_OPERATOR_KAFKA_TIMEOUT_S": "2"}
-
 
 @pytest.fixture
 def operator(testbed: Testbed, crd_installed: None, namespace: str, tmp_path: Path) -> Iterator[OperatorProcess]:
@@ -35,69 +29,6 @@ def operator(testbed: Testbed, crd_installed: None, namespace: str, tmp_path: Pa
         yield op
         delete_consumers(admin(testbed), namespace)  # while the operator runs: it releases its finalizer
 
-
-def admin(testbed: Testbed) -> list[str]:
-    return [testbed.kubectl, f"--kubeconfig={testbed.kubeconfig}"]
-
-
-def consumer(testbed: Testbed, names, topic: str, name: str = "orders", **spec: Any) -> dict[str, Any]:
-    """The sample, pointed at the test bed's broker, this test's topic and group."""
-    obj = yaml.safe_load(SAMPLE.read_text())
-    obj["metadata"]["name"] = name
-    obj["spec"]["kafka"].update(bootstrapServers=testbed.bootstrap, topics=[topic], groupId=f"{names.group}-{name}")
-    obj["spec"].update(spec)
-    return obj
-
-
-def kubectl_apply(testbed: Testbed, namespace: str, obj: dict[str, Any]) -> None:
-    testbed.run_kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(obj))
-
-
-def get(api: Kube, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
-    try:
-        return api.request("GET", path_for(kind, namespace, name))
-    except KubeError as e:
-        if e.not_found:
-            return None
-        raise
-
-
-def children(api: Kube, namespace: str, name: str = "orders") -> dict[str, list[dict[str, Any]]]:
-    sel = SELECTOR.format(name=name)
-    return {kind: api.request("GET", path_for(kind, namespace), query=[("labelSelector", sel)])["items"]
-            for kind in CHILD_KINDS}
-
-
-def condition(ac: dict[str, Any] | None, type_: str) -> dict[str, Any]:
-    for c in ((ac or {}).get("status") or {}).get("conditions") or []:
-        if c["type"] == type_:
-            return c
-    return {}
-
-
-def event_reasons(testbed: Testbed, namespace: str, name: str = "orders") -> list[str]:
-    out = testbed.run_kubectl("get", "events", "-n", namespace, "-o", "json", "--field-selector",
-                              f"involvedObject.kind=AdaptiveConsumer,involvedObject.name={name}").stdout
-    items = sorted(json.loads(out)["items"], key=lambda e: e["metadata"]["creationTimestamp"])
-    return [e["reason"] for e in items]
-
-
-def event_messages(testbed: Testbed, namespace: str, reason: str, name: str = "orders") -> list[str]:
-    out = testbed.run_kubectl("get", "events", "-n", namespace, "-o", "json", "--field-selector",
-                              f"involvedObject.name={name},reason={reason}").stdout
-    return [e["message"] for e in json.loads(out)["items"]]
-
-
-def ready(api: Kube, core, op: OperatorProcess, namespace: str, name: str = "orders", timeout: float = 60) -> dict:
-    """Play the kubelet until the consumer reports Ready and no longer Progressing (pods come
-    and go during rollouts; Ready alone means consuming, which one pod already does)."""
-    def check() -> dict[str, Any] | None:
-        mark_pods_ready(core, namespace, SELECTOR.format(name=name))
-        ac = get(api, "AdaptiveConsumer", namespace, name)
-        settled = (condition(ac, "Ready").get("status") == "True" and condition(ac, "Progressing").get("status") == "False"
-                   and condition(ac, "Ready").get("observedGeneration") == (ac or {}).get("metadata", {}).get("generation"))
-        return ac if settled else None
-    return op.wait_until(check, timeout, f"{name} Ready", interval=0.5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,7 +114,7 @@ def test_spec_change_rolls_through_to_the_statefulset(testbed: Testbed, api: Kub
     kubectl_apply(testbed, namespace, obj)
     ready(api, core, operator, namespace)
     before = get(api, "StatefulSet", namespace, "orders")
-    cm_before = get(api, "ConfigMap", namespace, "orders-config")
+    cm_before = config_of(api, namespace, before)
 
     changed = copy.deepcopy(obj)
     changed["spec"].update(image="example.invalid/afc-runtime:0.2.0", replicas=3, flow={"maxInflight": 64},
@@ -200,9 +131,9 @@ def test_spec_change_rolls_through_to_the_statefulset(testbed: Testbed, api: Kub
     key = "afc.dev/config-hash"
     assert sts["spec"]["template"]["metadata"]["annotations"][key] != \
         before["spec"]["template"]["metadata"]["annotations"][key]
-    cm = get(api, "ConfigMap", namespace, "orders-config")
+    cm = config_of(api, namespace, sts)
     assert json.loads(cm["data"]["config.json"])["flow"]["maxInflight"] == 64
-    assert cm["metadata"]["resourceVersion"] != cm_before["metadata"]["resourceVersion"]
+    assert cm["metadata"]["name"] != cm_before["metadata"]["name"] and cm["immutable"] is True
 
     ac = ready(api, core, operator, namespace, timeout=90)
     assert ac["status"]["observedGeneration"] == ac["metadata"]["generation"] == 2
@@ -230,9 +161,14 @@ def test_manual_edits_are_reverted(testbed: Testbed, api: Kube, core, operator: 
             == "ghcr.io/afc-dev/afc-runtime:0.1.0"
     operator.wait_until(restored, 30, "the StatefulSet edit reverted")
 
-    k("patch", "configmap/orders-config", "-n", namespace, "--type=merge", "-p", '{"data":{"config.json":"{}"}}')
-    operator.wait_until(lambda: get(api, "ConfigMap", namespace, "orders-config")["data"]["config.json"] != "{}", 30,
-                        "the ConfigMap edit reverted")
+    cm = config_of(api, namespace)
+    cm_name, cm_uid = cm["metadata"]["name"], cm["metadata"]["uid"]
+    r = k("patch", f"configmap/{cm_name}", "-n", namespace, "--type=merge", "-p", '{"data":{"config.json":"{}"}}',
+          check=False)
+    assert r.returncode != 0 and "immutable" in r.stderr.lower(), r.stderr  # nobody changes a revision's config
+    k("delete", f"configmap/{cm_name}", "-n", namespace)
+    operator.wait_until(lambda: (c := get(api, "ConfigMap", namespace, cm_name)) and c["metadata"]["uid"] != cm_uid
+                        and c["data"] == cm["data"], 30, "the deleted ConfigMap recreated")
 
     uid = get(api, "Service", namespace, "orders")["metadata"]["uid"]
     k("delete", "service/orders", "-n", namespace)
@@ -255,7 +191,7 @@ def test_reconciling_again_changes_nothing(testbed: Testbed, api: Kube, core, cr
         kubectl_apply(testbed, namespace, consumer(testbed, names, make_topic("orders"), scaling={"pollIntervalS": 1}))
         ready(api, core, op, namespace)
         time.sleep(2)  # let the Ready write and its events settle
-        name_of = {"ConfigMap": "orders-config"}
+        name_of = {"ConfigMap": config_of(api, namespace)["metadata"]["name"]}
         versions = {kind: get(api, kind, namespace, name_of.get(kind, "orders"))["metadata"]["resourceVersion"]
                     for kind in CHILD_KINDS}
         cr_version = get(api, "AdaptiveConsumer", namespace, "orders")["metadata"]["resourceVersion"]
@@ -338,7 +274,7 @@ def test_missing_secret_degrades_then_recovers_and_is_never_copied(
     assert "Recovered" in event_reasons(testbed, namespace)
     env = {e["name"]: e for e in get(api, "StatefulSet", namespace, "orders")["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["AFC_IDEMPOTENCY__REDIS_URL"]["valueFrom"]["secretKeyRef"] == {"name": "redis", "key": "url"}
-    everything = json.dumps([get(api, "ConfigMap", namespace, "orders-config"), ac,
+    everything = json.dumps([config_of(api, namespace), ac,
                              get(api, "StatefulSet", namespace, "orders")])
     assert "s3cr3t-pw" not in everything
 
@@ -380,13 +316,14 @@ def test_unreachable_broker_degrades_without_holding_up_others(
 
 def test_existing_object_is_not_taken_over(testbed: Testbed, api: Kube, core, operator: OperatorProcess,
                                            namespace: str, names, make_topic) -> None:
-    testbed.run_kubectl("create", "configmap", "orders-config", "-n", namespace, "--from-literal=mine=yes")
+    testbed.run_kubectl("create", "service", "clusterip", "orders", "-n", namespace, "--tcp=9999")
     kubectl_apply(testbed, namespace, consumer(testbed, names, make_topic("orders")))
     ac = operator.wait_until(lambda: (a := get(api, "AdaptiveConsumer", namespace, "orders"))
                              and condition(a, "Degraded").get("status") == "True" and a, 30, "Degraded")
     assert condition(ac, "Degraded")["reason"] == "OwnershipConflict"
-    cm = get(api, "ConfigMap", namespace, "orders-config")
-    assert cm["data"] == {"mine": "yes"} and not cm["metadata"].get("ownerReferences")
+    assert "Service" in condition(ac, "Degraded")["message"]
+    svc = get(api, "Service", namespace, "orders")
+    assert svc["spec"]["ports"][0]["port"] == 9999 and not svc["metadata"].get("ownerReferences")
 
 
 def test_restart_mid_reconcile_converges_without_duplicates(

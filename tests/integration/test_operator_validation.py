@@ -118,3 +118,33 @@ def test_both_samples_are_valid(testbed: Testbed, crd_installed: None, namespace
     r = testbed.run_kubectl("apply", "-n", namespace, "--dry-run=server", "-k", str(SAMPLES), check=False)
     assert r.returncode == 0, r.stderr
     assert "orders" in r.stdout and "payments" in r.stdout
+
+
+# field changed on update -> the field kubectl's error names
+IMMUTABLE = {
+    "group id": ({"kafka": {**BASE["spec"]["kafka"], "groupId": "another-group"}}, "spec.kafka.groupId",
+                 "kafka.groupId is immutable"),
+    "static membership": ({"membership": {"static": False}}, "spec.membership.static",
+                          "membership.static is immutable"),
+}
+
+
+@pytest.mark.parametrize("case", list(IMMUTABLE))
+def test_group_and_membership_kind_cannot_change_in_place(case: str, testbed: Testbed, crd_installed: None,
+                                                          namespace: str) -> None:
+    """An update changing kafka.groupId or membership.static is refused with a message naming the
+    field and why; the stored object keeps its value, and other edits still pass."""
+    assert apply(testbed, namespace, BASE).returncode == 0
+    change, field, message = IMMUTABLE[case]
+    r = apply(testbed, namespace, with_spec(BASE, **{f"spec__{k}": v for k, v in change.items()}))
+    assert r.returncode != 0, f"{case}: accepted\n{r.stdout}"
+    assert field in r.stderr and message in r.stderr, r.stderr
+    assert "create a new AdaptiveConsumer" in r.stderr, r.stderr
+    spec = json.loads(testbed.run_kubectl("get", "ac", "orders", "-n", namespace, "-o", "json").stdout)["spec"]
+    assert spec["kafka"]["groupId"] == BASE["spec"]["kafka"]["groupId"] and spec["membership"]["static"] is True
+    # any other edit, and re-applying the same values, still pass
+    r = apply(testbed, namespace, with_spec(BASE, spec__replicas=3, spec__membership={"static": True,
+                                                                                      "sessionTimeoutMs": 30000}))
+    assert r.returncode == 0, r.stderr
+    spec = json.loads(testbed.run_kubectl("get", "ac", "orders", "-n", namespace, "-o", "json").stdout)["spec"]
+    assert spec["replicas"] == 3 and spec["membership"]["sessionTimeoutMs"] == 30000

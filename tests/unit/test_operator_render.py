@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,7 @@ import pytest
 import yaml
 
 from afc.operator import render
+from afc.operator.testing import resolve_env
 from afc.runtime import config as runtime_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,8 +51,9 @@ def test_statefulset_static_membership_probes_ports_and_drain() -> None:
     assert sts["spec"]["replicas"] == 3
     assert sts["spec"]["serviceName"] == "orders"
     assert sts["spec"]["podManagementPolicy"] == "Parallel"
-    # group.instance.id is the pod name, through the downward API
+    # group.instance.id is <namespace>.<pod name>, through the downward API
     assert env_of(sts)["POD_NAME"] == {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}
+    assert resolve_env(c, "payments-2", "shop")["AFC_INSTANCE_ID"] == "shop.payments-2"
     assert c["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
@@ -86,7 +89,7 @@ def test_secrets_are_referenced_never_copied() -> None:
     env = env_of(objs["StatefulSet"])
     assert env[render.ENV_SASL_PASSWORD]["valueFrom"] == {"secretKeyRef": {"name": "payments-kafka", "key": "password"}}
     assert env[render.ENV_REDIS_URL]["valueFrom"] == {"secretKeyRef": {"name": "payments-redis", "key": "url"}}
-    assert all("value" not in e for name, e in env.items() if name.startswith("AFC_K") or name.startswith("AFC_I"))
+    assert all("value" not in e for name, e in env.items() if name.startswith(("AFC_KAFKA__", "AFC_IDEMPOTENCY__", "AFC_BACKPRESSURE__")))
     doc = json.loads(objs["ConfigMap"]["data"][render.CONFIG_KEY])
     assert "saslPassword" not in doc["kafka"] and "redisUrl" not in doc["idempotency"]
     # the CA is a mounted Secret key, and the runtime is told where
@@ -106,13 +109,16 @@ def test_the_config_map_is_what_the_runtime_reads(tmp_path: Path, monkeypatch: p
     monkeypatch.setenv("AFC_CONFIG_FILE", str(path))
     monkeypatch.setenv(render.ENV_SASL_PASSWORD, "s3cret")
     monkeypatch.setenv(render.ENV_REDIS_URL, "redis://:pw@redis:6379/0")
-    monkeypatch.setenv("POD_NAME", "payments-2")
+    pod_env = resolve_env(container(objects(sample())["StatefulSet"]), "payments-2", "shop",
+                          lambda name, key: "unused")
+    for k in ("POD_NAME", "POD_NAMESPACE", "AFC_INSTANCE_ID"):
+        monkeypatch.setenv(k, pod_env[k])
     settings = runtime_config.load_settings()
     settings.require_runnable()
     assert settings.kafka.topics == ["payments", "refunds"]
     assert settings.kafka.sasl_password.get_secret_value() == "s3cret"
     assert settings.idempotency.redis_url.get_secret_value().startswith("redis://")
-    assert settings.membership.resolved_instance_id() == "payments-2"
+    assert settings.membership.resolved_instance_id() == "shop.payments-2"
     assert settings.flow.max_inflight == 2000 and settings.shutdown.drain_timeout_s == 25
     assert settings.handler.http_sink_url == "http://payments-api.payments.svc:8080/events"
     assert settings.server.host == "0.0.0.0"
@@ -196,3 +202,68 @@ def test_diff_of_config_data() -> None:
     live = json.loads(json.dumps(cm))
     live["data"][render.CONFIG_KEY] = "{}"
     assert render.object_drift(cm, live) == [".data.config.json"]
+
+
+def test_instance_ids_are_unique_per_namespace_and_within_kafkas_limits() -> None:
+    """Two AdaptiveConsumers `orders` in two namespaces on one group must not fence each other;
+    the id is stable (pod name and namespace only) and valid for Kafka however long the names."""
+    assert render.instance_id("shop", "orders-0") != render.instance_id("billing", "orders-0")
+    assert render.instance_id("shop", "orders-0") == render.instance_id("shop", "orders-0") == "shop.orders-0"
+    longest = render.instance_id("n" * 63, "o" * 52 + "-999")  # DNS-label namespace, 52-char name, ordinal < 1000
+    assert len(longest) <= 249 and re.fullmatch(r"[a-zA-Z0-9._-]+", longest)
+    # what the kubelet computes from the rendered env is the same string the operator uses
+    sts = objects(sample())["StatefulSet"]
+    names = [e["name"] for e in container(sts)["env"]]
+    assert names.index("AFC_INSTANCE_ID") > max(names.index("POD_NAME"), names.index("POD_NAMESPACE"))
+    assert resolve_env(container(sts), "orders-7", "n" * 63)["AFC_INSTANCE_ID"] == render.instance_id("n" * 63, "orders-7")
+
+
+def test_config_is_an_immutable_configmap_per_content_referenced_by_the_pods() -> None:
+    """A config change is a new ConfigMap and a new pod template (a new StatefulSet revision);
+    the old revision's pods keep reading theirs, which nothing changes in place."""
+    a, b = objects(sample()), objects({**sample(), "flow": {"maxInflight": 10}})
+    for objs in (a, b):
+        cm = objs["ConfigMap"]
+        digest = render.config_hash(cm["data"][render.CONFIG_KEY])
+        assert cm["metadata"]["name"] == f"orders-config-{digest}" and cm["immutable"] is True
+        assert cm["metadata"]["labels"][render.L_CONFIG_HASH] == digest
+        assert render.config_volume(objs["StatefulSet"]["spec"]["template"]) == cm["metadata"]["name"]
+    assert a["ConfigMap"]["metadata"]["name"] != b["ConfigMap"]["metadata"]["name"]
+    assert render.template_hash(a["StatefulSet"]) != render.template_hash(b["StatefulSet"])
+    scaled = objects({**sample(), "replicas": 4})
+    assert scaled["ConfigMap"]["metadata"]["name"] == a["ConfigMap"]["metadata"]["name"]
+    assert render.template_hash(scaled["StatefulSet"]) == render.template_hash(a["StatefulSet"])
+
+
+@pytest.mark.parametrize("spec_partition,held,want", [(None, None, 0), (2, None, 2), (None, 3, 3), (2, 1, 2), (1, 2, 2)])
+def test_the_update_partition_is_the_spec_or_the_hold_whichever_holds_more(
+        spec_partition: int | None, held: int | None, want: int) -> None:
+    spec = render.parse_spec({**sample(), "rollout": {"partition": spec_partition} if spec_partition is not None else {}})
+    (sts,) = [o for o in render.desired_objects(OWNER, spec, held=held) if o["kind"] == "StatefulSet"]
+    assert sts["spec"]["updateStrategy"] == {"type": "RollingUpdate", "rollingUpdate": {"partition": want}}
+    assert spec.rollout.progress_deadline_seconds == 600  # as a Deployment's default
+
+
+def test_unused_configs_are_ours_and_used_by_nothing() -> None:
+    def cm(name: str, uid: str = OWNER.uid, deleting: bool = False) -> dict[str, Any]:
+        meta: dict[str, Any] = {"name": name, "ownerReferences": [{"controller": True, "uid": uid}]}
+        if deleting:
+            meta["deletionTimestamp"] = "2027-01-01T00:00:00Z"
+        return {"metadata": meta}
+    cms = [cm("orders-config-a"), cm("orders-config-b"), cm("orders-config-c"), cm("orders-config-d", uid="other"),
+           cm("orders-config"), cm("orders-config-e", deleting=True)]
+    gone = render.unused_configs(OWNER, cms, {"orders-config-a", "orders-config-c"})
+    assert [c["metadata"]["name"] for c in gone] == ["orders-config-b", "orders-config"]
+
+
+def test_the_id_a_pod_joined_with_is_read_from_its_own_spec() -> None:
+    """A restarted pod of the same render keeps its id (nothing to remove from the group); a pod
+    of an older render that used the bare pod name is told apart (its id is removed when it goes)."""
+    sts = objects(sample())["StatefulSet"]
+    pod = {"metadata": {"name": "orders-1", "namespace": "shop"}, "spec": sts["spec"]["template"]["spec"]}
+    assert render.pod_instance_id(pod) == render.instance_id("shop", "orders-1") == "shop.orders-1"
+    legacy = json.loads(json.dumps(pod))
+    (c,) = legacy["spec"]["containers"]
+    c["env"] = [e for e in c["env"] if e["name"] != render.ENV_INSTANCE_ID]
+    assert render.pod_instance_id(legacy) == "orders-1"
+    assert render.pod_instance_id({"metadata": {"name": "x"}, "spec": {"containers": [{"name": "sidecar"}]}}) is None

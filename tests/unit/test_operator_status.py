@@ -7,7 +7,7 @@ import pytest
 
 import time
 
-from afc.operator import cli, kafka, reconcile, status as st
+from afc.operator import cli, kafka, reconcile, rollout as ro, status as st
 from afc.operator.scaling import Observation, Offsets
 from afc.operator.settings import OperatorSettings
 
@@ -24,8 +24,8 @@ def sts(replicas: int = 2, ready: int = 2, updated: int = 2, generation: int = 1
 @pytest.mark.parametrize("obj,desired,progressing,reason", [
     (None, 2, False, "NotCreated"),
     (sts(), 2, False, "RolloutComplete"),
-    (sts(generation=2, observed=1), 2, True, "RollingOut"),
-    (sts(updated=1, update="r2"), 2, True, "RollingOut"),
+    (sts(generation=2, observed=1), 2, True, "RollingUpdate"),
+    (sts(updated=1, update="r2"), 2, True, "RollingUpdate"),
     (sts(replicas=3, ready=3, updated=3), 2, True, "ScalingDown"),
     (sts(ready=1), 2, True, "WaitingForReady"),
     (sts(replicas=1, ready=1, updated=1), 2, True, "ScalingUp"),
@@ -64,7 +64,7 @@ def test_ready_means_consuming_and_does_not_flap_on_scale_or_rollout() -> None:
     assert conds(up)["Ready"] == ("True", "Available") and conds(up)["Progressing"] == ("True", "WaitingForReady")
     # a rollout: still consuming
     rolling = build(sts=sts(updated=1, update="r2"))
-    assert conds(rolling)["Ready"] == ("True", "Available") and conds(rolling)["Progressing"] == ("True", "RollingOut")
+    assert conds(rolling)["Ready"] == ("True", "Available") and conds(rolling)["Progressing"] == ("True", "RollingUpdate")
     assert conds(build(desired=0, sts=sts(replicas=0, ready=0, updated=0)))["Ready"] == ("True", "ScaledToZero")
 
 
@@ -132,8 +132,8 @@ def test_lag_summary() -> None:
 
 
 def test_departing_members_are_the_highest_ordinals() -> None:
-    assert reconcile.departed_ids("orders", 4, 2) == ["orders-2", "orders-3"]
-    assert reconcile.departed_ids("orders", 2, 4) == []
+    assert reconcile.departed_pods("orders", 4, 2) == ["orders-2", "orders-3"]
+    assert reconcile.departed_pods("orders", 2, 4) == []
 
 
 def test_rolling_out_is_a_new_revision_not_a_scale() -> None:
@@ -141,9 +141,9 @@ def test_rolling_out_is_a_new_revision_not_a_scale() -> None:
         o = sts(**{k: v for k, v in kw.items() if k != "spec_replicas"})
         o["spec"] = {"replicas": kw.get("spec_replicas", 2)}
         return o
-    assert not reconcile.rolling_out(s(replicas=4, ready=2, updated=4, spec_replicas=4))
-    assert reconcile.rolling_out(s(updated=1, update="r2"))
-    assert not reconcile.rolling_out(None)
+    assert not ro.in_progress(s(replicas=4, ready=2, updated=4, spec_replicas=4))
+    assert ro.in_progress(s(updated=1, update="r2"))
+    assert not ro.in_progress(None)
 
 
 def test_one_admin_client_per_cluster() -> None:
