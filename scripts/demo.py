@@ -282,19 +282,21 @@ class View:
         self.update(self.snap)
 
     def update(self, s: Snapshot | None) -> None:
+        fresh = s is not None and s is not self.snap         # say()/check() redraw the same snapshot
         self.snap = s
-        if s is not None:
+        if s is not None and fresh:
             self.events = (self.events + s.events)[-8:]
             if self.plain:
                 for e in s.events:
                     print(f"event: {e}", flush=True)
-                line = (f"replicas {s.ready}/{s.replicas} desired {s.desired} | lag {s.lag_total} "
-                        f"({_f(s.lag_seconds, '{:.0f}')} s) | {_f(s.rate, '{:,.0f}')} msg/s | applied {s.applied:,}/"
-                        f"{self.total:,} | backpressure {s.backpressure} | dlq {s.dlq} poison {s.poison} | "
-                        f"generation {s.generation} | {s.scaling.split(':')[0]}")
-                if line != self._last_line:
-                    print(line, flush=True)
-                    self._last_line = line
+        if s is not None and self.plain:
+            line = (f"replicas {s.ready}/{s.replicas} desired {s.desired} | lag {s.lag_total} "
+                    f"({_f(s.lag_seconds, '{:.0f}')} s) | {_f(s.rate, '{:,.0f}')} msg/s | applied {s.applied:,}/"
+                    f"{self.total:,} | backpressure {s.backpressure} | dlq {s.dlq} poison {s.poison} | "
+                    f"generation {s.generation} | {s.scaling.split(':')[0]}")
+            if line != self._last_line:
+                print(line, flush=True)
+                self._last_line = line
         if self._live is not None:
             self._live.update(self._render())
 
