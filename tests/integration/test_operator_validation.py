@@ -103,7 +103,7 @@ def test_defaults_are_filled_by_the_schema(testbed: Testbed, crd_installed: None
     assert r.returncode == 0, r.stderr
     spec = json.loads(testbed.run_kubectl("get", "ac", "orders", "-n", namespace, "-o", "json").stdout)["spec"]
     assert spec["membership"] == {"static": True, "sessionTimeoutMs": 45000, "maxPollIntervalMs": 300000,
-                                  "groupProtocol": "classic"}
+                                  "groupProtocol": "classic", "remoteAssignor": "range"}
     assert spec["flow"]["maxInflight"] == 5000 and spec["flow"]["minInflight"] == 1
     assert spec["kafka"]["securityProtocol"] == "PLAINTEXT"
     assert spec["server"]["port"] == 8080 and spec["shutdown"]["drainTimeoutS"] == 20
