@@ -355,7 +355,8 @@ class Reconciler:
         """The rollout's step (afc.operator.rollout.decide): status.rollout and Progressing, and
         a new hold applied at once (the StatefulSet's partition, so no further pod is rolled)."""
         step = ro.decide(done.sts, pods, template=template, held=held,
-                         deadline_s=spec.rollout.progress_deadline_seconds, now=time.time(), now_iso=now)
+                         deadline_s=spec.rollout.progress_deadline_seconds, now=time.time(), now_iso=now,
+                         rejoin_s=spec.membership.session_timeout_ms / 1000 if spec.membership.static else None)
         if step.new_hold and step.hold is not None:
             sts = next(o for o in render.desired_objects(owner, spec, held=int(step.hold["partition"]))
                        if o["kind"] == "StatefulSet")

@@ -26,6 +26,7 @@ FAILING_WAITING = ("CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "Crea
                    "CreateContainerError", "InvalidImageName", "RunContainerError")
 POD_NOT_READY = "PodNotReady"
 POD_FAILED = "PodFailed"
+NOT_REJOINED = "MemberNotRejoined"
 ROLLING_UPDATE = "RollingUpdate"
 DEADLINE_EXCEEDED = "ProgressDeadlineExceeded"
 ROLLOUT_HELD = "RolloutHeld"
@@ -132,15 +133,37 @@ def in_progress(sts: Mapping[str, Any] | None) -> bool:
         or int(s.get("updatedReplicas") or 0) < int(s.get("replicas") or 0)
 
 
+def not_rejoined(pod: Mapping[str, Any], upd: str | None, now: float, rejoin_s: float | None) -> PodFailure | None:
+    """A restarted pod of the revision being rolled out that is still not ready (readiness is
+    "holds its assignment": it has not rejoined) after the session timeout: the broker has
+    dropped its member by now and rebalanced the group, so rolling further would storm."""
+    meta = pod.get("metadata") or {}
+    if rejoin_s is None or upd is None or revision(pod) != upd or is_ready(pod) or meta.get("deletionTimestamp"):
+        return None
+    ready = next((c for c in (pod.get("status") or {}).get("conditions") or [] if c.get("type") == "Ready"), None)
+    since = _epoch((ready or {}).get("lastTransitionTime") or meta.get("creationTimestamp"))
+    if since is None or now - since <= rejoin_s:
+        return None
+    name = meta.get("name", "?")
+    return PodFailure(name, NOT_REJOINED, f"pod {name} of revision {upd} has not rejoined the group (not ready) "
+                      f"within the session timeout ({rejoin_s:g}s): the group rebalances without it", upd)
+
+
 def decide(sts: Mapping[str, Any] | None, pods: Sequence[Mapping[str, Any]], *, template: str,
-           held: Mapping[str, Any] | None, deadline_s: float, now: float, now_iso: str) -> Step:
+           held: Mapping[str, Any] | None, deadline_s: float, now: float, now_iso: str,
+           rejoin_s: float | None = None) -> Step:
     """The rollout step from the live StatefulSet (after this reconcile's apply) and its pods.
-    `template`: the hash of the pod template just rendered; `held`: status.rollout.held."""
+    `template`: the hash of the pod template just rendered; `held`: status.rollout.held;
+    `rejoin_s`: the members' session timeout (a restarted member must rejoin within it)."""
     failures = tuple(f for p in pods if (f := pod_failure(p, now, deadline_s)))
     if not sts:
         return Step(failures=failures)
     s = sts.get("status") or {}
     cur, upd = s.get("currentRevision"), s.get("updateRevision")
+    if in_progress(sts):
+        failing = {f.pod for f in failures}
+        failures += tuple(f for p in pods if (p.get("metadata") or {}).get("name") not in failing
+                          and (f := not_rejoined(p, upd, now, rejoin_s)))
     partition = int((((sts.get("spec") or {}).get("updateStrategy") or {}).get("rollingUpdate") or {})
                     .get("partition") or 0)
     status = {"currentRevision": cur, "updateRevision": upd, "partition": partition}

@@ -176,6 +176,28 @@ def test_a_restarted_pod_not_ready_within_the_deadline_exceeds_progress(
     assert partition(api, namespace) == 1 and revision_of(core, namespace, "orders-0") != new
 
 
+def test_a_restarted_member_not_back_within_the_session_timeout_holds_the_rollout(
+        testbed: Testbed, api: Kube, core, operator: OperatorProcess, namespace: str, names, make_topic) -> None:
+    """A restarted static member not ready (not holding its assignment) within the session
+    timeout has been dropped by the broker: the rollout stops there (RolloutHeld, Degraded
+    MemberNotRejoined) long before the progress deadline."""
+    obj = consumer(testbed, names, make_topic("orders"), replicas=2, rollout={"progressDeadlineSeconds": 600},
+                   membership={"sessionTimeoutMs": 6000}, scaling={"pollIntervalS": 1})
+    kubectl_apply(testbed, namespace, obj)
+    ready(api, core, operator, namespace)
+    kubectl_apply(testbed, namespace, changed(obj, flow={"maxInflight": 64}))
+    new = operator.wait_until(lambda: (s := sts_status(api, namespace)).get("updateRevision") != s.get("currentRevision")
+                              and s["updateRevision"], 30, "a new revision")
+    operator.wait_until(lambda: revision_of(core, namespace, "orders-1") == new, 30, "orders-1 restarted")
+    mark_pods_ready(core, namespace, SELECTOR.format(name="orders"), names=["orders-0"])  # never orders-1
+    ac = operator.wait_until(lambda: (a := get(api, "AdaptiveConsumer", namespace, "orders"))
+                             and condition(a, "Progressing").get("reason") == "RolloutHeld" and a, 40, "RolloutHeld")
+    assert "not rejoined" in condition(ac, "Progressing")["message"]
+    degraded = condition(ac, "Degraded")
+    assert degraded["status"] == "True" and degraded["reason"] == "MemberNotRejoined" and "orders-1" in degraded["message"]
+    assert partition(api, namespace) == 1 and revision_of(core, namespace, "orders-0") != new
+
+
 def test_a_staged_rollout_keeps_the_old_config_until_no_pod_uses_it(
         testbed: Testbed, api: Kube, core, operator: OperatorProcess, namespace: str, names, make_topic) -> None:
     """spec.rollout.partition stages a rollout: only pods from that ordinal get the new revision.

@@ -124,6 +124,29 @@ def test_a_restarted_pod_not_ready_past_the_deadline_exceeds_progress() -> None:
     assert step.progressing is not None and step.progressing[:2] == (False, ro.DEADLINE_EXCEEDED)
 
 
+def test_a_restarted_member_that_has_not_rejoined_within_the_session_timeout_holds_the_rollout() -> None:
+    """Issue 11: a restarted static member that is not back (not ready: not holding its
+    assignment) within the session timeout has been dropped by the broker: stop rolling."""
+    pods = [pod("orders-0", rev="r1"), pod("orders-1", ready=False, not_ready_for=50), pod("orders-2")]
+    step = ro.decide(sts(updated=2), pods, template=TEMPLATE, held=None, deadline_s=600, now=T0, now_iso=ISO,
+                     rejoin_s=45)
+    assert step.new_hold and step.hold is not None and step.hold["partition"] == 1 and step.hold["pod"] == "orders-1"
+    assert step.hold["reason"] == ro.ROLLOUT_HELD and "not rejoined" in step.hold["message"]
+    assert ro.degraded(step.failures, step.hold)[0] == ro.NOT_REJOINED  # type: ignore[index]
+    # within the session timeout it is still restarting: no hold
+    pods[1] = pod("orders-1", ready=False, not_ready_for=30)
+    assert ro.decide(sts(updated=2), pods, template=TEMPLATE, held=None, deadline_s=600, now=T0, now_iso=ISO,
+                     rejoin_s=45).hold is None
+    # dynamic members (no session to outlive): only the progress deadline applies
+    pods[1] = pod("orders-1", ready=False, not_ready_for=50)
+    assert ro.decide(sts(updated=2), pods, template=TEMPLATE, held=None, deadline_s=600, now=T0, now_iso=ISO,
+                     rejoin_s=None).hold is None
+    # an old-revision pod not ready is not a rejoin of this rollout
+    pods = [pod("orders-0", rev="r1", ready=False, not_ready_for=50), pod("orders-1"), pod("orders-2")]
+    assert ro.decide(sts(updated=2), pods, template=TEMPLATE, held=None, deadline_s=600, now=T0, now_iso=ISO,
+                     rejoin_s=45).hold is None
+
+
 def test_a_failing_pod_of_the_old_revision_degrades_but_does_not_hold() -> None:
     pods = [pod("orders-0", rev="r1", ready=False, waiting="CrashLoopBackOff"), pod("orders-1", rev="r1"), pod("orders-2")]
     step = decide(sts(updated=1), pods)
