@@ -17,6 +17,15 @@ from afctest import ROOT
 pytestmark = [pytest.mark.kafka, pytest.mark.redis, pytest.mark.k8s]
 
 
+def _mountns() -> bool:
+    import sys
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import nodeagent
+    return nodeagent.mountns_available()
+
+
+@pytest.mark.skipif(not _mountns(), reason="the node agent cannot make private mount namespaces here (needs root "
+                    "with CAP_SYS_ADMIN): the operator's pod could not read its ServiceAccount token at its fixed path")
 def test_make_demo_end_to_end(testbed, crd_installed) -> None:
     env = {**os.environ, "AFC_KAFKA_BOOTSTRAP": testbed.bootstrap, "AFC_REDIS_URL": testbed.redis_url,
            "AFC_TESTBED_DIR": testbed.state_dir, "KUBECONFIG": testbed.kubeconfig, "AFC_KUBECTL": testbed.kubectl}
