@@ -1,0 +1,199 @@
+"""Pure decisions of a staged rollout (`spec.rollout.canary`).
+
+A canary runs in phases, kept in `status.rollout.canary` (so an operator restart resumes it):
+
+    Canary      the StatefulSet's partition lets only the top `canary_size` ordinals roll; once
+                every canary pod runs the new revision and is ready (`readyAt`), the operator
+                samples the members' health records and `judge`s them each reconcile;
+    Promoting   the gates passed: the partition returns to spec.rollout.partition, every pod rolls;
+    Promoted    every pod runs the new revision;
+    RollingBack a gate failed (or a canary pod failed, or no verdict by maxHoldSeconds): the
+                StatefulSet gets the stable revision's pod template back, so the canary pods
+                return to it; the stable members already run it and are not restarted;
+    RolledBack  every pod runs the stable revision again. Degraded (CanaryFailed) until the spec
+                renders another pod template (a fix, or the previous spec back).
+
+Health comes from the members' Redis records (afc.runtime.backpressure): monotonic counters
+per process (handled, failed handler runs, dead-lettered/poison records) and the member's
+group.instance.id, which names its pod. `totals` turns a window of samples into per-group
+differences (a counter that goes down is a restarted process: its new value counts from 0).
+
+`judge` (the gates):
+- a gate that fails with at least `minRuns` canary runs rolls back at once (no need to sit out
+  the hold with a broken revision);
+- error rate = failed / (handled + failed) over the window; > maxErrorRate fails;
+- maxErrorRateRatio (optional): the canary's error rate > ratio x max(stable rate, 1%) fails;
+- DLQ rate = dead-lettered / runs; > maxDlqRate fails;
+- all gates pass, at least minRuns runs and holdSeconds since readyAt: promote;
+- fewer than minRuns runs: hold; at maxHoldSeconds: roll back (fail safe: no evidence, no
+  promotion).
+The lag gate (canary partitions' lag against the rest) is not implemented.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Sequence
+
+CANARY, PROMOTING, PROMOTED, ROLLING_BACK, ROLLED_BACK = "Canary", "Promoting", "Promoted", "RollingBack", "RolledBack"
+ACTIVE = (CANARY, PROMOTING, ROLLING_BACK)
+
+HOLD, PROMOTE, ROLLBACK = "hold", "promote", "rollback"
+
+# Progressing / Degraded reasons and Event reasons
+CANARY_ROLLING = "CanaryRolling"       # the canary pods are being rolled
+CANARY_HOLD = "CanaryHold"             # the canary pods run; the gates collect data
+CANARY_STARTED = "CanaryStarted"
+CANARY_PROMOTED = "CanaryPromoted"
+CANARY_FAILED = "CanaryFailed"
+ROLLED_BACK_REASON = "RolledBack"
+
+STABLE_RATE_FLOOR = 0.01
+
+
+@dataclass(frozen=True)
+class Gates:
+    hold_s: float = 60
+    max_hold_s: float = 600
+    min_runs: int = 20
+    max_error_rate: float = 0.05
+    max_error_rate_ratio: float | None = None
+    max_dlq_rate: float = 0.01
+
+    @classmethod
+    def of(cls, spec: Any) -> "Gates":
+        """From a CanarySpec."""
+        return cls(hold_s=spec.hold_seconds, max_hold_s=spec.max_hold_seconds, min_runs=spec.min_runs,
+                   max_error_rate=spec.max_error_rate, max_error_rate_ratio=spec.max_error_rate_ratio,
+                   max_dlq_rate=spec.max_dlq_rate)
+
+
+@dataclass(frozen=True)
+class Counts:
+    handled: int = 0
+    failed: int = 0
+    dead_lettered: int = 0
+
+    @property
+    def runs(self) -> int:
+        return self.handled + self.failed
+
+    @classmethod
+    def of(cls, record: Mapping[str, Any]) -> "Counts | None":
+        """From a member's Redis record; None when it carries no counters (an older runtime)."""
+        c = record.get("counts")
+        if not isinstance(c, Mapping):
+            return None
+        try:
+            return cls(int(c.get("handled") or 0), int(c.get("failed") or 0), int(c.get("deadLettered") or 0))
+        except (TypeError, ValueError):
+            return None
+
+    def __add__(self, o: "Counts") -> "Counts":
+        return Counts(self.handled + o.handled, self.failed + o.failed, self.dead_lettered + o.dead_lettered)
+
+
+def increment(before: Counts, after: Counts) -> Counts:
+    """What a member's counters moved by between two samples; a counter that went down is a
+    restarted process, whose counters start at 0."""
+    if after.handled < before.handled or after.failed < before.failed or after.dead_lettered < before.dead_lettered:
+        return after
+    return Counts(after.handled - before.handled, after.failed - before.failed,
+                  after.dead_lettered - before.dead_lettered)
+
+
+Sample = tuple[float, Mapping[str, Counts]]   # (time, pod name -> counters)
+
+
+def totals(samples: Sequence[Sample], pods: Iterable[str]) -> Counts:
+    """The summed counter increments of `pods` over the window: each pod from its first
+    appearance in a sample to its last."""
+    out = Counts()
+    for pod in pods:
+        last: Counts | None = None
+        for _, counts in samples:
+            c = counts.get(pod)
+            if c is None:
+                continue
+            if last is not None:
+                out = out + increment(last, c)
+            last = c
+    return out
+
+
+def canary_size(spec: Any, replicas: int) -> int:
+    """Pods of the new revision first: `replicas`, or `percent` of the pods rounded up; at
+    least 1, at most all."""
+    if spec.percent is not None:
+        n = math.ceil(replicas * spec.percent / 100)
+    else:
+        n = spec.replicas or 1
+    return max(1, min(n, replicas))
+
+
+def canary_partition(spec: Any, replicas: int) -> int:
+    """The StatefulSet partition that lets only the canary pods (the highest ordinals) roll."""
+    return max(0, replicas - canary_size(spec, replicas))
+
+
+@dataclass(frozen=True)
+class Verdict:
+    action: str           # hold | promote | rollback
+    reason: str
+    message: str
+    gates: dict[str, Any]
+
+
+def _rate(n: int, d: int) -> float | None:
+    return round(n / d, 4) if d else None
+
+
+def judge(samples: Sequence[Sample], canary: Sequence[str], stable: Sequence[str], g: Gates,
+          elapsed_s: float) -> Verdict:
+    """The canary's verdict from the samples since its pods were ready (see the module doc)."""
+    c, s = totals(samples, canary), totals(samples, stable)
+    err, dlq = _rate(c.failed, c.runs), _rate(c.dead_lettered, c.runs)
+    stable_err = _rate(s.failed, s.runs)
+    values: dict[str, Any] = {"runs": c.runs, "errorRate": err, "dlqRate": dlq, "stableRuns": s.runs,
+                              "stableErrorRate": stable_err}
+    where = f"canary {', '.join(canary)}: {c.runs} handler runs in {elapsed_s:.0f}s"
+    if c.runs >= g.min_runs:
+        assert err is not None and dlq is not None
+        if err > g.max_error_rate:
+            return Verdict(ROLLBACK, "ErrorRate", f"{where}, error rate {err:.3f} > maxErrorRate "
+                           f"{g.max_error_rate:g} ({c.failed} failed)", values)
+        if g.max_error_rate_ratio is not None:
+            base = max(stable_err or 0.0, STABLE_RATE_FLOOR)
+            if err > g.max_error_rate_ratio * base:
+                return Verdict(ROLLBACK, "ErrorRateRatio", f"{where}, error rate {err:.3f} > maxErrorRateRatio "
+                               f"{g.max_error_rate_ratio:g} x stable {stable_err if stable_err is not None else 0:.3f}"
+                               f" (counted at least {STABLE_RATE_FLOOR:g})", values)
+        if dlq > g.max_dlq_rate:
+            return Verdict(ROLLBACK, "DlqRate", f"{where}, dead-letter rate {dlq:.3f} > maxDlqRate "
+                           f"{g.max_dlq_rate:g} ({c.dead_lettered} records)", values)
+        if elapsed_s >= g.hold_s:
+            return Verdict(PROMOTE, "GatesPassed", f"{where}: error rate {err:.3f}, dead-letter rate {dlq:.3f} "
+                           f"within the gates", values)
+        return Verdict(HOLD, CANARY_HOLD, f"{where}; healthy so far, holding {g.hold_s - elapsed_s:.0f}s more",
+                       values)
+    if elapsed_s >= g.max_hold_s:
+        return Verdict(ROLLBACK, "InsufficientData", f"{where}, fewer than minRuns {g.min_runs} by "
+                       f"maxHoldSeconds {g.max_hold_s:g}: not enough evidence to promote", values)
+    return Verdict(HOLD, CANARY_HOLD, f"{where}; waiting for minRuns {g.min_runs} (rolled back if not "
+                   f"reached by {g.max_hold_s - elapsed_s:.0f}s from now)", values)
+
+
+def pods_by_member(namespace: str, records: Mapping[str, Mapping[str, Any]]) -> dict[str, Counts]:
+    """pod name -> counters, from the records of the members (keyed by member id: the
+    group.instance.id `<namespace>.<pod>`, or a record's own `pod`)."""
+    out: dict[str, Counts] = {}
+    for member, rec in records.items():
+        c = Counts.of(rec)
+        if c is None:
+            continue
+        pod = rec.get("pod") if isinstance(rec.get("pod"), str) else None
+        if pod is None and member.startswith(namespace + "."):
+            pod = member[len(namespace) + 1:]
+        if pod:
+            out[pod] = c
+    return out
