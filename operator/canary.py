@@ -197,3 +197,134 @@ def pods_by_member(namespace: str, records: Mapping[str, Mapping[str, Any]]) -> 
         if pod:
             out[pod] = c
     return out
+
+
+# ---------------------------------------------------------------------------- the phases
+
+def current(canary_spec: Any, prev_rollout: Mapping[str, Any] | None, template: str, now_iso: str
+            ) -> dict[str, Any] | None:
+    """The canary that applies to this reconcile's pod template (`template`, as the spec renders
+    it): the one in status for it, or a new one when a canary is configured and the spec renders
+    another pod template than the one last applied (status.rollout.template). None: no canary
+    (not configured, the first apply, or the spec changed nothing in the pods)."""
+    prev = prev_rollout or {}
+    cs = prev.get("canary")
+    if cs and cs.get("template") == template:
+        if canary_spec is None and cs.get("phase") == CANARY:  # the canary was removed from the spec: go on
+            return {**cs, "phase": PROMOTING, "decidedAt": now_iso, "reason": "CanaryRemoved",
+                    "message": "spec.rollout.canary removed during the canary: every pod rolls"}
+        return dict(cs)
+    if canary_spec is None:
+        return None
+    last = prev.get("template")
+    if last is None or last == template:
+        return None
+    return {"phase": CANARY, "template": template, "startedAt": now_iso}
+
+
+def rolls_back(cs: Mapping[str, Any] | None) -> bool:
+    """The StatefulSet gets the stable revision's pod template (status.rollout.canary.stableRevision)."""
+    return bool(cs) and cs.get("phase") in (ROLLING_BACK, ROLLED_BACK)  # type: ignore[union-attr]
+
+
+def partition_for(cs: Mapping[str, Any] | None, canary_spec: Any, replicas: int) -> int | None:
+    """The partition a canary asks for (None: none): in phase Canary only the canary pods roll."""
+    if cs and cs.get("phase") == CANARY and canary_spec is not None:
+        return canary_partition(canary_spec, replicas)
+    return None
+
+
+def _ready(pod: Mapping[str, Any] | None, rev: str) -> bool:
+    from afc.operator import rollout as ro
+    return pod is not None and ro.revision(pod) == rev and ro.is_ready(pod) \
+        and not (pod.get("metadata") or {}).get("deletionTimestamp")
+
+
+@dataclass(frozen=True)
+class Observed:
+    canary: dict[str, Any]
+    canary_pods: tuple[str, ...] = ()
+    stable_pods: tuple[str, ...] = ()
+    judging: bool = False       # the hold runs: sample the members and judge
+    changed_phase: bool = False
+
+
+def observe(cs: Mapping[str, Any], sts: Mapping[str, Any] | None, pods: Sequence[Mapping[str, Any]], *,
+            canary_spec: Any, failures: Sequence[Any], now_iso: str) -> Observed:
+    """Move the canary along what the StatefulSet and its pods show (everything but the gates'
+    verdict): which revision is under test, when its pods are ready, a canary pod that fails
+    (rolled back at once), the end of a promotion or a rollback."""
+    from afc.operator import rollout as ro
+    cs = dict(cs)
+    phase = cs["phase"]
+    if not sts:
+        return Observed(cs)
+    s, meta = sts.get("status") or {}, sts.get("metadata") or {}
+    if int(s.get("observedGeneration") or 0) < int(meta.get("generation") or 0):
+        return Observed(cs)        # the revisions are not known yet
+    cur, upd = s.get("currentRevision"), s.get("updateRevision")
+    name = meta.get("name", "")
+    replicas = int((sts.get("spec") or {}).get("replicas") or 0)
+    by_name = {p["metadata"]["name"]: p for p in pods}
+    if phase == CANARY:
+        if not cs.get("revision"):
+            cs["revision"], cs["stableRevision"] = upd, cur
+        if cs["revision"] != upd:  # the StatefulSet moved on without us (someone else): start over on it
+            cs.update({"revision": upd, "stableRevision": cur, "readyAt": None})
+        if upd == cs.get("stableRevision"):
+            cs.update({"phase": PROMOTED, "decidedAt": now_iso,
+                       "message": "nothing to test: the spec renders the revision the pods already run"})
+            return Observed(cs, changed_phase=True)
+        first = canary_partition(canary_spec, replicas) if canary_spec is not None else 0
+        canary_pods = tuple(f"{name}-{i}" for i in range(first, replicas))
+        stable_pods = tuple(f"{name}-{i}" for i in range(0, first))
+        cs["pods"] = list(canary_pods)
+        failed = [f for f in failures if f.pod in canary_pods and f.revision == upd]
+        if failed:
+            cs.update({"phase": ROLLING_BACK, "decidedAt": now_iso, "reason": failed[0].reason,
+                       "message": f"canary pod failed: {failed[0].message}; rolling back to {cs.get('stableRevision')}"})
+            return Observed(cs, canary_pods, stable_pods, changed_phase=True)
+        if all(_ready(by_name.get(p), upd) for p in canary_pods):
+            if not cs.get("readyAt"):
+                cs["readyAt"] = now_iso
+            return Observed(cs, canary_pods, stable_pods, judging=True)
+        cs["readyAt"] = None
+        return Observed(cs, canary_pods, stable_pods)
+    if phase == PROMOTING and not ro.in_progress(sts) and upd == cs.get("revision"):
+        cs["phase"] = PROMOTED
+        return Observed(cs, changed_phase=True)
+    if phase == ROLLING_BACK and not ro.in_progress(sts) and upd == cs.get("stableRevision") == cur \
+            and all(_ready(by_name.get(f"{name}-{i}"), cur) for i in range(replicas)):
+        cs["phase"] = ROLLED_BACK
+        return Observed(cs, changed_phase=True)
+    return Observed(cs)
+
+
+def decided(cs: Mapping[str, Any], verdict: Verdict, now_iso: str) -> dict[str, Any]:
+    """The canary after the gates' verdict."""
+    out = {**cs, "gates": {k: v for k, v in verdict.gates.items() if v is not None}, "message": verdict.message}
+    if verdict.action == PROMOTE:
+        out.update({"phase": PROMOTING, "decidedAt": now_iso, "reason": verdict.reason})
+    elif verdict.action == ROLLBACK:
+        out.update({"phase": ROLLING_BACK, "decidedAt": now_iso, "reason": verdict.reason,
+                    "message": f"{verdict.message}; rolling back to {cs.get('stableRevision')}"})
+    return out
+
+
+def conditions(cs: Mapping[str, Any] | None) -> tuple[tuple[bool, str, str] | None, tuple[str, str] | None]:
+    """(Progressing, Degraded) as the canary says them; None where it says nothing."""
+    if not cs:
+        return None, None
+    phase, msg = cs.get("phase"), cs.get("message") or ""
+    pods = ", ".join(cs.get("pods") or [])
+    if phase == CANARY:
+        if cs.get("readyAt"):
+            return (True, CANARY_HOLD, f"canary {pods} on {cs.get('revision')} since {cs['readyAt']}: {msg}"), None
+        return (True, CANARY_ROLLING, f"rolling canary {pods} to revision {cs.get('revision')}; the other pods "
+                                      f"keep {cs.get('stableRevision')}"), None
+    if phase == ROLLING_BACK:
+        return (True, "RollingBack", msg), (CANARY_FAILED, msg)
+    if phase == ROLLED_BACK:
+        return (False, ROLLED_BACK_REASON, f"{msg}; done. Change the spec to go on: a fix, or the previous spec "
+                                           f"back"), (CANARY_FAILED, msg)
+    return None, None

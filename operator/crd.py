@@ -533,6 +533,9 @@ class CanaryStatus(CrdModel):
     stable_revision: str | None = Field(None, description="The revision the stable members run (a rollback "
                                         "restores its pod template).")
     pods: list[str] = Field(default_factory=list, description="The canary pods.")
+    started_at: str | None = Field(None, json_schema_extra={"format": "date-time"})
+    reason: str | None = Field(None, description="Why it was promoted or rolled back: GatesPassed, ErrorRate, "
+                               "ErrorRateRatio, DlqRate, InsufficientData, or a canary pod's failure.")
     ready_at: str | None = Field(None, json_schema_extra={"format": "date-time"},
                                  description="When every canary pod was ready: the hold counts from here.")
     decided_at: str | None = Field(None, json_schema_extra={"format": "date-time"})
@@ -545,6 +548,8 @@ class RolloutStatus(CrdModel):
     update_revision: str | None = Field(None, description="The revision being rolled out.")
     partition: int | None = Field(None, description="The StatefulSet's rollingUpdate.partition.")
     pod: str | None = Field(None, description="The pod being rolled (restarted, or waited for).")
+    template: str | None = Field(None, description="Hash of the pod template the spec rendered at the last "
+                                 "apply (a different one starts a canary).")
     held: RolloutHold | None = Field(None, description="Set when the operator stopped a failing rollout.")
     canary: CanaryStatus | None = Field(None, description="The staged rollout (spec.rollout.canary).")
 
