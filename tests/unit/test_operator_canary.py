@@ -123,3 +123,118 @@ def test_the_member_record_carries_the_counters_and_the_pod() -> None:
     assert rec["member"] == "ns.orders-0" and rec["pod"] == "orders-0" and rec["counts"] == counts
     counts["handled"] = 4   # read at each publish, never copied into the publisher
     assert json.loads(pub.payload())["counts"]["handled"] == 4
+
+
+# ------------------------------------------------------------------------------- the phases
+
+ISO = "2027-01-15T08:00:00Z"
+SPEC = SimpleNamespace(replicas=1, percent=None)
+
+
+def pod(name: str, rev: str, ready: bool = True) -> dict:
+    return {"metadata": {"name": name, "labels": {"controller-revision-hash": rev}},
+            "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}}
+
+
+def sts(current: str = "r1", update: str = "r2", replicas: int = 4, updated: int = 1, generation: int = 2,
+        observed: int = 2) -> dict:
+    return {"metadata": {"name": "orders", "generation": generation}, "spec": {"replicas": replicas},
+            "status": {"observedGeneration": observed, "replicas": replicas, "updatedReplicas": updated,
+                       "currentRevision": current, "updateRevision": update}}
+
+
+def test_a_canary_starts_only_when_the_spec_renders_another_template() -> None:
+    assert ca.current(SPEC, None, "t2", ISO) is None                      # the first apply
+    assert ca.current(SPEC, {"template": "t2"}, "t2", ISO) is None        # nothing changed in the pods
+    assert ca.current(None, {"template": "t1"}, "t2", ISO) is None        # not configured
+    cs = ca.current(SPEC, {"template": "t1"}, "t2", ISO)
+    assert cs == {"phase": ca.CANARY, "template": "t2", "startedAt": ISO}
+    kept = {"phase": ca.ROLLED_BACK, "template": "t2"}
+    assert ca.current(SPEC, {"template": "t2", "canary": kept}, "t2", ISO) == kept
+    # the canary removed from the spec mid-canary: every pod rolls
+    cs = ca.current(None, {"template": "t2", "canary": {"phase": ca.CANARY, "template": "t2"}}, "t2", ISO)
+    assert cs is not None and cs["phase"] == ca.PROMOTING
+
+
+def test_observe_follows_the_canary_pods_to_ready_then_judges() -> None:
+    cs = {"phase": ca.CANARY, "template": "t2"}
+    unobserved = ca.observe(cs, sts(generation=3, observed=2), [], canary_spec=SPEC, failures=(), now_iso=ISO)
+    assert "revision" not in unobserved.canary and not unobserved.judging
+    pods = [pod(f"orders-{i}", "r1") for i in range(3)] + [pod("orders-3", "r1")]
+    o = ca.observe(cs, sts(), pods, canary_spec=SPEC, failures=(), now_iso=ISO)
+    assert o.canary["revision"] == "r2" and o.canary["stableRevision"] == "r1" and o.canary["pods"] == ["orders-3"]
+    assert not o.judging and not o.canary.get("readyAt")
+    pods[3] = pod("orders-3", "r2")
+    o = ca.observe(o.canary, sts(), pods, canary_spec=SPEC, failures=(), now_iso=ISO)
+    assert o.judging and o.canary["readyAt"] == ISO
+    assert o.canary_pods == ("orders-3",) and o.stable_pods == ("orders-0", "orders-1", "orders-2")
+    assert ca.conditions(o.canary)[0][1] == ca.CANARY_HOLD  # type: ignore[index]
+
+
+def test_a_failing_canary_pod_rolls_back_at_once() -> None:
+    from afc.operator.rollout import PodFailure
+    cs = {"phase": ca.CANARY, "template": "t2", "revision": "r2", "stableRevision": "r1"}
+    pods = [pod(f"orders-{i}", "r1") for i in range(3)] + [pod("orders-3", "r2", ready=False)]
+    o = ca.observe(cs, sts(), pods, canary_spec=SPEC, now_iso=ISO,
+                   failures=[PodFailure("orders-3", "CrashLoopBackOff", "pod orders-3: CrashLoopBackOff", "r2")])
+    assert o.changed_phase and o.canary["phase"] == ca.ROLLING_BACK and o.canary["reason"] == "CrashLoopBackOff"
+    assert ca.rolls_back(o.canary)
+    progressing, degraded = ca.conditions(o.canary)
+    assert degraded is not None and degraded[0] == ca.CANARY_FAILED
+
+
+def test_rolled_back_once_every_pod_runs_the_stable_revision_and_promoted_once_all_run_the_new() -> None:
+    cs = {"phase": ca.ROLLING_BACK, "template": "t2", "revision": "r2", "stableRevision": "r1", "pods": ["orders-3"]}
+    pods = [pod(f"orders-{i}", "r1") for i in range(4)]
+    assert ca.observe(cs, sts(current="r1", update="r1", updated=3), pods[:3] + [pod("orders-3", "r1", False)],
+                      canary_spec=SPEC, failures=(), now_iso=ISO).canary["phase"] == ca.ROLLING_BACK
+    o = ca.observe(cs, sts(current="r1", update="r1", updated=4), pods, canary_spec=SPEC, failures=(), now_iso=ISO)
+    assert o.canary["phase"] == ca.ROLLED_BACK
+    progressing, degraded = ca.conditions(o.canary)
+    assert progressing is not None and progressing[:2] == (False, ca.ROLLED_BACK_REASON) and degraded is not None
+    promoting = {**cs, "phase": ca.PROMOTING}
+    assert ca.observe(promoting, sts(current="r1", update="r2", updated=2), pods, canary_spec=SPEC, failures=(),
+                      now_iso=ISO).canary["phase"] == ca.PROMOTING
+    assert ca.observe(promoting, sts(current="r2", update="r2", updated=4), pods, canary_spec=SPEC, failures=(),
+                      now_iso=ISO).canary["phase"] == ca.PROMOTED
+
+
+def test_nothing_to_test_when_the_new_template_is_the_stable_revision() -> None:
+    o = ca.observe({"phase": ca.CANARY, "template": "t1"}, sts(current="r1", update="r1", updated=4), [],
+                   canary_spec=SPEC, failures=(), now_iso=ISO)
+    assert o.canary["phase"] == ca.PROMOTED
+
+
+def test_the_verdict_moves_the_phase() -> None:
+    cs = {"phase": ca.CANARY, "stableRevision": "r1"}
+    back = ca.decided(cs, ca.Verdict(ca.ROLLBACK, "ErrorRate", "bad", {"runs": 30, "errorRate": 1.0}), ISO)
+    assert back["phase"] == ca.ROLLING_BACK and back["gates"] == {"runs": 30, "errorRate": 1.0}
+    assert "rolling back to r1" in back["message"]
+    assert ca.decided(cs, ca.Verdict(ca.PROMOTE, "GatesPassed", "ok", {}), ISO)["phase"] == ca.PROMOTING
+    assert ca.decided(cs, ca.Verdict(ca.HOLD, ca.CANARY_HOLD, "wait", {}), ISO)["phase"] == ca.CANARY
+
+
+def test_the_render_raises_the_partition_for_the_canary_and_restores_the_stable_template() -> None:
+    from afc.operator import render
+    from afc.operator.reconcile import rendered
+    spec = AdaptiveConsumerSpec.model_validate({
+        "image": "x", "replicas": 4, "maxReplicas": 8, "kafka": {"bootstrapServers": "k:9092", "groupId": "g",
+                                                                  "topics": ["t"]},
+        "handler": {"handler": "a:b"}, "rollout": {"canary": {"replicas": 1}}})
+    owner = render.Owner("orders", "ns", "uid-1", 1)
+
+    def the_sts(objs: list) -> dict:
+        return next(o for o in objs if o["kind"] == "StatefulSet")
+
+    objs, template, held = rendered(owner, spec, {}, {"phase": ca.CANARY, "template": "t"})
+    assert the_sts(objs)["spec"]["updateStrategy"]["rollingUpdate"]["partition"] == 3
+    objs, _, _ = rendered(owner, spec, {}, {"phase": ca.PROMOTING, "template": "t"})
+    assert the_sts(objs)["spec"]["updateStrategy"]["rollingUpdate"]["partition"] == 0
+    stable = {"metadata": {"labels": {"a": "b"}}, "spec": {"containers": [{"name": "old"}]}}
+    objs, _, held = rendered(owner, spec, {}, {"phase": ca.ROLLING_BACK, "template": "t"}, stable)
+    assert the_sts(objs)["spec"]["template"] == stable and held is None
+    assert the_sts(objs)["spec"]["updateStrategy"]["rollingUpdate"]["partition"] == 0
+    # the stable template unknown: the canary's partition holds instead (nothing further rolls)
+    objs, _, _ = rendered(owner, spec, {}, {"phase": ca.ROLLED_BACK, "template": "t"}, None)
+    assert the_sts(objs)["spec"]["template"] != stable
+    assert the_sts(objs)["spec"]["updateStrategy"]["rollingUpdate"]["partition"] == 3
