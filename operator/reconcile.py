@@ -358,7 +358,8 @@ class Reconciler:
                     self._track_departures(tr, owner.name, before, live)
             pods = await self.kube.list_objects("Pod", owner.namespace, render.selector_labels(owner.name))
             await self._rollout(owner, spec, tr, done, pods, template, held, canary, now)
-            await self._collect_configs(owner, tr, done.sts, pods)
+            config = next(o["metadata"]["name"] for o in objs if o["kind"] == "ConfigMap")
+            await self._collect_configs(owner, tr, done.sts, pods, config)
             done.problem = snap.problem
             degraded = ro.degraded(done.step.failures, done.step.hold) if done.step else None
             degraded = done.canary_degraded or degraded
@@ -496,10 +497,11 @@ class Reconciler:
         return r
 
     async def _collect_configs(self, owner: render.Owner, tr: Tracked, sts: Mapping[str, Any] | None,
-                               pods: list[dict[str, Any]]) -> None:
+                               pods: list[dict[str, Any]], config: str) -> None:
         """Delete this AdaptiveConsumer's ConfigMaps that nothing uses any more: not the current
-        render, not a pod, not the StatefulSet's current or update revision (from which it may
-        still create pods: a pod below the partition is recreated at the current revision).
+        render (`config`: also while a rolled-back canary keeps another template in the
+        StatefulSet), not a pod, not the StatefulSet's current or update revision (from which it
+        may still create pods: a pod below the partition is recreated at the current revision).
         Skipped while none of these changed since the last complete pass (no reads per poll)."""
         if sts is None:
             return
@@ -507,10 +509,10 @@ class Reconciler:
         if int(s.get("observedGeneration") or 0) < int((sts.get("metadata") or {}).get("generation") or 0):
             return  # the revisions are not known yet
         looked_at = (s.get("currentRevision"), s.get("updateRevision"), render.config_volume(sts["spec"]["template"]),
-                     frozenset(render.config_volume(p) for p in pods))
+                     frozenset(render.config_volume(p) for p in pods), config)
         if looked_at == tr.collected:
             return
-        in_use = {render.config_volume(sts["spec"]["template"])}
+        in_use = {render.config_volume(sts["spec"]["template"]), config}
         for rev in {s.get("currentRevision"), s.get("updateRevision")} - {None, ""}:
             cr = await self.kube.get(path_for("ControllerRevision", owner.namespace, rev))
             if cr is None:

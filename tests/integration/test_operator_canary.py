@@ -115,6 +115,8 @@ def test_a_failing_canary_is_rolled_back_with_the_stable_members_untouched_and_a
         operator.wait_until(lambda: {"CanaryStarted", "CanaryFailed", "RolledBack"} <= set(event_reasons(
             testbed, namespace)), 10, "the canary's Events")
         assert "error rate" in event_messages(testbed, namespace, "CanaryFailed")[0]
+        # the spec's ConfigMap (of the rolled-back revision) is kept, not collected and recreated
+        assert "DriftCorrected" not in event_reasons(testbed, namespace)
 
         # A healthy release with the canary: promoted, every pod on the new revision.
         t1 = time.monotonic()
