@@ -24,10 +24,12 @@ differences (a counter that goes down is a restarted process: its new value coun
 - error rate = failed / (handled + failed) over the window; > maxErrorRate fails;
 - maxErrorRateRatio (optional): the canary's error rate > ratio x max(stable rate, 1%) fails;
 - DLQ rate = dead-lettered / runs; > maxDlqRate fails;
+- maxLagRatio (optional): the canary members' mean lag per partition (over the samples, from
+  the lag each member last measured for its partitions) > ratio x max(the stable members',
+  100 records) fails (the floor keeps a few records of jitter from failing a canary);
 - all gates pass, at least minRuns runs and holdSeconds since readyAt: promote;
 - fewer than minRuns runs: hold; at maxHoldSeconds: roll back (fail safe: no evidence, no
   promotion).
-The lag gate (canary partitions' lag against the rest) is not implemented.
 """
 from __future__ import annotations
 
@@ -49,6 +51,7 @@ CANARY_FAILED = "CanaryFailed"
 ROLLED_BACK_REASON = "RolledBack"
 
 STABLE_RATE_FLOOR = 0.01
+LAG_FLOOR = 100   # records per partition: the stable lag counted at least this much
 
 
 @dataclass(frozen=True)
@@ -59,20 +62,25 @@ class Gates:
     max_error_rate: float = 0.05
     max_error_rate_ratio: float | None = None
     max_dlq_rate: float = 0.01
+    max_lag_ratio: float | None = None
 
     @classmethod
     def of(cls, spec: Any) -> "Gates":
         """From a CanarySpec."""
         return cls(hold_s=spec.hold_seconds, max_hold_s=spec.max_hold_seconds, min_runs=spec.min_runs,
                    max_error_rate=spec.max_error_rate, max_error_rate_ratio=spec.max_error_rate_ratio,
-                   max_dlq_rate=spec.max_dlq_rate)
+                   max_dlq_rate=spec.max_dlq_rate, max_lag_ratio=spec.max_lag_ratio)
 
 
 @dataclass(frozen=True)
 class Counts:
+    """A member's monotonic counters, and (a gauge, not summed over time) the lag it last
+    measured over `partitions` partitions."""
     handled: int = 0
     failed: int = 0
     dead_lettered: int = 0
+    lag: int = 0
+    partitions: int = 0
 
     @property
     def runs(self) -> int:
@@ -84,8 +92,10 @@ class Counts:
         c = record.get("counts")
         if not isinstance(c, Mapping):
             return None
+        lag = record.get("lag") if isinstance(record.get("lag"), Mapping) else {}
         try:
-            return cls(int(c.get("handled") or 0), int(c.get("failed") or 0), int(c.get("deadLettered") or 0))
+            return cls(int(c.get("handled") or 0), int(c.get("failed") or 0), int(c.get("deadLettered") or 0),
+                       int(lag.get("records") or 0), int(lag.get("partitions") or 0))
         except (TypeError, ValueError):
             return None
 
@@ -103,6 +113,18 @@ def increment(before: Counts, after: Counts) -> Counts:
 
 
 Sample = tuple[float, Mapping[str, Counts]]   # (time, pod name -> counters)
+
+
+def mean_lag(samples: Sequence[Sample], pods: Iterable[str]) -> float | None:
+    """The pods' lag per partition, averaged over the samples (None: they measured no partition)."""
+    pods = list(pods)
+    per: list[float] = []
+    for _, counts in samples:
+        cs = [counts[p] for p in pods if p in counts]
+        parts = sum(c.partitions for c in cs)
+        if parts:
+            per.append(sum(c.lag for c in cs) / parts)
+    return round(sum(per) / len(per), 1) if per else None
 
 
 def totals(samples: Sequence[Sample], pods: Iterable[str]) -> Counts:
@@ -154,8 +176,10 @@ def judge(samples: Sequence[Sample], canary: Sequence[str], stable: Sequence[str
     c, s = totals(samples, canary), totals(samples, stable)
     err, dlq = _rate(c.failed, c.runs), _rate(c.dead_lettered, c.runs)
     stable_err = _rate(s.failed, s.runs)
+    lag, stable_lag = mean_lag(samples, canary), mean_lag(samples, stable)
     values: dict[str, Any] = {"runs": c.runs, "errorRate": err, "dlqRate": dlq, "stableRuns": s.runs,
-                              "stableErrorRate": stable_err}
+                              "stableErrorRate": stable_err, "lagPerPartition": lag,
+                              "stableLagPerPartition": stable_lag}
     where = f"canary {', '.join(canary)}: {c.runs} handler runs in {elapsed_s:.0f}s"
     if c.runs >= g.min_runs:
         assert err is not None and dlq is not None
@@ -171,6 +195,10 @@ def judge(samples: Sequence[Sample], canary: Sequence[str], stable: Sequence[str
         if dlq > g.max_dlq_rate:
             return Verdict(ROLLBACK, "DlqRate", f"{where}, dead-letter rate {dlq:.3f} > maxDlqRate "
                            f"{g.max_dlq_rate:g} ({c.dead_lettered} records)", values)
+        if g.max_lag_ratio is not None and lag is not None and \
+                lag > g.max_lag_ratio * max(stable_lag or 0.0, LAG_FLOOR):
+            return Verdict(ROLLBACK, "LagRatio", f"{where}, lag {lag:g} per partition > maxLagRatio "
+                           f"{g.max_lag_ratio:g} x stable {stable_lag or 0:g} (counted at least {LAG_FLOOR})", values)
         if elapsed_s >= g.hold_s:
             return Verdict(PROMOTE, "GatesPassed", f"{where}: error rate {err:.3f}, dead-letter rate {dlq:.3f} "
                            f"within the gates", values)

@@ -375,6 +375,9 @@ class CanarySpec(CrdModel):
                                                "clean baseline does not fail it).")
     max_dlq_rate: float = Field(0.01, ge=0, le=1, description="Highest share of the canary's records routed to "
                                 ".dlq or .poison (per handler run).")
+    max_lag_ratio: float | None = Field(None, ge=1, le=1_000, description="If set, the canary fails when its "
+                                        "members' mean lag per partition over the hold exceeds this multiple of the "
+                                        "stable members' (counted at least 100 records per partition).")
 
 
 class RolloutSpec(CrdModel):
@@ -521,6 +524,8 @@ class CanaryGates(CrdModel):
     stable_error_rate: float | None = None
     dlq_rate: float | None = None
     stable_runs: int | None = None
+    lag_per_partition: float | None = None
+    stable_lag_per_partition: float | None = None
 
 
 class CanaryStatus(CrdModel):
@@ -535,7 +540,7 @@ class CanaryStatus(CrdModel):
     pods: list[str] = Field(default_factory=list, description="The canary pods.")
     started_at: str | None = Field(None, json_schema_extra={"format": "date-time"})
     reason: str | None = Field(None, description="Why it was promoted or rolled back: GatesPassed, ErrorRate, "
-                               "ErrorRateRatio, DlqRate, InsufficientData, or a canary pod's failure.")
+                               "ErrorRateRatio, DlqRate, LagRatio, InsufficientData, or a canary pod's failure.")
     ready_at: str | None = Field(None, json_schema_extra={"format": "date-time"},
                                  description="When every canary pod was ready: the hold counts from here.")
     decided_at: str | None = Field(None, json_schema_extra={"format": "date-time"})

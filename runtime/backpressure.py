@@ -31,13 +31,14 @@ Group level (pure, `group_level`)
     one TTL, so it can never hold producers throttled.
 
 Wire format (Redis)
-    - `<prefix>:bp:<group>:<member>`: JSON {"level", "pressure", "member", "ts", and
-      "counts": {"handled", "failed", "deadLettered"}, "pod" (POD_NAME, when set)}, SET with PX ttl, re-SET on change and
-      on a heartbeat every ttl/3. `member` is the group.instance.id (`<namespace>.<pod>` under
-      the operator); `counts` are the process's monotonic health counters (handler runs that
-      returned, that failed, records routed to .dlq/.poison), owned by the consumer's loop and
-      only read here; they restart at 0 with the process. The operator's canary gates take
-      their differences over the hold window (afc.operator.canary).
+    - `<prefix>:bp:<group>:<member>`: JSON {"level", "pressure", "member", "ts", "pod"
+      (POD_NAME, when set), "counts": {"handled", "failed", "deadLettered"}, "lag": {"records",
+      "partitions"}}, SET with PX ttl, re-SET on change and on a heartbeat every ttl/3. `member`
+      is the group.instance.id (`<namespace>.<pod>` under the operator); `counts` are the
+      process's monotonic health counters (handler runs that returned, that failed, records
+      routed to .dlq/.poison) and `lag` the last measured lag of its partitions, both owned by
+      the consumer's loop and only read here (`Runtime.health`); counters restart at 0 with
+      the process. The operator's canary gates use them (afc.operator.canary).
     - `<prefix>:bpm:<group>`: a sorted set indexing the members (score: last publish, ms),
       so a reader never SCANs a keyspace full of idempotency keys. Readers MGET the members'
       keys and drop index entries whose key has expired.
@@ -242,7 +243,7 @@ class SignalPublisher:
 
     def __init__(self, url: str, prefix: str, group: str, member: str, rule: LevelRule, ttl_ms: int,
                  heartbeat_ms: int, metrics: "RuntimeMetrics | None" = None,
-                 counts: "Callable[[], Mapping[str, int]] | None" = None, pod: str | None = None) -> None:
+                 health: "Callable[[], Mapping[str, Any]] | None" = None, pod: str | None = None) -> None:
         import redis
         import redis.asyncio as aredis
         self.keys = SignalKeys(prefix, group)
@@ -251,7 +252,7 @@ class SignalPublisher:
         self.tracker = SaturationTracker(rule)
         self.ttl_ms, self.heartbeat_s = ttl_ms, heartbeat_ms / 1000
         self.metrics = metrics
-        self.counts = counts                        # the loop's counters, read at each publish
+        self.health = health                        # the loop's counters and lag, read at each publish
         self.pod = pod                              # the pod it runs in (POD_NAME), for the operator
         pool = aredis.BlockingConnectionPool.from_url(url, max_connections=2, timeout=1, socket_timeout=1,
                                                       socket_connect_timeout=1)
@@ -291,8 +292,8 @@ class SignalPublisher:
                                   "ts": int(time.time() * 1000)}
         if self.pod:
             record["pod"] = self.pod
-        if self.counts is not None:
-            record["counts"] = dict(self.counts())
+        if self.health is not None:
+            record.update(self.health())
         return json.dumps(record, separators=(",", ":"))
 
     async def _publish(self, now: float) -> None:
@@ -355,7 +356,7 @@ class SignalPublisher:
 
 
 def build_publisher(s: "RuntimeSettings", member: str, metrics: "RuntimeMetrics | None",
-                    counts: "Callable[[], Mapping[str, int]] | None" = None) -> SignalPublisher | None:
+                    health: "Callable[[], Mapping[str, Any]] | None" = None) -> SignalPublisher | None:
     """The publisher the settings ask for, or None (disabled, or no Redis to publish to)."""
     b = s.backpressure
     if not b.enabled:
@@ -367,5 +368,5 @@ def build_publisher(s: "RuntimeSettings", member: str, metrics: "RuntimeMetrics 
     rule = LevelRule(target_latency_ms=s.flow.target_latency_ms, max_error_rate=s.flow.max_error_rate,
                      paused_share=b.paused_share, clear_ratio=b.clear_ratio, clear_after_s=b.clear_after_ms / 1000)
     return SignalPublisher(url.get_secret_value(), b.key_prefix or s.idempotency.key_prefix, s.kafka.group_id,
-                           member, rule, b.ttl_ms, b.resolved_heartbeat_ms, metrics, counts,
+                           member, rule, b.ttl_ms, b.resolved_heartbeat_ms, metrics, health,
                            pod=os.environ.get("POD_NAME") or None)

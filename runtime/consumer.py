@@ -142,6 +142,7 @@ class Runtime:
         # publisher reads them into the member's Redis record for the operator's canary gates):
         # handler runs that returned, handler runs that failed, records routed to .dlq/.poison.
         self.counts = {"handled": 0, "failed": 0, "deadLettered": 0}
+        self.lag: dict[TP, int] = {}                  # last measured lag of each assigned partition
         self.flow_state = "open"
         self.decode = DECODERS[settings.handler.decoder]
         self._handler = handler
@@ -484,6 +485,7 @@ class Runtime:
         reports it now; a stale value here would count it twice)."""
         del self.parts[tp]
         self.paused.discard(tp)
+        self.lag.pop(tp, None)
         try:
             self.metrics.lag.remove(tp[0], str(tp[1]))
         except KeyError:
@@ -813,6 +815,12 @@ class Runtime:
         part = msg._part
         return self.parts.get(part.tp) is part and self.state in ("running", "draining") and not self._hard_stop
 
+    def health(self) -> dict[str, Any]:
+        """What the member's Redis record says of its health (read by the signal publisher on
+        this loop): the monotonic counters and the lag of the partitions it measured."""
+        return {"counts": dict(self.counts),
+                "lag": {"records": sum(self.lag.values()), "partitions": len(self.lag)}}
+
     def routed_to(self, kind: str) -> None:
         """The router sent a record to `.retry`, `.dlq` or `.poison` (counted by the loop)."""
         self._post(("routed-to", kind))
@@ -895,7 +903,8 @@ class Runtime:
         for tp, high in fut.result():
             part = self.parts.get(tp)
             if part is not None and part.committed is not None and high >= 0:
-                self.metrics.lag.labels(tp[0], str(tp[1])).set(max(0, high - part.committed))
+                self.lag[tp] = max(0, high - part.committed)
+                self.metrics.lag.labels(tp[0], str(tp[1])).set(self.lag[tp])
 
     @property
     def outstanding(self) -> int:
@@ -1000,8 +1009,7 @@ class Runtime:
             self.session = Session(self.store, self.s.idempotency.lease_ms, lambda o: self._post(("store", o)),
                                    self._wakeup, claim_latency=self.metrics.claim_latency.observe)
             await self._check_store()
-        self.bp = build_publisher(self.s, self.instance_id or self.owner, self.metrics,
-                                  counts=lambda: dict(self.counts))
+        self.bp = build_publisher(self.s, self.instance_id or self.owner, self.metrics, health=self.health)
         h = self.s.handler
         kind = TaskDispatcher if is_async(self._handler) else ThreadDispatcher
         self.dispatcher = kind(self._handler, self.s.flow.workers, self.loop, self.on_results, h.timeout_s,

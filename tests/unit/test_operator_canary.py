@@ -118,9 +118,10 @@ def test_the_member_record_carries_the_counters_and_the_pod() -> None:
     from afc.runtime.backpressure import LevelRule, SignalPublisher
     counts = {"handled": 3, "failed": 1, "deadLettered": 0}
     pub = SignalPublisher("redis://127.0.0.1:1/0", "afc", "g", "ns.orders-0", LevelRule(200, 0.2), 3000, 1000,
-                          counts=lambda: counts, pod="orders-0")
+                          health=lambda: {"counts": counts, "lag": {"records": 7, "partitions": 2}}, pod="orders-0")
     rec = json.loads(pub.payload())
     assert rec["member"] == "ns.orders-0" and rec["pod"] == "orders-0" and rec["counts"] == counts
+    assert ca.Counts.of(rec) == ca.Counts(3, 1, 0, lag=7, partitions=2)
     counts["handled"] = 4   # read at each publish, never copied into the publisher
     assert json.loads(pub.payload())["counts"]["handled"] == 4
 
@@ -238,3 +239,18 @@ def test_the_render_raises_the_partition_for_the_canary_and_restores_the_stable_
     objs, _, _ = rendered(owner, spec, {}, {"phase": ca.ROLLED_BACK, "template": "t"}, None)
     assert the_sts(objs)["spec"]["template"] != stable
     assert the_sts(objs)["spec"]["updateStrategy"]["rollingUpdate"]["partition"] == 3
+
+
+def test_the_lag_gate_compares_lag_per_partition_with_the_stable_members() -> None:
+    g = ca.Gates(hold_s=60, max_hold_s=300, min_runs=20, max_error_rate=1, max_dlq_rate=1, max_lag_ratio=3)
+
+    def sample(t: float, canary_lag: int, stable_lag: int) -> ca.Sample:
+        stable = {p: ca.Counts(int(t) * 10, 0, 0, lag=stable_lag, partitions=2) for p in STABLE}
+        return t, {**stable, "orders-3": ca.Counts(int(t) * 10, 0, 0, lag=canary_lag, partitions=2)}
+    behind = [sample(t, 2000, 100) for t in (0, 30, 60)]    # 1000/partition vs 50 (counted 100): 10x
+    v = ca.judge(behind, CANARY, STABLE, g, 60)
+    assert v.action == ca.ROLLBACK and v.reason == "LagRatio", v
+    assert v.gates["lagPerPartition"] == 1000 and v.gates["stableLagPerPartition"] == 50
+    jitter = [sample(t, 500, 20) for t in (0, 30, 60)]      # 250/partition: under 3 x the 100 floor
+    assert ca.judge(jitter, CANARY, STABLE, g, 60).action == ca.PROMOTE
+    assert ca.judge(behind, CANARY, STABLE, ca.Gates(max_error_rate=1, max_dlq_rate=1), 60).action == ca.PROMOTE
