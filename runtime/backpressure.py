@@ -37,7 +37,7 @@ Wire format (Redis)
       is the group.instance.id (`<namespace>.<pod>` under the operator); `counts` are the
       process's monotonic health counters (handler runs that returned, that failed, records
       routed to .dlq/.poison) and `lag` the last measured lag of its partitions, both owned by
-      the consumer's loop and only read here (`Runtime.health`); counters restart at 0 with
+      the consumer's loop and only read here (`Runtime.health_record`); counters restart at 0 with
       the process. The operator's canary gates use them (afc.operator.canary).
     - `<prefix>:bpm:<group>`: a sorted set indexing the members (score: last publish, ms),
       so a reader never SCANs a keyspace full of idempotency keys. Readers MGET the members'

@@ -815,7 +815,7 @@ class Runtime:
         part = msg._part
         return self.parts.get(part.tp) is part and self.state in ("running", "draining") and not self._hard_stop
 
-    def health(self) -> dict[str, Any]:
+    def health_record(self) -> dict[str, Any]:
         """What the member's Redis record says of its health (read by the signal publisher on
         this loop): the monotonic counters and the lag of the partitions it measured."""
         return {"counts": dict(self.counts),
@@ -1009,7 +1009,7 @@ class Runtime:
             self.session = Session(self.store, self.s.idempotency.lease_ms, lambda o: self._post(("store", o)),
                                    self._wakeup, claim_latency=self.metrics.claim_latency.observe)
             await self._check_store()
-        self.bp = build_publisher(self.s, self.instance_id or self.owner, self.metrics, health=self.health)
+        self.bp = build_publisher(self.s, self.instance_id or self.owner, self.metrics, health=self.health_record)
         h = self.s.handler
         kind = TaskDispatcher if is_async(self._handler) else ThreadDispatcher
         self.dispatcher = kind(self._handler, self.s.flow.workers, self.loop, self.on_results, h.timeout_s,
