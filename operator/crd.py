@@ -344,10 +344,46 @@ def _env_not_reserved(p: "PodTemplateOverrides") -> bool:
     return all(e.name not in RESERVED_ENV and not e.name.startswith(RESERVED_ENV_PREFIX) for e in p.env)
 
 
+class CanarySpec(CrdModel):
+    """A staged rollout: the new revision first runs on `replicas` pods (or `percent` of them),
+    the highest ordinals; after `holdSeconds` of health data the operator compares the canary
+    members' handler error rate and dead-letter rate with the gates (and with the stable
+    members) and promotes (every pod rolls) or rolls back (the canary pods return to the
+    previous revision; the stable members are not restarted)."""
+    crd_rules = (
+        Rule("!(has(self.replicas) && has(self.percent))", lambda c: c.replicas is None or c.percent is None,
+             "set at most one of replicas or percent", ".replicas"),
+        Rule("self.maxHoldSeconds >= self.holdSeconds", lambda c: c.max_hold_seconds >= c.hold_seconds,
+             "maxHoldSeconds must be >= holdSeconds", ".maxHoldSeconds"),
+    )
+    replicas: int | None = Field(None, ge=1, le=1_000, description="Pods that run the new revision first (the "
+                                 "highest ordinals). Default 1 when neither replicas nor percent is set.")
+    percent: int | None = Field(None, ge=1, le=100, description="Share of the pods that run the new revision "
+                                "first, rounded up, at least 1.")
+    hold_seconds: int = Field(60, ge=5, le=86_400, description="How long the canary runs, once its pods are "
+                              "ready, before the gates decide.")
+    max_hold_seconds: int = Field(600, ge=5, le=86_400, description="Fail-safe: if by then (counted from the "
+                                  "canary pods being ready) the canary has not handled minRuns records, "
+                                  "it is rolled back (not enough evidence to promote).")
+    min_runs: int = Field(20, ge=1, le=10_000_000, description="Handler runs the canary members need in the hold "
+                          "window before the gates judge them.")
+    max_error_rate: float = Field(0.05, ge=0, le=1, description="Highest share of failed handler runs in the "
+                                  "canary members (failed / all runs over the hold window).")
+    max_error_rate_ratio: float | None = Field(None, ge=1, le=1_000, description="If set, the canary also fails "
+                                               "when its error rate exceeds this multiple of the stable members' "
+                                               "(the stable rate counted at least 1%, so one error against a "
+                                               "clean baseline does not fail it).")
+    max_dlq_rate: float = Field(0.01, ge=0, le=1, description="Highest share of the canary's records routed to "
+                                ".dlq or .poison (per handler run).")
+    max_lag_ratio: float | None = Field(None, ge=1, le=1_000, description="If set, the canary fails when its "
+                                        "members' mean lag per partition over the hold exceeds this multiple of the "
+                                        "stable members' (counted at least 100 records per partition).")
+
+
 class RolloutSpec(CrdModel):
     """How a new revision (a changed pod template or config) rolls through the pods: a
-    StatefulSet rolling update, highest ordinal first, one pod at a time. A `canary` block
-    (a share of pods first, health gates, promotion or rollback) is planned beside these."""
+    StatefulSet rolling update, highest ordinal first, one pod at a time; with `canary`, a few
+    pods first, judged on their health, then promoted or rolled back."""
     partition: int | None = Field(None, ge=0, le=1_000, description="Only pods with an ordinal >= partition get a "
                                   "new revision; the others keep the previous one (a staged rollout: lower it to go "
                                   "on). Unset: every pod.")
@@ -356,6 +392,8 @@ class RolloutSpec(CrdModel):
                                            "(CrashLoopBackOff, image pull errors, ...), the operator holds the "
                                            "rollout at that pod (rollingUpdate.partition) and reports Degraded and "
                                            "Progressing=False (ProgressDeadlineExceeded, as a Deployment's).")
+    canary: CanarySpec | None = Field(None, description="A staged rollout with health gates (see CanarySpec). "
+                                      "Unset: every pod rolls at once, one after another.")
 
 
 class PodTemplateOverrides(CrdModel):
@@ -480,12 +518,45 @@ class RolloutHold(CrdModel):
     since: str | None = Field(None, json_schema_extra={"format": "date-time"})
 
 
+class CanaryGates(CrdModel):
+    runs: int | None = Field(None, description="Handler runs of the canary members in the hold window.")
+    error_rate: float | None = None
+    stable_error_rate: float | None = None
+    dlq_rate: float | None = None
+    stable_runs: int | None = None
+    lag_per_partition: float | None = None
+    stable_lag_per_partition: float | None = None
+
+
+class CanaryStatus(CrdModel):
+    phase: str = Field(description="Canary (the canary pods roll, then hold while the gates collect data), "
+                       "Promoting (every pod rolls), Promoted, RollingBack (the canary pods return to the stable "
+                       "revision), RolledBack.")
+    template: str = Field(description="Hash of the pod template under test; a spec that renders another "
+                          "template starts over.")
+    revision: str | None = Field(None, description="The StatefulSet revision under test.")
+    stable_revision: str | None = Field(None, description="The revision the stable members run (a rollback "
+                                        "restores its pod template).")
+    pods: list[str] = Field(default_factory=list, description="The canary pods.")
+    started_at: str | None = Field(None, json_schema_extra={"format": "date-time"})
+    reason: str | None = Field(None, description="Why it was promoted or rolled back: GatesPassed, ErrorRate, "
+                               "ErrorRateRatio, DlqRate, LagRatio, InsufficientData, or a canary pod's failure.")
+    ready_at: str | None = Field(None, json_schema_extra={"format": "date-time"},
+                                 description="When every canary pod was ready: the hold counts from here.")
+    decided_at: str | None = Field(None, json_schema_extra={"format": "date-time"})
+    gates: CanaryGates | None = None
+    message: str | None = Field(None, max_length=4_096)
+
+
 class RolloutStatus(CrdModel):
     current_revision: str | None = Field(None, description="The StatefulSet revision the pods ran before the rollout.")
     update_revision: str | None = Field(None, description="The revision being rolled out.")
     partition: int | None = Field(None, description="The StatefulSet's rollingUpdate.partition.")
     pod: str | None = Field(None, description="The pod being rolled (restarted, or waited for).")
+    template: str | None = Field(None, description="Hash of the pod template the spec rendered at the last "
+                                 "apply (a different one starts a canary).")
     held: RolloutHold | None = Field(None, description="Set when the operator stopped a failing rollout.")
+    canary: CanaryStatus | None = Field(None, description="The staged rollout (spec.rollout.canary).")
 
 
 class AdaptiveConsumerStatus(CrdModel):

@@ -19,12 +19,12 @@ import base64
 import copy
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 import kopf
 
-from afc.operator import render, rollout as ro, scaling as sc, status as st
+from afc.operator import canary as ca, render, rollout as ro, scaling as sc, status as st
 from afc.operator.crd import API_VERSION, GROUP, KIND, PLURAL, VERSION, AdaptiveConsumerSpec
 from afc.operator.kafka import KafkaProbe, Snapshot, lag_summary
 from afc.operator.kube import Kube, KubeError, path_for
@@ -71,6 +71,7 @@ class Converged:
     decision: sc.Decision | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     step: ro.Step | None = None
+    canary_degraded: tuple[str, str] | None = None
 
 
 @dataclass
@@ -101,6 +102,8 @@ class Tracked:
     failing: dict[str, str] = field(default_factory=dict)  # pod -> failure reason, as last reported
     rolled: bool = False  # a rollout ran since the last RolloutComplete (its pods may still get ready after it)
     collected: tuple[Any, ...] | None = None  # what the last complete config collection looked at
+    canary_key: tuple[Any, ...] | None = None  # the canary (template, readyAt) the samples belong to
+    canary_samples: list[ca.Sample] = field(default_factory=list)  # members' counters during its hold
 
     def newest(self, body: Mapping[str, Any]) -> Mapping[str, Any]:
         """`body`, or the newer spec this operator has seen (a handler may run with the body of
@@ -147,16 +150,35 @@ def applied_change(before: Mapping[str, Any], after: Mapping[str, Any], paths: l
     return bool(paths) or "generation" not in a
 
 
-def rendered(owner: render.Owner, spec: AdaptiveConsumerSpec, status: Mapping[str, Any] | None
+def rendered(owner: render.Owner, spec: AdaptiveConsumerSpec, status: Mapping[str, Any] | None,
+             canary: Mapping[str, Any] | None = None, stable_template: Mapping[str, Any] | None = None
              ) -> tuple[list[dict[str, Any]], str, dict[str, Any] | None]:
-    """The objects to apply, the hash of their pod template, and the rollout hold that applies
-    to it (status.rollout.held, kept while the spec renders the same template)."""
+    """The objects to apply, the hash of their pod template (as the spec renders it), and the
+    rollout hold that applies to it (status.rollout.held, kept while the spec renders the same
+    template). A canary (afc.operator.canary) in phase Canary raises the partition so only its
+    pods roll; one rolling back puts the stable revision's pod template (`stable_template`,
+    from its ControllerRevision) in the StatefulSet, or, when that is not known, keeps the
+    canary's partition (nothing further rolls)."""
     objs = render.desired_objects(owner, spec)
     template = render.template_hash(next(o for o in objs if o["kind"] == "StatefulSet"))
     held = ((status or {}).get("rollout") or {}).get("held")
-    if held and held.get("template") == template:
-        return render.desired_objects(owner, spec, held=int(held["partition"])), template, held
-    return objs, template, held
+    at = int(held["partition"]) if held and held.get("template") == template else None
+    replicas = render.desired_replicas(spec)
+    if ca.rolls_back(canary):
+        if stable_template is None:
+            at = ca.canary_partition(spec.rollout.canary, replicas) if spec.rollout.canary else at
+        else:
+            objs = render.desired_objects(owner, spec)
+            for o in objs:
+                if o["kind"] == "StatefulSet":
+                    o["spec"]["template"] = copy.deepcopy(dict(stable_template))
+            return objs, template, None
+    wanted = ca.partition_for(canary, spec.rollout.canary, replicas)
+    if wanted is not None:
+        at = max(at or 0, wanted)
+    if at is not None:
+        objs = render.desired_objects(owner, spec, held=at)
+    return objs, template, held if held and held.get("template") == template else None
 
 
 def policy_for(spec: AdaptiveConsumerSpec) -> sc.Policy:
@@ -281,6 +303,13 @@ class Reconciler:
         if written and written[0] == owner.uid:
             # What we wrote last is at least as new as a body from an index or a queued event.
             previous = union(previous, written[1])
+            if "rollout" in written[1]:
+                # The canary is one record: a stale body's keys of an earlier canary must not mix in.
+                rollout = dict(previous.get("rollout") or {})
+                rollout.pop("canary", None)
+                if (written[1]["rollout"] or {}).get("canary") is not None:
+                    rollout["canary"] = copy.deepcopy(written[1]["rollout"]["canary"])
+                previous["rollout"] = rollout
         done = await self._converge(owner, body, tr, now, poll=trigger == "poll", previous=previous)
         body = done.body or body
         owner = render.Owner.from_body(body)
@@ -320,7 +349,7 @@ class Reconciler:
                 await self._decide(done, tr, live, now)
                 spec, owner = done.spec, render.Owner.from_body(done.body)
             done.desired = render.desired_replicas(spec)
-            objs, template, held = rendered(owner, spec, previous)
+            objs, template, held, canary = await self._render(owner, spec, previous, now)
             for obj in objs:
                 change, before, live = await self._apply(owner, obj)
                 done.changes.append(change)
@@ -328,10 +357,12 @@ class Reconciler:
                     done.sts = live
                     self._track_departures(tr, owner.name, before, live)
             pods = await self.kube.list_objects("Pod", owner.namespace, render.selector_labels(owner.name))
-            await self._rollout(owner, spec, tr, done, pods, template, held, now)
-            await self._collect_configs(owner, tr, done.sts, pods)
+            await self._rollout(owner, spec, tr, done, pods, template, held, canary, now)
+            config = next(o["metadata"]["name"] for o in objs if o["kind"] == "ConfigMap")
+            await self._collect_configs(owner, tr, done.sts, pods, config)
             done.problem = snap.problem
             degraded = ro.degraded(done.step.failures, done.step.hold) if done.step else None
+            degraded = done.canary_degraded or degraded
             if done.problem is None and degraded:
                 done.problem = Problem(*degraded, observed=True)
             if snap.observation is not None:
@@ -350,13 +381,48 @@ class Reconciler:
             done.problem = Problem(INTERNAL_ERROR, f"{type(e).__name__}: {e}")
         return done
 
+    async def _render(self, owner: render.Owner, spec: AdaptiveConsumerSpec, status: Mapping[str, Any] | None,
+                      now: str) -> tuple[list[dict[str, Any]], str, dict[str, Any] | None, dict[str, Any] | None]:
+        """`rendered`, with the canary that applies (afc.operator.canary.current) and, when it
+        rolls back, the stable revision's pod template read from its ControllerRevision."""
+        objs, template, held = rendered(owner, spec, status)
+        canary = ca.current(spec.rollout.canary, (status or {}).get("rollout"), template, now)
+        if canary is None:
+            return objs, template, held, None
+        stable = await self._stable_template(owner, canary) if ca.rolls_back(canary) else None
+        objs, template, held = rendered(owner, spec, status, canary, stable)
+        return objs, template, held, canary
+
+    async def _stable_template(self, owner: render.Owner, canary: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The pod template of the canary's stable revision (as its ControllerRevision stores it)."""
+        name = canary.get("stableRevision")
+        if not name:
+            return None
+        try:
+            cr = await self.kube.get(path_for("ControllerRevision", owner.namespace, name))
+        except KubeError:
+            return None
+        template = copy.deepcopy((((cr or {}).get("data") or {}).get("spec") or {}).get("template"))
+        if not template:
+            return None
+        template.pop("$patch", None)
+        (template.get("metadata") or {}).pop("creationTimestamp", None)
+        return template
+
     async def _rollout(self, owner: render.Owner, spec: AdaptiveConsumerSpec, tr: Tracked, done: Converged,
-                       pods: list[dict[str, Any]], template: str, held: Mapping[str, Any] | None, now: str) -> None:
-        """The rollout's step (afc.operator.rollout.decide): status.rollout and Progressing, and
-        a new hold applied at once (the StatefulSet's partition, so no further pod is rolled)."""
+                       pods: list[dict[str, Any]], template: str, held: Mapping[str, Any] | None,
+                       canary: Mapping[str, Any] | None, now: str) -> None:
+        """The rollout's step (afc.operator.rollout.decide) and the canary's
+        (afc.operator.canary): status.rollout and Progressing, and a change of course applied at
+        once: a new hold, a promotion, a rollback (the StatefulSet's partition or template)."""
         step = ro.decide(done.sts, pods, template=template, held=held,
                          deadline_s=spec.rollout.progress_deadline_seconds, now=time.time(), now_iso=now,
                          rejoin_s=spec.membership.session_timeout_ms / 1000 if spec.membership.static else None)
+        canary = await self._canary(owner, spec, tr, done, pods, step, canary, now) if canary else None
+        if canary is not None and canary["phase"] in (ca.CANARY, ca.ROLLING_BACK, ca.ROLLED_BACK):
+            # A failing canary pod rolls the canary back; no hold (nor its partition) beside it.
+            step = replace(step, hold=None, new_hold=False,
+                           status={k: v for k, v in step.status.items() if k != "held"})
         if step.new_hold and step.hold is not None:
             sts = next(o for o in render.desired_objects(owner, spec, held=int(step.hold["partition"]))
                        if o["kind"] == "StatefulSet")
@@ -367,15 +433,76 @@ class Reconciler:
         done.step = step
         tr.failing = {f.pod: f.reason for f in step.failures}
         if done.sts is not None:
-            done.extra["rollout"] = clean(step.status)
-        if step.progressing is not None:
-            done.extra.setdefault("conditions", {})[st.PROGRESSING] = step.progressing
+            done.extra["rollout"] = clean({**step.status, "template": template, "canary": canary})
+        progressing, done.canary_degraded = ca.conditions(canary)
+        progressing = progressing or step.progressing
+        if progressing is not None:
+            done.extra.setdefault("conditions", {})[st.PROGRESSING] = progressing
+
+    async def _canary(self, owner: render.Owner, spec: AdaptiveConsumerSpec, tr: Tracked, done: Converged,
+                      pods: list[dict[str, Any]], step: ro.Step, canary: Mapping[str, Any], now: str
+                      ) -> dict[str, Any]:
+        """The canary's turn: follow the StatefulSet and the pods, and while it holds, sample
+        the members' health records and judge them; a promotion or a rollback is applied now."""
+        obs = ca.observe(canary, done.sts, pods, canary_spec=spec.rollout.canary, failures=step.failures, now_iso=now)
+        cs = obs.canary
+        if obs.judging and spec.rollout.canary is not None:
+            samples = await self._canary_samples(owner, spec, tr, done.secrets, (cs["template"], cs["readyAt"]))
+            elapsed = time.time() - (ro._epoch(cs["readyAt"]) or time.time())
+            verdict = ca.judge(samples, obs.canary_pods, obs.stable_pods, ca.Gates.of(spec.rollout.canary), elapsed)
+            cs = ca.decided(cs, verdict, now)
+        obj = f"{owner.namespace}/{owner.name}"
+        if cs["phase"] != canary.get("phase") or cs.get("gates") != canary.get("gates"):
+            logger.info("canary", extra={"object": obj, "phase": cs["phase"], "revision": cs.get("revision"),
+                                         "stable_revision": cs.get("stableRevision"), "pods": cs.get("pods"),
+                                         "gates": cs.get("gates"), "reason": cs.get("reason")})
+        if cs["phase"] != canary.get("phase") and cs["phase"] in (ca.PROMOTING, ca.ROLLING_BACK):
+            stable = await self._stable_template(owner, cs) if ca.rolls_back(cs) else None
+            if ca.rolls_back(cs) and stable is None:
+                cs["message"] = (cs.get("message") or "") + (f"; the stable revision {cs.get('stableRevision')} is "
+                                                             "not readable: holding the canary pods instead")
+            objs, _, _ = rendered(owner, spec, {}, cs, stable)
+            sts = next(o for o in objs if o["kind"] == "StatefulSet")
+            done.sts = await self.kube.apply(sts, self.cfg.field_manager)
+        return cs
+
+    async def _canary_samples(self, owner: render.Owner, spec: AdaptiveConsumerSpec, tr: Tracked,
+                              secrets: Mapping[str, str], key: tuple[Any, ...]) -> list[ca.Sample]:
+        """The members' counters (by pod) since the canary's pods were ready, one sample per
+        reconcile, kept in memory (an operator restart starts the window again; maxHoldSeconds
+        still counts from status.rollout.canary.readyAt)."""
+        from afc.runtime.backpressure import SignalKeys, read_records_async
+        if tr.canary_key != key:
+            tr.canary_key, tr.canary_samples = key, []
+        url = secrets.get("signal_redis_url") or secrets.get("redis_url")
+        if not url:
+            return tr.canary_samples
+        prefix = spec.backpressure.key_prefix or spec.idempotency.key_prefix
+        try:
+            records = await asyncio.wait_for(read_records_async(self._redis_client(url),
+                                                                SignalKeys(prefix, spec.kafka.group_id)), 5)
+        except Exception as e:  # noqa: BLE001 - no sample this time; no data long enough fails safe
+            logger.warning("canary health unreadable", extra={"object": f"{owner.namespace}/{owner.name}",
+                                                               "error": f"{type(e).__name__}: {e}"})
+            return tr.canary_samples
+        t = time.time()
+        if not tr.canary_samples or t - tr.canary_samples[-1][0] >= 0.5:
+            tr.canary_samples.append((t, ca.pods_by_member(owner.namespace, records)))
+        return tr.canary_samples
+
+    def _redis_client(self, url: str) -> Any:
+        r = self._redis.get(url)
+        if r is None:
+            import redis.asyncio as aredis
+            r = self._redis[url] = aredis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+        return r
 
     async def _collect_configs(self, owner: render.Owner, tr: Tracked, sts: Mapping[str, Any] | None,
-                               pods: list[dict[str, Any]]) -> None:
+                               pods: list[dict[str, Any]], config: str) -> None:
         """Delete this AdaptiveConsumer's ConfigMaps that nothing uses any more: not the current
-        render, not a pod, not the StatefulSet's current or update revision (from which it may
-        still create pods: a pod below the partition is recreated at the current revision).
+        render (`config`: also while a rolled-back canary keeps another template in the
+        StatefulSet), not a pod, not the StatefulSet's current or update revision (from which it
+        may still create pods: a pod below the partition is recreated at the current revision).
         Skipped while none of these changed since the last complete pass (no reads per poll)."""
         if sts is None:
             return
@@ -383,10 +510,10 @@ class Reconciler:
         if int(s.get("observedGeneration") or 0) < int((sts.get("metadata") or {}).get("generation") or 0):
             return  # the revisions are not known yet
         looked_at = (s.get("currentRevision"), s.get("updateRevision"), render.config_volume(sts["spec"]["template"]),
-                     frozenset(render.config_volume(p) for p in pods))
+                     frozenset(render.config_volume(p) for p in pods), config)
         if looked_at == tr.collected:
             return
-        in_use = {render.config_volume(sts["spec"]["template"])}
+        in_use = {render.config_volume(sts["spec"]["template"]), config}
         for rev in {s.get("currentRevision"), s.get("updateRevision")} - {None, ""}:
             cr = await self.kube.get(path_for("ControllerRevision", owner.namespace, rev))
             if cr is None:
@@ -468,10 +595,7 @@ class Reconciler:
             return None, {"level": "Unknown", "error": f"no backpressure signal: {why}"}
         prefix = spec.backpressure.key_prefix or spec.idempotency.key_prefix
         try:
-            r = self._redis.get(url)
-            if r is None:
-                import redis.asyncio as aredis
-                r = self._redis[url] = aredis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+            r = self._redis_client(url)
             sig = await asyncio.wait_for(read_group_async(r, SignalKeys(prefix, spec.kafka.group_id)), 5)
         except Exception as e:  # noqa: BLE001 - an unreadable signal is Unknown, never a reason to stop
             return None, {"level": "Unknown", "error": f"backpressure signal unreadable: {type(e).__name__}: {e}"}
@@ -670,6 +794,19 @@ class Reconciler:
         before = (st.condition(previous, st.PROGRESSING) or {}).get("reason")
         after = st.condition(new, st.PROGRESSING) or {}
         tr.rolled = tr.rolled or bool(done.step and done.step.rolling)
+        was = (previous.get("rollout") or {}).get("canary") or {}
+        cs = (new.get("rollout") or {}).get("canary") or {}
+        if cs and (cs.get("template"), cs.get("phase")) != (was.get("template"), was.get("phase")):
+            if cs["phase"] == ca.CANARY and was.get("template") != cs.get("template"):
+                post_event(body, "Normal", ca.CANARY_STARTED, f"canary for pod template {cs['template']}: "
+                           f"{', '.join(cs.get('pods') or []) or 'the highest ordinals'} first, the other pods keep "
+                           "their revision until the gates pass")
+            elif cs["phase"] == ca.PROMOTING:
+                post_event(body, "Normal", ca.CANARY_PROMOTED, f"revision {cs.get('revision')}: {cs.get('message', '')}")
+            elif cs["phase"] == ca.ROLLED_BACK:
+                post_event(body, "Normal", ca.ROLLED_BACK_REASON, f"canary {', '.join(cs.get('pods') or [])} back on "
+                           f"revision {cs.get('stableRevision')}; the stable members were not restarted")
+            # RollingBack: the Degraded Warning (CanaryFailed) says it, with the gate
         if done.step is not None and done.step.new_hold and done.step.hold is not None:
             post_event(body, "Warning", ro.ROLLOUT_HELD, done.step.hold["message"])
         elif after.get("reason") == ro.ROLLING_UPDATE and before != ro.ROLLING_UPDATE:
@@ -712,7 +849,7 @@ class Reconciler:
         except render.InvalidSpec:
             return
         owner = render.Owner.from_body(owner_body)
-        objs, _, _ = rendered(owner, spec, owner_body.get("status"))
+        objs, _, _, _ = await self._render(owner, spec, owner_body.get("status"), st.now_iso())
         desired = next((o for o in objs if o["kind"] == body.get("kind") and o["metadata"]["name"] == meta["name"]),
                        None)
         if desired is None:

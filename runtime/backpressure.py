@@ -31,8 +31,14 @@ Group level (pure, `group_level`)
     one TTL, so it can never hold producers throttled.
 
 Wire format (Redis)
-    - `<prefix>:bp:<group>:<member>`: JSON {"level", "pressure", "ts", ...}, SET with PX ttl,
-      re-SET on change and on a heartbeat every ttl/3.
+    - `<prefix>:bp:<group>:<member>`: JSON {"level", "pressure", "member", "ts", "pod"
+      (POD_NAME, when set), "counts": {"handled", "failed", "deadLettered"}, "lag": {"records",
+      "partitions"}}, SET with PX ttl, re-SET on change and on a heartbeat every ttl/3. `member`
+      is the group.instance.id (`<namespace>.<pod>` under the operator); `counts` are the
+      process's monotonic health counters (handler runs that returned, that failed, records
+      routed to .dlq/.poison) and `lag` the last measured lag of its partitions, both owned by
+      the consumer's loop and only read here (`Runtime.health_record`); counters restart at 0 with
+      the process. The operator's canary gates use them (afc.operator.canary).
     - `<prefix>:bpm:<group>`: a sorted set indexing the members (score: last publish, ms),
       so a reader never SCANs a keyspace full of idempotency keys. Readers MGET the members'
       keys and drop index entries whose key has expired.
@@ -46,10 +52,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 if TYPE_CHECKING:
     from .config import RuntimeSettings
@@ -205,6 +212,25 @@ async def read_group_async(r: Any, keys: SignalKeys) -> GroupSignal:
     return sig
 
 
+async def read_records_async(r: Any, keys: SignalKeys) -> dict[str, dict[str, Any]]:
+    """Every live member's record (member id -> the JSON it published), for the operator's
+    canary gates. Unreadable records are left out; expired ones are not unindexed here."""
+    members = [_decode(m) for m in await r.zrange(keys.index, 0, -1)]
+    if not members:
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    for m, v in zip(members, await r.mget([keys.member(m) for m in members])):
+        if v is None:
+            continue
+        try:
+            rec = json.loads(v)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            out[m] = rec
+    return out
+
+
 # ---------------------------------------------------------------------------- I/O: the publisher
 
 class SignalPublisher:
@@ -216,7 +242,8 @@ class SignalPublisher:
     """
 
     def __init__(self, url: str, prefix: str, group: str, member: str, rule: LevelRule, ttl_ms: int,
-                 heartbeat_ms: int, metrics: "RuntimeMetrics | None" = None) -> None:
+                 heartbeat_ms: int, metrics: "RuntimeMetrics | None" = None,
+                 health: "Callable[[], Mapping[str, Any]] | None" = None, pod: str | None = None) -> None:
         import redis
         import redis.asyncio as aredis
         self.keys = SignalKeys(prefix, group)
@@ -225,6 +252,8 @@ class SignalPublisher:
         self.tracker = SaturationTracker(rule)
         self.ttl_ms, self.heartbeat_s = ttl_ms, heartbeat_ms / 1000
         self.metrics = metrics
+        self.health = health                        # the loop's counters and lag, read at each publish
+        self.pod = pod                              # the pod it runs in (POD_NAME), for the operator
         pool = aredis.BlockingConnectionPool.from_url(url, max_connections=2, timeout=1, socket_timeout=1,
                                                       socket_connect_timeout=1)
         self._r = aredis.Redis(connection_pool=pool)
@@ -259,8 +288,13 @@ class SignalPublisher:
 
     def payload(self) -> str:
         t = self.tracker
-        return json.dumps({"level": t.level, "pressure": round(t.pressure, 3), "member": self.member,
-                           "ts": int(time.time() * 1000)}, separators=(",", ":"))
+        record: dict[str, Any] = {"level": t.level, "pressure": round(t.pressure, 3), "member": self.member,
+                                  "ts": int(time.time() * 1000)}
+        if self.pod:
+            record["pod"] = self.pod
+        if self.health is not None:
+            record.update(self.health())
+        return json.dumps(record, separators=(",", ":"))
 
     async def _publish(self, now: float) -> None:
         level = self.tracker.level
@@ -321,7 +355,8 @@ class SignalPublisher:
             pass
 
 
-def build_publisher(s: "RuntimeSettings", member: str, metrics: "RuntimeMetrics | None") -> SignalPublisher | None:
+def build_publisher(s: "RuntimeSettings", member: str, metrics: "RuntimeMetrics | None",
+                    health: "Callable[[], Mapping[str, Any]] | None" = None) -> SignalPublisher | None:
     """The publisher the settings ask for, or None (disabled, or no Redis to publish to)."""
     b = s.backpressure
     if not b.enabled:
@@ -333,4 +368,5 @@ def build_publisher(s: "RuntimeSettings", member: str, metrics: "RuntimeMetrics 
     rule = LevelRule(target_latency_ms=s.flow.target_latency_ms, max_error_rate=s.flow.max_error_rate,
                      paused_share=b.paused_share, clear_ratio=b.clear_ratio, clear_after_s=b.clear_after_ms / 1000)
     return SignalPublisher(url.get_secret_value(), b.key_prefix or s.idempotency.key_prefix, s.kafka.group_id,
-                           member, rule, b.ttl_ms, b.resolved_heartbeat_ms, metrics)
+                           member, rule, b.ttl_ms, b.resolved_heartbeat_ms, metrics, health,
+                           pod=os.environ.get("POD_NAME") or None)

@@ -138,6 +138,11 @@ class Runtime:
         self.rechecking: set[int] = set()             # parked messages whose re-claim is in flight
         self._parked_logged = 0.0
         self.membership = JOINING                     # see JOINING..LOST; only _set_membership changes it
+        # Monotonic per-process health counters (the loop alone writes them; the signal
+        # publisher reads them into the member's Redis record for the operator's canary gates):
+        # handler runs that returned, handler runs that failed, records routed to .dlq/.poison.
+        self.counts = {"handled": 0, "failed": 0, "deadLettered": 0}
+        self.lag: dict[TP, int] = {}                  # last measured lag of each assigned partition
         self.flow_state = "open"
         self.decode = DECODERS[settings.handler.decoder]
         self._handler = handler
@@ -363,6 +368,9 @@ class Runtime:
                 self._fail(ev[1])
             elif kind == "blocked":
                 self._on_blocked(ev[1], ev[2])
+            elif kind == "routed-to":
+                if ev[1] in ("dlq", "poison"):
+                    self.counts["deadLettered"] += 1
 
     # ---------------------------------------------------------------- membership
 
@@ -477,6 +485,7 @@ class Runtime:
         reports it now; a stale value here would count it twice)."""
         del self.parts[tp]
         self.paused.discard(tp)
+        self.lag.pop(tp, None)
         try:
             self.metrics.lag.remove(tp[0], str(tp[1]))
         except KeyError:
@@ -681,12 +690,15 @@ class Runtime:
             latencies.append(dt)
             if outcome is Outcome.OK:
                 e2es.append(e2e)
+                self.counts["handled"] += 1
                 self._handled(msg)
                 continue
             assert err is not None
             if isinstance(err, ClaimLost) or (msg._fenced and type(err).__name__ == "WatchError"):
                 self._fenced(msg)
                 continue
+            if err is not msg.decode_error:
+                self.counts["failed"] += 1
             if err is not msg.decode_error and classify(err, rules) is Classification.TRANSIENT:
                 errors += 1
             m_.errors.labels(type(err).__name__).inc()
@@ -803,6 +815,16 @@ class Runtime:
         part = msg._part
         return self.parts.get(part.tp) is part and self.state in ("running", "draining") and not self._hard_stop
 
+    def health_record(self) -> dict[str, Any]:
+        """What the member's Redis record says of its health (read by the signal publisher on
+        this loop): the monotonic counters and the lag of the partitions it measured."""
+        return {"counts": dict(self.counts),
+                "lag": {"records": sum(self.lag.values()), "partitions": len(self.lag)}}
+
+    def routed_to(self, kind: str) -> None:
+        """The router sent a record to `.retry`, `.dlq` or `.poison` (counted by the loop)."""
+        self._post(("routed-to", kind))
+
     def blocked(self, msg: Message, on: bool) -> None:
         self._post(("blocked", msg, on))
 
@@ -881,7 +903,8 @@ class Runtime:
         for tp, high in fut.result():
             part = self.parts.get(tp)
             if part is not None and part.committed is not None and high >= 0:
-                self.metrics.lag.labels(tp[0], str(tp[1])).set(max(0, high - part.committed))
+                self.lag[tp] = max(0, high - part.committed)
+                self.metrics.lag.labels(tp[0], str(tp[1])).set(self.lag[tp])
 
     @property
     def outstanding(self) -> int:
@@ -986,7 +1009,7 @@ class Runtime:
             self.session = Session(self.store, self.s.idempotency.lease_ms, lambda o: self._post(("store", o)),
                                    self._wakeup, claim_latency=self.metrics.claim_latency.observe)
             await self._check_store()
-        self.bp = build_publisher(self.s, self.instance_id or self.owner, self.metrics)
+        self.bp = build_publisher(self.s, self.instance_id or self.owner, self.metrics, health=self.health_record)
         h = self.s.handler
         kind = TaskDispatcher if is_async(self._handler) else ThreadDispatcher
         self.dispatcher = kind(self._handler, self.s.flow.workers, self.loop, self.on_results, h.timeout_s,

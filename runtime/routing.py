@@ -193,6 +193,7 @@ class RouteContext(Protocol):
 
     def alive(self, msg: Message) -> bool: ...           # still ours, and the runtime is not stopping
     def blocked(self, msg: Message, on: bool) -> None: ...   # routing it keeps failing / works again
+    def routed_to(self, kind: str) -> None: ...          # a record went to .retry/.dlq/.poison (health counters)
     def position(self, msg: Message) -> str: ...         # the record's position key (topic id aware)
 
 
@@ -338,6 +339,8 @@ class TopicRouter:
         m.route_attempts.observe(route.attempts)
         if route.kind == "poison":
             m.poison.inc()
+        if hasattr(ctx, "routed_to"):
+            ctx.routed_to(route.kind)
         log.info("event=routed to=%s kind=%s classification=%s attempts=%d reason=\"%s\" topic=%s partition=%d "
                  "offset=%d error_class=%s due_ms=%s", route.topic, route.kind, route.classification.value,
                  route.attempts, route.reason, msg.topic, msg.partition, msg.offset, type(err).__name__,

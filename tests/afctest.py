@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -274,3 +275,31 @@ def committed_offsets(bootstrap: str, topic: str, group: str) -> dict[int, int]:
                 for tp in c.committed([TopicPartition(topic, p) for p in parts], timeout=10)}
     finally:
         c.close()
+
+
+class Load:
+    """Keeps every partition of a topic busy (a few messages a second each) until stopped."""
+
+    def __init__(self, bootstrap: str, topic: str, partitions: int, per_second: float = 10) -> None:
+        self.bootstrap, self.topic, self.partitions, self.per_second = bootstrap, topic, partitions, per_second
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="load", daemon=True)
+
+    def _run(self) -> None:
+        from confluent_kafka import Producer
+        p = Producer({"bootstrap.servers": self.bootstrap, "linger.ms": 5})
+        n = 0
+        while not self._stop.wait(1 / self.per_second):
+            for part in range(self.partitions):
+                p.produce(self.topic, value=json.dumps({"n": n}).encode(), partition=part)
+            n += 1
+            p.poll(0)
+        p.flush(10)
+
+    def __enter__(self) -> "Load":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(15)

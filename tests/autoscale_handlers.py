@@ -24,3 +24,8 @@ def poison_on_partition(msg) -> None:
     if msg.partition == int(os.environ["AFC_TEST_POISON_PARTITION"]):
         raise ConnectionError("downstream refuses this partition's records")
     record(msg)
+
+
+def fail_always(msg) -> None:
+    """A broken release: every message fails (a transient error, so it is retried and routed)."""
+    raise ConnectionError("this release cannot reach its downstream")

@@ -2,17 +2,12 @@
 measures a real group on the real broker, writes spec.replicas, and real `afc-consumer`
 processes play the pods.
 
-There is no kubelet: `Kubelet` below does its part for the AdaptiveConsumer's pods. For each
-pod it runs an `afc-consumer` with the pod's group.instance.id (`<namespace>.<pod>`, resolved
-from the pod's env as a kubelet would) and reports the pod
-Ready; when a pod is deleted it stops that process (SIGTERM: drain, commit, close) before it
-lets the pod object go (a finalizer stands in for the kubelet's graceful deletion: the pod
-object stays until its containers stopped, as on a real node).
+There is no kubelet: `Kubelet` (tests/fake_kubelet.py) does its part for the AdaptiveConsumer's
+pods: an `afc-consumer` process per pod, stopped (drained) when the pod goes.
 """
 from __future__ import annotations
 
 import json
-import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -21,110 +16,19 @@ import pytest
 import yaml
 
 from afc.operator.kube import Kube, KubeError, path_for
-from afc.operator import render
 from afc.operator.testing import OperatorProcess, delete_consumers
-from afctest import ConsumerProcess, Testbed, free_port, wait_for
+from afctest import Load, Testbed, free_port, wait_for
+from fake_kubelet import Kubelet
 
 pytestmark = [pytest.mark.k8s, pytest.mark.kafka, pytest.mark.redis]
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "manifests" / "samples" / "afc_v1alpha1_adaptiveconsumer.yaml"
-SELECTOR = "app.kubernetes.io/instance={name},app.kubernetes.io/name=afc-consumer"
 FAST = {"AFC_OPERATOR_BACKOFF_MAX_S": "4", "AFC_OPERATOR_KAFKA_TIMEOUT_S": "2"}
-FINALIZER = "test.afc.dev/kubelet"
 
 
 def admin(testbed: Testbed) -> list[str]:
     return [testbed.kubectl, f"--kubeconfig={testbed.kubeconfig}"]
-
-
-class Kubelet:
-    """Runs an afc-consumer per pod of one AdaptiveConsumer and stops it when the pod goes."""
-
-    def __init__(self, testbed: Testbed, core: Any, namespace: str, topic: str, group: str, handler: str,
-                 tmp_path: Path, redis_prefix: str, env: dict[str, str] | None = None, name: str = "orders") -> None:
-        self.testbed, self.core, self.namespace = testbed, core, namespace
-        self.topic, self.group, self.handler, self.tmp_path = topic, group, handler, tmp_path
-        self.redis_prefix, self.env, self.name = redis_prefix, dict(env or {}), name
-        self.procs: dict[str, ConsumerProcess] = {}
-        self.exited: dict[str, float] = {}   # pod -> when its process had drained and exited
-        self.started: dict[str, float] = {}
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.error: BaseException | None = None
-
-    def sync(self) -> None:
-        pods = self.core.list_namespaced_pod(self.namespace, label_selector=SELECTOR.format(name=self.name)).items
-        leaving = []
-        for pod in pods:
-            n, finalizers = pod.metadata.name, list(pod.metadata.finalizers or [])
-            if pod.metadata.deletion_timestamp is not None:
-                leaving.append((n, finalizers))
-                continue
-            if FINALIZER not in finalizers:
-                self.core.patch_namespaced_pod(n, self.namespace, {"metadata": {"finalizers": [*finalizers, FINALIZER]}})
-            if n not in self.procs:
-                self.procs[n] = ConsumerProcess(self.testbed, [self.topic], self.group, self.handler,
-                                                self.tmp_path / f"{n}.log", instance_id=self.instance_id(pod),
-                                                env=self.env,
-                                                redis_prefix=self.redis_prefix).start()
-                self.started[n] = time.time()
-            if pod.status.phase != "Running":
-                self.core.patch_namespaced_pod_status(n, self.namespace, {"status": {
-                    "phase": "Running", "conditions": [{"type": "Ready", "status": "True"},
-                                                       {"type": "ContainersReady", "status": "True"}]}})
-        for n, _ in leaving:  # SIGTERM them all first: they drain side by side
-            if n in self.procs and self.procs[n].proc.poll() is None:
-                self.procs[n].proc.terminate()
-        for n, finalizers in leaving:
-            if n in self.procs:
-                p = self.procs.pop(n)
-                p.proc.wait(60)  # SIGTERM sent above; a second one would mean "exit now"
-                p._log.close()
-                self.exited[n] = time.time()
-            if FINALIZER in finalizers:
-                self.release(n, finalizers)
-
-    def instance_id(self, pod: Any) -> str:
-        """The group.instance.id the pod's container gets: its env as the kubelet resolves it,
-        read as the runtime does (AFC_INSTANCE_ID, then POD_NAME)."""
-        iid = render.pod_instance_id(self.core.api_client.sanitize_for_serialization(pod))
-        assert iid, f"pod {pod.metadata.name} has no group.instance.id in its env"
-        return iid
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.sync()
-            except BaseException as e:  # noqa: BLE001 - reported by the test
-                self.error = e
-            self._stop.wait(0.3)
-
-    def __enter__(self) -> "Kubelet":
-        self._thread = threading.Thread(target=self._run, name="kubelet", daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join(30)
-        for p in self.procs.values():
-            if p.proc.poll() is None:
-                p.proc.kill()
-                p.proc.wait(10)
-        for pod in self.core.list_namespaced_pod(self.namespace, label_selector=SELECTOR.format(name=self.name)).items:
-            if FINALIZER in (pod.metadata.finalizers or []):
-                self.release(pod.metadata.name, pod.metadata.finalizers)
-
-    def release(self, pod: str, finalizers: list[str]) -> None:
-        """Let the pod object go (a JSON patch: a strategic merge would merge the list)."""
-        try:
-            self.core.patch_namespaced_pod(pod, self.namespace, [
-                {"op": "test", "path": "/metadata/finalizers", "value": finalizers},
-                {"op": "replace", "path": "/metadata/finalizers", "value": [f for f in finalizers if f != FINALIZER]}])
-        except Exception:  # noqa: BLE001 - gone already, or changed meanwhile (the next sync retries)
-            pass
 
 
 @pytest.fixture
@@ -382,34 +286,6 @@ def assignment(testbed: Testbed, group: str) -> dict[str, set[int]]:
     (desc,) = [f.result(10) for f in a.describe_consumer_groups([group], request_timeout=10).values()]
     return {m.group_instance_id: {tp.partition for tp in m.assignment.topic_partitions if not tp.topic.endswith(".retry")}
             for m in desc.members if m.group_instance_id}
-
-
-class Load:
-    """Keeps every partition of a topic busy (a few messages a second each) until stopped."""
-
-    def __init__(self, bootstrap: str, topic: str, partitions: int, per_second: float = 10) -> None:
-        self.bootstrap, self.topic, self.partitions, self.per_second = bootstrap, topic, partitions, per_second
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="load", daemon=True)
-
-    def _run(self) -> None:
-        from confluent_kafka import Producer
-        p = Producer({"bootstrap.servers": self.bootstrap, "linger.ms": 5})
-        n = 0
-        while not self._stop.wait(1 / self.per_second):
-            for part in range(self.partitions):
-                p.produce(self.topic, value=json.dumps({"n": n}).encode(), partition=part)
-            n += 1
-            p.poll(0)
-        p.flush(10)
-
-    def __enter__(self) -> "Load":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(15)
 
 
 @pytest.mark.parametrize("protocol,hand_off", [("classic", True), ("classic", False), ("consumer", True)])

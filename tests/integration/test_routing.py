@@ -71,6 +71,13 @@ def test_bad_records_land_on_the_right_topic_with_history_and_the_partition_flow
         dlq = read_topic(testbed.bootstrap, topic + ".dlq", 1)
         wait_for(lambda: group_lag(testbed.bootstrap, topic, names.group)[1] == 0, 30, 0.3, what="source drained")
         m = c.metrics()
+        # the member's health record (read by the operator's canary gates): its loop's counters
+        key = f"{names.redis_prefix.rstrip(':')}:bp:{names.group}:{names.stem}-0"
+
+        def counts() -> dict | None:
+            raw = redis_client.get(key)
+            return json.loads(raw).get("counts") if raw else None
+        health = wait_for(lambda: (x := counts()) and x["deadLettered"] == 4 and x, 10, 0.2, what="health counters")
     finally:
         assert c.stop() == 0, c.log_tail()
     assert [x.offset() for x in poison] != [] and len(poison) == 3 and len(dlq) == 1
@@ -95,6 +102,9 @@ def test_bad_records_land_on_the_right_topic_with_history_and_the_partition_flow
     assert m.get('afc_rebalances_total{kind="revoke"}', 0) == 0 and m.get('afc_rebalances_total{kind="lost"}', 0) == 0
     assert m['afc_routed_records_total{classification="POISON",route="poison"}'] == 3
     assert m["afc_poison_records_total"] == 3
+    # 10 handled; 1 failed handler run (the permanent failure; undecodable records never ran);
+    # 3 poison + 1 dead-lettered
+    assert health == {"handled": 10, "failed": 1, "deadLettered": 4}, health
 
 
 def test_transient_failure_retried_at_due_times_then_handled_once(testbed, make_topic, names, redis_client,
