@@ -392,6 +392,10 @@ class RolloutSpec(CrdModel):
                                            "(CrashLoopBackOff, image pull errors, ...), the operator holds the "
                                            "rollout at that pod (rollingUpdate.partition) and reports Degraded and "
                                            "Progressing=False (ProgressDeadlineExceeded, as a Deployment's).")
+    min_ready_seconds: int = Field(0, ge=0, le=3_600, description="The StatefulSet's minReadySeconds: a "
+                                   "restarted pod must stay ready this long before the next one is replaced. 0: "
+                                   "at once (with static members each stall is its own restart, docs/rollouts.md); "
+                                   "5 catches a pod that fails right after it turns ready.")
     canary: CanarySpec | None = Field(None, description="A staged rollout with health gates (see CanarySpec). "
                                       "Unset: every pod rolls at once, one after another.")
 

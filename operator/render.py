@@ -349,7 +349,7 @@ def statefulset(owner: Owner, spec: AdaptiveConsumerSpec, replicas: int, cfg_has
         "prometheus.io/port": str(spec.server.port),
         "prometheus.io/path": "/metrics",
     }
-    return {
+    sts = {
         "apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": _meta(owner, owner.name),
         "spec": {
             "replicas": replicas,
@@ -365,6 +365,9 @@ def statefulset(owner: Owner, spec: AdaptiveConsumerSpec, replicas: int, cfg_has
             },
         },
     }
+    if spec.rollout.min_ready_seconds:   # 0 is the server's default, which it leaves out of the object
+        sts["spec"]["minReadySeconds"] = spec.rollout.min_ready_seconds
+    return sts
 
 
 def desired_objects(owner: Owner, spec: AdaptiveConsumerSpec, held: int | None = None) -> list[dict[str, Any]]:

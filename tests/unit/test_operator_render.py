@@ -244,6 +244,13 @@ def test_the_update_partition_is_the_spec_or_the_hold_whichever_holds_more(
     assert spec.rollout.progress_deadline_seconds == 600  # as a Deployment's default
 
 
+@pytest.mark.parametrize("given,want", [(None, 0), (5, 5)])
+def test_min_ready_seconds_comes_from_the_rollout_spec(given: int | None, want: int) -> None:
+    spec = render.parse_spec({**sample(), "rollout": {} if given is None else {"minReadySeconds": given}})
+    (sts,) = [o for o in render.desired_objects(OWNER, spec) if o["kind"] == "StatefulSet"]
+    assert sts["spec"].get("minReadySeconds", 0) == want
+
+
 def test_unused_configs_are_ours_and_used_by_nothing() -> None:
     def cm(name: str, uid: str = OWNER.uid, deleting: bool = False) -> dict[str, Any]:
         meta: dict[str, Any] = {"name": name, "ownerReferences": [{"controller": True, "uid": uid}]}
