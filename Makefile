@@ -8,7 +8,7 @@ PYTEST := .venv/bin/pytest
 TESTBED := python3 scripts/testbed.py
 PYTEST_ARGS ?=
 
-.PHONY: deps testbed testbed-down testbed-clean testbed-status test unit demo demo-runtime bench bench-scaling bench-rollout bench-report soak crds pins
+.PHONY: deps testbed testbed-down testbed-clean testbed-status test unit demo demo-runtime bench bench-scaling bench-rollout bench-operator bench-report soak crds pins
 
 deps:
 	bash scripts/install-deps.sh
@@ -48,7 +48,15 @@ demo-runtime: testbed
 	set -a; source .testbed/env; set +a; $(PY) -P -m afc.runtime.demo
 
 bench: testbed
-	set -a; source .testbed/env; set +a; $(PY) -P bench/run.py && $(PY) -P bench/scaling.py && $(PY) -P bench/rollout.py
+	set -a; source .testbed/env; set +a; $(PY) -P bench/run.py && $(PY) -P bench/scaling.py && $(PY) -P bench/rollout.py \
+		&& $(PY) -P bench/operator.py
+
+# Issue 14's operator at scale: 1,000 AdaptiveConsumers, the operator's apiserver requests per minute at
+# rest, CPU, RSS, time for a change to reach the StatefulSet; bench/results/operator.json (~5 minutes).
+# BASELINE=/work/main measures that checkout's operator first, in the same run (~10 minutes more).
+BASELINE ?=
+bench-operator: testbed
+	set -a; source .testbed/env; set +a; $(PY) -P bench/operator.py $(if $(BASELINE),--baseline $(BASELINE))
 
 # Issue 11's rolling restarts: N = 4 and 8 members, static vs eager vs cooperative-sticky vs KIP-848,
 # rebalances counted in the broker's log; results in bench/results/rollout.json (~7 minutes on the test bed).

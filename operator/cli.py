@@ -2,6 +2,7 @@
 
     afc-operator --namespace team-a [--namespace team-b]   # namespaced (Role per namespace)
     afc-operator --all-namespaces                          # cluster-wide (ClusterRole)
+    afc-operator ... --peering afc-operator                # 2+ replicas: one works, the others wait
 
 Every flag has an environment twin (`AFC_OPERATOR_NAMESPACES=a,b`, `AFC_OPERATOR_ALL_NAMESPACES`,
 ...); flags win. Logs are JSON lines on stderr unless `--log-format plain`.
@@ -12,6 +13,7 @@ import argparse
 import faulthandler
 import logging
 import sys
+import time
 from typing import Any, Sequence
 
 import kopf
@@ -47,6 +49,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="kopf liveness endpoint, e.g. http://0.0.0.0:8081/healthz; 'none' disables")
     p.add_argument("--metrics", dest="metrics_endpoint", metavar="HOST:PORT",
                    help="serve the operator's /metrics here, e.g. 0.0.0.0:8082; 'none' disables")
+    p.add_argument("--peering", metavar="NAME",
+                   help="run with other replicas: the KopfPeering (ClusterKopfPeering with --all-namespaces) "
+                        "object they share; only the one with the highest priority works")
+    p.add_argument("--priority", type=int, help="peering priority (default: the elder replica wins)")
     p.add_argument("--log-format", choices=["json", "plain"])
     p.add_argument("-v", "--verbose", action="store_true", default=None)
     return p.parse_args(argv)
@@ -62,6 +68,14 @@ def load_settings(args: argparse.Namespace) -> OperatorSettings:
         if overrides.get(endpoint) == "none":
             overrides[endpoint] = None
     return OperatorSettings(**overrides)
+
+
+def start_priority(now_ns: int | None = None) -> int:
+    """A peering priority that falls with the start time (microseconds): the replica that started
+    first works, one started later waits, and a replaced replica never takes the work back from
+    the one that took over (no second hand-over). Two replicas with the same priority would both
+    pause (kopf's rule), which needs two starts in the same microsecond."""
+    return (2**53 - 1) - (time.time_ns() if now_ns is None else now_ns) // 1000
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -83,20 +97,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     for handler in logging.getLogger().handlers:
         handler.addFilter(QuietChildEvents())
+    metrics = OperatorMetrics()
     try:
-        kube = Kube(timeout_s=cfg.api_timeout_s)
+        kube = Kube(timeout_s=cfg.api_timeout_s, on_request=metrics.api_request)
     except ConfigException as e:
         logger.error("no Kubernetes credentials: not in a pod and no usable kubeconfig", extra={"error": str(e)})
         return 2
     registry = kopf.OperatorRegistry()
-    metrics = OperatorMetrics()
     if cfg.metrics_endpoint:
         metrics.serve(cfg.metrics_endpoint)
     reconciler = Reconciler(kube, KafkaProbe(cfg.kafka_timeout_s, cfg.kafka_workers, cfg.kafka_client_idle_s), cfg,
                             metrics)
     register(registry, reconciler, cfg)
-    logger.info("starting", extra={"namespaces": cfg.namespaces or "*", "all_namespaces": cfg.all_namespaces})
-    kopf.run(registry=registry, standalone=True, clusterwide=cfg.all_namespaces,
+    priority = cfg.priority if cfg.priority is not None else start_priority()
+    logger.info("starting", extra={"namespaces": cfg.namespaces or "*", "all_namespaces": cfg.all_namespaces,
+                                   "peering": cfg.peering, "priority": priority if cfg.peering else None})
+    # With a peering name kopf makes peering mandatory: no peering object, no work (never two
+    # replicas working because the object was missing).
+    kopf.run(registry=registry, standalone=cfg.peering is None, peering_name=cfg.peering,
+             priority=priority if cfg.peering else 0, clusterwide=cfg.all_namespaces,
              namespaces=cfg.namespaces, liveness_endpoint=cfg.liveness_endpoint, memo=kopf.Memo())
     return 0
 

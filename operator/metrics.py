@@ -36,8 +36,14 @@ class OperatorMetrics:
                                        buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
         self.members_removed = Counter("afc_operator_members_removed", "Departed static members removed from the "
                                        "group after a scale-down.", LABELS, registry=r)
+        self.api_requests = Counter("afc_operator_api_requests", "Requests of the reconciles to the Kubernetes "
+                                    "API by verb and resource (kopf's watches, bookkeeping and Events not "
+                                    "included).", ("verb", "resource"), registry=r)
         self.kafka_clients = Gauge("afc_operator_kafka_admin_clients", "Kafka admin clients held (one per "
                                    "cluster).", registry=r)
+
+    def api_request(self, verb: str, resource: str) -> None:
+        self.api_requests.labels(verb, resource).inc()
 
     def forget(self, namespace: str, name: str) -> None:
         """Drop every series of a deleted AdaptiveConsumer."""

@@ -23,6 +23,16 @@ class OperatorSettings(BaseSettings):
     metrics_endpoint: str | None = Field("0.0.0.0:8082", pattern=r"^[^:]*:[0-9]{1,5}$",
                                          description="host:port serving /metrics; None disables.")
     kafka_client_idle_s: float = Field(900.0, gt=0, description="Close a cluster's Kafka admin client unused this long.")
+    peering: str | None = Field(None, min_length=1, description=(
+        "Name of the KopfPeering (namespaced) or ClusterKopfPeering (--all-namespaces) object the "
+        "replicas of the operator share: the one with the highest priority works, the others wait. "
+        "None: standalone (one replica only)."))
+    priority: int | None = Field(None, description=(
+        "Peering priority; None: from the start time, so the replica that started first keeps "
+        "working and a restarted one waits (no hand-back)."))
+    peering_lifetime_s: int = Field(15, ge=5, le=300, description=(
+        "How long a replica's keep-alive counts: a replica that stops renewing it (killed) is "
+        "replaced within this long. Keep-alives are sent every lifetime minus 5-10 s (at least 1 s)."))
     log_format: Literal["json", "plain"] = "json"
     verbose: bool = False
 

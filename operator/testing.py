@@ -35,12 +35,15 @@ def operator_command() -> list[str]:
 
 
 class OperatorProcess:
-    """`afc-operator ARGS` with KUBECONFIG=kubeconfig; a context manager that stops it."""
+    """`afc-operator ARGS` with KUBECONFIG=kubeconfig; a context manager that stops it.
+    `command`/`cwd`: another checkout's operator (bench/operator.py measures main's beside this one)."""
 
     def __init__(self, args: Sequence[str], kubeconfig: str, log_path: Path,
-                 env: Mapping[str, str] | None = None) -> None:
+                 env: Mapping[str, str] | None = None, command: Sequence[str] | None = None,
+                 cwd: Path | None = None) -> None:
         self.args, self.kubeconfig, self.log_path = list(args), kubeconfig, Path(log_path)
         self.extra_env = dict(env or {})
+        self.command, self.cwd = list(command) if command else None, cwd or REPO
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, ready_timeout: float = 60) -> "OperatorProcess":
@@ -51,8 +54,9 @@ class OperatorProcess:
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:
             # no fixed ports (tests run beside other operators): a test that reads /metrics passes --metrics
-            self.proc = subprocess.Popen([*operator_command(), "--liveness", "none", "--metrics", "none", *self.args],
-                                         stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+            self.proc = subprocess.Popen([*(self.command or operator_command()), "--liveness", "none", "--metrics",
+                                          "none", *self.args], stdout=log, stderr=subprocess.STDOUT, env=env,
+                                         cwd=self.cwd)
         self.wait_until(lambda: self.logged("operator started"), ready_timeout, "the operator to start")
         return self
 

@@ -1,0 +1,278 @@
+"""The operator at scale (issue 14): 1,000 AdaptiveConsumers on the test bed, one operator.
+
+    python -P bench/operator.py                          # `make bench-operator`: this checkout (~5 min)
+    python -P bench/operator.py --baseline /work/main    # and another checkout's operator before it
+    python -P bench/operator.py --resources 100 --out /tmp/op.json
+
+Per operator (a checkout's `afc-operator`, run as a process against the bed's apiserver):
+
+1. converge: `--resources` AdaptiveConsumers created in a fresh namespace (scaling.mode Off,
+   replicas 0, so no pods; Kafka bootstrap = the bed's broker, one topic they all read, a
+   group each), timed until every one has status.observedGeneration 1 and its StatefulSet.
+2. steady: nothing changes for `--steady-s` (at least two polls of 30 s each): the operator's
+   requests to the apiserver per minute by verb and resource (counted in the operator process by
+   bench/opcount.py, for any checkout: the bed's apiserver is shared with other tests, so its
+   own counters cannot tell whose requests they count), operator CPU (share of one core) and
+   RSS, and its own metrics (Kafka admin clients held, poll duration).
+3. change: `--changes` resources get a new spec.image, one at a time; the time until their
+   StatefulSet carries it (median, max).
+4. teardown: the AdaptiveConsumers deleted while the operator runs (it releases kopf's
+   finalizer), then the operator stopped and the namespace deleted.
+
+With `--baseline DIR` the same runs first with DIR's operator (DIR's virtualenv and code),
+and both go into the results; without it, a baseline already in the results file is kept
+(marked with the commit it measured). Results: bench/results/operator.json, written here only.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))  # appended, not prepended: our operator/ must not shadow the stdlib's
+
+from afc.operator.kube import Kube, KubeError, path_for  # noqa: E402
+from afc.operator.testing import OperatorProcess  # noqa: E402
+from bench.measure import free_port, scrape  # noqa: E402
+
+log = logging.getLogger("bench.operator")
+RESULTS = ROOT / "bench" / "results" / "operator.json"
+COUNTING = ROOT / "bench" / "opcount.py"
+RW = {"GET": "read", "LIST": "read", "WATCH": "watch", "PATCH": "write", "POST": "write", "PUT": "write",
+      "DELETE": "write"}
+
+
+def counts(path: Path) -> Counter[str]:
+    """The operator's requests so far ({"VERB resource": n}, bench/opcount.py)."""
+    try:
+        return Counter(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return Counter()
+
+
+def per_minute(delta: Counter[str], seconds: float) -> dict[str, float]:
+    return {k: round(n * 60 / seconds, 1) for k, n in sorted(delta.items()) if n}
+
+
+def consumer(name: str, bootstrap: str, topic: str) -> dict[str, Any]:
+    return {"apiVersion": "afc.dev/v1alpha1", "kind": "AdaptiveConsumer", "metadata": {"name": name},
+            "spec": {"image": "ghcr.io/afc-dev/afc-runtime:0.1.0", "handler": {"handler": "app.handlers:handle"},
+                     "kafka": {"bootstrapServers": bootstrap, "topics": [topic], "groupId": f"{topic}-{name}"},
+                     "replicas": 0, "minReplicas": 0, "maxReplicas": 4, "scaling": {"mode": "Off"}}}
+
+
+def converged(kube: Kube, namespace: str, n: int) -> int:
+    items = kube.request("GET", path_for("AdaptiveConsumer", namespace))["items"]
+    return sum(1 for ac in items if (ac.get("status") or {}).get("observedGeneration") == 1
+               and "replicas" in (ac.get("status") or {}))
+
+
+def delete_all(kube: Kube, kubectl: list[str], namespace: str, timeout: float) -> int:
+    """Delete the AdaptiveConsumers while the operator runs; strip what is left. Returns how many
+    needed their finalizers stripped."""
+    try:
+        kube.request("DELETE", path_for("AdaptiveConsumer", namespace))
+    except KubeError as e:
+        log.warning("deletecollection: %s", e)
+    deadline = time.monotonic() + timeout
+    left: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        left = kube.request("GET", path_for("AdaptiveConsumer", namespace))["items"]
+        if not left:
+            return 0
+        time.sleep(3)
+    for ac in left:
+        try:
+            kube.request("PATCH", path_for("AdaptiveConsumer", namespace, ac["metadata"]["name"]),
+                         body={"metadata": {"finalizers": None}}, content_type="application/merge-patch+json")
+        except KubeError:
+            pass
+    return len(left)
+
+
+def run_one(label: str, command: list[str] | None, cwd: Path | None, a: argparse.Namespace, kube: Kube,
+            kubectl: list[str], logs: Path) -> dict[str, Any]:
+    bootstrap = os.environ["AFC_KAFKA_BOOTSTRAP"]
+    run_id = uuid.uuid4().hex[:6]
+    namespace, topic = f"afc-bench-op-{run_id}", f"afc-bench-op-{run_id}"
+    from confluent_kafka.admin import AdminClient, NewTopic
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    for f in admin.create_topics([NewTopic(topic, 1, 1)]).values():
+        f.result(30)
+    kube.request("POST", "/api/v1/namespaces", body={"apiVersion": "v1", "kind": "Namespace",
+                                                     "metadata": {"name": namespace, "labels": {"afc.dev/test": "true"}}})
+    out: dict[str, Any] = {"label": label, "namespace": namespace, "resources": a.resources}
+    port = free_port()
+    count_file = logs / f"requests-{label}.json"
+    op = OperatorProcess(["--namespace", namespace, "--metrics", f"127.0.0.1:{port}"], os.environ["KUBECONFIG"],
+                         logs / f"operator-{label}.log", command=command, cwd=cwd,
+                         env={"AFC_BENCH_COUNTS": str(count_file)})
+    try:
+        op.start(ready_timeout=120)
+        proc = psutil.Process(op.proc.pid)  # type: ignore[union-attr]
+        cpu0 = sum(proc.cpu_times()[:2])
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(lambda i: kube.request("POST", path_for("AdaptiveConsumer", namespace),
+                                                 body=consumer(f"c{i:04d}", bootstrap, topic)), range(a.resources)))
+        out["create_s"] = round(time.monotonic() - t0, 1)
+        done = 0
+        while done < a.resources:
+            if time.monotonic() - t0 > a.converge_timeout_s:
+                raise RuntimeError(f"{label}: {done}/{a.resources} converged after {a.converge_timeout_s}s")
+            time.sleep(3)
+            done = converged(kube, namespace, a.resources)
+            log.info("%s: %d/%d converged", label, done, a.resources)
+        out["converge_s"] = round(time.monotonic() - t0, 1)
+        out["converge_cpu_s"] = round(sum(proc.cpu_times()[:2]) - cpu0, 1)
+        time.sleep(a.settle_s)  # the last status writes and their events
+
+        log.info("%s: steady window %ss", label, a.steady_s)
+        c0, cpu1, s0 = counts(count_file), sum(proc.cpu_times()[:2]), time.monotonic()
+        rss = []
+        while time.monotonic() - s0 < a.steady_s:
+            time.sleep(5)
+            rss.append(proc.memory_info().rss)
+        window = time.monotonic() - s0
+        delta = counts(count_file) - c0
+        cpu = sum(proc.cpu_times()[:2]) - cpu1
+        rate = per_minute(delta, window)
+        by_kind: Counter[str] = Counter()
+        for k, v in rate.items():
+            by_kind[RW.get(k.split()[0], "other")] += v
+        metrics = scrape(port)
+        out["converge_requests"] = dict(sorted(c0.items()))
+        out["steady"] = {
+            "window_s": round(window, 1),
+            "operator_requests_per_min": rate,
+            "operator_requests_per_min_total": round(sum(rate.values()), 1),
+            "operator_requests_per_min_by_kind": {k: round(v, 1) for k, v in sorted(by_kind.items())},
+            "operator_cpu_share_of_one_core": round(cpu / window, 3),
+            "operator_rss_mib": round(max(rss) / 2**20, 1),
+            "operator_threads": proc.num_threads(),
+            "kafka_admin_clients": metrics.get("afc_operator_kafka_admin_clients"),
+        }
+        polls = sum(v for k, v in metrics.items() if k.startswith("afc_operator_poll_duration_seconds_count"))
+        secs = sum(v for k, v in metrics.items() if k.startswith("afc_operator_poll_duration_seconds_sum"))
+        out["steady"]["polls_so_far"] = int(polls)
+        out["steady"]["mean_poll_s"] = round(secs / polls, 4) if polls else None
+
+        latencies = []
+        for i in range(a.changes):
+            name = f"c{(i * 97) % a.resources:04d}"
+            image = f"ghcr.io/afc-dev/afc-runtime:0.1.{i + 1}"
+            t = time.monotonic()
+            kube.request("PATCH", path_for("AdaptiveConsumer", namespace, name), body={"spec": {"image": image}},
+                         content_type="application/merge-patch+json")
+            while True:
+                sts = kube.request("GET", path_for("StatefulSet", namespace, name))
+                if sts["spec"]["template"]["spec"]["containers"][0]["image"] == image:
+                    break
+                if time.monotonic() - t > 120:
+                    raise RuntimeError(f"{label}: {name} not rolled within 120 s")
+                time.sleep(0.1)
+            latencies.append(time.monotonic() - t)
+            time.sleep(0.5)
+        out["change_to_statefulset_s"] = {"n": len(latencies), "median": round(statistics.median(latencies), 2),
+                                          "max": round(max(latencies), 2)}
+        out["operator_peak_rss_mib"] = round(max(max(rss), proc.memory_info().rss) / 2**20, 1)
+    finally:
+        t = time.monotonic()
+        stripped = delete_all(kube, kubectl, namespace, a.delete_timeout_s) if op.alive else None
+        out["teardown"] = {"delete_s": round(time.monotonic() - t, 1), "finalizers_stripped": stripped}
+        op.stop()
+        if stripped is None:
+            delete_all(kube, kubectl, namespace, 0)
+        subprocess.run([*kubectl, "delete", "namespace", namespace, "--wait=false"], capture_output=True, timeout=60)
+        admin.delete_topics([topic])
+    return out
+
+
+def git_commit(path: Path) -> str:
+    return subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+
+
+def findings(doc: dict[str, Any]) -> list[str]:
+    out = []
+    for key in ("baseline", "this"):
+        r = doc["runs"].get(key)
+        if not r or "steady" not in r:
+            continue
+        s = r["steady"]
+        out.append(f"{key} ({r['commit'][:8]}): {s['operator_requests_per_min_total']:,} apiserver requests/min at "
+                   f"rest for {r['resources']} resources ({s['operator_requests_per_min_by_kind']}), CPU "
+                   f"{s['operator_cpu_share_of_one_core']:.0%} of a core, RSS {s['operator_rss_mib']} MiB, "
+                   f"{s['kafka_admin_clients']} Kafka admin client(s); converged in {r['converge_s']} s; a spec "
+                   f"change reached the StatefulSet in {r['change_to_statefulset_s']['median']} s (median)")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--resources", type=int, default=1000)
+    ap.add_argument("--baseline", type=Path, help="another checkout whose operator runs first (e.g. /work/main)")
+    ap.add_argument("--steady-s", type=float, default=75, help="at least two polls (30 s each)")
+    ap.add_argument("--settle-s", type=float, default=10)
+    ap.add_argument("--changes", type=int, default=10)
+    ap.add_argument("--converge-timeout-s", type=float, default=420)
+    ap.add_argument("--delete-timeout-s", type=float, default=120)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    a = ap.parse_args(argv)
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                        format="ts=%(asctime)s level=%(levelname)s logger=%(name)s %(message)s")
+    kube = Kube(timeout_s=60)
+    kubectl = [os.environ.get("AFC_KUBECTL", "kubectl"), f"--kubeconfig={os.environ['KUBECONFIG']}"]
+    logs = Path(tempfile.mkdtemp(prefix="afc-bench-operator-"))
+    previous = json.loads(a.out.read_text()) if a.out.exists() else {}
+    doc: dict[str, Any] = {
+        "schema": "afc-bench-operator/1", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": " ".join(["operator.py", *(argv if argv is not None else sys.argv[1:])]),
+        "machine": {"nproc": os.cpu_count(), "load_avg_at_start": list(os.getloadavg()),
+                    "note": "2 cores shared with the test bed (Kafka, Redis, kube-apiserver...) and other work"},
+        "logs_dir": str(logs),
+        "method": {
+            "requests": "counted in the operator process (bench/opcount.py: the kubernetes client's and kopf's HTTP "
+                        "requests by verb and resource; the bed's apiserver is shared, so its own counters mix in "
+                        "other tests); WATCH counts watches opened, not their events",
+            "cpu": "the operator process's user+system CPU seconds over the steady window / its length",
+            "rss": "the operator process's RSS, sampled every 5 s in the steady window (maximum)",
+            "change": "PATCH spec.image of one resource, then GET its StatefulSet every 0.1 s until the template has it",
+            "resources": "scaling.mode Off, replicas 0 (no pods), pollIntervalS 30 (default), one topic, a group each",
+        },
+        "runs": {},
+    }
+    if a.baseline:
+        cmd = [str(a.baseline / ".venv" / "bin" / "python"), "-P", str(COUNTING)]
+        doc["runs"]["baseline"] = {"checkout": str(a.baseline), "commit": git_commit(a.baseline),
+                                   **run_one("baseline", cmd, a.baseline, a, kube, kubectl, logs)}
+    elif (previous.get("runs") or {}).get("baseline"):
+        doc["runs"]["baseline"] = {**previous["runs"]["baseline"], "kept_from": previous.get("date")}
+    cmd = [sys.executable, "-P", str(COUNTING)]
+    doc["runs"]["this"] = {"checkout": str(ROOT), "commit": git_commit(ROOT),
+                           **run_one("this", cmd, ROOT, a, kube, kubectl, logs)}
+    doc["findings"] = findings(doc)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(doc, indent=1) + "\n")
+    print("\n".join(doc["findings"]))
+    print(f"wrote {a.out}")
+    kube.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
