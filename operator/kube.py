@@ -145,16 +145,35 @@ class Kube:
                 return False
             raise
 
-    async def patch_status(self, kind: str, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any]:
-        """A JSON merge patch of the status (null removes a key)."""
+    async def patch_status(self, kind: str, namespace: str, name: str, patch: Mapping[str, Any],
+                           field_manager: str | None = None) -> dict[str, Any]:
+        """A JSON merge patch of the status (null removes a key), under `field_manager` (the
+        status's managedFields then say which operator wrote it)."""
         return await self._run("PATCH", path_for(kind, namespace, name, "status"), body={"status": dict(patch)},
-                               content_type="application/merge-patch+json")
+                               content_type="application/merge-patch+json",
+                               query=[("fieldManager", field_manager)] if field_manager else None)
 
     async def scale(self, kind: str, namespace: str, name: str, replicas: int, field_manager: str) -> dict[str, Any]:
         """Write spec.replicas (a merge patch of the object, which answers with the object: no
         read of it needed, so no `get` right)."""
         return await self._run("PATCH", path_for(kind, namespace, name), body={"spec": {"replicas": int(replicas)}},
                                content_type="application/merge-patch+json", query=[("fieldManager", field_manager)])
+
+    async def ensure_peering(self, name: str, namespace: str | None) -> bool:
+        """Create kopf's peering object (a KopfPeering in `namespace`, or a ClusterKopfPeering
+        when None) unless it exists: with a peering name kopf does no work until the object is
+        there, so the operator makes it rather than leaving one more step to the installer.
+        True when it exists now."""
+        kind = "KopfPeering" if namespace else "ClusterKopfPeering"
+        path = (f"/apis/kopf.dev/v1/namespaces/{namespace}/kopfpeerings" if namespace
+                else "/apis/kopf.dev/v1/clusterkopfpeerings")
+        try:
+            await self._run("POST", path, body={"apiVersion": "kopf.dev/v1", "kind": kind, "metadata": {"name": name}})
+        except KubeError as e:
+            if e.status == 409:
+                return True
+            raise
+        return True
 
     async def discover(self, group_version: str) -> dict[str, Any] | None:
         prefix = "/api/" if group_version == "v1" else "/apis/"

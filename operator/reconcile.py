@@ -42,6 +42,7 @@ from afc.operator.status import Problem
 logger = logging.getLogger("afc.operator")
 
 PREFIX = "operator.afc.dev"  # kopf's bookkeeping annotations on the AdaptiveConsumer
+APPLIED = f"{PREFIX}/applied"  # on each child: the digest of what the operator applied last
 OWNERSHIP_CONFLICT = "OwnershipConflict"
 INTERNAL_ERROR = "InternalError"
 CHILDREN = (("", "v1", "configmaps"), ("", "v1", "services"), ("apps", "v1", "statefulsets"),
@@ -139,6 +140,15 @@ def slim(body: Mapping[str, Any]) -> dict[str, Any]:
 def digest(obj: Mapping[str, Any]) -> str:
     """What an applied object is, in a few bytes: the same render gives the same digest."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def stamped(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """`obj` with its digest in the APPLIED annotation: the object itself remembers what this
+    operator applied last, across restarts and a fail-over to another replica."""
+    out = copy.deepcopy(dict(obj))
+    meta = out.setdefault("metadata", {})
+    meta["annotations"] = {**(meta.get("annotations") or {}), APPLIED: digest(obj)}
+    return out
 
 
 MISS = object()  # not in the cache: ask the apiserver
@@ -320,7 +330,6 @@ class Reconciler:
         self._written: dict[Key, tuple[str, dict[str, Any]]] = {}  # uid, last status written
         self._tracked: dict[Key, Tracked] = {}
         self._redis: dict[str, Any] = {}
-        self._applied: dict[Key, dict[tuple[str, str], tuple[str, str]]] = {}  # (kind, name) -> uid, digest
         self.cache = Cache()
 
     def tracked(self, key: Key, uid: str) -> Tracked:
@@ -331,7 +340,7 @@ class Reconciler:
 
     def forget(self, key: Key) -> None:
         """An AdaptiveConsumer was deleted: drop its memory and its metrics."""
-        for store in (self._tracked, self._written, self._locks, self._handoff_locks, self._applied):
+        for store in (self._tracked, self._written, self._locks, self._handoff_locks):
             store.pop(key, None)
         self.metrics.forget(*key)
 
@@ -762,21 +771,17 @@ class Reconciler:
         return pods
 
     async def _write(self, owner: render.Owner, obj: dict[str, Any]) -> dict[str, Any]:
-        """Server-side apply, remembering what was applied (see `_apply`)."""
-        meta = obj["metadata"]
-        applied = self._applied.setdefault((owner.namespace, owner.name), {})
-        applied.pop((obj["kind"], meta["name"]), None)  # unknown while the request is out
-        after = await self.kube.apply(obj, self.cfg.field_manager)
-        applied[(obj["kind"], meta["name"])] = (owner.uid, digest(obj))
-        return after
+        """Server-side apply, the object stamped with what was applied (see `_apply`)."""
+        return await self.kube.apply(stamped(obj), self.cfg.field_manager)
 
     async def _apply(self, owner: render.Owner, obj: dict[str, Any]
                      ) -> tuple[Change, dict[str, Any] | None, dict[str, Any]]:
-        """Apply `obj` unless nothing would change: this operator applied the very same object
-        last (so no field it owned then is missing from it) and the live object has every
-        value of it. The live object comes from the watch cache; the apiserver is read only
-        when the cache lacks it or shows a difference (the cache may be a write behind).
-        After a restart each object is applied once (what was applied before is not known)."""
+        """Apply `obj` unless nothing would change: the live object carries the digest of this
+        very object in its APPLIED annotation (so no field applied then is missing from `obj`:
+        nothing to remove) and has every value of it (nothing to add or take back). The live
+        object comes from the watch cache; the apiserver is read only when the cache lacks it
+        or shows a difference (the cache may be a write behind). Children written by an
+        operator without the stamp are applied once (no Event for that: nothing differed)."""
         meta = obj["metadata"]
         live = self.cache.get(obj["kind"], meta["namespace"], meta["name"])
         if live is MISS or render.object_drift(obj, live):
@@ -788,11 +793,12 @@ class Reconciler:
                                            f"{obj['kind']} {meta['namespace']}/{meta['name']} exists and is not "
                                            f"controlled by this AdaptiveConsumer; rename or delete it"))
         paths = render.object_drift(obj, live)
-        last = self._applied.get((owner.namespace, owner.name), {}).get((obj["kind"], meta["name"]))
-        if live is not None and not paths and last == (owner.uid, digest(obj)):
+        stamp = ((live or {}).get("metadata") or {}).get("annotations", {}).get(APPLIED) if live else None
+        if live is not None and not paths and stamp == digest(obj):
             return Change(obj["kind"], meta["name"], "unchanged"), live, live
         after = await self._write(owner, obj)
-        action = "created" if live is None else ("updated" if applied_change(live, after, paths) else "unchanged")
+        action = ("created" if live is None else "unchanged" if stamp is None and not paths
+                  else "updated" if applied_change(live, after, paths) else "unchanged")
         return Change(obj["kind"], meta["name"], action, paths if action == "updated" else []), live, after
 
     async def _write_status(self, body: Mapping[str, Any], key: Key, owner: render.Owner,
@@ -806,7 +812,7 @@ class Reconciler:
         if not patch:
             return
         try:
-            await self.kube.patch_status(KIND, owner.namespace, owner.name, patch)
+            await self.kube.patch_status(KIND, owner.namespace, owner.name, patch, self.cfg.field_manager)
             self._written[key] = (owner.uid, copy.deepcopy(new))
         except KubeError as e:
             if e.not_found:  # deleted meanwhile
@@ -1075,6 +1081,13 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, cfg: Opera
     async def startup(settings: kopf.OperatorSettings, **kwargs: Any) -> None:
         configure_kopf(settings, cfg)
         reconciler.cache.attach(kwargs)
+        if cfg.peering:
+            for ns in ([None] if cfg.all_namespaces else cfg.namespaces):
+                try:
+                    await reconciler.kube.ensure_peering(cfg.peering, ns)
+                except KubeError as e:  # e.g. no create right: an installer made it, or kopf waits for it
+                    logger.warning("peering object not created", extra={"peering": cfg.peering, "namespace": ns,
+                                                                         "error": str(e)})
         found = await reconciler.kube.discover(API_VERSION)
         if not found or not any(r.get("name") == PLURAL for r in found.get("resources", [])):
             raise kopf.TemporaryError(f"{PLURAL}.{GROUP}/{VERSION} is not served: "

@@ -114,7 +114,11 @@ def forbidden_lines(op: OperatorProcess) -> list[str]:
 def test_manifest_rules_are_exactly_the_expected_ones(testbed: Testbed, tmp_path: Path) -> None:
     for variant, kind in ((MANIFESTS, "Role"), (MANIFESTS / "cluster-wide", "ClusterRole")):
         docs = list(yaml.safe_load_all(testbed.run_kubectl("kustomize", str(variant)).stdout))
-        (role,) = [d for d in docs if d["kind"] == kind]
+        (role,) = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == "afc-operator"]
+        # the replicas' peering (kopf's KopfPeering / ClusterKopfPeering), in a Role of its own
+        (peering,) = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == "afc-operator-peering"]
+        assert peering["rules"] == [{"apiGroups": ["kopf.dev"], "verbs": ["get", "list", "watch", "patch", "create"],
+                                     "resources": ["kopfpeerings" if kind == "Role" else "clusterkopfpeerings"]}]
         got: dict[tuple[str, str], set[str]] = {}
         for rule in role["rules"]:
             for group in rule["apiGroups"]:

@@ -25,6 +25,8 @@ BOUNDED_LABELS = {
     "group": "consumer groups a producer watches (its configuration)",
     "namespace": "the AdaptiveConsumer's namespace (operator)",
     "name": "the AdaptiveConsumer's name (operator); its series are removed when it is deleted",
+    "verb": "HTTP verbs of the operator's Kubernetes API requests",
+    "resource": "the Kubernetes API resources the operator reads and writes (afc.operator.kube.RESOURCES)",
 }
 PER_MESSAGE = re.compile(r"key|offset|message|token|member|instance|pod|id$")
 TIME_WORDS = re.compile(r"(^|_)(latency|duration|age|wait|time)(_|$)")

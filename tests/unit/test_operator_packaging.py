@@ -70,7 +70,14 @@ def test_operator_deployment() -> None:
     (dep,) = load("manager/deployment.yaml")
     pod = dep["spec"]["template"]["spec"]
     (c,) = pod["containers"]
-    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"]["type"] == "Recreate"
+    # two replicas, one working (kopf's peering: docs/operator.md, "HA"); a rolling update
+    # starts the new replica before it stops an old one
+    assert dep["spec"]["replicas"] == 2 and dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    env = {e["name"]: e for e in c["env"]}
+    assert env["AFC_OPERATOR_PEERING"]["value"] == "afc-operator"
+    assert env["POD_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"  # kopf's peer identity
+    (peering, _binding) = load("rbac/namespaced/peering.yaml")
+    assert peering["rules"][0]["resources"] == ["kopfpeerings"]
     assert pod["serviceAccountName"] == "afc-operator"
     assert c["image"] == "afc-operator" and "command" not in c  # the image's entrypoint
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
