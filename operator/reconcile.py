@@ -630,7 +630,17 @@ class Reconciler:
         if d.metrics.per_replica_rate:
             tr.known_rate = d.metrics.per_replica_rate
         prev = tr.decision
-        if prev is None or (prev.reason, prev.replicas) != (d.reason, d.replicas):
+        if prev is None:
+            # First decision since this operator started: the status says when the same decision
+            # was taken (by this operator before a restart, or by the replica it took over from).
+            # Keeping those times spares a status write per resource on every restart and fail-over.
+            was = (done.body.get("status") or {}).get("scaling") or {}
+            tr.last_scale_time = tr.last_scale_time or was.get("lastScaleTime")
+            if (was.get("reason"), was.get("desiredReplicas")) == (d.reason, d.replicas):
+                tr.decided_at = was.get("decidedAt") or now
+            else:
+                tr.decided_at = now
+        elif (prev.reason, prev.replicas) != (d.reason, d.replicas):
             tr.decided_at = now
         tr.decision = done.decision = d
         key = (done.body["metadata"]["namespace"], done.body["metadata"]["name"])
@@ -793,7 +803,7 @@ class Reconciler:
                                            f"{obj['kind']} {meta['namespace']}/{meta['name']} exists and is not "
                                            f"controlled by this AdaptiveConsumer; rename or delete it"))
         paths = render.object_drift(obj, live)
-        stamp = ((live or {}).get("metadata") or {}).get("annotations", {}).get(APPLIED) if live else None
+        stamp = (((live or {}).get("metadata") or {}).get("annotations") or {}).get(APPLIED)
         if live is not None and not paths and stamp == digest(obj):
             return Change(obj["kind"], meta["name"], "unchanged"), live, live
         after = await self._write(owner, obj)
