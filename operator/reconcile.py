@@ -806,6 +806,9 @@ class Reconciler:
         stamp = (((live or {}).get("metadata") or {}).get("annotations") or {}).get(APPLIED)
         if live is not None and not paths and stamp == digest(obj):
             return Change(obj["kind"], meta["name"], "unchanged"), live, live
+        logger.debug("applying", extra={"object": f"{owner.namespace}/{owner.name}", "child": f"{obj['kind']}/{meta['name']}",
+                                        "why": "missing" if live is None else "drift" if paths else
+                                        f"applied {stamp}, rendered {digest(obj)}"})
         after = await self._write(owner, obj)
         action = ("created" if live is None else "unchanged" if stamp is None and not paths
                   else "updated" if applied_change(live, after, paths) else "unchanged")
