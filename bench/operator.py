@@ -106,13 +106,21 @@ def delete_all(kube: Kube, kubectl: list[str], namespace: str, timeout: float) -
         if not left:
             return 0
         time.sleep(3)
-    for ac in left:
+    stripped = len(left)
+
+    def strip(name: str) -> None:
         try:
-            kube.request("PATCH", path_for("AdaptiveConsumer", namespace, ac["metadata"]["name"]),
+            kube.request("PATCH", path_for("AdaptiveConsumer", namespace, name),
                          body={"metadata": {"finalizers": None}}, content_type="application/merge-patch+json")
-        except KubeError:
-            pass
-    return len(left)
+        except KubeError as e:
+            log.warning("strip %s: %s", name, e)
+    for _ in range(5):  # a loaded apiserver may time some out: again until none is left
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(strip, [ac["metadata"]["name"] for ac in left]))
+        left = kube.request("GET", path_for("AdaptiveConsumer", namespace))["items"]
+        if not left:
+            break
+    return stripped
 
 
 def run_one(label: str, command: list[str] | None, cwd: Path | None, a: argparse.Namespace, kube: Kube,
