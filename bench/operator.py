@@ -9,13 +9,14 @@ Per operator (a checkout's `afc-operator`, run as a process against the bed's ap
 1. converge: `--resources` AdaptiveConsumers created in a fresh namespace (scaling.mode Off,
    replicas 0, so no pods; Kafka bootstrap = the bed's broker, one topic they all read, a
    group each), timed until every one has status.observedGeneration 1 and its StatefulSet.
-2. steady: nothing changes for `--steady-s` (at least two polls of 30 s each): the operator's
-   requests to the apiserver per minute by verb and resource (counted in the operator process by
-   bench/opcount.py, for any checkout: the bed's apiserver is shared with other tests, so its
-   own counters cannot tell whose requests they count), operator CPU (share of one core) and
-   RSS, and its own metrics (Kafka admin clients held, poll duration).
-3. change: `--changes` resources get a new spec.image, one at a time; the time until their
-   StatefulSet carries it (median, max).
+2. steady: once the operator wrote nothing for `--quiet-s` (the StatefulSet controller has
+   caught up; at most `--settle-max-s`), nothing changes for `--steady-s` (at least two polls
+   of 30 s each): the operator's requests to the apiserver per minute by verb and resource
+   (counted in the operator process by bench/opcount.py, for any checkout: the bed's apiserver
+   is shared with other tests, so its own counters cannot tell whose requests they count),
+   operator CPU (share of one core) and RSS, polls per resource, Kafka admin clients held.
+3. change: `--changes` resources get a new spec.image at once; for each, the time until its
+   StatefulSet carries it (median, max; those not there within `--change-timeout-s` counted).
 4. teardown: the AdaptiveConsumers deleted while the operator runs (it releases kopf's
    finalizer), then the operator stopped and the namespace deleted.
 
@@ -159,7 +160,21 @@ def run_one(label: str, command: list[str] | None, cwd: Path | None, a: argparse
             log.info("%s: %d/%d converged", label, done, a.resources)
         out["converge_s"] = round(time.monotonic() - t0, 1)
         out["converge_cpu_s"] = round(sum(proc.cpu_times()[:2]) - cpu0, 1)
-        time.sleep(a.settle_s)  # the last status writes and their events
+        # Converged is not yet at rest: the StatefulSet controller works through 1,000 new
+        # StatefulSets for minutes, and each one it observes is news for a status. Wait until the
+        # operator has written nothing for --quiet-s (at most --settle-max-s: an operator that
+        # writes on every poll never gets there, which is what its window then shows).
+        t1, last_writes, quiet_since = time.monotonic(), None, time.monotonic()
+        while time.monotonic() - t1 < a.settle_max_s:
+            now_writes = sum(n for k, n in counts(count_file).items() if RW.get(k.split()[0]) == "write")
+            if now_writes != last_writes:
+                last_writes, quiet_since = now_writes, time.monotonic()
+            elif time.monotonic() - quiet_since >= a.quiet_s:
+                break
+            time.sleep(1)
+        out["settle"] = {"s": round(time.monotonic() - t1, 1),
+                         "quiet": time.monotonic() - quiet_since >= a.quiet_s,
+                         "rule": f"no write for {a.quiet_s} s, at most {a.settle_max_s} s"}
 
         log.info("%s: steady window %ss", label, a.steady_s)
         c0, cpu1, s0 = counts(count_file), sum(proc.cpu_times()[:2]), time.monotonic()
@@ -261,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resources", type=int, default=1000)
     ap.add_argument("--baseline", type=Path, help="another checkout whose operator runs first (e.g. /work/main)")
     ap.add_argument("--steady-s", type=float, default=75, help="at least two polls (30 s each)")
-    ap.add_argument("--settle-s", type=float, default=10)
+    ap.add_argument("--quiet-s", type=float, default=15)
+    ap.add_argument("--settle-max-s", type=float, default=150)
     ap.add_argument("--changes", type=int, default=10)
     ap.add_argument("--change-timeout-s", type=float, default=240)
     ap.add_argument("--converge-timeout-s", type=float, default=420)

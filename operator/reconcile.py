@@ -132,9 +132,8 @@ def snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
 def slim(body: Mapping[str, Any]) -> dict[str, Any]:
     """A snapshot for the cache, without managedFields (half of a StatefulSet's bytes, never
     read: with thousands of children held in memory that is most of the operator's RSS)."""
-    out = snapshot(body)
-    (out.get("metadata") or {}).pop("managedFields", None)
-    return out
+    meta = {k: v for k, v in (body.get("metadata") or {}).items() if k != "managedFields"}
+    return copy.deepcopy({**{k: v for k, v in body.items() if k != "metadata"}, "metadata": meta})
 
 
 def digest(obj: Mapping[str, Any]) -> str:
@@ -1077,7 +1076,7 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, cfg: Opera
 
     @kopf.index(**on_resource, id="consumers")
     def consumers(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict[Key, dict[str, Any]]:
-        return {(namespace, name): snapshot(body)}
+        return {(namespace, name): slim(body)}
 
     for group, version, plural in CHILDREN:  # Cache.INDEXES names them by plural
         @kopf.index(group=group, version=version, plural=plural, registry=registry, id=f"cache-{plural}",
