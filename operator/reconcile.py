@@ -14,8 +14,9 @@ Reconciles of one AdaptiveConsumer never overlap; different ones run concurrentl
 
 Reads come from kopf's watch streams (`Cache`: indexes of the children and pods), writes only
 when something changed (`Reconciler._apply`): a poll of a converged AdaptiveConsumer sends the
-apiserver nothing. With 1,000 resources the old read-everything-then-apply poll cost 8 requests
-per resource every 30 s (bench/operator.py measures both).
+apiserver nothing. The poll used to read and apply all four children and list the pods every
+time (about 10 requests per resource every 30 s: with 1,000 resources more than the operator
+could send; bench/operator.py measures both, docs/operator.md "Scale").
 """
 from __future__ import annotations
 
