@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import pytest
 
 from afc.operator.kube import Kube
 from afc.operator.testing import OperatorProcess, delete_consumers
-from afctest import Testbed
+from afctest import Testbed, free_port
 from operator_bed import FAST, admin, children, consumer, event_reasons, get, kubectl_apply, ready
 
 pytestmark = [pytest.mark.k8s, pytest.mark.kafka]
@@ -38,9 +39,9 @@ def peering(testbed: Testbed, crd_installed: None) -> None:
                         "crd/clusterkopfpeerings.kopf.dev", "--timeout=60s")
 
 
-def replica(testbed: Testbed, namespace: str, tmp_path: Path, name: str) -> OperatorProcess:
+def replica(testbed: Testbed, namespace: str, tmp_path: Path, name: str, *args: str) -> OperatorProcess:
     """One replica as the Deployment runs it (--peering), under its own field manager."""
-    return OperatorProcess(["--namespace", namespace, "--peering", "afc-operator", "--verbose"], testbed.kubeconfig,
+    return OperatorProcess(["--namespace", namespace, "--peering", "afc-operator", "--verbose", *args], testbed.kubeconfig,
                            tmp_path / f"operator-{name}.log",
                            env={**FAST, "AFC_OPERATOR_FIELD_MANAGER": f"afc-operator-{name}", "POD_ID": f"replica-{name}",
                                 "AFC_OPERATOR_PEERING_LIFETIME_S": str(LIFETIME_S)})
@@ -118,7 +119,8 @@ def test_a_stopped_replica_hands_over_at_once_and_a_restarted_one_waits(
     its way out, so the other works well before the lifetime; the replica started again has the
     lower priority (a later start) and waits: no second hand-over."""
     a = replica(testbed, namespace, tmp_path, "a").start()
-    b = replica(testbed, namespace, tmp_path, "b")
+    port = free_port()
+    b = replica(testbed, namespace, tmp_path, "b", "--liveness", f"http://127.0.0.1:{port}/healthz")
     a2 = None
     try:
         a.wait_until(lambda: working(a), 30, "replica a to work")
@@ -126,6 +128,8 @@ def test_a_stopped_replica_hands_over_at_once_and_a_restarted_one_waits(
         b.wait_until(lambda: len(get_peering(api, namespace)) == 2, 20, "both in the peering")
         time.sleep(1)
         assert not working(b)
+        # the waiting replica answers the Deployment's probes (else the kubelet would restart it forever)
+        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5).status == 200
         stopped = time.monotonic()
         assert a.stop() == 0
         b.wait_until(lambda: working(b), LIFETIME_S, "b to work after a stopped")
