@@ -66,10 +66,11 @@ ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
 # A resource quantity, as Kubernetes parses it but without a sign: a negative request or
 # limit passes a generic quantity check and fails only when the StatefulSet is applied.
 QUANTITY = r"^\+?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
-# A label, annotation, node-selector or resource key: an optional DNS-subdomain prefix and a
-# name of at most 63 characters (the prefix's own bound, 253, is left to the apiserver).
+# A label, annotation, node-selector or resource key: an optional DNS-subdomain prefix of at
+# most 253 characters (the second pattern) and a name of at most 63.
 QUALIFIED_NAME = (r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
                   r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+QUALIFIED_PREFIX_BOUND = r"^([^/]{1,253}/)?[^/]+$"
 MAX_QUALIFIED_NAME = 317
 LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$"
 IMAGE = r"^\S+$"
@@ -156,9 +157,9 @@ def qualified_keys(field: str, what: str) -> Rule:
     of label, annotation, node-selector and resource keys."""
     return Rule(f"pod-{field}-keys",
                 f"!has(self.{field}) || self.{field}.all(k, size(k) <= {MAX_QUALIFIED_NAME}"
-                f" && k.matches(r'{QUALIFIED_NAME}'))",
+                f" && k.matches(r'{QUALIFIED_NAME}') && k.matches(r'{QUALIFIED_PREFIX_BOUND}'))",
                 lambda o: all(len(k) <= MAX_QUALIFIED_NAME and re.match(QUALIFIED_NAME, k)
-                              for k in getattr(o, to_snake(field))),
+                              and re.match(QUALIFIED_PREFIX_BOUND, k) for k in getattr(o, to_snake(field))),
                 f"{what} keys must be qualified names: an optional DNS subdomain prefix and '/', then at most 63 "
                 "letters, digits, '-', '_' or '.', beginning and ending with a letter or digit", f".{field}")
 

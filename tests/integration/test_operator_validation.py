@@ -120,6 +120,8 @@ INVALID: dict[str, tuple[dict[str, Any], list[str]]] = {
         ['unknown field "spec.podTemplate.env[0].valueFrom.vaultRef"']),
     "invalid label key": (with_spec(BASE, spec__podTemplate={"labels": {"team name": "a"}}),
                           ["spec.podTemplate.labels", "qualified names"]),
+    "label key prefix too long": (with_spec(BASE, spec__podTemplate={"labels": {"a" * 254 + "/x": "a"}}),
+                                  ["spec.podTemplate.labels", "qualified names"]),
     "invalid label value": (with_spec(BASE, spec__podTemplate={"labels": {"team": "a b"}}),
                             ["spec.podTemplate.labels.team", "should match"]),
     "label value too long": (with_spec(BASE, spec__podTemplate={"labels": {"team": "a" * 64}}),
