@@ -230,7 +230,9 @@ class KafkaSpec(Checked, KafkaSettings):
                               "kafka.groupId", "a rolling update would run the old and the new group side by side, "
                               "each consuming every partition; create a new AdaptiveConsumer for the new group"))
     extra: dict[str, str] = Field(default_factory=dict, max_length=64,
-                                  description="Further librdkafka properties, passed through as given.")
+                                  description="Further librdkafka properties: only tuning of the connection, the "
+                                              "fetch and diagnostics (the allow-list in docs/operator.md); what afc "
+                                              "sets itself and secrets are refused.")
     sasl_password_secret_ref: SecretKeyRef | None = Field(
         None, description="Secret key holding the SASL password (env AFC_KAFKA__SASL_PASSWORD in the pod).")
     tls_ca_secret_ref: SecretKeyRef | None = Field(
