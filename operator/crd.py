@@ -24,7 +24,8 @@ from decimal import Decimal
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, WithJsonSchema,
+                      model_validator)
 from pydantic.alias_generators import to_camel, to_snake
 
 from afc.runtime.config import (
@@ -152,10 +153,10 @@ Quantity = Annotated[int | str, AfterValidator(_non_negative_quantity),
 LabelValue = Annotated[str, StringConstraints(pattern=LABEL_VALUE, max_length=63)]
 
 
-def qualified_keys(field: str, what: str) -> Rule:
+def qualified_keys(field: str, what: str, name: str | None = None) -> Rule:
     """Every key of the map `field` is a qualified name (`prefix/name`), as Kubernetes requires
     of label, annotation, node-selector and resource keys."""
-    return Rule(f"pod-{field}-keys",
+    return Rule(name or f"pod-{field}-keys",
                 f"!has(self.{field}) || self.{field}.all(k, size(k) <= {MAX_QUALIFIED_NAME}"
                 f" && k.matches(r'{QUALIFIED_NAME}') && k.matches(r'{QUALIFIED_PREFIX_BOUND}'))",
                 lambda o: all(len(k) <= MAX_QUALIFIED_NAME and re.match(QUALIFIED_NAME, k)
@@ -482,6 +483,134 @@ class RolloutSpec(CrdModel):
                                       "Unset: every pod rolls at once, one after another.")
 
 
+# --------------------------------------------------------------------------- affinity, typed
+# A pod template's affinity as core/v1 has it, with the rules pod validation applies: the
+# StatefulSet does not validate its pod template, so an invalid affinity used to pass the CRD
+# and the StatefulSet, and fail only when the StatefulSet controller created the pods.
+
+QualifiedName = Annotated[str, StringConstraints(min_length=1, max_length=MAX_QUALIFIED_NAME, pattern=QUALIFIED_NAME)]
+AFFINITY_ITEMS = 8
+
+
+def _values_rule(name: str, operators: str) -> Rule:
+    """values: some for In/NotIn, none for Exists/DoesNotExist, one integer for Gt/Lt."""
+    return Rule(name,
+                "self.operator in ['In', 'NotIn'] ? (has(self.values) && size(self.values) > 0)"
+                " : self.operator in ['Exists', 'DoesNotExist'] ? (!has(self.values) || size(self.values) == 0)"
+                " : (has(self.values) && size(self.values) == 1 && self.values[0].matches('^-?[0-9]+$'))",
+                lambda r: (bool(r.values) if r.operator in ("In", "NotIn") else not r.values
+                           if r.operator in ("Exists", "DoesNotExist")
+                           else len(r.values) == 1 and re.match(r"^-?[0-9]+$", r.values[0]) is not None),
+                f"values: at least one for In and NotIn, none for Exists and DoesNotExist{operators}", ".values")
+
+
+class NodeSelectorRequirement(CrdModel):
+    crd_rules = (_values_rule("affinity-node-values", ", exactly one integer for Gt and Lt"),)
+    key: QualifiedName
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist", "Gt", "Lt"]
+    values: list[Annotated[str, StringConstraints(max_length=253)]] = Field(default_factory=list,
+                                                                            max_length=AFFINITY_ITEMS)
+
+
+class NodeSelectorTerm(CrdModel):
+    crd_rules = (
+        Rule("affinity-node-fields",
+             "!has(self.matchFields) || self.matchFields.all(f, f.key == 'metadata.name'"
+             " && f.operator in ['In', 'NotIn'] && has(f.values) && size(f.values) == 1)",
+             lambda t: all(f.key == "metadata.name" and f.operator in ("In", "NotIn") and len(f.values) == 1
+                           for f in t.match_fields),
+             "matchFields: only metadata.name, with In or NotIn and exactly one value", ".matchFields"),
+    )
+    match_expressions: list[NodeSelectorRequirement] = Field(default_factory=list, max_length=AFFINITY_ITEMS)
+    match_fields: list[NodeSelectorRequirement] = Field(default_factory=list, max_length=AFFINITY_ITEMS)
+
+
+class NodeSelector(CrdModel):
+    node_selector_terms: list[NodeSelectorTerm] = Field(min_length=1, max_length=AFFINITY_ITEMS)
+
+
+class PreferredSchedulingTerm(CrdModel):
+    weight: int = Field(ge=1, le=100)
+    preference: NodeSelectorTerm
+
+
+class NodeAffinity(CrdModel):
+    required_during_scheduling_ignored_during_execution: NodeSelector | None = None
+    preferred_during_scheduling_ignored_during_execution: list[PreferredSchedulingTerm] = Field(
+        default_factory=list, max_length=AFFINITY_ITEMS)
+
+
+class LabelSelectorRequirement(CrdModel):
+    crd_rules = (_values_rule("affinity-label-values", ""),)
+    key: QualifiedName
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
+    values: list[LabelValue] = Field(default_factory=list, max_length=AFFINITY_ITEMS)
+
+
+class LabelSelector(CrdModel):
+    crd_rules = (qualified_keys("matchLabels", "matchLabels", "affinity-match-labels-keys"),)
+    match_labels: dict[str, LabelValue] = Field(default_factory=dict, max_length=AFFINITY_ITEMS)
+    match_expressions: list[LabelSelectorRequirement] = Field(default_factory=list, max_length=AFFINITY_ITEMS)
+
+
+class PodAffinityTerm(CrdModel):
+    label_selector: LabelSelector | None = None
+    namespace_selector: LabelSelector | None = None
+    namespaces: list[Annotated[str, StringConstraints(max_length=63, pattern=DNS_LABEL)]] = Field(
+        default_factory=list, max_length=AFFINITY_ITEMS)
+    topology_key: QualifiedName
+    match_label_keys: list[QualifiedName] = Field(default_factory=list, max_length=AFFINITY_ITEMS)
+    mismatch_label_keys: list[QualifiedName] = Field(default_factory=list, max_length=AFFINITY_ITEMS)
+
+
+class WeightedPodAffinityTerm(CrdModel):
+    weight: int = Field(ge=1, le=100)
+    pod_affinity_term: PodAffinityTerm
+
+
+class PodAffinity(CrdModel):
+    required_during_scheduling_ignored_during_execution: list[PodAffinityTerm] = Field(
+        default_factory=list, max_length=AFFINITY_ITEMS)
+    preferred_during_scheduling_ignored_during_execution: list[WeightedPodAffinityTerm] = Field(
+        default_factory=list, max_length=AFFINITY_ITEMS)
+
+
+class Affinity(CrdModel):
+    """As in a pod spec (core/v1 Affinity)."""
+    node_affinity: NodeAffinity | None = None
+    pod_affinity: PodAffinity | None = None
+    pod_anti_affinity: PodAffinity | None = None
+
+
+def _affinity(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Checked against `Affinity`, kept as given (the pod spec takes it as it is)."""
+    if value is not None:
+        try:
+            Affinity.model_validate(value)
+        except ValidationError as e:
+            raise ValueError("; ".join(".".join(str(p) for p in err["loc"]) + ": "
+                                       + str(err["msg"]).removeprefix("Value error, ") for err in e.errors())) from e
+    return value
+
+
+def _inlined(schema: Any, defs: dict[str, Any]) -> Any:
+    """References replaced by their definitions (a schema handed to pydantic whole may not
+    refer to definitions of its own)."""
+    if isinstance(schema, dict):
+        if "$ref" in schema:
+            return _inlined({**defs[schema["$ref"].split("/")[-1]],
+                             **{k: v for k, v in schema.items() if k != "$ref"}}, defs)
+        return {k: _inlined(v, defs) for k, v in schema.items() if k != "$defs"}
+    if isinstance(schema, list):
+        return [_inlined(v, defs) for v in schema]
+    return schema
+
+
+_affinity_json = Affinity.model_json_schema(by_alias=True, mode="validation")
+AFFINITY_SCHEMA = {**_inlined(_affinity_json, _affinity_json.get("$defs", {})),
+                   "description": "As in a pod spec (nodeAffinity, podAffinity, podAntiAffinity)."}
+
+
 class PodTemplateOverrides(CrdModel):
     """What may be changed in the consumer pods; everything else is the operator's."""
     crd_rules = (
@@ -504,7 +633,7 @@ class PodTemplateOverrides(CrdModel):
                                                  "x-kubernetes-list-map-keys": ["name"]})
     node_selector: dict[str, LabelValue] = Field(default_factory=dict, max_length=32)
     tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
-    affinity: dict[str, Any] | None = Field(None, description="As in a pod spec.")
+    affinity: Annotated[dict[str, Any] | None, AfterValidator(_affinity), WithJsonSchema(AFFINITY_SCHEMA)] = None
     service_account_name: str | None = Field(None, max_length=253, pattern=DNS_SUBDOMAIN)
     priority_class_name: str | None = Field(None, max_length=253, pattern=DNS_SUBDOMAIN)
     image_pull_secrets: list[LocalObjectReference] = Field(default_factory=list, max_length=16)

@@ -147,6 +147,28 @@ INVALID: dict[str, tuple[dict[str, Any], list[str]]] = {
         with_spec(BASE, spec__podTemplate={"tolerations": [{"key": "k", "operator": "Exists",
                                                             "effect": "NoSchedule", "tolerationSeconds": 5}]}),
         ["spec.podTemplate.tolerations[0].tolerationSeconds", "needs effect NoExecute"]),
+    "affinity without node selector terms": (
+        with_spec(BASE, spec__podTemplate={"affinity": {"nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": []}}}}),
+        ["nodeSelectorTerms", "should have at least 1 items"]),
+    "affinity unknown operator": (
+        with_spec(BASE, spec__podTemplate={"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": [{"matchExpressions": [{"key": "zone", "operator": "Bogus"}]}]}}}}),
+        ["matchExpressions[0].operator", "Unsupported value"]),
+    "affinity In without values": (
+        with_spec(BASE, spec__podTemplate={"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": [{"matchExpressions": [{"key": "zone", "operator": "In"}]}]}}}}),
+        ["matchExpressions[0].values", "at least one for In and NotIn"]),
+    "anti-affinity without topology key": (
+        with_spec(BASE, spec__podTemplate={"affinity": {"podAntiAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": [{"labelSelector": {"matchLabels": {"a": "b"}}}]}}}),
+        ["topologyKey", "Required value"]),
+    "affinity weight out of range": (
+        with_spec(BASE, spec__podTemplate={"affinity": {"podAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+            {"weight": 0, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname"}}]}}}),
+        ["weight", "greater than or equal to 1"]),
+    "affinity unknown field": (with_spec(BASE, spec__podTemplate={"affinity": {"nodeAfinity": {}}}),
+                               ['unknown field "spec.podTemplate.affinity.nodeAfinity"']),
     "image with a space": (with_spec(BASE, spec__image="ghcr.io/afc/runtime :1"), ["spec.image", "should match"]),
     "password in spec": (with_spec(BASE, spec__kafka__saslPassword="hunter2"),
                          ['unknown field "spec.kafka.saslPassword"']),
@@ -186,6 +208,28 @@ def test_each_runtime_rule_is_refused_by_pydantic_and_by_the_apiserver(name: str
     assert f"spec.{field}" in r.stderr and rule.message in r.stderr, r.stderr
 
 
+# every part of a pod's affinity, as a platform team writes it
+AFFINITY = {
+    "nodeAffinity": {
+        "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+            {"matchExpressions": [{"key": "kubernetes.io/arch", "operator": "In", "values": ["amd64", "arm64"]},
+                                  {"key": "example.com/cores", "operator": "Gt", "values": ["4"]},
+                                  {"key": "spot", "operator": "DoesNotExist"}]},
+            {"matchFields": [{"key": "metadata.name", "operator": "NotIn", "values": ["node-7"]}]}]},
+        "preferredDuringSchedulingIgnoredDuringExecution": [
+            {"weight": 50, "preference": {"matchExpressions": [{"key": "topology.kubernetes.io/zone",
+                                                                "operator": "In", "values": ["eu-1a"]}]}}]},
+    "podAntiAffinity": {
+        "preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 100, "podAffinityTerm": {
+            "labelSelector": {"matchLabels": {"app.kubernetes.io/instance": "orders"}},
+            "topologyKey": "kubernetes.io/hostname"}}],
+        "requiredDuringSchedulingIgnoredDuringExecution": [{
+            "labelSelector": {"matchExpressions": [{"key": "app", "operator": "Exists"}]},
+            "namespaceSelector": {}, "namespaces": ["other"], "topologyKey": "topology.kubernetes.io/zone"}]},
+    "podAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+        {"labelSelector": {"matchLabels": {"app": "cache"}}, "topologyKey": "kubernetes.io/hostname"}]},
+}
+
 # edge cases the rules must not refuse
 VALID_EDGES: dict[str, dict[str, Any]] = {
     "session equal to max poll": with_spec(BASE, spec__membership={"sessionTimeoutMs": 300000,
@@ -205,7 +249,8 @@ VALID_EDGES: dict[str, dict[str, Any]] = {
                 {"name": "NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
                 {"name": "PLAIN", "value": ""}],
         "tolerations": [{"operator": "Exists"}, {"key": "k", "operator": "Exists", "effect": "NoExecute",
-                                                 "tolerationSeconds": 30}]}),
+                                                 "tolerationSeconds": 30}],
+        "affinity": AFFINITY}),
     "replicas outside bounds (clamped by the operator)": with_spec(BASE, spec__replicas=9),
 }
 

@@ -169,7 +169,26 @@ INVALID = {
     "toleration Exists with value": (minimal_spec(podTemplate__tolerations=[{"key": "k", "operator": "Exists",
                                                                               "value": "v"}]), "must be empty"),
     "image with whitespace": (minimal_spec(image="a b"), "spec.image"),
+    "affinity without node selector terms": (minimal_spec(podTemplate__affinity={"nodeAffinity": {
+        "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": []}}}),
+        "spec.podTemplate.affinity: nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms"),
+    "affinity Gt with a word": (minimal_spec(podTemplate__affinity={"nodeAffinity": {
+        "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchExpressions": [
+            {"key": "cores", "operator": "Gt", "values": ["many"]}]}]}}}), "exactly one integer for Gt"),
+    "affinity matchFields on a label": (minimal_spec(podTemplate__affinity={"nodeAffinity": {
+        "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchFields": [
+            {"key": "zone", "operator": "In", "values": ["a"]}]}]}}}), "only metadata.name"),
+    "anti-affinity without topology key": (minimal_spec(podTemplate__affinity={"podAntiAffinity": {
+        "requiredDuringSchedulingIgnoredDuringExecution": [{"labelSelector": {}}]}}), "topologyKey"),
 }
+
+
+def test_a_valid_affinity_is_rendered_as_given() -> None:
+    """Typed for validation only: the pod spec gets the user's affinity unchanged."""
+    affinity = {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 100,
+                "podAffinityTerm": {"labelSelector": {"matchLabels": {"app": "x"}}, "topologyKey": "kubernetes.io/hostname"}}]}}
+    spec = render.parse_spec(minimal_spec(podTemplate__affinity=affinity))
+    assert spec.pod_template.affinity == affinity
 
 
 def test_quantities_compare_as_kubernetes_does() -> None:
