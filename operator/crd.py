@@ -76,6 +76,10 @@ MAX_QUALIFIED_NAME = 317
 LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$"
 IMAGE = r"^\S+$"
 COMPARED_RESOURCES = ("cpu", "memory", "ephemeral-storage")
+# What an env var's fieldRef and resourceFieldRef may name (pod validation's lists).
+ENV_FIELD_PATH = (r"^(metadata\.(name|namespace|uid)|metadata\.(labels|annotations)\['[^']+'\]"
+                  r"|spec\.(nodeName|serviceAccountName)|status\.(hostIP|hostIPs|podIP|podIPs))$")
+ENV_RESOURCE = r"^(limits|requests)\.(cpu|memory|ephemeral-storage|hugepages-[0-9A-Za-z]+)$"
 
 # Environment variables the operator sets itself; podTemplate.env may not override them.
 RESERVED_ENV_PREFIX = "AFC_"
@@ -362,13 +366,16 @@ class KeySelector(CrdModel):
 
 
 class ObjectFieldSelector(CrdModel):
-    field_path: str = Field(min_length=1, max_length=512, description="metadata.name, metadata.labels['k'], "
-                            "status.podIP, ... (the apiserver checks which).")
-    api_version: str | None = Field(None, max_length=64)
+    field_path: str = Field(min_length=1, max_length=512, pattern=ENV_FIELD_PATH,
+                            description="What the downward API offers an env var: metadata.name, metadata.namespace, "
+                            "metadata.uid, metadata.labels['k'], metadata.annotations['k'], spec.nodeName, "
+                            "spec.serviceAccountName, status.hostIP(s), status.podIP(s).")
+    api_version: Literal["v1"] | None = None
 
 
 class ResourceFieldSelector(CrdModel):
-    resource: str = Field(min_length=1, max_length=64, description="limits.cpu, requests.memory, ...")
+    resource: str = Field(min_length=1, max_length=64, pattern=ENV_RESOURCE,
+                          description="limits.cpu, requests.memory, limits.ephemeral-storage, ...")
     container_name: str | None = Field(None, max_length=63)
     divisor: Quantity | None = None
 

@@ -118,6 +118,12 @@ INVALID: dict[str, tuple[dict[str, Any], list[str]]] = {
     "env valueFrom unknown source": (
         with_spec(BASE, spec__podTemplate={"env": [{"name": "TOKEN", "valueFrom": {"vaultRef": {"path": "x"}}}]}),
         ['unknown field "spec.podTemplate.env[0].valueFrom.vaultRef"']),
+    "env fieldRef the downward API lacks": (
+        with_spec(BASE, spec__podTemplate={"env": [{"name": "X", "valueFrom": {"fieldRef": {"fieldPath": "spec.bogus"}}}]}),
+        ["spec.podTemplate.env[0].valueFrom.fieldRef.fieldPath", "should match"]),
+    "env resourceFieldRef unknown": (
+        with_spec(BASE, spec__podTemplate={"env": [{"name": "X", "valueFrom": {"resourceFieldRef": {"resource": "cpu"}}}]}),
+        ["spec.podTemplate.env[0].valueFrom.resourceFieldRef.resource", "should match"]),
     "invalid label key": (with_spec(BASE, spec__podTemplate={"labels": {"team name": "a"}}),
                           ["spec.podTemplate.labels", "qualified names"]),
     "label key prefix too long": (with_spec(BASE, spec__podTemplate={"labels": {"a" * 254 + "/x": "a"}}),
@@ -247,6 +253,10 @@ VALID_EDGES: dict[str, dict[str, Any]] = {
         "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"cpu": 1, "memory": "256Mi"}},
         "env": [{"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}},
                 {"name": "NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+                {"name": "TEAM", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['team']", "apiVersion": "v1"}}},
+                {"name": "MEM", "valueFrom": {"resourceFieldRef": {"resource": "limits.memory", "divisor": "1Mi"}}},
+                {"name": "COLOR", "valueFrom": {"configMapKeyRef": {"name": "settings", "key": "color",
+                                                                    "optional": True}}},
                 {"name": "PLAIN", "value": ""}],
         "tolerations": [{"operator": "Exists"}, {"key": "k", "operator": "Exists", "effect": "NoExecute",
                                                  "tolerationSeconds": 30}],
