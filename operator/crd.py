@@ -30,11 +30,6 @@ from pydantic.alias_generators import to_camel, to_snake
 
 from afc.runtime.config import (
     TOPIC_NAME,
-    cel_list,
-    Rule,
-    RuntimeSettings,
-    check_rules,
-    rule_error,
     BackpressureSettings,
     FlowSettings,
     HandlerSettings,
@@ -43,8 +38,13 @@ from afc.runtime.config import (
     MembershipSettings,
     OffsetSettings,
     RoutingSettings,
+    Rule,
+    RuntimeSettings,
     ServerSettings,
     ShutdownSettings,
+    cel_list,
+    check_rules,
+    rule_error,
 )
 
 GROUP = "afc.dev"
@@ -65,7 +65,8 @@ DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?
 SECRET_KEY = r"^[-._a-zA-Z0-9]+$"
 ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
 # A resource quantity, as Kubernetes parses it but without a sign: a negative request or
-# limit passes a generic quantity check and fails only when the StatefulSet is applied.
+# limit passes a generic quantity check and the StatefulSet (which does not validate its pod
+# template), and fails only when the StatefulSet controller creates the pods.
 QUANTITY = r"^\+?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 # A label, annotation, node-selector or resource key: an optional DNS-subdomain prefix of at
 # most 253 characters (the second pattern) and a name of at most 63.
@@ -146,6 +147,8 @@ def section(cls: type[BaseModel], description: str) -> Any:
 
 
 TopicName = Annotated[str, StringConstraints(pattern=TOPIC_NAME, max_length=249)]
+
+
 def _non_negative_quantity(v: int | str) -> int | str:
     if (isinstance(v, int) and v < 0) or (isinstance(v, str) and not re.match(QUANTITY, v)):
         raise ValueError(f"{v!r} is not a non-negative quantity (100m, 0.5, 128Mi, 1G, ...)")
