@@ -424,7 +424,8 @@ class Toleration(CrdModel):
              lambda t: t.toleration_seconds is None or t.effect == "NoExecute",
              "tolerationSeconds needs effect NoExecute", ".tolerationSeconds"),
     )
-    key: str | None = Field(None, max_length=MAX_QUALIFIED_NAME, pattern=QUALIFIED_NAME)
+    key: str | None = Field(None, max_length=MAX_QUALIFIED_NAME, pattern="^$|" + QUALIFIED_NAME,
+                            description="Empty (or unset) with operator Exists: every taint.")
     operator: Literal["Exists", "Equal"] | None = None
     value: LabelValue | None = None
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None

@@ -146,6 +146,9 @@ INVALID: dict[str, tuple[dict[str, Any], list[str]]] = {
     "toleration Exists with a value": (
         with_spec(BASE, spec__podTemplate={"tolerations": [{"key": "k", "operator": "Exists", "value": "v"}]}),
         ["spec.podTemplate.tolerations[0].value", "must be empty when operator is Exists"]),
+    "toleration key not a qualified name": (
+        with_spec(BASE, spec__podTemplate={"tolerations": [{"key": "a b", "operator": "Exists"}]}),
+        ["spec.podTemplate.tolerations[0].key", "should match"]),
     "toleration without key": (with_spec(BASE, spec__podTemplate={"tolerations": [{"operator": "Equal",
                                                                                    "value": "v"}]}),
                                ["spec.podTemplate.tolerations[0].key", "key is required"]),
@@ -258,7 +261,8 @@ VALID_EDGES: dict[str, dict[str, Any]] = {
                 {"name": "COLOR", "valueFrom": {"configMapKeyRef": {"name": "settings", "key": "color",
                                                                     "optional": True}}},
                 {"name": "PLAIN", "value": ""}],
-        "tolerations": [{"operator": "Exists"}, {"key": "k", "operator": "Exists", "effect": "NoExecute",
+        "tolerations": [{"operator": "Exists"}, {"key": "", "operator": "Exists"},
+                        {"key": "k", "operator": "Exists", "effect": "NoExecute",
                                                  "tolerationSeconds": 30}],
         "affinity": AFFINITY}),
     "replicas outside bounds (clamped by the operator)": with_spec(BASE, spec__replicas=9),
