@@ -165,3 +165,12 @@ def test_session_below_the_brokers_minimum_is_refused() -> None:
         rc.load_settings(membership={"sessionTimeoutMs": 1_000})
     with pytest.raises(render.InvalidSpec, match="spec.membership.sessionTimeoutMs"):
         render.parse_spec(merged(VALID_SPEC, {"membership": {"sessionTimeoutMs": 1_000}}))
+
+
+def test_rule_names_are_unique_across_the_runtime_and_the_api() -> None:
+    """A name identifies one rule; the API's own (`crd_rules`) share the namespace."""
+    api = [r.name for cls in vars(crd).values() if isinstance(cls, type) and "crd_rules" in vars(cls)
+           for r in vars(cls)["crd_rules"] if r not in rc.RuntimeSettings.rules]
+    names = api + list(runtime_rules())
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
+    assert len(api) >= 20
