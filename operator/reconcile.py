@@ -27,7 +27,7 @@ import kopf
 from afc.operator import canary as ca, render, rollout as ro, scaling as sc, status as st
 from afc.operator.crd import API_VERSION, GROUP, KIND, PLURAL, VERSION, AdaptiveConsumerSpec
 from afc.operator.kafka import KafkaProbe, Snapshot, lag_summary
-from afc.operator.kube import Kube, KubeError, path_for
+from afc.operator.kube import RESOURCES, Kube, KubeError, path_for
 from afc.operator.metrics import OperatorMetrics
 from afc.operator.settings import OperatorSettings
 from afc.operator.status import Problem
@@ -104,6 +104,7 @@ class Tracked:
     collected: tuple[Any, ...] | None = None  # what the last complete config collection looked at
     canary_key: tuple[Any, ...] | None = None  # the canary (template, readyAt) the samples belong to
     canary_samples: list[ca.Sample] = field(default_factory=list)  # members' counters during its hold
+    refused: tuple[int, Problem] | None = None  # (generation, InvalidSpec): the apiserver refused what it renders
 
     def newest(self, body: Mapping[str, Any]) -> Mapping[str, Any]:
         """`body`, or the newer spec this operator has seen (a handler may run with the body of
@@ -212,6 +213,14 @@ def clean(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {k: clean(v) for k, v in value.items() if v is not None}
     return value
+
+
+def refused(owner: render.Owner, e: KubeError) -> Problem:
+    """A child the apiserver refused (422) as InvalidSpec: it was rendered from this spec, so
+    only a spec change can fix it; not retried until then (a new generation)."""
+    kind = next((k for k, (_, plural) in RESOURCES.items() if f"/{plural}/" in f"{e.path}/"), "object")
+    return Problem(st.INVALID_SPEC, f"the apiserver refused the {kind} rendered from generation {owner.generation} "
+                                    f"of the spec (check spec.podTemplate): {e.message}", retry=False)
 
 
 def post_event(body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
@@ -340,6 +349,10 @@ class Reconciler:
         done = Converged(body=body)
         try:
             done.spec = spec = render.parse_spec(body.get("spec") or {})
+            if tr.refused is not None and tr.refused[0] == owner.generation:
+                # The apiserver refused an object this generation renders: it would again. Wait for
+                # a spec change (a new generation) instead of re-applying on every poll.
+                raise ProblemError(tr.refused[1])
             done.secrets = secrets = await self._read_secrets(owner.namespace, spec)  # before any pod needs them
             tr.spec, tr.secrets = spec, secrets
             snap = await self.kafka.observe(spec, secrets)
@@ -375,7 +388,13 @@ class Reconciler:
         except ProblemError as e:
             done.problem = e.problem
         except KubeError as e:
-            done.problem = Problem(st.FORBIDDEN if e.forbidden else st.API_ERROR, str(e))
+            if e.status == 422:  # Invalid: what the CRD let through and the child's own validation did not
+                done.problem = refused(owner, e)
+                tr.refused = (owner.generation, done.problem)
+                logger.warning("refused by the apiserver", extra={"object": f"{owner.namespace}/{owner.name}",
+                                                                  "generation": owner.generation, "error": str(e)})
+            else:
+                done.problem = Problem(st.FORBIDDEN if e.forbidden else st.API_ERROR, str(e))
         except Exception as e:  # noqa: BLE001 - a bug must show in the status, not stop the operator
             logger.exception("reconcile failed", extra={"object": f"{owner.namespace}/{owner.name}"})
             done.problem = Problem(INTERNAL_ERROR, f"{type(e).__name__}: {e}")
