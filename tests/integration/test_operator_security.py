@@ -1,0 +1,374 @@
+"""Privilege and trust (docs/security.md), on the test bed's real apiserver, with the operator run
+on the install manifests' RBAC (its ServiceAccount's token, not the admin's):
+
+- whoever may create AdaptiveConsumers in a namespace cannot use one to read a Secret of another
+  namespace, neither through a Secret reference nor by making the operator hand its own token
+  (which, cluster-wide, may get every Secret) to a server of their choosing;
+- the operator watches its children and pods with a server-side label selector, so it never
+  receives other objects;
+- the consumer pods are admitted by the apiserver's PodSecurity admission enforcing `restricted`.
+"""
+from __future__ import annotations
+
+import asyncio
+import http.server
+import json
+import socket
+import ssl
+import struct
+import threading
+import uuid
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable, Iterator
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+import yaml
+
+from afc.operator.kube import Kube, path_for
+from afc.operator.testing import OperatorProcess, delete_consumers, mark_pods_ready
+from afctest import Testbed, wait_for
+from integration.test_operator_rbac import (FAST, MANIFESTS, SELECTOR, admin, apply_docs, can_i, condition,
+                                            consumer, render_install, token_kubeconfig)
+
+pytestmark = [pytest.mark.k8s, pytest.mark.kafka]
+
+OWN = "app.kubernetes.io/managed-by=afc-operator"
+
+
+# --------------------------------------------------------------------------- the attacker's servers
+
+class CaptureBroker:
+    """The server a tenant names as `bootstrapServers`: it speaks just enough of the Kafka protocol
+    (ApiVersions, SaslHandshake offering PLAIN) for a client to send its SASL PLAIN credentials,
+    and keeps every byte it receives. Not a stand-in for a broker we run: it plays whoever a
+    resource's author points the operator at."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.received = bytearray()
+        self._lock = threading.Lock()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def saw(self, value: str) -> bool:
+        with self._lock:
+            return value.encode() in self.received
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._conn, args=(conn,), daemon=True).start()
+
+    def _conn(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                while True:
+                    head = _recv(conn, 4)
+                    body = _recv(conn, struct.unpack(">i", head)[0])
+                    with self._lock:
+                        self.received += body
+                    api_key, version, correlation = struct.unpack(">hhi", body[:8])
+                    reply = self._answer(api_key, version)
+                    if reply is None:
+                        continue      # no answer: the client times out (metadata and the rest)
+                    payload = struct.pack(">i", correlation) + reply
+                    conn.sendall(struct.pack(">i", len(payload)) + payload)
+            except (OSError, ConnectionError, struct.error):
+                return
+
+    @staticmethod
+    def _answer(api_key: int, version: int) -> bytes | None:
+        if api_key == 18:  # ApiVersions: offer SaslHandshake 0-1 and SaslAuthenticate 0-1 (and Metadata)
+            apis = [(18, 0, 3), (17, 0, 1), (36, 0, 1), (3, 0, 4)]
+            if version >= 3:  # flexible: compact array, tagged fields
+                return (struct.pack(">h", 0) + bytes([len(apis) + 1])
+                        + b"".join(struct.pack(">hhh", *a) + b"\0" for a in apis) + struct.pack(">i", 0) + b"\0")
+            return struct.pack(">hi", 0, len(apis)) + b"".join(struct.pack(">hhh", *a) for a in apis)
+        if api_key == 17:  # SaslHandshake: PLAIN is what we take
+            return struct.pack(">hih", 0, 1, 5) + b"PLAIN"
+        if api_key == 36:  # SaslAuthenticate: refused (the bytes are kept already)
+            msg = b"no"
+            out = struct.pack(">hh", 58, len(msg)) + msg + struct.pack(">i", 0)
+            return out + (struct.pack(">q", 0) if version >= 1 else b"")
+        return None
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _recv(conn: socket.socket, n: int) -> bytes:
+    data = conn.recv(n, socket.MSG_WAITALL) if n else b""
+    if len(data) < n:
+        raise ConnectionError("closed")
+    return data
+
+
+class CaptureHttp:
+    """An HTTP endpoint that keeps every request (an OAuth token endpoint of the tenant's choice)."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str, bytes]] = []
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _keep(self) -> None:
+                n = int(self.headers.get("content-length") or 0)
+                owner.requests.append((self.command, self.path, self.rfile.read(n)))
+                self.send_response(400)
+                self.end_headers()
+            do_GET = do_POST = _keep
+
+            def log_message(self, *args: Any) -> None:
+                pass
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_port}/token"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class RecordingProxy:
+    """A plain-HTTP front of the real apiserver for one client: it forwards every request, keeps
+    the request line and every byte of each response (watch streams included), so a test sees
+    what the operator asks for and what it receives."""
+
+    def __init__(self, upstream: str, ca_file: str) -> None:
+        self.upstream, self.ca_file = upstream.rstrip("/"), ca_file
+        self.requests: list[tuple[str, str]] = []
+        self.bodies: dict[str, bytearray] = defaultdict(bytearray)   # path (no query) -> bytes received
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        self._ready.wait(10)
+
+    def _run(self) -> None:
+        from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
+        asyncio.set_event_loop(self._loop)
+        ctx = ssl.create_default_context(cafile=self.ca_file)
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            self.requests.append((request.method, request.path_qs))
+            body = await request.read()
+            headers = {k: v for k, v in request.headers.items()
+                       if k.lower() not in ("host", "content-length", "transfer-encoding", "connection",
+                                            "accept-encoding")}
+            async with self._session.request(request.method, self.upstream + request.path_qs, headers=headers,
+                                             data=body or None) as up:
+                resp = web.StreamResponse(status=up.status, headers={
+                    k: v for k, v in up.headers.items() if k.lower() in ("content-type", "audit-id")})
+                await resp.prepare(request)
+                async for chunk in up.content.iter_any():
+                    self.bodies[request.path] += chunk
+                    await resp.write(chunk)
+                await resp.write_eof()
+                return resp
+
+        async def start() -> None:
+            self._session = ClientSession(connector=TCPConnector(ssl=ctx), timeout=ClientTimeout(total=None))
+            app = web.Application()
+            app.router.add_route("*", "/{tail:.*}", handle)
+            self._runner = web.AppRunner(app)
+            await self._runner.setup()
+            site = web.TCPSite(self._runner, "127.0.0.1", 0)
+            await site.start()
+            self.port = site._server.sockets[0].getsockname()[1]
+            self._ready.set()
+        self._loop.run_until_complete(start())
+        self._loop.run_forever()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def received(self, text: str) -> list[str]:
+        """The paths whose responses contained `text`."""
+        return [p for p, b in list(self.bodies.items()) if text.encode() in b]
+
+    def close(self) -> None:
+        async def stop() -> None:
+            await self._runner.cleanup()
+            await self._session.close()
+        asyncio.run_coroutine_threadsafe(stop(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+
+# --------------------------------------------------------------------------- fixtures and helpers
+
+@pytest.fixture
+def new_namespace(core, names) -> Iterator[Callable[[str], str]]:
+    from kubernetes import client
+    made: list[str] = []
+
+    def make(suffix: str) -> str:
+        name = f"{names.namespace[:50]}-{suffix}"[:63].rstrip("-")
+        core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(
+            name=name, labels={"afc.dev/test": "true"})))
+        made.append(name)
+        return name
+    yield make
+    for name in made:
+        core.delete_namespace(name, propagation_policy="Background")
+
+
+def sa_token(kubeconfig: Path) -> str:
+    return yaml.safe_load(kubeconfig.read_text())["users"][0]["user"]["token"]
+
+
+def tenant(testbed: Testbed, tmp_path: Path, namespace: str) -> Path:
+    """A ServiceAccount that may manage AdaptiveConsumers in `namespace` and read what they make,
+    but no Secret anywhere: a team the platform lets create consumers."""
+    docs = [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "tenant", "namespace": namespace}},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+         "metadata": {"name": "tenant", "namespace": namespace},
+         "rules": [{"apiGroups": ["afc.dev"], "resources": ["adaptiveconsumers"],
+                    "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]},
+                   {"apiGroups": ["", "apps"], "resources": ["pods", "statefulsets", "configmaps", "events"],
+                    "verbs": ["get", "list", "watch"]}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+         "metadata": {"name": "tenant", "namespace": namespace},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "tenant"},
+         "subjects": [{"kind": "ServiceAccount", "name": "tenant", "namespace": namespace}]},
+    ]
+    apply_docs(testbed, docs)
+    (tmp_path / "tenant").mkdir()
+    return token_kubeconfig(testbed, tmp_path / "tenant", namespace, "tenant")
+
+
+def apply_as(testbed: Testbed, kubeconfig: Path, obj: dict[str, Any]):
+    """kubectl apply as the ServiceAccount of `kubeconfig` (the later --kubeconfig wins)."""
+    return testbed.run_kubectl(f"--kubeconfig={kubeconfig}", "apply", "-f", "-", input=json.dumps(obj), check=False)
+
+
+def what_it_opens(testbed: Testbed, endpoint: CaptureHttp, namespace: str) -> str:
+    """What a token that reached the tenant's endpoint lets the tenant do: read the Secret of B."""
+    tokens = [t for _, _, body in endpoint.requests for t in parse_qs(body.decode()).get("assertion", [])]
+    for token in tokens:
+        r = testbed.run_kubectl(f"--token={token}", "get", "secret", "kafka-credentials", "-n", namespace,
+                                "-o", "jsonpath={.data.password}", check=False)
+        if r.returncode == 0:
+            return f"with it the tenant read Secret {namespace}/kafka-credentials ({r.stdout[:12]}...)"
+    return f"{len(endpoint.requests)} request(s)"
+
+
+def everything_in(testbed: Testbed, namespace: str) -> str:
+    """Every object a tenant can read in its namespace that the operator writes, as text."""
+    return testbed.run_kubectl("get", "adaptiveconsumers.afc.dev,statefulsets,configmaps,services,events",
+                               "-n", namespace, "-o", "json").stdout
+
+
+# --------------------------------------------------------------------------- tests
+
+def test_a_tenant_cannot_read_a_secret_of_another_namespace_through_an_adaptiveconsumer(
+        testbed: Testbed, api: Kube, core, crd_installed: None, namespace: str, new_namespace, names,
+        tmp_path: Path) -> None:
+    """The operator runs on the cluster-wide install's ClusterRole (it may get every Secret of the
+    cluster; here it serves the tenant's namespace only, not to touch other tests'). A tenant that
+    may create AdaptiveConsumers in A, and read no Secret at all:
+    - names B's Secret in `saslPasswordSecretRef`: the reference has no namespace (a `namespace`
+      key is refused or pruned, a "B/name" is refused by the schema), the operator looks it up in A
+      only (SecretNotFound), and B's password reaches neither the tenant's broker nor anything the
+      tenant can read;
+    - asks, through `kafka.extra`, that the operator's client fetch an OAuth token by sending the
+      operator's own ServiceAccount token (the file a pod has it in) to the tenant's endpoint: the
+      operator's client takes no such property, nothing is sent (before this was fixed, the token
+      arrived, and with it every Secret of the cluster).
+    Then A gets a Secret of that name: the operator sends *that* password to the broker the
+    resource names (the trust model: a resource's author chooses where its own namespace's
+    credentials go, as its pods would), which shows the capture works, so the test can fail."""
+    ns_a, ns_b = new_namespace("a"), new_namespace("b")
+    prefix = f"{names.stem[:30]}-"
+    docs = render_install(testbed, tmp_path, MANIFESTS / "cluster-wide", namespace, prefix=prefix)
+    cluster_scoped = [d for d in docs if d["kind"].startswith("Cluster")]
+    broker, endpoint = CaptureBroker(), CaptureHttp()
+    b_password, a_password = f"b-secret-{uuid.uuid4().hex}", f"a-secret-{uuid.uuid4().hex}"
+    try:
+        apply_docs(testbed, [d for d in docs if d["kind"] != "Deployment"])
+        op_kubeconfig = token_kubeconfig(testbed, tmp_path, namespace, f"{prefix}afc-operator")
+        token_file = tmp_path / "serviceaccount" / "token"   # where a pod has it: /var/run/secrets/...
+        token_file.parent.mkdir()
+        token_file.write_text(sa_token(op_kubeconfig))
+        assert can_i(testbed, op_kubeconfig, "get", "secrets", "-n", ns_b)  # the privilege not to lend
+
+        testbed.run_kubectl("create", "secret", "generic", "kafka-credentials", "-n", ns_b,
+                            f"--from-literal=password={b_password}")
+        tenant_kubeconfig = tenant(testbed, tmp_path, ns_a)
+        for ns in (ns_a, ns_b):
+            assert not can_i(testbed, tenant_kubeconfig, "get", "secrets", "-n", ns)
+        assert can_i(testbed, tenant_kubeconfig, "create", "adaptiveconsumers.afc.dev", "-n", ns_a)
+        assert not can_i(testbed, tenant_kubeconfig, "create", "adaptiveconsumers.afc.dev", "-n", ns_b)
+
+        def spec(name: str, **kafka: Any) -> dict[str, Any]:
+            obj = consumer(testbed, names, "orders", ns_a)
+            obj["metadata"]["name"] = name
+            obj["spec"]["kafka"].update(bootstrapServers=broker.bootstrap, **kafka)
+            return obj
+        sasl = dict(securityProtocol="SASL_PLAINTEXT", saslMechanism="PLAIN", saslUsername="tenant")
+
+        # a reference can only name a Secret of the resource's own namespace
+        r = apply_as(testbed, tenant_kubeconfig, spec("orders", **sasl, saslPasswordSecretRef={
+            "name": f"{ns_b}/kafka-credentials", "key": "password"}))
+        assert r.returncode != 0 and "saslPasswordSecretRef.name" in r.stderr, r.stderr
+        r = apply_as(testbed, tenant_kubeconfig, spec("orders", **sasl, saslPasswordSecretRef={
+            "name": "kafka-credentials", "key": "password", "namespace": ns_b}))
+        if r.returncode == 0:   # accepted without the field: the apiserver prunes what the schema lacks
+            stored = json.loads(testbed.run_kubectl("get", "adaptiveconsumers.afc.dev/orders", "-n", ns_a,
+                                                    "-o", "json").stdout)
+            assert "namespace" not in stored["spec"]["kafka"]["saslPasswordSecretRef"]
+        else:
+            assert "namespace" in r.stderr, r.stderr
+
+        with OperatorProcess(["--namespace", ns_a], str(op_kubeconfig), tmp_path / "operator.log", env=FAST) as op:
+            r = apply_as(testbed, tenant_kubeconfig, spec("orders", **sasl, saslPasswordSecretRef={
+                "name": "kafka-credentials", "key": "password"}))
+            assert r.returncode == 0, r.stderr
+            degraded = op.wait_until(lambda: (c := condition(api, ns_a, "Degraded")).get("reason") == "SecretNotFound"
+                                     and c, 30, "Degraded/SecretNotFound")
+            assert f"{ns_a}/kafka-credentials" in degraded["message"] and ns_b not in degraded["message"]
+
+            # the operator's own token, asked for through kafka.extra
+            steal = spec("steal", extra={
+                "security.protocol": "SASL_PLAINTEXT", "sasl.mechanism": "OAUTHBEARER",
+                "sasl.oauthbearer.method": "oidc", "sasl.oauthbearer.token.endpoint.url": endpoint.url,
+                "sasl.oauthbearer.grant.type": "urn:ietf:params:oauth:grant-type:jwt-bearer",
+                "sasl.oauthbearer.assertion.file": str(token_file)})
+            r = apply_as(testbed, tenant_kubeconfig, steal)
+            if r.returncode == 0:   # the CRD lets it through: the operator must not act on it
+                op.wait_until(lambda: condition(api, ns_a, "Degraded", name="steal").get("reason")
+                              in ("BrokerUnreachable", "TopicNotFound"), 40, "the operator to probe 'steal'")
+            else:                   # refused by the CRD's allow-list of extra: the operator never sees it
+                assert "extra" in r.stderr, r.stderr
+            # (librdkafka fetches the token when the client is made, before it reaches any broker)
+            assert endpoint.requests == [], f"the operator sent its token: {what_it_opens(testbed, endpoint, ns_b)}"
+
+            # A's own Secret of that name: sent to the broker A's resource names; B's never
+            testbed.run_kubectl("create", "secret", "generic", "kafka-credentials", "-n", ns_a,
+                                f"--from-literal=password={a_password}")
+            op.wait_until(lambda: broker.saw(a_password), 60, "A's password at the broker A's resource names")
+            assert not broker.saw(b_password)
+            seen_by_tenant = everything_in(testbed, ns_a)
+            assert b_password not in seen_by_tenant and a_password not in seen_by_tenant  # referenced, never copied
+            assert b_password not in op.log_path.read_text()
+            assert endpoint.requests == []
+            delete_consumers(admin(testbed), ns_a)
+    finally:
+        broker.close()
+        endpoint.close()
+        for d in cluster_scoped:
+            testbed.run_kubectl("delete", d["kind"].lower(), d["metadata"]["name"], "--ignore-not-found", check=False)
