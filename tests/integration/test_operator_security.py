@@ -11,6 +11,7 @@ on the install manifests' RBAC (its ServiceAccount's token, not the admin's):
 from __future__ import annotations
 
 import asyncio
+import base64
 import http.server
 import json
 import socket
@@ -26,9 +27,9 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import yaml
 
-from afc.operator.kube import Kube, path_for
+from afc.operator.kube import Kube
 from afc.operator.testing import OperatorProcess, delete_consumers, mark_pods_ready
-from afctest import Testbed, wait_for
+from afctest import Testbed
 from integration.test_operator_rbac import (FAST, MANIFESTS, SELECTOR, admin, apply_docs, can_i, condition,
                                             consumer, render_install, token_kubeconfig)
 
@@ -184,9 +185,9 @@ class RecordingProxy:
             app.router.add_route("*", "/{tail:.*}", handle)
             self._runner = web.AppRunner(app)
             await self._runner.setup()
-            site = web.TCPSite(self._runner, "127.0.0.1", 0)
-            await site.start()
-            self.port = site._server.sockets[0].getsockname()[1]
+            self._site = web.TCPSite(self._runner, "127.0.0.1", 0)
+            await self._site.start()
+            self.port = self._site._server.sockets[0].getsockname()[1]
             self._ready.set()
         self._loop.run_until_complete(start())
         self._loop.run_forever()
@@ -200,9 +201,9 @@ class RecordingProxy:
         return [p for p, b in list(self.bodies.items()) if text.encode() in b]
 
     def close(self) -> None:
-        async def stop() -> None:
-            await self._runner.cleanup()
+        async def stop() -> None:     # abrupt: open watch streams are cut, not drained
             await self._session.close()
+            self._site._server.close()
         asyncio.run_coroutine_threadsafe(stop(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
@@ -372,3 +373,82 @@ def test_a_tenant_cannot_read_a_secret_of_another_namespace_through_an_adaptivec
         endpoint.close()
         for d in cluster_scoped:
             testbed.run_kubectl("delete", d["kind"].lower(), d["metadata"]["name"], "--ignore-not-found", check=False)
+
+
+def proxied_kubeconfig(kubeconfig: Path, proxy: RecordingProxy) -> Path:
+    """The same identity, through the recording proxy."""
+    cfg = yaml.safe_load(kubeconfig.read_text())
+    cfg["clusters"][0]["cluster"] = {"server": proxy.url}
+    path = kubeconfig.with_name("proxied-kubeconfig")
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def bystanders(core, namespace: str, suffix: str) -> None:
+    """A ConfigMap, a Service and a pod the operator has nothing to do with (no afc labels)."""
+    from kubernetes import client
+    meta = client.V1ObjectMeta(name=f"bystander-{suffix}", labels={"app": "bystander"})
+    core.create_namespaced_config_map(namespace, client.V1ConfigMap(metadata=meta, data={"a": "b"}))
+    core.create_namespaced_service(namespace, client.V1Service(metadata=meta, spec=client.V1ServiceSpec(
+        cluster_ip="None", selector={"app": "bystander"}, ports=[client.V1ServicePort(port=80)])))
+    core.create_namespaced_pod(namespace, client.V1Pod(metadata=meta, spec=client.V1PodSpec(
+        containers=[client.V1Container(name="c", image="bystander")])))
+
+
+def test_children_and_pods_are_watched_with_a_server_side_label_selector(
+        testbed: Testbed, api: Kube, core, crd_installed: None, namespace: str, names, make_topic,
+        tmp_path: Path) -> None:
+    """The operator (namespaced install's Role and token) talks to the apiserver through a proxy
+    that keeps every request and every byte it receives. Every list and watch of ConfigMaps,
+    Services, StatefulSets, PDBs and pods carries `labelSelector=app.kubernetes.io/managed-by=
+    afc-operator`, and objects without that label, created before and after the operator started
+    and modified while it runs, never reach it; its own ConfigMap, StatefulSet and pods do (the
+    recording sees watch streams, so without the selector the bystanders would show)."""
+    docs = render_install(testbed, tmp_path, MANIFESTS, namespace)
+    apply_docs(testbed, [d for d in docs if d["kind"] != "Deployment"])
+    admin_cfg = yaml.safe_load(Path(testbed.kubeconfig).read_text())
+    ca_file = tmp_path / "ca.crt"
+    ca_file.write_bytes(base64.b64decode(admin_cfg["clusters"][0]["cluster"]["certificate-authority-data"]))
+    proxy = RecordingProxy(admin_cfg["clusters"][0]["cluster"]["server"], str(ca_file))
+    kubeconfig = proxied_kubeconfig(token_kubeconfig(testbed, tmp_path, namespace, "afc-operator"), proxy)
+    bystanders(core, namespace, "early")
+    topic = make_topic("orders")
+    try:
+        with OperatorProcess(["--namespace", namespace], str(kubeconfig), tmp_path / "operator.log", env=FAST) as op:
+            testbed.run_kubectl("apply", "-f", "-", input=json.dumps(consumer(testbed, names, topic, namespace)))
+
+            def is_ready() -> bool:
+                mark_pods_ready(core, namespace, SELECTOR)
+                return condition(api, namespace, "Ready").get("status") == "True"
+            op.wait_until(is_ready, 60, "Ready through the proxy")
+            bystanders(core, namespace, "late")
+            core.patch_namespaced_config_map("bystander-early", namespace, {"data": {"a": "c"}})
+            # a change to each of our own objects after the bystanders': once it arrived, theirs would have
+            config = next(c.metadata.name for c in core.list_namespaced_config_map(namespace, label_selector=OWN).items)
+            ours = [f"configmap/{config}", "service/orders", "pod/orders-0", "statefulset/orders"]
+            for obj in ours:
+                testbed.run_kubectl("annotate", obj, "-n", namespace, "afc.dev/test=after-the-others")
+            op.wait_until(lambda: len(proxy.received("after-the-others")) >= len(ours), 30,
+                          "our own objects' events, on each watch")
+            delete_consumers(admin(testbed), namespace)
+    finally:
+        proxy.close()
+
+    assert proxy.received("bystander") == []
+    collections = {"configmaps", "services", "statefulsets", "poddisruptionbudgets", "pods"}
+    reads: dict[str, list[dict[str, list[str]]]] = defaultdict(list)
+    for method, path_qs in proxy.requests:
+        url = urlsplit(path_qs)
+        parts = url.path.rstrip("/").split("/")
+        if method == "GET" and parts[-1] in collections | {"adaptiveconsumers"}:   # a list or a watch
+            reads[parts[-1]].append(parse_qs(url.query))
+    assert set(reads) == collections | {"adaptiveconsumers"}, proxy.requests
+    for plural in collections:
+        watches = [q for q in reads[plural] if q.get("watch") == ["true"]]
+        assert watches and all(q.get("labelSelector") == [OWN] for q in watches), (plural, watches)
+        # kopf's initial list too; the operator's own lists select one consumer's objects
+        assert any(q.get("labelSelector") == [OWN] and "watch" not in q for q in reads[plural]), plural
+        assert all(q.get("labelSelector") for q in reads[plural]), (plural, reads[plural])
+    assert all("labelSelector" not in q for q in reads["adaptiveconsumers"])
+    assert proxy.received("orders-config-") and proxy.received("orders-0")  # our own objects did arrive
+    assert any("/configmaps" in p for p in proxy.received("orders-config-"))
