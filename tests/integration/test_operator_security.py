@@ -29,7 +29,7 @@ import yaml
 
 from afc.operator.kube import Kube
 from afc.operator.testing import OperatorProcess, delete_consumers, mark_pods_ready
-from afctest import Testbed
+from afctest import Testbed, wait_for
 from integration.test_operator_rbac import (FAST, MANIFESTS, SELECTOR, admin, apply_docs, can_i, condition,
                                             consumer, render_install, token_kubeconfig)
 
@@ -452,3 +452,47 @@ def test_children_and_pods_are_watched_with_a_server_side_label_selector(
     assert all("labelSelector" not in q for q in reads["adaptiveconsumers"])
     assert proxy.received("orders-config-") and proxy.received("orders-0")  # our own objects did arrive
     assert any("/configmaps" in p for p in proxy.received("orders-config-"))
+
+
+def sts_events(testbed: Testbed, namespace: str, name: str) -> list[dict[str, Any]]:
+    return json.loads(testbed.run_kubectl("get", "events", "-n", namespace, "-o", "json", "--field-selector",
+                                          f"involvedObject.kind=StatefulSet,involvedObject.name={name}").stdout)["items"]
+
+
+def test_consumer_pods_are_admitted_by_pod_security_restricted_in_enforce_mode(
+        testbed: Testbed, api: Kube, core, crd_installed: None, namespace: str, names, make_topic,
+        tmp_path: Path) -> None:
+    """The test namespace enforces the `restricted` Pod Security Standard (the apiserver's
+    PodSecurity admission, on by default in 1.33). It refuses a pod that does not meet it, also
+    when the StatefulSet controller creates it (the path our pods take: FailedCreate); the
+    AdaptiveConsumer's pods, with a podTemplate that sets env, resources and labels, are created."""
+    testbed.run_kubectl("label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted",
+                        "pod-security.kubernetes.io/enforce-version=latest", "--overwrite")
+    r = testbed.run_kubectl("run", "bare", "-n", namespace, "--image=busybox", "--restart=Never", check=False)
+    assert r.returncode != 0 and 'violates PodSecurity "restricted:latest"' in r.stderr, r.stderr
+    bare = {"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "bare", "namespace": namespace},
+            "spec": {"replicas": 1, "serviceName": "bare", "selector": {"matchLabels": {"app": "bare"}},
+                     "template": {"metadata": {"labels": {"app": "bare"}},
+                                  "spec": {"containers": [{"name": "c", "image": "busybox"}]}}}}
+    apply_docs(testbed, [bare])
+    refused = wait_for(lambda: [e for e in sts_events(testbed, namespace, "bare") if e["reason"] == "FailedCreate"],
+                       30, what="the StatefulSet controller's pod refused")
+    assert "violates PodSecurity" in refused[0]["message"], refused[0]["message"]
+
+    docs = render_install(testbed, tmp_path, MANIFESTS, namespace)
+    apply_docs(testbed, [d for d in docs if d["kind"] != "Deployment"])
+    kubeconfig = token_kubeconfig(testbed, tmp_path, namespace, "afc-operator")
+    topic = make_topic("orders")
+    with OperatorProcess(["--namespace", namespace], str(kubeconfig), tmp_path / "operator.log", env=FAST) as op:
+        obj = consumer(testbed, names, topic, namespace, replicas=3, maxReplicas=3, podTemplate={
+            "env": [{"name": "TZ", "value": "UTC"}], "labels": {"team": "payments"},
+            "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "256Mi"}}})
+        testbed.run_kubectl("apply", "-f", "-", input=json.dumps(obj))
+        pods = op.wait_until(lambda: len(items := core.list_namespaced_pod(namespace, label_selector=SELECTOR).items)
+                             == 3 and items, 60, "3 consumer pods admitted under restricted")
+        for pod in pods:
+            c = pod.spec.containers[0].security_context
+            assert c.allow_privilege_escalation is False and c.capabilities.drop == ["ALL"]
+            assert pod.spec.security_context.run_as_non_root and pod.spec.security_context.seccomp_profile.type == "RuntimeDefault"
+        assert [e for e in sts_events(testbed, namespace, "orders") if e["reason"] == "FailedCreate"] == []
+        delete_consumers(admin(testbed), namespace)
