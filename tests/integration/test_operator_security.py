@@ -496,3 +496,51 @@ def test_consumer_pods_are_admitted_by_pod_security_restricted_in_enforce_mode(
             assert pod.spec.security_context.run_as_non_root and pod.spec.security_context.seccomp_profile.type == "RuntimeDefault"
         assert [e for e in sts_events(testbed, namespace, "orders") if e["reason"] == "FailedCreate"] == []
         delete_consumers(admin(testbed), namespace)
+
+
+def test_cluster_wide_install_with_secrets_granted_per_namespace(
+        testbed: Testbed, api: Kube, core, crd_installed: None, namespace: str, new_namespace, names, make_topic,
+        tmp_path: Path) -> None:
+    """manifests/cluster-wide-secrets-per-namespace: the ClusterRole has no Secret rule; a namespace
+    whose admins bind afc-operator-secrets is served whole (its AdaptiveConsumer, referencing a
+    Secret, becomes Ready); in one that did not, the operator cannot read the Secret (Forbidden,
+    named in the Degraded condition) though it may still read the AdaptiveConsumer there."""
+    granted, other = new_namespace("granted"), new_namespace("other")
+    prefix = f"{names.stem[:30]}-"
+    docs = render_install(testbed, tmp_path, MANIFESTS / "cluster-wide-secrets-per-namespace",
+                          namespace, prefix=prefix)
+    assert {d["kind"] for d in docs} == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment"}
+    (main_role,) = [d for d in docs if d["kind"] == "ClusterRole" and d["metadata"]["name"] == f"{prefix}afc-operator"]
+    assert not [r for r in main_role["rules"] if "secrets" in r["resources"]]
+    cluster_scoped = [d for d in docs if d["kind"].startswith("Cluster")]
+    sa = f"{prefix}afc-operator"
+    try:
+        apply_docs(testbed, [d for d in docs if d["kind"] != "Deployment"])
+        testbed.run_kubectl("create", "rolebinding", "afc-operator-secrets", "-n", granted,
+                            f"--clusterrole={prefix}afc-operator-secrets", f"--serviceaccount={namespace}:{sa}")
+        kubeconfig = token_kubeconfig(testbed, tmp_path, namespace, sa)
+        assert can_i(testbed, kubeconfig, "get", "secrets", "-n", granted)
+        assert not can_i(testbed, kubeconfig, "get", "secrets", "-n", other)
+        assert not can_i(testbed, kubeconfig, "get", "secrets", "-n", namespace)
+        assert can_i(testbed, kubeconfig, "list", "adaptiveconsumers.afc.dev", "--all-namespaces")
+        topic = make_topic("orders")
+        with OperatorProcess(["--namespace", granted, "--namespace", other], str(kubeconfig),
+                             tmp_path / "operator.log", env=FAST) as op:
+            for ns in (granted, other):
+                testbed.run_kubectl("create", "secret", "generic", "redis", "-n", ns,
+                                    f"--from-literal=url={testbed.redis_url}")
+                testbed.run_kubectl("apply", "-f", "-", input=json.dumps(consumer(
+                    testbed, names, topic, ns, idempotency={"redisUrlSecretRef": {"name": "redis", "key": "url"}})))
+
+            def is_ready() -> bool:
+                mark_pods_ready(core, granted, SELECTOR)
+                return condition(api, granted, "Ready").get("status") == "True"
+            op.wait_until(is_ready, 120, f"Ready in {granted}")
+            refused = op.wait_until(lambda: (c := condition(api, other, "Degraded")).get("reason") == "Forbidden" and c,
+                                    30, f"Degraded/Forbidden in {other}")
+            assert "secrets" in refused["message"], refused["message"]
+            for ns in (granted, other):
+                delete_consumers(admin(testbed), ns)
+    finally:
+        for d in cluster_scoped:
+            testbed.run_kubectl("delete", d["kind"].lower(), d["metadata"]["name"], "--ignore-not-found", check=False)
