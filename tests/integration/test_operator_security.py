@@ -544,3 +544,38 @@ def test_cluster_wide_install_with_secrets_granted_per_namespace(
     finally:
         for d in cluster_scoped:
             testbed.run_kubectl("delete", d["kind"].lower(), d["metadata"]["name"], "--ignore-not-found", check=False)
+
+
+def test_the_documented_admission_policy_bounds_where_credentials_go(
+        testbed: Testbed, crd_installed: None, namespace: str, names, tmp_path: Path) -> None:
+    """docs/security.md's ValidatingAdmissionPolicy, as written there (bound to this test's
+    namespace only): a broker outside the allowed domain and SASL_PLAINTEXT are refused with the
+    field named, an allowed broker over SASL_SSL is admitted. The way a platform team bounds where
+    a resource's credentials go (the operator does not: they go where its pods send them)."""
+    text = (MANIFESTS.parent / "docs" / "security.md").read_text()
+    block = text.split("```yaml\n", 1)[1].split("```", 1)[0]
+    policy, binding = list(yaml.safe_load_all(block))
+    name = f"{names.stem[:40]}-afc-kafka"
+    policy["metadata"]["name"] = binding["metadata"]["name"] = binding["spec"]["policyName"] = name
+    binding["spec"]["matchResources"] = {"namespaceSelector": {"matchLabels": {
+        "kubernetes.io/metadata.name": namespace}}}
+
+    def attempt(bootstrap: str, protocol: str) -> Any:
+        obj = consumer(testbed, names, "orders", namespace)
+        obj["spec"]["kafka"].update(bootstrapServers=bootstrap, securityProtocol=protocol, saslMechanism="SCRAM-SHA-512",
+                                    saslUsername="u", saslPasswordSecretRef={"name": "kafka", "key": "password"})
+        return testbed.run_kubectl("apply", "--dry-run=server", "-f", "-", input=json.dumps(obj), check=False)
+    try:
+        apply_docs(testbed, [policy, binding])
+        outside = wait_for(lambda: (r := attempt("evil.example.org:9093", "SASL_SSL")).returncode != 0 and r, 30,
+                           what="the policy in force")
+        assert "only brokers of *.kafka.example.com" in outside.stderr, outside.stderr
+        r = attempt("b-0.kafka.example.com:9093,b-1.kafka.example.com:9093", "SASL_PLAINTEXT")
+        assert r.returncode != 0 and "SASL_PLAINTEXT sends the password in clear" in r.stderr, r.stderr
+        r = attempt("b-0.kafka.example.com:9093, b-1.kafka.example.com:9093", "SASL_SSL")
+        assert r.returncode == 0, r.stderr
+        r = attempt("b-0.kafka.example.com:9093,evil.example.org:9093", "SASL_SSL")
+        assert r.returncode != 0 and "bootstrapServers" in r.stderr, r.stderr
+    finally:
+        for kind in ("validatingadmissionpolicybinding", "validatingadmissionpolicy"):
+            testbed.run_kubectl("delete", kind, name, "--ignore-not-found", check=False)
