@@ -204,6 +204,10 @@ class RecordingProxy:
         async def stop() -> None:     # abrupt: open watch streams are cut, not drained
             await self._session.close()
             self._site._server.close()
+            rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in rest:
+                t.cancel()
+            await asyncio.gather(*rest, return_exceptions=True)
         asyncio.run_coroutine_threadsafe(stop(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
