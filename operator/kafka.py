@@ -40,7 +40,8 @@ logger = logging.getLogger("afc.operator.kafka")
 # whole `extra` (their files are their namespace's own); security.protocol, sasl.mechanism and
 # the credentials come from the spec and its Secret references only.
 OPERATOR_EXTRA_PROPERTIES = frozenset({
-    "ssl.endpoint.identification.algorithm", "ssl.cipher.suites", "ssl.curves.list", "ssl.sigalgs.list",
+    "ssl.endpoint.identification.algorithm", "enable.ssl.certificate.verification", "ssl.cipher.suites",
+    "ssl.curves.list", "ssl.sigalgs.list",
     "broker.address.family", "broker.address.ttl", "client.dns.lookup",
     "socket.keepalive.enable", "socket.nagle.disable", "socket.send.buffer.bytes",
     "socket.receive.buffer.bytes", "socket.max.fails",
