@@ -325,6 +325,10 @@ def test_a_tenant_cannot_read_a_secret_of_another_namespace_through_an_adaptivec
             obj["spec"]["kafka"].update(bootstrapServers=broker.bootstrap, **kafka)
             return obj
         sasl = dict(securityProtocol="SASL_PLAINTEXT", saslMechanism="PLAIN", saslUsername="tenant")
+        elsewhere = spec("orders")
+        elsewhere["metadata"]["namespace"] = ns_b
+        r = apply_as(testbed, tenant_kubeconfig, elsewhere)   # apply_as really is the tenant
+        assert r.returncode != 0 and "forbidden" in r.stderr.lower(), r.stderr
 
         # a reference can only name a Secret of the resource's own namespace
         r = apply_as(testbed, tenant_kubeconfig, spec("orders", **sasl, saslPasswordSecretRef={
