@@ -978,7 +978,6 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, cfg: Opera
     @kopf.on.startup(registry=registry, id="startup")
     async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         configure_kopf(settings, cfg)
-        select_own_objects(settings)
         found = await reconciler.kube.discover(API_VERSION)
         if not found or not any(r.get("name") == PLURAL for r in found.get("resources", [])):
             raise kopf.TemporaryError(f"{PLURAL}.{GROUP}/{VERSION} is not served: "
@@ -1017,6 +1016,10 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, cfg: Opera
     @kopf.daemon(**on_resource, id="poll", cancellation_timeout=10)
     async def poll(body: kopf.Body, stopped: kopf.DaemonStopped, **_: Any) -> None:
         await reconciler.poll_forever(body, stopped)
+
+    @kopf.on.startup(registry=registry, id="select-own-objects")  # before any watch starts
+    def watch_own_objects(settings: kopf.OperatorSettings, **_: Any) -> None:
+        select_own_objects(settings)
 
     for group, version, plural in CHILDREN:
         @kopf.on.event(group=group, version=version, plural=plural, registry=registry, id=f"child-{plural}",
