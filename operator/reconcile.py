@@ -1018,7 +1018,7 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, cfg: Opera
         await reconciler.poll_forever(body, stopped)
 
     @kopf.on.startup(registry=registry, id="select-own-objects")  # before any watch starts
-    def watch_own_objects(settings: kopf.OperatorSettings, **_: Any) -> None:
+    async def watch_own_objects(settings: kopf.OperatorSettings, **_: Any) -> None:
         select_own_objects(settings)
 
     for group, version, plural in CHILDREN:
