@@ -32,7 +32,20 @@ from afc.operator.status import BROKER_UNREACHABLE, TOPIC_NOT_FOUND, Problem
 
 logger = logging.getLogger("afc.operator.kafka")
 
-CONNECTION_PROPERTIES = ("ssl.", "sasl.", "security.", "broker.address.", "client.dns.", "socket.")
+# The only `kafka.extra` properties the operator's own clients take: how to reach the brokers,
+# nothing that names a file, a command, a URL or a mechanism. The operator runs with its own
+# ServiceAccount token (cluster-wide: every Secret of the cluster) and its own files, so a
+# property such as `sasl.oauthbearer.assertion.file` with `sasl.oauthbearer.token.endpoint.url`
+# would make it send its token wherever a resource says (docs/security.md). The pods take the
+# whole `extra` (their files are their namespace's own); security.protocol, sasl.mechanism and
+# the credentials come from the spec and its Secret references only.
+OPERATOR_EXTRA_PROPERTIES = frozenset({
+    "ssl.endpoint.identification.algorithm", "enable.ssl.certificate.verification", "ssl.cipher.suites",
+    "ssl.curves.list", "ssl.sigalgs.list",
+    "broker.address.family", "broker.address.ttl", "client.dns.lookup",
+    "socket.keepalive.enable", "socket.nagle.disable", "socket.send.buffer.bytes",
+    "socket.receive.buffer.bytes", "socket.max.fails",
+})
 OFFSET_UNSET = -1001  # librdkafka's OFFSET_INVALID: no committed offset
 
 
@@ -65,19 +78,18 @@ def lag_summary(o: Observation, auto_offset_reset: str, measured_at: str,
 
 def client_config(spec: AdaptiveConsumerSpec, secrets: Mapping[str, str], timeout_s: float) -> dict[str, Any]:
     """librdkafka settings for the operator's admin client: the spec's brokers and security,
-    with the secret values the operator read (never written anywhere)."""
+    with the secret values the operator read (never written anywhere), and of `extra` only
+    OPERATOR_EXTRA_PROPERTIES."""
     k = spec.kafka
-    conf: dict[str, Any] = {
+    conf: dict[str, Any] = {key: value for key, value in k.extra.items() if key in OPERATOR_EXTRA_PROPERTIES}
+    conf.update({
         "bootstrap.servers": k.bootstrap_servers,
         "security.protocol": k.security_protocol,
         "socket.timeout.ms": int(timeout_s * 1000),
         "socket.connection.setup.timeout.ms": int(timeout_s * 1000),
         "reconnect.backoff.max.ms": 1000,
         "client.id": "afc-operator",
-    }
-    for key, value in k.extra.items():
-        if key.startswith(CONNECTION_PROPERTIES):  # how to reach the brokers, not how to consume
-            conf[key] = value
+    })
     if k.sasl_mechanism:
         conf["sasl.mechanism"] = k.sasl_mechanism
     if k.sasl_username:
@@ -329,5 +341,5 @@ class KafkaProbe:
         self.clients.close()
 
 
-__all__ = ["KafkaProbe", "Snapshot", "ClientCache", "client_config", "cluster_key", "lag_summary",
+__all__ = ["OPERATOR_EXTRA_PROPERTIES", "KafkaProbe", "Snapshot", "ClientCache", "client_config", "cluster_key", "lag_summary",
            "observe_sync", "remove_members_sync"]

@@ -40,6 +40,10 @@ INTERNAL_ERROR = "InternalError"
 CHILDREN = (("", "v1", "configmaps"), ("", "v1", "services"), ("apps", "v1", "statefulsets"),
             ("policy", "v1", "poddisruptionbudgets"))
 HOLDS = (sc.BACKPRESSURE, sc.STALLED, sc.STALE_DATA, sc.ROLLING_OUT)  # an Event when one starts
+# The children and the pods are watched with this label selector, sent to the apiserver: the
+# operator receives only its own objects, not every ConfigMap, Service, StatefulSet, PDB and pod
+# of the namespaces it serves (kopf's `labels=` on a handler only filters after receiving).
+OWN_OBJECTS = f"{render.L_MANAGED_BY}={render.MANAGED_BY}"
 
 Key = tuple[str, str]
 
@@ -970,6 +974,14 @@ def configure_kopf(settings: kopf.OperatorSettings, cfg: OperatorSettings) -> No
     settings.networking.connect_timeout = 10
 
 
+def select_own_objects(settings: kopf.OperatorSettings) -> None:
+    """Server-side label selectors on the watches (and their initial lists) of the children and
+    pods: kopf 1.45 turns a handler's `labels=` into a client-side filter only; its
+    `settings.watching.label_selectors` become the `labelSelector` of the request."""
+    for group, version, plural in (*CHILDREN, ("", "v1", "pods")):
+        settings.watching.label_selectors[group, version, plural] = OWN_OBJECTS
+
+
 def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, cfg: OperatorSettings) -> None:
     """Every handler of the operator, on the given registry."""
     on_resource = dict(group=GROUP, version=VERSION, plural=PLURAL, registry=registry)
@@ -1023,6 +1035,10 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, cfg: Opera
     @kopf.daemon(**on_resource, id="poll", cancellation_timeout=10)
     async def poll(body: kopf.Body, stopped: kopf.DaemonStopped, **_: Any) -> None:
         await reconciler.poll_forever(body, stopped)
+
+    @kopf.on.startup(registry=registry, id="select-own-objects")  # before any watch starts
+    async def watch_own_objects(settings: kopf.OperatorSettings, **_: Any) -> None:
+        select_own_objects(settings)
 
     for group, version, plural in CHILDREN:
         @kopf.on.event(group=group, version=version, plural=plural, registry=registry, id=f"child-{plural}",
