@@ -53,6 +53,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))  # appended, not prepended: our operator/ must not shadow the stdlib's
+sys.path.insert(0, str(ROOT / "scripts"))
+import brokerlog  # noqa: E402  (scripts/brokerlog.py: the coordinator's lines, shared with the demo)
 log = logging.getLogger("bench.rollout")
 
 # -- the handler (runs inside afc-consumer: only the standard library at import) ----------
@@ -90,10 +92,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "kip848-dynamic": {"static": False, "env": {"AFC_MEMBERSHIP__GROUP_PROTOCOL": "consumer"},
                        "what": "dynamic membership, KIP-848 (group.protocol=consumer)"},
 }
-CLASSIC_REBALANCE = "Stabilized group {g} generation (\\d+)"
-KIP848_EPOCH = "\\[GroupId {g}\\] Bumped group epoch to (\\d+)"
-
-
 @dataclass
 class RolloutConfig:
     variant: str = "static"
@@ -319,26 +317,11 @@ class LagSampler(threading.Thread):
 # -- measurements -----------------------------------------------------------------------
 
 def broker_log_path() -> Path:
-    return Path(os.environ.get("AFC_TESTBED_DIR", str(ROOT / ".testbed"))) / "kafka" / "server.log"
+    return brokerlog.path(ROOT)
 
 
-def broker_rebalances(lines: list[str], group: str, kip848: bool) -> list[tuple[float, int, str]]:
-    """(unix time, generation or group epoch, line) of each of the coordinator's lines that
-    mark a rebalance of `group`: a completed generation (classic) or an epoch bump (KIP-848)."""
-    pat = re.compile((KIP848_EPOCH if kip848 else CLASSIC_REBALANCE).format(g=re.escape(group)) + r"\b")
-    out = []
-    for ln in lines:
-        m = pat.search(ln)
-        if m and ln.startswith("["):
-            ts = datetime.strptime(ln[1:24], "%Y-%m-%d %H:%M:%S,%f").timestamp()
-            out.append((ts, int(m.group(1)), ln.strip()))
-    return out
-
-
-def read_from(path: Path, offset: int) -> list[str]:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return f.read().decode(errors="replace").splitlines()
+broker_rebalances = brokerlog.rebalances
+read_from = brokerlog.read_from
 
 
 def _log_time(line: str) -> float | None:

@@ -126,7 +126,7 @@ class Policy:
     lag_tolerance: float = 0.1
     # a member counts as busy (its rate is a capacity) while its backlog is at least this many
     # seconds of its own consumption: less is what is in flight or not yet committed
-    busy_lag_s: float = 5.0
+    busy_lag_s: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -157,6 +157,7 @@ class Metrics:
     partition_lags: Mapping[TP, int] = field(default_factory=dict)        # not stalled ones only
     max_partition_consume: float | None = None   # msg/s: the fastest any one partition was consumed
     partition_produce: Mapping[TP, float] = field(default_factory=dict)   # msg/s into each partition
+    waiting: tuple[TP, ...] = ()            # lag but not consumed in the rate window (not stalled yet)
 
     def summary(self) -> dict[str, object]:
         """For status and Events: plain, rounded values."""
@@ -283,13 +284,21 @@ def measure(window: Sequence[Observation], policy: Policy) -> Metrics:
     recent = _since(window, last.at - policy.rate_window_s - 1e-9)
     fastest = None
     produced: dict[TP, float] = {}
+    moved: dict[TP, int] = {}
     if len(recent) >= 2 and recent[-1].at > recent[0].at:
         dt = recent[-1].at - recent[0].at
         for tp, ob in last.partitions.items():
             oa = recent[0].partitions.get(tp) or Offsets(ob.start, ob.start, ob.start)
-            c = max(0, consumed_position(ob, reset) - consumed_position(oa, reset)) / dt
+            moved[tp] = consumed_position(ob, reset) - consumed_position(oa, reset)
+            c = max(0, moved[tp]) / dt
             fastest = c if fastest is None else max(fastest, c)
             produced[tp] = max(0, ob.end - oa.end) / dt
+    # waiting on something else than replicas: lag all along the rate window, never moved, while
+    # the group had members and consumed elsewhere (a stuck partition before it counts as stalled)
+    waiting: tuple[TP, ...] = ()
+    if moved and any(n > 0 for n in moved.values()) and all(o.members > 0 for o in recent):
+        waiting = tuple(sorted(tp for tp, n in moved.items() if n <= 0 and tp in live and all(
+            tp in o.partitions and partition_lag(o.partitions[tp], reset) > 0 for o in recent)))
     produce = consume = per_replica = None
     if len(recent) >= 2:
         first = recent[0]
@@ -310,7 +319,7 @@ def measure(window: Sequence[Observation], policy: Policy) -> Metrics:
                    produce_rate=produce, consume_rate=consume, per_replica_rate=per_replica,
                    members=last.members, lag_seconds=max(seconds) if seconds else (0.0 if live else None),
                    partition_lags=live, max_partition_consume=fastest,
-                   partition_produce=produced)
+                   partition_produce=produced, waiting=waiting)
 
 
 def busy_member_rate(recent: Sequence[Observation], stalled: set[TP], reset: str,
@@ -383,18 +392,23 @@ def drain_need(m: Metrics, rate: float, target_s: float) -> float:
     than those partitions, e.g. the one a released stall leaves behind). That limit is the
     larger of the per-replica rate and the fastest any single partition was consumed in the
     rate window (the per-replica rate is an average over members that may also own idle
-    partitions, so alone it would underestimate what one partition can take)."""
+    partitions, so alone it would underestimate what one partition can take). The backlog of a
+    partition nobody consumed in the rate window while others were (`Metrics.waiting`: stuck,
+    before `stallAfterS` names it stalled) waits on something more replicas do not fix."""
     one = max(rate, m.max_partition_consume or 0.0)
     lags = m.partition_lags or {("", -1): m.effective_lag}
-    return sum(min(one, lag / target_s) for lag in lags.values()) + max(0.0, m.produce_rate or 0.0)
+    return (sum(min(one, lag / target_s) for tp, lag in lags.items() if tp not in m.waiting)
+            + max(0.0, m.produce_rate or 0.0))
 
 
 def partition_needs(m: Metrics, rate: float, target_s: float) -> list[float]:
     """msg/s each partition needs (stalled ones excluded): what is produced into it plus its
-    backlog over the target, at most what one consumer can take from it."""
+    backlog over the target (not for a partition `waiting` on something else), at most what one
+    consumer can take from it."""
     one = max(rate, m.max_partition_consume or 0.0)
     tps = set(m.partition_lags) | {tp for tp in m.partition_produce if tp not in m.stalled}
-    return [min(one, m.partition_produce.get(tp, 0.0) + m.partition_lags.get(tp, 0) / target_s) for tp in tps]
+    return [min(one, m.partition_produce.get(tp, 0.0)
+                + (0 if tp in m.waiting else m.partition_lags.get(tp, 0)) / target_s) for tp in tps]
 
 
 def even_spread(partitions: int, needs: Sequence[float], rate: float) -> int:

@@ -266,12 +266,27 @@ def test_drain_time_backlog_on_few_partitions_uses_at_most_one_replica_each() ->
     # two backlogged partitions take a replica each, the others 50 msg/s: ceil(600 / 100) = 6 by
     # the formula (not ceil((60,000/120 + 400) / 100) = 10), but the member of a backlogged
     # partition can hold nothing else: one member per partition, 8
-    two = [obs(t, {0: (0, 0, 30_000 + 50 * t), 1: (0, 0, 30_000 + 50 * t), **{q: (50 * t, 0, 50 * t) for q in range(2, 8)}},
-               members=3) for t in (0, 60)]
+    two = [obs(t, {0: (50 * t, 0, 30_000 + 50 * t), 1: (50 * t, 0, 30_000 + 50 * t),
+                   **{q: (50 * t, 0, 50 * t) for q in range(2, 8)}}, members=3) for t in (0, 60)]
     d = decide(two, current=1, **p)
     assert d.metrics.produce_rate == pytest.approx(400)
-    assert "= 10" in d.message and "absorb only 600.0" in d.message and d.replicas == 8
+    assert "= 9" in d.message and "absorb only 600.0" in d.message and d.replicas == 8
 
+
+def test_a_stuck_partition_does_not_scale_up_before_it_counts_as_stalled() -> None:
+    """Partition 0 stopped (a poison record) a minute ago: its lag grows while the others are
+    consumed (25 msg/s each, 4 members of 100 msg/s). Before stallAfterS names it stalled,
+    its backlog does not call for replicas: more would not consume it."""
+    def window(p0_rate: int) -> list[Observation]:
+        return [assigned(t, {0: (1_000 + p0_rate * t, 1_500 + 25 * t), **{q: (25 * t, 25 * t + 10) for q in range(1, 8)}},
+                         4) for t in range(0, 61, 15)]
+    p = dict(mode="DrainTime", target_drain_s=30, known_rate=100.0, rate_window_s=60)
+    d = decide(window(0), current=4, **p)
+    assert d.metrics.waiting == ((T, 0),) and not d.metrics.stalled
+    assert d.recommendation <= 4 and d.reason != "ScaleUp", d.message
+    # the same backlog on a partition that is consumed (slowly) does count: it takes a member
+    d = decide(window(1), current=4, **p)
+    assert not d.metrics.waiting and d.reason == "ScaleUp", d.message
 
 def test_drain_time_releases_the_window_once_the_backlog_is_drained() -> None:
     """After a burst, recommendations made for the backlog no longer hold replicas once it is
