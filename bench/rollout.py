@@ -55,6 +55,7 @@ if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))  # appended, not prepended: our operator/ must not shadow the stdlib's
 sys.path.insert(0, str(ROOT / "scripts"))
 import brokerlog  # noqa: E402  (scripts/brokerlog.py: the coordinator's lines, shared with the demo)
+from afc.operator.testing import terminate  # noqa: E402
 log = logging.getLogger("bench.rollout")
 
 # -- the handler (runs inside afc-consumer: only the standard library at import) ----------
@@ -218,14 +219,8 @@ class Member:
     def stop(self, timeout: float) -> tuple[float, int | None]:
         """SIGTERM, wait for the drain; SIGKILL past `timeout`. Returns (seconds, exit code)."""
         t0 = time.monotonic()
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return time.monotonic() - t0, self.proc.returncode if self.proc else None
+        code = terminate(self.proc, timeout) if self.proc is not None else None
+        return time.monotonic() - t0, code
 
     def tail(self, n: int = 8) -> str:
         try:
