@@ -245,14 +245,8 @@ def summarize(samples: list, burst: Burst, t0: float, done_at: float | None, rss
 
 
 def stop_proc(p: subprocess.Popen, timeout: float = 20) -> int | None:
-    if p.poll() is None:
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(timeout)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(10)
-    return p.returncode
+    from afc.operator.testing import terminate  # here: this module's top runs inside the consumer too
+    return terminate(p, timeout)
 
 
 def cleanup(run: Run) -> dict:

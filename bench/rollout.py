@@ -53,6 +53,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))  # appended, not prepended: our operator/ must not shadow the stdlib's
+sys.path.insert(0, str(ROOT / "scripts"))
+import brokerlog  # noqa: E402  (scripts/brokerlog.py: the coordinator's lines, shared with the demo)
+from afc.operator.testing import terminate  # noqa: E402
 log = logging.getLogger("bench.rollout")
 
 # -- the handler (runs inside afc-consumer: only the standard library at import) ----------
@@ -90,10 +93,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "kip848-dynamic": {"static": False, "env": {"AFC_MEMBERSHIP__GROUP_PROTOCOL": "consumer"},
                        "what": "dynamic membership, KIP-848 (group.protocol=consumer)"},
 }
-CLASSIC_REBALANCE = "Stabilized group {g} generation (\\d+)"
-KIP848_EPOCH = "\\[GroupId {g}\\] Bumped group epoch to (\\d+)"
-
-
 @dataclass
 class RolloutConfig:
     variant: str = "static"
@@ -220,14 +219,8 @@ class Member:
     def stop(self, timeout: float) -> tuple[float, int | None]:
         """SIGTERM, wait for the drain; SIGKILL past `timeout`. Returns (seconds, exit code)."""
         t0 = time.monotonic()
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return time.monotonic() - t0, self.proc.returncode if self.proc else None
+        code = terminate(self.proc, timeout) if self.proc is not None else None
+        return time.monotonic() - t0, code
 
     def tail(self, n: int = 8) -> str:
         try:
@@ -319,26 +312,11 @@ class LagSampler(threading.Thread):
 # -- measurements -----------------------------------------------------------------------
 
 def broker_log_path() -> Path:
-    return Path(os.environ.get("AFC_TESTBED_DIR", str(ROOT / ".testbed"))) / "kafka" / "server.log"
+    return brokerlog.path(ROOT)
 
 
-def broker_rebalances(lines: list[str], group: str, kip848: bool) -> list[tuple[float, int, str]]:
-    """(unix time, generation or group epoch, line) of each of the coordinator's lines that
-    mark a rebalance of `group`: a completed generation (classic) or an epoch bump (KIP-848)."""
-    pat = re.compile((KIP848_EPOCH if kip848 else CLASSIC_REBALANCE).format(g=re.escape(group)) + r"\b")
-    out = []
-    for ln in lines:
-        m = pat.search(ln)
-        if m and ln.startswith("["):
-            ts = datetime.strptime(ln[1:24], "%Y-%m-%d %H:%M:%S,%f").timestamp()
-            out.append((ts, int(m.group(1)), ln.strip()))
-    return out
-
-
-def read_from(path: Path, offset: int) -> list[str]:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return f.read().decode(errors="replace").splitlines()
+broker_rebalances = brokerlog.rebalances
+read_from = brokerlog.read_from
 
 
 def _log_time(line: str) -> float | None:

@@ -6,23 +6,27 @@ Secret (the SASL password, the Redis URL) is not part of the schema: the spec na
 Secret key instead, and the pod gets it as an environment variable.
 
 Rules the OpenAPI schema cannot say (`min <= max`, exactly one handler target, ...) are
-written once as `Rule`s: each becomes a CEL rule (`x-kubernetes-validations`, checked by
-the apiserver at apply time, with a message naming the field) and a pydantic validator
-(checked by the operator when it reads a spec).
+written once as `Rule`s (afc.runtime.config.Rule): each becomes a CEL rule
+(`x-kubernetes-validations`, checked by the apiserver at apply time, with a message naming
+the field) and a pydantic validator (checked by the operator when it reads a spec). The
+runtime's own rules (`rules` of its sections and of RuntimeSettings) are carried as they
+are; the operator adds `crd_rules` for what only the API has (Secret references, pod
+overrides). tests/unit/test_config_rules.py holds every runtime rule to a CEL twin.
 
     python -m afc.operator.crd > crds/afc.dev_adaptiveconsumers.yaml
 """
 from __future__ import annotations
 
 import copy
+import re
 import sys
-from dataclasses import dataclass
-from typing import Annotated, Any, Callable, ClassVar, Literal
+from decimal import Decimal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
-from pydantic.alias_generators import to_camel
-from pydantic_core import PydanticCustomError
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, WithJsonSchema,
+                      model_validator)
+from pydantic.alias_generators import to_camel, to_snake
 
 from afc.runtime.config import (
     TOPIC_NAME,
@@ -34,8 +38,13 @@ from afc.runtime.config import (
     MembershipSettings,
     OffsetSettings,
     RoutingSettings,
+    Rule,
+    RuntimeSettings,
     ServerSettings,
     ShutdownSettings,
+    cel_list,
+    check_rules,
+    rule_error,
 )
 
 GROUP = "afc.dev"
@@ -55,31 +64,27 @@ DNS_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 SECRET_KEY = r"^[-._a-zA-Z0-9]+$"
 ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
-QUANTITY = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+# A resource quantity, as Kubernetes parses it but without a sign: a negative request or
+# limit passes a generic quantity check and the StatefulSet (which does not validate its pod
+# template), and fails only when the StatefulSet controller creates the pods.
+QUANTITY = r"^\+?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+# A label, annotation, node-selector or resource key: an optional DNS-subdomain prefix of at
+# most 253 characters (the second pattern) and a name of at most 63.
+QUALIFIED_NAME = (r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+                  r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+QUALIFIED_PREFIX_BOUND = r"^([^/]{1,253}/)?[^/]+$"
+MAX_QUALIFIED_NAME = 317
+LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$"
+IMAGE = r"^\S+$"
+COMPARED_RESOURCES = ("cpu", "memory", "ephemeral-storage")
+# What an env var's fieldRef and resourceFieldRef may name (pod validation's lists).
+ENV_FIELD_PATH = (r"^(metadata\.(name|namespace|uid)|metadata\.(labels|annotations)\['[^']+'\]"
+                  r"|spec\.(nodeName|serviceAccountName)|status\.(hostIP|hostIPs|podIP|podIPs))$")
+ENV_RESOURCE = r"^(limits|requests)\.(cpu|memory|ephemeral-storage|hugepages-[0-9A-Za-z]+)$"
 
-# librdkafka properties that carry secrets: they come from Secret references, never `extra`.
-SECRET_KAFKA_PROPERTIES = ("sasl.password", "sasl.oauthbearer.client.secret", "ssl.key.password",
-                           "ssl.keystore.password", "ssl.key.pem", "ssl_key")
 # Environment variables the operator sets itself; podTemplate.env may not override them.
 RESERVED_ENV_PREFIX = "AFC_"
 RESERVED_ENV = ("POD_NAME", "POD_NAMESPACE")
-
-
-@dataclass(frozen=True)
-class Rule:
-    """One cross-field rule, enforced twice from one definition: by the apiserver (CEL) and
-    by the operator (a pydantic validator over the same object)."""
-    cel: str
-    check: Callable[[Any], bool]
-    message: str
-    field_path: str | None = None
-
-    def schema(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"rule": self.cel, "message": self.message}
-        if self.field_path:
-            out["fieldPath"] = self.field_path
-        out["reason"] = "FieldValueInvalid"
-        return out
 
 
 def immutable(field: str, why: str) -> dict[str, Any]:
@@ -90,20 +95,21 @@ def immutable(field: str, why: str) -> dict[str, Any]:
 
 
 def _crd_schema_extra(schema: dict[str, Any], cls: type[BaseModel]) -> None:
-    """pydantic hook: drop the properties the CRD must not have, add the class's CEL rules."""
+    """pydantic hook: drop the properties the CRD must not have, add the class's CEL rules
+    (the runtime section's own, then the API's)."""
     for name in getattr(cls, "crd_drop", ()):
         schema.get("properties", {}).pop(name, None)
         if name in schema.get("required", []):
             schema["required"].remove(name)
-    rules = getattr(cls, "crd_rules", ())
+    rules = (*_runtime_rules(cls), *getattr(cls, "crd_rules", ()))
     if rules:
         schema["x-kubernetes-validations"] = [r.schema() for r in rules]
 
 
-def _rule_error(failed: list[tuple[str, str]]) -> PydanticCustomError:
-    """One error carrying each (field, message), so the caller can name every field."""
-    return PydanticCustomError("crd_rule", "{summary}", {
-        "summary": "; ".join(f"{f}: {m}" if f else m for f, m in failed), "failures": failed})
+def _runtime_rules(cls: type[BaseModel]) -> tuple[Rule, ...]:
+    """The rules of the runtime section a spec class extends (a `rules` ClassVar)."""
+    rules = getattr(cls, "rules", ())
+    return tuple(rules) if isinstance(rules, tuple) else ()
 
 
 class Checked(BaseModel):
@@ -119,14 +125,12 @@ class Checked(BaseModel):
             failed = [(k, "not part of the AdaptiveConsumer API (set by the operator, or taken from a "
                           "Secret reference)") for k in cls.crd_drop if k in data]
             if failed:
-                raise _rule_error(failed)
+                raise rule_error(failed)
         return data
 
     @model_validator(mode="after")
     def _crd_rules(self) -> Any:
-        failed = [((r.field_path or "").lstrip("."), r.message) for r in self.crd_rules if not r.check(self)]
-        if failed:
-            raise _rule_error(failed)
+        check_rules(self, type(self).crd_rules)
         return self
 
 
@@ -143,7 +147,42 @@ def section(cls: type[BaseModel], description: str) -> Any:
 
 
 TopicName = Annotated[str, StringConstraints(pattern=TOPIC_NAME, max_length=249)]
-Quantity = Annotated[int | str, Field(json_schema_extra={"pattern": QUANTITY})]
+
+
+def _non_negative_quantity(v: int | str) -> int | str:
+    if (isinstance(v, int) and v < 0) or (isinstance(v, str) and not re.match(QUANTITY, v)):
+        raise ValueError(f"{v!r} is not a non-negative quantity (100m, 0.5, 128Mi, 1G, ...)")
+    return v
+
+
+Quantity = Annotated[int | str, AfterValidator(_non_negative_quantity),
+                     Field(json_schema_extra={"pattern": QUANTITY, "minimum": 0, "maxLength": 64})]
+LabelValue = Annotated[str, StringConstraints(pattern=LABEL_VALUE, max_length=63)]
+
+
+def qualified_keys(field: str, what: str, name: str | None = None) -> Rule:
+    """Every key of the map `field` is a qualified name (`prefix/name`), as Kubernetes requires
+    of label, annotation, node-selector and resource keys."""
+    return Rule(name or f"pod-{field}-keys",
+                f"!has(self.{field}) || self.{field}.all(k, size(k) <= {MAX_QUALIFIED_NAME}"
+                f" && k.matches(r'{QUALIFIED_NAME}') && k.matches(r'{QUALIFIED_PREFIX_BOUND}'))",
+                lambda o: all(len(k) <= MAX_QUALIFIED_NAME and re.match(QUALIFIED_NAME, k)
+                              and re.match(QUALIFIED_PREFIX_BOUND, k) for k in getattr(o, to_snake(field))),
+                f"{what} keys must be qualified names: an optional DNS subdomain prefix and '/', then at most 63 "
+                "letters, digits, '-', '_' or '.', beginning and ending with a letter or digit", f".{field}")
+
+
+def _quantity(v: Any) -> Decimal:
+    from kubernetes.utils.quantity import parse_quantity
+    return parse_quantity(v)
+
+
+def _requests_within_limits(r: "ResourceRequirements") -> bool:
+    try:
+        return all(_quantity(r.requests[k]) <= _quantity(r.limits[k]) for k in COMPARED_RESOURCES
+                   if k in r.requests and k in r.limits)
+    except (ValueError, TypeError, ArithmeticError):
+        return False
 
 
 # --------------------------------------------------------------------------- references
@@ -169,26 +208,24 @@ class KafkaSpec(Checked, KafkaSettings):
     model_config = ConfigDict(json_schema_extra=_crd_schema_extra)
     crd_drop = ("saslPassword", "sslCaLocation")
     crd_rules = (
-        Rule("!(self.securityProtocol in ['SASL_PLAINTEXT', 'SASL_SSL']) || has(self.saslMechanism)",
+        Rule("kafka-sasl-mechanism",
+             "!(self.securityProtocol in ['SASL_PLAINTEXT', 'SASL_SSL']) || has(self.saslMechanism)",
              lambda k: not _is_sasl(k) or k.sasl_mechanism is not None,
              "saslMechanism is required when securityProtocol is SASL_PLAINTEXT or SASL_SSL",
              ".saslMechanism"),
-        Rule("!(self.securityProtocol in ['SASL_PLAINTEXT', 'SASL_SSL']) || has(self.saslUsername)",
+        Rule("kafka-sasl-username",
+             "!(self.securityProtocol in ['SASL_PLAINTEXT', 'SASL_SSL']) || has(self.saslUsername)",
              lambda k: not _is_sasl(k) or bool(k.sasl_username),
              "saslUsername is required when securityProtocol is SASL_PLAINTEXT or SASL_SSL",
              ".saslUsername"),
-        Rule("!(self.securityProtocol in ['SASL_PLAINTEXT', 'SASL_SSL']) || has(self.saslPasswordSecretRef)",
+        Rule("kafka-sasl-password-ref",
+             "!(self.securityProtocol in ['SASL_PLAINTEXT', 'SASL_SSL']) || has(self.saslPasswordSecretRef)",
              lambda k: not _is_sasl(k) or k.sasl_password_secret_ref is not None,
              "saslPasswordSecretRef is required when securityProtocol is SASL_PLAINTEXT or SASL_SSL",
              ".saslPasswordSecretRef"),
-        Rule("!has(self.tlsCaSecretRef) || self.securityProtocol in ['SSL', 'SASL_SSL']",
+        Rule("kafka-tls-ca-needs-ssl", "!has(self.tlsCaSecretRef) || self.securityProtocol in ['SSL', 'SASL_SSL']",
              lambda k: k.tls_ca_secret_ref is None or k.security_protocol in ("SSL", "SASL_SSL"),
              "tlsCaSecretRef needs securityProtocol SSL or SASL_SSL", ".tlsCaSecretRef"),
-        Rule("!has(self.extra) || !self.extra.exists(k, k in ["
-             + ", ".join(f"'{p}'" for p in SECRET_KAFKA_PROPERTIES) + "])",
-             lambda k: not any(p in k.extra for p in SECRET_KAFKA_PROPERTIES),
-             "extra must not carry secrets (" + ", ".join(SECRET_KAFKA_PROPERTIES)
-             + "); use saslPasswordSecretRef", ".extra"),
     )
 
     bootstrap_servers: str = Field(min_length=1, max_length=2048,
@@ -201,7 +238,9 @@ class KafkaSpec(Checked, KafkaSettings):
                               "kafka.groupId", "a rolling update would run the old and the new group side by side, "
                               "each consuming every partition; create a new AdaptiveConsumer for the new group"))
     extra: dict[str, str] = Field(default_factory=dict, max_length=64,
-                                  description="Further librdkafka properties, passed through as given.")
+                                  description="Further librdkafka properties: only tuning of the connection, the "
+                                              "fetch and diagnostics (the allow-list in docs/operator.md); what afc "
+                                              "sets itself and secrets are refused.")
     sasl_password_secret_ref: SecretKeyRef | None = Field(
         None, description="Secret key holding the SASL password (env AFC_KAFKA__SASL_PASSWORD in the pod).")
     tls_ca_secret_ref: SecretKeyRef | None = Field(
@@ -222,16 +261,6 @@ class MembershipSpec(Checked, MembershipSettings):
 class FlowSpec(Checked, FlowSettings):
     """The runtime's `flow` section (bounds of the adaptive fetch loop)."""
     model_config = ConfigDict(json_schema_extra=_crd_schema_extra)
-    crd_rules = (
-        Rule("self.minInflight <= self.maxInflight", lambda f: f.min_inflight <= f.max_inflight,
-             "minInflight must be <= maxInflight", ".minInflight"),
-        Rule("self.minBatch <= self.maxBatch", lambda f: f.min_batch <= f.max_batch,
-             "minBatch must be <= maxBatch", ".minBatch"),
-        Rule("!has(self.initialInflight) || (self.minInflight <= self.initialInflight"
-             " && self.initialInflight <= self.maxInflight)",
-             lambda f: f.initial_inflight is None or f.min_inflight <= f.initial_inflight <= f.max_inflight,
-             "initialInflight must lie within [minInflight, maxInflight]", ".initialInflight"),
-    )
 
 
 class IdempotencySpec(Checked, IdempotencySettings):
@@ -244,11 +273,12 @@ class IdempotencySpec(Checked, IdempotencySettings):
 
 
 class HandlerSpec(Checked, HandlerSettings):
-    """The runtime's `handler` section: exactly one of a Python handler or an HTTP sink."""
+    """The runtime's `handler` section: exactly one of a Python handler or an HTTP sink (the
+    runtime refuses both; without either it refuses to run, which a spec says up front)."""
     model_config = ConfigDict(json_schema_extra=_crd_schema_extra)
     crd_rules = (
-        Rule("has(self.handler) != has(self.httpSinkUrl)",
-             lambda h: bool(h.handler) != bool(h.http_sink_url),
+        Rule("handler-target", "has(self.handler) || has(self.httpSinkUrl)",
+             lambda h: bool(h.handler) or bool(h.http_sink_url),
              "set exactly one of handler (pkg.module:func) or httpSinkUrl", ".handler"),
     )
 
@@ -273,14 +303,6 @@ class BackpressureSpec(Checked, BackpressureSettings):
 class RoutingSpec(Checked, RoutingSettings):
     """The runtime's `routing` section: where failures go (retry topic, dead-letter, poison)."""
     model_config = ConfigDict(json_schema_extra=_crd_schema_extra)
-    crd_rules = (
-        Rule("self.retrySuffix != self.dlqSuffix && self.retrySuffix != self.poisonSuffix"
-             " && self.dlqSuffix != self.poisonSuffix",
-             lambda r: len({r.retry_suffix, r.dlq_suffix, r.poison_suffix}) == 3,
-             "retrySuffix, dlqSuffix and poisonSuffix must differ", ".dlqSuffix"),
-        Rule("self.backoffMaxMs >= self.backoffInitialMs", lambda r: r.backoff_max_ms >= r.backoff_initial_ms,
-             "backoffMaxMs must be >= backoffInitialMs", ".backoffMaxMs"),
-    )
 
 
 # --------------------------------------------------------------------------- operator-only sections
@@ -322,20 +344,90 @@ class ScalingSpec(CrdModel):
 
 
 class ResourceRequirements(CrdModel):
+    crd_rules = (
+        qualified_keys("requests", "resources.requests"),
+        qualified_keys("limits", "resources.limits"),
+        # Over the usual resources only: over every key, the apiserver's cost estimate for
+        # quantity() refuses the CRD; extended resources need requests == limits anyway, and
+        # what slips through is reported as InvalidSpec when the StatefulSet is refused.
+        Rule("pod-requests-within-limits",
+             "!has(self.requests) || !has(self.limits) || " + cel_list(COMPARED_RESOURCES) + ".all(k, "
+             "!(k in self.requests && k in self.limits)"
+             " || quantity(string(self.requests[k])).compareTo(quantity(string(self.limits[k]))) <= 0)",
+             _requests_within_limits, "requests of " + ", ".join(COMPARED_RESOURCES) + " must be <= their limits",
+             ".requests"),
+    )
     requests: dict[str, Quantity] = Field(default_factory=dict, max_length=16)
     limits: dict[str, Quantity] = Field(default_factory=dict, max_length=16)
 
 
+class KeySelector(CrdModel):
+    """A key of a Secret or ConfigMap in the AdaptiveConsumer's namespace."""
+    name: str = Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN)
+    key: str = Field(min_length=1, max_length=253, pattern=SECRET_KEY)
+    optional: bool | None = None
+
+
+class ObjectFieldSelector(CrdModel):
+    field_path: str = Field(min_length=1, max_length=512, pattern=ENV_FIELD_PATH,
+                            description="What the downward API offers an env var: metadata.name, metadata.namespace, "
+                            "metadata.uid, metadata.labels['k'], metadata.annotations['k'], spec.nodeName, "
+                            "spec.serviceAccountName, status.hostIP(s), status.podIP(s).")
+    api_version: Literal["v1"] | None = None
+
+
+class ResourceFieldSelector(CrdModel):
+    resource: str = Field(min_length=1, max_length=64, pattern=ENV_RESOURCE,
+                          description="limits.cpu, requests.memory, limits.ephemeral-storage, ...")
+    container_name: str | None = Field(None, max_length=63)
+    divisor: Quantity | None = None
+
+
+class EnvVarSource(CrdModel):
+    """Exactly one source, as in a container's env."""
+    crd_rules = (
+        Rule("pod-env-one-source",
+             "[has(self.secretKeyRef), has(self.configMapKeyRef), has(self.fieldRef), has(self.resourceFieldRef)]"
+             ".filter(x, x).size() == 1",
+             lambda s: sum(x is not None for x in (s.secret_key_ref, s.config_map_key_ref, s.field_ref,
+                                                   s.resource_field_ref)) == 1,
+             "set exactly one of secretKeyRef, configMapKeyRef, fieldRef or resourceFieldRef", ".secretKeyRef"),
+    )
+    secret_key_ref: KeySelector | None = None
+    config_map_key_ref: KeySelector | None = None
+    field_ref: ObjectFieldSelector | None = None
+    resource_field_ref: ResourceFieldSelector | None = None
+
+
 class EnvVar(CrdModel):
+    crd_rules = (
+        Rule("pod-env-value-or-source", "!(has(self.value) && has(self.valueFrom))",
+             lambda e: e.value is None or e.value_from is None,
+             "set value or valueFrom, not both", ".valueFrom"),
+    )
     name: str = Field(min_length=1, max_length=256, pattern=ENV_NAME)
     value: str | None = Field(None, max_length=32_768)
-    value_from: dict[str, Any] | None = Field(None, description="As in a container's env (secretKeyRef, ...).")
+    value_from: EnvVarSource | None = Field(None, description="As in a container's env (secretKeyRef, ...).")
 
 
 class Toleration(CrdModel):
-    key: str | None = Field(None, max_length=317)
+    """As in a pod spec; what the apiserver would refuse in the StatefulSet is refused here."""
+    crd_rules = (
+        Rule("pod-toleration-exists-no-value",
+             "!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''",
+             lambda t: t.operator != "Exists" or not t.value, "value must be empty when operator is Exists",
+             ".value"),
+        Rule("pod-toleration-key", "(has(self.key) && self.key != '') || (has(self.operator) && self.operator == 'Exists')",
+             lambda t: bool(t.key) or t.operator == "Exists", "key is required unless operator is Exists", ".key"),
+        Rule("pod-toleration-seconds-no-execute",
+             "!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+             lambda t: t.toleration_seconds is None or t.effect == "NoExecute",
+             "tolerationSeconds needs effect NoExecute", ".tolerationSeconds"),
+    )
+    key: str | None = Field(None, max_length=MAX_QUALIFIED_NAME, pattern="^$|" + QUALIFIED_NAME,
+                            description="Empty (or unset) with operator Exists: every taint.")
     operator: Literal["Exists", "Equal"] | None = None
-    value: str | None = Field(None, max_length=63)
+    value: LabelValue | None = None
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
     toleration_seconds: int | None = None
 
@@ -351,9 +443,11 @@ class CanarySpec(CrdModel):
     members) and promotes (every pod rolls) or rolls back (the canary pods return to the
     previous revision; the stable members are not restarted)."""
     crd_rules = (
-        Rule("!(has(self.replicas) && has(self.percent))", lambda c: c.replicas is None or c.percent is None,
+        Rule("canary-replicas-or-percent", "!(has(self.replicas) && has(self.percent))",
+             lambda c: c.replicas is None or c.percent is None,
              "set at most one of replicas or percent", ".replicas"),
-        Rule("self.maxHoldSeconds >= self.holdSeconds", lambda c: c.max_hold_seconds >= c.hold_seconds,
+        Rule("canary-hold-bounds", "self.maxHoldSeconds >= self.holdSeconds",
+             lambda c: c.max_hold_seconds >= c.hold_seconds,
              "maxHoldSeconds must be >= holdSeconds", ".maxHoldSeconds"),
     )
     replicas: int | None = Field(None, ge=1, le=1_000, description="Pods that run the new revision first (the "
@@ -400,25 +494,157 @@ class RolloutSpec(CrdModel):
                                       "Unset: every pod rolls at once, one after another.")
 
 
+# --------------------------------------------------------------------------- affinity, typed
+# A pod template's affinity as core/v1 has it, with the rules pod validation applies: the
+# StatefulSet does not validate its pod template, so an invalid affinity used to pass the CRD
+# and the StatefulSet, and fail only when the StatefulSet controller created the pods.
+
+QualifiedName = Annotated[str, StringConstraints(min_length=1, max_length=MAX_QUALIFIED_NAME, pattern=QUALIFIED_NAME)]
+AFFINITY_ITEMS = 8
+
+
+def _values_rule(name: str, operators: str) -> Rule:
+    """values: some for In/NotIn, none for Exists/DoesNotExist, one integer for Gt/Lt."""
+    return Rule(name,
+                "self.operator in ['In', 'NotIn'] ? (has(self.values) && size(self.values) > 0)"
+                " : self.operator in ['Exists', 'DoesNotExist'] ? (!has(self.values) || size(self.values) == 0)"
+                " : (has(self.values) && size(self.values) == 1 && self.values[0].matches('^-?[0-9]+$'))",
+                lambda r: (bool(r.values) if r.operator in ("In", "NotIn") else not r.values
+                           if r.operator in ("Exists", "DoesNotExist")
+                           else len(r.values) == 1 and re.match(r"^-?[0-9]+$", r.values[0]) is not None),
+                f"values: at least one for In and NotIn, none for Exists and DoesNotExist{operators}", ".values")
+
+
+class NodeSelectorRequirement(CrdModel):
+    crd_rules = (_values_rule("affinity-node-values", ", exactly one integer for Gt and Lt"),)
+    key: QualifiedName
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist", "Gt", "Lt"]
+    values: list[Annotated[str, StringConstraints(max_length=253)]] = Field(default_factory=list,
+                                                                            max_length=AFFINITY_ITEMS)
+
+
+class NodeSelectorTerm(CrdModel):
+    crd_rules = (
+        Rule("affinity-node-fields",
+             "!has(self.matchFields) || self.matchFields.all(f, f.key == 'metadata.name'"
+             " && f.operator in ['In', 'NotIn'] && has(f.values) && size(f.values) == 1)",
+             lambda t: all(f.key == "metadata.name" and f.operator in ("In", "NotIn") and len(f.values) == 1
+                           for f in t.match_fields),
+             "matchFields: only metadata.name, with In or NotIn and exactly one value", ".matchFields"),
+    )
+    match_expressions: list[NodeSelectorRequirement] = Field(default_factory=list, max_length=AFFINITY_ITEMS)
+    match_fields: list[NodeSelectorRequirement] = Field(default_factory=list, max_length=AFFINITY_ITEMS)
+
+
+class NodeSelector(CrdModel):
+    node_selector_terms: list[NodeSelectorTerm] = Field(min_length=1, max_length=AFFINITY_ITEMS)
+
+
+class PreferredSchedulingTerm(CrdModel):
+    weight: int = Field(ge=1, le=100)
+    preference: NodeSelectorTerm
+
+
+class NodeAffinity(CrdModel):
+    required_during_scheduling_ignored_during_execution: NodeSelector | None = None
+    preferred_during_scheduling_ignored_during_execution: list[PreferredSchedulingTerm] = Field(
+        default_factory=list, max_length=AFFINITY_ITEMS)
+
+
+class LabelSelectorRequirement(CrdModel):
+    crd_rules = (_values_rule("affinity-label-values", ""),)
+    key: QualifiedName
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
+    values: list[LabelValue] = Field(default_factory=list, max_length=AFFINITY_ITEMS)
+
+
+class LabelSelector(CrdModel):
+    crd_rules = (qualified_keys("matchLabels", "matchLabels", "affinity-match-labels-keys"),)
+    match_labels: dict[str, LabelValue] = Field(default_factory=dict, max_length=AFFINITY_ITEMS)
+    match_expressions: list[LabelSelectorRequirement] = Field(default_factory=list, max_length=AFFINITY_ITEMS)
+
+
+class PodAffinityTerm(CrdModel):
+    label_selector: LabelSelector | None = None
+    namespace_selector: LabelSelector | None = None
+    namespaces: list[Annotated[str, StringConstraints(max_length=63, pattern=DNS_LABEL)]] = Field(
+        default_factory=list, max_length=AFFINITY_ITEMS)
+    topology_key: QualifiedName
+    match_label_keys: list[QualifiedName] = Field(default_factory=list, max_length=AFFINITY_ITEMS)
+    mismatch_label_keys: list[QualifiedName] = Field(default_factory=list, max_length=AFFINITY_ITEMS)
+
+
+class WeightedPodAffinityTerm(CrdModel):
+    weight: int = Field(ge=1, le=100)
+    pod_affinity_term: PodAffinityTerm
+
+
+class PodAffinity(CrdModel):
+    required_during_scheduling_ignored_during_execution: list[PodAffinityTerm] = Field(
+        default_factory=list, max_length=AFFINITY_ITEMS)
+    preferred_during_scheduling_ignored_during_execution: list[WeightedPodAffinityTerm] = Field(
+        default_factory=list, max_length=AFFINITY_ITEMS)
+
+
+class Affinity(CrdModel):
+    """As in a pod spec (core/v1 Affinity)."""
+    node_affinity: NodeAffinity | None = None
+    pod_affinity: PodAffinity | None = None
+    pod_anti_affinity: PodAffinity | None = None
+
+
+def _affinity(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Checked against `Affinity`, kept as given (the pod spec takes it as it is)."""
+    if value is not None:
+        try:
+            Affinity.model_validate(value)
+        except ValidationError as e:
+            raise ValueError("; ".join(".".join(str(p) for p in err["loc"]) + ": "
+                                       + str(err["msg"]).removeprefix("Value error, ") for err in e.errors())) from e
+    return value
+
+
+def _inlined(schema: Any, defs: dict[str, Any]) -> Any:
+    """References replaced by their definitions (a schema handed to pydantic whole may not
+    refer to definitions of its own)."""
+    if isinstance(schema, dict):
+        if "$ref" in schema:
+            return _inlined({**defs[schema["$ref"].split("/")[-1]],
+                             **{k: v for k, v in schema.items() if k != "$ref"}}, defs)
+        return {k: _inlined(v, defs) for k, v in schema.items() if k != "$defs"}
+    if isinstance(schema, list):
+        return [_inlined(v, defs) for v in schema]
+    return schema
+
+
+_affinity_json = Affinity.model_json_schema(by_alias=True, mode="validation")
+AFFINITY_SCHEMA = {**_inlined(_affinity_json, _affinity_json.get("$defs", {})),
+                   "description": "As in a pod spec (nodeAffinity, podAffinity, podAntiAffinity)."}
+
+
 class PodTemplateOverrides(CrdModel):
     """What may be changed in the consumer pods; everything else is the operator's."""
     crd_rules = (
-        Rule("!has(self.env) || self.env.all(e, !(e.name in ['POD_NAME', 'POD_NAMESPACE'])"
+        Rule("pod-env-reserved", "!has(self.env) || self.env.all(e, !(e.name in ['POD_NAME', 'POD_NAMESPACE'])"
              " && !e.name.startsWith('AFC_'))",
              _env_not_reserved,
              "env must not set POD_NAME, POD_NAMESPACE or AFC_* (the operator sets them from the spec)",
              ".env"),
+        qualified_keys("labels", "labels"),
+        qualified_keys("annotations", "annotations"),
+        qualified_keys("nodeSelector", "nodeSelector"),
     )
-    labels: dict[str, str] = Field(default_factory=dict, max_length=64)
-    annotations: dict[str, str] = Field(default_factory=dict, max_length=64)
+    labels: dict[str, LabelValue] = Field(default_factory=dict, max_length=64)
+    annotations: dict[str, Annotated[str, StringConstraints(max_length=65_536)]] = Field(
+        default_factory=dict, max_length=64)
     resources: ResourceRequirements | None = Field(None, description="Container resources; default "
                                                    "requests cpu 100m, memory 128Mi; limits memory 512Mi.")
     env: list[EnvVar] = Field(default_factory=list, max_length=64,
                               json_schema_extra={"x-kubernetes-list-type": "map",
                                                  "x-kubernetes-list-map-keys": ["name"]})
-    node_selector: dict[str, str] = Field(default_factory=dict, max_length=32)
+    node_selector: dict[str, LabelValue] = Field(default_factory=dict, max_length=32)
     tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
-    affinity: dict[str, Any] | None = Field(None, description="As in a pod spec.")
+    affinity: Annotated[dict[str, Any] | None, AfterValidator(_affinity), WithJsonSchema(AFFINITY_SCHEMA)] = None
     service_account_name: str | None = Field(None, max_length=253, pattern=DNS_SUBDOMAIN)
     priority_class_name: str | None = Field(None, max_length=253, pattern=DNS_SUBDOMAIN)
     image_pull_secrets: list[LocalObjectReference] = Field(default_factory=list, max_length=16)
@@ -428,11 +654,13 @@ class PodTemplateOverrides(CrdModel):
 
 class AdaptiveConsumerSpec(CrdModel):
     crd_rules = (
-        Rule("self.minReplicas <= self.maxReplicas", lambda s: s.min_replicas <= s.max_replicas,
+        Rule("replicas-bounds", "self.minReplicas <= self.maxReplicas", lambda s: s.min_replicas <= s.max_replicas,
              "minReplicas must be <= maxReplicas", ".minReplicas"),
+        *RuntimeSettings.rules,  # across sections: the spec has the same paths
     )
 
-    image: str = Field(min_length=1, max_length=512, description="The runtime image (runs `afc-consumer run`).")
+    image: str = Field(min_length=1, max_length=512, pattern=IMAGE,
+                       description="The runtime image (runs `afc-consumer run`).")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     replicas: int = Field(1, ge=0, le=1_000, description="Wanted replicas (the scale subresource); "
                           "the operator keeps it within [minReplicas, maxReplicas].")

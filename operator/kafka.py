@@ -32,7 +32,20 @@ from afc.operator.status import BROKER_UNREACHABLE, TOPIC_NOT_FOUND, Problem
 
 logger = logging.getLogger("afc.operator.kafka")
 
-CONNECTION_PROPERTIES = ("ssl.", "sasl.", "security.", "broker.address.", "client.dns.", "socket.")
+# The only `kafka.extra` properties the operator's own clients take: how to reach the brokers,
+# nothing that names a file, a command, a URL or a mechanism. The operator runs with its own
+# ServiceAccount token (cluster-wide: every Secret of the cluster) and its own files, so a
+# property such as `sasl.oauthbearer.assertion.file` with `sasl.oauthbearer.token.endpoint.url`
+# would make it send its token wherever a resource says (docs/security.md). The pods take the
+# whole `extra` (their files are their namespace's own); security.protocol, sasl.mechanism and
+# the credentials come from the spec and its Secret references only.
+OPERATOR_EXTRA_PROPERTIES = frozenset({
+    "ssl.endpoint.identification.algorithm", "enable.ssl.certificate.verification", "ssl.cipher.suites",
+    "ssl.curves.list", "ssl.sigalgs.list",
+    "broker.address.family", "broker.address.ttl", "client.dns.lookup",
+    "socket.keepalive.enable", "socket.nagle.disable", "socket.send.buffer.bytes",
+    "socket.receive.buffer.bytes", "socket.max.fails",
+})
 OFFSET_UNSET = -1001  # librdkafka's OFFSET_INVALID: no committed offset
 
 
@@ -65,19 +78,18 @@ def lag_summary(o: Observation, auto_offset_reset: str, measured_at: str,
 
 def client_config(spec: AdaptiveConsumerSpec, secrets: Mapping[str, str], timeout_s: float) -> dict[str, Any]:
     """librdkafka settings for the operator's admin client: the spec's brokers and security,
-    with the secret values the operator read (never written anywhere)."""
+    with the secret values the operator read (never written anywhere), and of `extra` only
+    OPERATOR_EXTRA_PROPERTIES."""
     k = spec.kafka
-    conf: dict[str, Any] = {
+    conf: dict[str, Any] = {key: value for key, value in k.extra.items() if key in OPERATOR_EXTRA_PROPERTIES}
+    conf.update({
         "bootstrap.servers": k.bootstrap_servers,
         "security.protocol": k.security_protocol,
         "socket.timeout.ms": int(timeout_s * 1000),
         "socket.connection.setup.timeout.ms": int(timeout_s * 1000),
         "reconnect.backoff.max.ms": 1000,
         "client.id": "afc-operator",
-    }
-    for key, value in k.extra.items():
-        if key.startswith(CONNECTION_PROPERTIES):  # how to reach the brokers, not how to consume
-            conf[key] = value
+    })
     if k.sasl_mechanism:
         conf["sasl.mechanism"] = k.sasl_mechanism
     if k.sasl_username:
@@ -220,7 +232,7 @@ def observe_sync(admin: Any, spec: AdaptiveConsumerSpec, timeout_s: float,
     try:
         earliest_f = admin.list_offsets({tp: OffsetSpec.earliest() for tp in tps}, request_timeout=timeout_s)
         latest_f = admin.list_offsets({tp: OffsetSpec.latest() for tp in tps}, request_timeout=timeout_s)
-        committed, members, ids, state, gtype = _group_sync(admin, group_admin(), k.group_id, tps, timeout_s)
+        committed, members, ids, state, gtype, owners = _group_sync(admin, group_admin(), k.group_id, tps, timeout_s)
         partitions = {}
         for tp in tps:
             key = (tp.topic, tp.partition)
@@ -232,16 +244,22 @@ def observe_sync(admin: Any, spec: AdaptiveConsumerSpec, timeout_s: float,
         return Snapshot(lag_error=f"lag of group {k.group_id}: {_kafka_error(e)}")
     except Exception as e:  # noqa: BLE001 - kafka-python's errors (KafkaError and subclasses)
         return Snapshot(lag_error=f"lag of group {k.group_id}: {type(e).__name__}: {e}")
-    return Snapshot(observation=Observation(at, partitions, members), instance_ids=ids, group_state=state,
+    mine = {tp: m for tp, m in owners.items() if tp in partitions}
+    return Snapshot(observation=Observation(at, partitions, members, mine or None), instance_ids=ids, group_state=state,
                     group_type=gtype)
 
 
 _GROUP_LOCK = threading.Lock()    # a kafka-python client is not thread-safe; the probe's pool is
 
 
-def _group_sync(admin: Any, group_admin: Any, group_id: str, tps: Sequence[Any],
-                timeout_s: float) -> tuple[dict[tuple[str, int], int], int, tuple[str, ...], str, str | None]:
-    """(committed offsets, member count, static member ids, state, type) of one group."""
+Owners = dict[tuple[str, int], str]
+
+
+def _group_sync(admin: Any, group_admin: Any, group_id: str, tps: Sequence[Any], timeout_s: float
+                ) -> tuple[dict[tuple[str, int], int], int, tuple[str, ...], str, str | None, Owners]:
+    """(committed offsets, member count, static member ids, state, type, and the assignment:
+    partition -> member, by group.instance.id where there is one) of one group. The
+    assignment lets the autoscaler measure the rate on the members that were busy."""
     from kafka import TopicPartition as KTP
     with _GROUP_LOCK:
         offsets = group_admin.list_group_offsets({group_id: [KTP(tp.topic, tp.partition) for tp in tps]})[group_id]
@@ -250,11 +268,18 @@ def _group_sync(admin: Any, group_admin: Any, group_id: str, tps: Sequence[Any],
     err = str(desc.get("error") or "")
     if "not a classic group" not in err:
         ids = tuple(sorted(m["group_instance_id"] for m in desc["members"] if m.get("group_instance_id")))
-        return committed, len(desc["members"]), ids, str(desc.get("group_state")), "CLASSIC"
+        owners: Owners = {}
+        for m in desc["members"]:
+            who = m.get("group_instance_id") or m.get("member_id") or ""
+            for a in (m.get("member_assignment") or {}).get("assigned_partitions") or ():
+                owners.update({(a["topic"], p): who for p in a["partitions"]})
+        return committed, len(desc["members"]), ids, str(desc.get("group_state")), "CLASSIC", owners
     group = admin.describe_consumer_groups([group_id], request_timeout=timeout_s)[group_id].result(timeout=timeout_s)
     ids = tuple(sorted(m.group_instance_id for m in group.members if m.group_instance_id))
+    owners = {(tp.topic, tp.partition): m.group_instance_id or m.member_id
+              for m in group.members for tp in (getattr(m.assignment, "topic_partitions", None) or ())}
     return (committed, len(group.members), ids, str(getattr(group.state, "name", group.state)),
-            str(getattr(getattr(group, "type", None), "name", None)))
+            str(getattr(getattr(group, "type", None), "name", None)), owners)
 
 
 def remove_members_sync(leaver: Any, group_id: str, instance_ids: Sequence[str]) -> dict[str, str]:
@@ -316,5 +341,5 @@ class KafkaProbe:
         self.clients.close()
 
 
-__all__ = ["KafkaProbe", "Snapshot", "ClientCache", "client_config", "cluster_key", "lag_summary",
+__all__ = ["OPERATOR_EXTRA_PROPERTIES", "KafkaProbe", "Snapshot", "ClientCache", "client_config", "cluster_key", "lag_summary",
            "observe_sync", "remove_members_sync"]

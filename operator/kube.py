@@ -44,6 +44,12 @@ class KubeError(Exception):
 
 
 def path_for(kind: str, namespace: str, name: str | None = None, subresource: str | None = None) -> str:
+    """The API path of an object. A name or namespace that would step out of its path segment
+    (a "/", "." or "..") is refused: the spec's names reach here (Secret references), and the
+    operator reads Secrets only in the AdaptiveConsumer's own namespace (docs/security.md)."""
+    for part in (namespace, name):
+        if part is not None and (not part or "/" in part or part in (".", "..") or "?" in part or "%" in part):
+            raise ValueError(f"not an object name: {part!r}")
     prefix, plural = RESOURCES[kind]
     path = f"{prefix}/namespaces/{namespace}/{plural}"
     if name:

@@ -35,7 +35,7 @@ import kopf
 from afc.operator import canary as ca, render, rollout as ro, scaling as sc, status as st
 from afc.operator.crd import API_VERSION, GROUP, KIND, PLURAL, VERSION, AdaptiveConsumerSpec
 from afc.operator.kafka import KafkaProbe, Snapshot, lag_summary
-from afc.operator.kube import Kube, KubeError, path_for
+from afc.operator.kube import RESOURCES, Kube, KubeError, path_for
 from afc.operator.metrics import OperatorMetrics
 from afc.operator.settings import OperatorSettings
 from afc.operator.status import Problem
@@ -49,6 +49,10 @@ INTERNAL_ERROR = "InternalError"
 CHILDREN = (("", "v1", "configmaps"), ("", "v1", "services"), ("apps", "v1", "statefulsets"),
             ("policy", "v1", "poddisruptionbudgets"))
 HOLDS = (sc.BACKPRESSURE, sc.STALLED, sc.STALE_DATA, sc.ROLLING_OUT)  # an Event when one starts
+# The children and the pods are watched with this label selector, sent to the apiserver: the
+# operator receives only its own objects, not every ConfigMap, Service, StatefulSet, PDB and pod
+# of the namespaces it serves (kopf's `labels=` on a handler only filters after receiving).
+OWN_OBJECTS = f"{render.L_MANAGED_BY}={render.MANAGED_BY}"
 
 Key = tuple[str, str]
 
@@ -113,6 +117,7 @@ class Tracked:
     collected: tuple[Any, ...] | None = None  # what the last complete config collection looked at
     canary_key: tuple[Any, ...] | None = None  # the canary (template, readyAt) the samples belong to
     canary_samples: list[ca.Sample] = field(default_factory=list)  # members' counters during its hold
+    refused: tuple[int, Problem] | None = None  # (generation, InvalidSpec): the apiserver refused what it renders
 
     def newest(self, body: Mapping[str, Any]) -> Mapping[str, Any]:
         """`body`, or the newer spec this operator has seen (a handler may run with the body of
@@ -280,6 +285,14 @@ def clean(value: Any) -> Any:
     return value
 
 
+def refused(owner: render.Owner, e: KubeError) -> Problem:
+    """A child the apiserver refused (422) as InvalidSpec: it was rendered from this spec, so
+    only a spec change can fix it; not retried until then (a new generation)."""
+    kind = next((k for k, (_, plural) in RESOURCES.items() if f"/{plural}/" in f"{e.path}/"), "object")
+    return Problem(st.INVALID_SPEC, f"the apiserver refused the {kind} rendered from generation {owner.generation} "
+                                    f"of the spec (check spec.podTemplate): {e.message}", retry=False)
+
+
 def post_event(body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
     """An Event on the AdaptiveConsumer (through kopf's queue), and the same as a log line."""
     meta = body.get("metadata") or {}
@@ -407,6 +420,10 @@ class Reconciler:
         done = Converged(body=body)
         try:
             done.spec = spec = render.parse_spec(body.get("spec") or {})
+            if tr.refused is not None and tr.refused[0] == owner.generation:
+                # The apiserver refused an object this generation renders: it would again. Wait for
+                # a spec change (a new generation) instead of re-applying on every poll.
+                raise ProblemError(tr.refused[1])
             done.secrets = secrets = await self._read_secrets(owner.namespace, spec)  # before any pod needs them
             tr.spec, tr.secrets = spec, secrets
             snap = await self.kafka.observe(spec, secrets)
@@ -442,7 +459,13 @@ class Reconciler:
         except ProblemError as e:
             done.problem = e.problem
         except KubeError as e:
-            done.problem = Problem(st.FORBIDDEN if e.forbidden else st.API_ERROR, str(e))
+            if e.status == 422:  # Invalid: what the CRD let through and the child's own validation did not
+                done.problem = refused(owner, e)
+                tr.refused = (owner.generation, done.problem)
+                logger.warning("refused by the apiserver", extra={"object": f"{owner.namespace}/{owner.name}",
+                                                                  "generation": owner.generation, "error": str(e)})
+            else:
+                done.problem = Problem(st.FORBIDDEN if e.forbidden else st.API_ERROR, str(e))
         except Exception as e:  # noqa: BLE001 - a bug must show in the status, not stop the operator
             logger.exception("reconcile failed", extra={"object": f"{owner.namespace}/{owner.name}"})
             done.problem = Problem(INTERNAL_ERROR, f"{type(e).__name__}: {e}")
@@ -1067,6 +1090,14 @@ def configure_kopf(settings: kopf.OperatorSettings, cfg: OperatorSettings) -> No
     settings.networking.connect_timeout = 10
 
 
+def select_own_objects(settings: kopf.OperatorSettings) -> None:
+    """Server-side label selectors on the watches (and their initial lists) of the children and
+    pods: kopf 1.45 turns a handler's `labels=` into a client-side filter only; its
+    `settings.watching.label_selectors` become the `labelSelector` of the request."""
+    for group, version, plural in (*CHILDREN, ("", "v1", "pods")):
+        settings.watching.label_selectors[group, version, plural] = OWN_OBJECTS
+
+
 def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, cfg: OperatorSettings) -> None:
     """Every handler of the operator, on the given registry."""
     on_resource = dict(group=GROUP, version=VERSION, plural=PLURAL, registry=registry)
@@ -1139,6 +1170,10 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, cfg: Opera
     @kopf.daemon(**on_resource, id="poll", cancellation_timeout=10)
     async def poll(body: kopf.Body, stopped: kopf.DaemonStopped, **_: Any) -> None:
         await reconciler.poll_forever(body, stopped)
+
+    @kopf.on.startup(registry=registry, id="select-own-objects")  # before any watch starts
+    async def watch_own_objects(settings: kopf.OperatorSettings, **_: Any) -> None:
+        select_own_objects(settings)
 
     for group, version, plural in CHILDREN:
         @kopf.on.event(group=group, version=version, plural=plural, registry=registry, id=f"child-{plural}",

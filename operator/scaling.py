@@ -11,9 +11,9 @@ Measurement (`measure`)
       retention are not lag (KEDA #7936). No committed offset: the group starts where
       `autoOffsetReset` says (earliest: the whole log; latest: nothing).
     - rates from deltas over the last `rateWindowS`: produce rate (log-end), consume rate
-      (committed), and the rate per member when the group was busy all along (lag on at
-      least as many partitions as members at every observation: nobody was idle, so the
-      rate is what the consumers can do, as Flink's autoscaler measures its true rate).
+      (committed), and the rate of one member while it is busy (`busy_member_rate`, from the
+      group's assignment: a capacity, as Flink's autoscaler measures its true rate; without
+      the assignment, consumed / members when the whole group was busy).
     - lag in seconds per partition as kafka-lag-exporter estimates it: the time at which the
       log-end offset passed the committed offset, interpolated in the window's (offset, time)
       table (extrapolated from the oldest slope when it lies before the window).
@@ -29,6 +29,8 @@ Recommendation
       measured rate yet (no busy window so far) it falls back to the `Lag` formula. The
       backlog term counts at most one replica's rate per partition (`drain_need`): a backlog
       on few partitions cannot use more replicas than those partitions.
+    - members count partitions (`even_spread`): some member holds ceil(P/N) of them and must
+      keep up; Lag mode never goes below what keeps up with the producers once a rate is known.
     - capped at the number of partitions (or partitions with lag, `limitToPartitionsWithLag`)
       and at [minReplicas, maxReplicas]; from zero replicas only lag above `activationLag`
       wakes the group.
@@ -42,7 +44,8 @@ Decision (in this order; the first hold wins)
        is saturated: more consumers would only push harder), at most `maxScaleUpStep`.
        `Lag` mode holds increases of at most `lag_tolerance` (10 %), except when the
        recommendation reaches the partition cap or maxReplicas (no stall below the cap).
-    5. down: to the highest recommendation within `scaleDownStabilizationS`, once that
+    5. down: counting each replica at 90 % of its rate (headroom to catch up after the
+       rebalance), to the highest recommendation within `scaleDownStabilizationS`, once that
        much history exists, at most `maxScaleDownStep`, and only when at least
        `scale_down_band` (10 %) below the replicas or at minReplicas. In `DrainTime`, once
        the backlog is drained (`backlog_drained_since`), recommendations older than that
@@ -90,6 +93,9 @@ class Observation:
     at: float                       # seconds (epoch)
     partitions: Mapping[TP, Offsets]
     members: int = 0                # consumers in the group at that instant
+    # partition -> the member consuming it (the group's assignment), when known: the rate is
+    # then measured on the members that were busy, not on the group (see `busy_member_rate`)
+    owners: Mapping[TP, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -118,6 +124,9 @@ class Policy:
     # Lag mode: scale up only when the recommendation exceeds the replicas by more than this
     # share, or reaches the partition cap / maxReplicas (no stall one step below the cap)
     lag_tolerance: float = 0.1
+    # a member counts as busy (its rate is a capacity) while its backlog is at least this many
+    # seconds of its own consumption: less is what is in flight or not yet committed
+    busy_lag_s: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -147,6 +156,8 @@ class Metrics:
     lag_seconds: float | None = None        # the oldest unconsumed message's age, estimated
     partition_lags: Mapping[TP, int] = field(default_factory=dict)        # not stalled ones only
     max_partition_consume: float | None = None   # msg/s: the fastest any one partition was consumed
+    partition_produce: Mapping[TP, float] = field(default_factory=dict)   # msg/s into each partition
+    waiting: tuple[TP, ...] = ()            # lag but not consumed in the rate window (not stalled yet)
 
     def summary(self) -> dict[str, object]:
         """For status and Events: plain, rounded values."""
@@ -272,29 +283,81 @@ def measure(window: Sequence[Observation], policy: Policy) -> Metrics:
     live = {tp: n for tp, n in lags.items() if tp not in stalled}
     recent = _since(window, last.at - policy.rate_window_s - 1e-9)
     fastest = None
+    produced: dict[TP, float] = {}
+    moved: dict[TP, int] = {}
     if len(recent) >= 2 and recent[-1].at > recent[0].at:
         dt = recent[-1].at - recent[0].at
         for tp, ob in last.partitions.items():
             oa = recent[0].partitions.get(tp) or Offsets(ob.start, ob.start, ob.start)
-            c = max(0, consumed_position(ob, reset) - consumed_position(oa, reset)) / dt
+            moved[tp] = consumed_position(ob, reset) - consumed_position(oa, reset)
+            c = max(0, moved[tp]) / dt
             fastest = c if fastest is None else max(fastest, c)
+            produced[tp] = max(0, ob.end - oa.end) / dt
+    # waiting on something else than replicas: lag all along the rate window, never moved, while
+    # the group had members and consumed elsewhere (a stuck partition before it counts as stalled)
+    waiting: tuple[TP, ...] = ()
+    if moved and any(n > 0 for n in moved.values()) and all(o.members > 0 for o in recent):
+        waiting = tuple(sorted(tp for tp, n in moved.items() if n <= 0 and tp in live and all(
+            tp in o.partitions and partition_lag(o.partitions[tp], reset) > 0 for o in recent)))
     produce = consume = per_replica = None
     if len(recent) >= 2:
         first = recent[0]
         produce = _rate(first, last, lambda o: o.end)
         consume = _rate(first, last, lambda o: consumed_position(o, reset))
-        members = _mean_members(recent)
-        busy = all(sum(1 for tp, o in ob.partitions.items() if tp not in stalled and partition_lag(o, reset) > 0)
-                   >= max(1, ob.members) for ob in recent)
-        if busy and members > 0 and consume is not None and consume > 0:
-            per_replica = consume / members
+        if recent[-1].owners:
+            per_replica = busy_member_rate(recent, set(stalled), reset, policy.busy_lag_s)
+        else:
+            members = _mean_members(recent)
+            busy = all(sum(1 for tp, o in ob.partitions.items() if tp not in stalled and partition_lag(o, reset) > 0)
+                       >= max(1, ob.members) for ob in recent)
+            if busy and members > 0 and consume is not None and consume > 0:
+                per_replica = consume / members
     seconds = [s for tp in live if lags[tp] > 0 and (s := lag_seconds(window, tp, reset)) is not None]
     return Metrics(partitions=len(lags), lag=sum(lags.values()), effective_lag=sum(live.values()),
                    max_partition_lag=max(lags.values(), default=0),
                    lagging=sum(1 for n in live.values() if n > 0), stalled=stalled,
                    produce_rate=produce, consume_rate=consume, per_replica_rate=per_replica,
                    members=last.members, lag_seconds=max(seconds) if seconds else (0.0 if live else None),
-                   partition_lags=live, max_partition_consume=fastest)
+                   partition_lags=live, max_partition_consume=fastest,
+                   partition_produce=produced, waiting=waiting)
+
+
+def busy_member_rate(recent: Sequence[Observation], stalled: set[TP], reset: str,
+                     busy_lag_s: float) -> float | None:
+    """msg/s one member consumes while it is busy: the mean over the members whose backlog
+    (on their partitions that moved) stayed at least `busy_lag_s` of their own consumption at
+    every observation of the window, with the same assignment all along. A member with such a
+    backlog consumes as fast as it can, so its rate is a capacity (Flink's autoscaler measures
+    the true processing rate on busy time likewise). The group's consume rate over all members
+    is not, when some members keep up and idle: 24 partitions over 7 members at 600 msg/s, the
+    members with 4 partitions fall behind, the others keep up, and consumed / members says 86
+    msg/s of a true 100. A partition that did not move is left out (a stuck one, not yet old
+    enough to count as stalled: its member is not consuming it, so it says nothing of speed).
+    None when no member was busy all along or the assignment changed in the window."""
+    first, last = recent[0], recent[-1]
+    owners = last.owners
+    dt = last.at - first.at
+    if not owners or dt <= 0 or any(o.owners != owners for o in recent):
+        return None
+    mine: dict[str, list[TP]] = {}
+    for tp, member in owners.items():
+        if tp not in stalled and tp in last.partitions:
+            mine.setdefault(member, []).append(tp)
+    rates = []
+    for tps in mine.values():
+        moved = {tp: consumed_position(last.partitions[tp], reset)
+                 - consumed_position(first.partitions.get(tp, last.partitions[tp]), reset) for tp in tps}
+        rate = sum(max(0, n) for n in moved.values()) / dt
+        if rate > 0 and all(_busy_step(a, b, tps, rate * busy_lag_s, reset) for a, b in zip(recent, recent[1:])):
+            rates.append(rate)
+    return sum(rates) / len(rates) if rates else None
+
+
+def _busy_step(a: Observation, b: Observation, tps: Sequence[TP], backlog: float, reset: str) -> bool:
+    """Between a and b, the partitions that moved still had at least `backlog` messages at b."""
+    moved = [tp for tp in tps if tp in a.partitions and tp in b.partitions
+             and consumed_position(b.partitions[tp], reset) > consumed_position(a.partitions[tp], reset)]
+    return bool(moved) and sum(partition_lag(b.partitions[tp], reset) for tp in moved) >= backlog
 
 
 def _mean_members(obs: Sequence[Observation]) -> float:
@@ -329,10 +392,45 @@ def drain_need(m: Metrics, rate: float, target_s: float) -> float:
     than those partitions, e.g. the one a released stall leaves behind). That limit is the
     larger of the per-replica rate and the fastest any single partition was consumed in the
     rate window (the per-replica rate is an average over members that may also own idle
-    partitions, so alone it would underestimate what one partition can take)."""
+    partitions, so alone it would underestimate what one partition can take). The backlog of a
+    partition nobody consumed in the rate window while others were (`Metrics.waiting`: stuck,
+    before `stallAfterS` names it stalled) waits on something more replicas do not fix."""
     one = max(rate, m.max_partition_consume or 0.0)
     lags = m.partition_lags or {("", -1): m.effective_lag}
-    return sum(min(one, lag / target_s) for lag in lags.values()) + max(0.0, m.produce_rate or 0.0)
+    return (sum(min(one, lag / target_s) for tp, lag in lags.items() if tp not in m.waiting)
+            + max(0.0, m.produce_rate or 0.0))
+
+
+def partition_needs(m: Metrics, rate: float, target_s: float) -> list[float]:
+    """msg/s each partition needs (stalled ones excluded): what is produced into it plus its
+    backlog over the target (not for a partition `waiting` on something else), at most what one
+    consumer can take from it."""
+    one = max(rate, m.max_partition_consume or 0.0)
+    tps = set(m.partition_lags) | {tp for tp in m.partition_produce if tp not in m.stalled}
+    return [min(one, m.partition_produce.get(tp, 0.0)
+                + (0 if tp in m.waiting else m.partition_lags.get(tp, 0)) / target_s) for tp in tps]
+
+
+def even_spread(partitions: int, needs: Sequence[float], rate: float) -> int:
+    """Fewest replicas for which the busiest member keeps up. A partition is consumed by one
+    member, so N replicas give some member ceil(P/N) partitions, and the busiest member is
+    taken to hold the neediest partition plus average ones. With 24 even partitions at 1,800
+    msg/s and 100 msg/s per replica, ceil(1800/100) = 18 replicas leave six members with two
+    partitions (150 msg/s each): they fall behind for ever; only 24 keep up. Conversely 13
+    to 23 replicas are no better than 12 when each member can take two partitions. And a
+    partition whose backlog takes a whole replica (released after a stall) drains only on a
+    member of its own. Capped at the partitions by `cap`."""
+    total = sum(needs)
+    if partitions <= 0 or total <= 0 or rate <= 0:
+        return 0
+    top = max(needs)
+    if top > rate * (1 + 1e-9):
+        return partitions
+    rest = (total - top) / (partitions - 1) if partitions > 1 else 0.0   # an average other partition
+    if rest <= 0:
+        return 1
+    per_member = 1 + math.floor((rate - top) / rest + 1e-9)   # partitions one member can keep up with
+    return math.ceil(partitions / per_member)
 
 
 def cap(policy: Policy, m: Metrics) -> tuple[int, str]:
@@ -342,9 +440,13 @@ def cap(policy: Policy, m: Metrics) -> tuple[int, str]:
     return max(1, m.partitions), "partitions"
 
 
-def recommend(policy: Policy, m: Metrics, known_rate: float | None, current: int) -> tuple[int, str, float | None]:
-    """(replicas within bounds, how they were computed, the per-replica rate used)."""
-    rate = m.per_replica_rate or known_rate
+def recommend(policy: Policy, m: Metrics, known_rate: float | None, current: int,
+              utilization: float = 1.0) -> tuple[int, str, float | None]:
+    """(replicas within bounds, how they were computed, the per-replica rate used). With
+    `utilization` < 1 each replica is counted at that share of its measured rate (the
+    headroom a scale-down must leave, see `decide`)."""
+    measured = m.per_replica_rate or known_rate
+    rate = measured * utilization if measured else None
     if policy.mode == "DrainTime" and rate:
         raw = drain_formula(m.effective_lag, m.produce_rate or 0.0, rate, policy.target_drain_s)
         how = (f"ceil(({m.effective_lag} lag / {policy.target_drain_s:g}s + {m.produce_rate or 0:.1f} msg/s produced)"
@@ -355,12 +457,26 @@ def recommend(policy: Policy, m: Metrics, known_rate: float | None, current: int
             raw = absorbable
             how += (f", but the partitions can absorb only {need:.1f} msg/s (a partition's backlog takes at most"
                     f" one replica): {raw}")
+        spread = even_spread(m.partitions, partition_needs(m, rate, policy.target_drain_s), rate)
+        if spread > raw:
+            raw = spread
+            how += (f", rounded up to {raw} so that no member holds more partitions than it can consume"
+                    f" ({need / max(1, m.partitions):.1f} msg/s each)")
     else:
         raw = lag_formula(m.effective_lag, policy.lag_threshold)
         how = f"ceil({m.effective_lag} lag / {policy.lag_threshold} per replica) = {raw}"
         if policy.mode == "DrainTime":
             how += " (no per-replica rate measured yet: lag formula)"
             rate = None
+        elif rate and m.partition_produce:
+            # KEDA's formula alone settles where lag = replicas x threshold and so flaps across a
+            # boundary when fewer replicas cannot keep up; never fewer than keep up with producers
+            keep_up = even_spread(m.partitions, [r for tp, r in m.partition_produce.items() if tp not in m.stalled],
+                                  rate)
+            if keep_up > raw:
+                raw = keep_up
+                how += (f", but {keep_up} are needed to keep up with {m.produce_rate or 0:.1f} msg/s produced"
+                        f" at {rate:.1f} msg/s per replica")
     limit, what = cap(policy, m)
     if raw > limit:
         raw = limit
@@ -375,7 +491,9 @@ def recommend(policy: Policy, m: Metrics, known_rate: float | None, current: int
     bounded = min(policy.max_replicas, max(policy.min_replicas, raw))
     if bounded != raw:
         how += f", kept within [{policy.min_replicas}, {policy.max_replicas}]"
-    return bounded, how, rate
+    if rate and utilization < 1:
+        how += f" (each replica counted at {utilization:.0%} of {measured:.1f} msg/s: headroom)"
+    return bounded, how, measured if rate else None
 
 
 # ----------------------------------------------------------------------------- decision
@@ -433,12 +551,19 @@ def decide(window: Sequence[Observation], policy: Policy, ctx: Context) -> Decis
             return out(current, DOWN_STABILIZING,
                        f"{how}; scaling down only after {policy.scale_down_stabilization_s:g}s of recommendations "
                        f"(scaleDownStabilizationS)")
+        # scale down only to what keeps up with headroom: a group left at exactly its capacity
+        # cannot catch up with the lag of the rebalance it goes through, and comes back up
+        down, down_how, _ = recommend(policy, m, ctx.known_rate, current, utilization=1 - policy.scale_down_band)
+        if down > rec:
+            rec_for_down, how = down, down_how
+        else:
+            rec_for_down = rec
         since = ctx.now - policy.scale_down_stabilization_s
         released = backlog_drained_since(window, policy, m, rate) if policy.mode == "DrainTime" else None
         if released is not None and released > since:
             since = released    # recommendations made for a backlog that is gone no longer hold replicas
         in_window = [r for t, r in history if t >= since]
-        target = max([rec, *in_window])
+        target = max([rec_for_down, *in_window])
         if target < current and target > policy.min_replicas and target > current * (1 - policy.scale_down_band):
             return out(inside, DOWN_STABILIZING if inside == current else CLAMPED,
                        f"{how}; {current} -> {target} is less than the {policy.scale_down_band:.0%} scale-down band")

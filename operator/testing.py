@@ -34,6 +34,18 @@ def operator_command() -> list[str]:
     return [exe]
 
 
+def terminate(proc: subprocess.Popen, timeout: float) -> int | None:
+    """SIGTERM and wait up to `timeout` for a graceful stop (a drain), then SIGKILL; the exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    return proc.returncode
+
+
 class OperatorProcess:
     """`afc-operator ARGS` with KUBECONFIG=kubeconfig; a context manager that stops it.
     `command`/`cwd`: another checkout's operator (bench/operator.py measures main's beside this one)."""
@@ -101,16 +113,7 @@ class OperatorProcess:
 
     def stop(self, timeout: float = 15) -> int | None:
         """SIGTERM and wait (kopf stops gracefully), then SIGKILL."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return self.proc.returncode
+        return None if self.proc is None else terminate(self.proc, timeout)
 
     def kill(self) -> None:
         """SIGKILL: no cleanup, as when a node dies or the OOM killer strikes."""

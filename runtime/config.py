@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Callable, ClassVar, Literal
 
 from pydantic import (AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, field_validator,
                       model_validator)
 from pydantic.alias_generators import to_camel, to_snake
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 HANDLER_PATH = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
@@ -26,14 +28,113 @@ TOPIC_NAME = r"^[A-Za-z0-9._-]{1,249}$"
 # An empty variable (AFC_IDEMPOTENCY__REDIS_URL=) means "not set", as an absent one does.
 OptionalSecret = Annotated[SecretStr | None, BeforeValidator(lambda v: None if v == "" else v)]
 
+# librdkafka properties `kafka.extra` may set: tuning of the connection and the fetch, and
+# diagnostics. An allow-list, not a deny-list: a property afc sets itself (group.id,
+# group.instance.id, enable.auto.commit, enable.auto.offset.store, bootstrap.servers,
+# session.timeout.ms, the security settings, ...) would override it, since `extra` is applied
+# last, and break at-least-once, static membership or secret handling; a property carrying a
+# secret (sasl.password, sasl.oauthbearer.*, ssl.key.*) would land in a ConfigMap. Both are
+# refused, and so is anything librdkafka adds later until it is looked at and listed here.
+KAFKA_EXTRA_ALLOWED = (
+    # how to reach the brokers
+    "client.rack", "socket.timeout.ms", "socket.send.buffer.bytes", "socket.receive.buffer.bytes",
+    "socket.keepalive.enable", "socket.nagle.disable", "socket.max.fails", "socket.connection.setup.timeout.ms",
+    "connections.max.idle.ms", "broker.address.ttl", "broker.address.family", "client.dns.lookup",
+    "reconnect.backoff.ms", "reconnect.backoff.max.ms", "retry.backoff.ms", "retry.backoff.max.ms",
+    "metadata.max.age.ms", "topic.metadata.refresh.interval.ms", "topic.metadata.refresh.fast.interval.ms",
+    "topic.metadata.refresh.sparse", "topic.metadata.propagation.max.ms", "api.version.request.timeout.ms",
+    "ssl.endpoint.identification.algorithm", "enable.ssl.certificate.verification", "ssl.cipher.suites",
+    "ssl.curves.list", "ssl.sigalgs.list",
+    # how to fetch (the bounds afc adapts itself are typed fields of the section)
+    "fetch.wait.max.ms", "fetch.min.bytes", "fetch.error.backoff.ms", "fetch.queue.backoff.ms",
+    "queued.min.messages", "receive.message.max.bytes", "check.crcs", "isolation.level",
+    "coordinator.query.interval.ms",
+    # the classic protocol's client-side assignor (eager range/roundrobin or cooperative-sticky;
+    # the runtime handles both): see the rule `kafka-extra-assignor`
+    "partition.assignment.strategy",
+    # diagnostics
+    "debug", "log.connection.close", "enable.metrics.push",
+)
+ASSIGNORS = ("cooperative-sticky", "range", "roundrobin")
+EXTRA_REFUSED = ("not allowed in extra, which only tunes the connection, the fetch and diagnostics: afc sets "
+                 "group.id, group.instance.id, enable.auto.commit, bootstrap.servers, session.timeout.ms, the "
+                 "security settings, ... itself, and secrets come from Secret references (the allowed properties "
+                 "are listed in docs/operator.md)")
+RULE_ERROR = "crd_rule"  # the error type afc.operator.render names fields from
+
+
+def cel_list(values: tuple[str, ...]) -> str:
+    return "[" + ", ".join(f"'{v}'" for v in values) + "]"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A cross-field rule, written once and enforced twice: `check` by pydantic (the runtime
+    when it loads its settings, the operator when it reads a spec) and `cel` by the apiserver
+    (afc.operator.crd writes it into the CRD as an `x-kubernetes-validations` rule), so
+    `kubectl apply` refuses what the pods would refuse at start. `name` identifies the rule
+    on both sides: tests/unit/test_config_rules.py asserts that every rule of the runtime's
+    model is in the CRD and has an invalid example refused by both. `field` is the camelCase
+    field the message is about, relative to the section (the CRD's `fieldPath`)."""
+    name: str
+    cel: str
+    check: Callable[[Any], bool]
+    message: str
+    field: str | None = None
+    # Optionally the message with the offending values in it, for pydantic's side (a CEL
+    # messageExpression over map keys costs more than the apiserver's budget allows).
+    describe: Callable[[Any], str] | None = None
+
+    def schema(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"rule": self.cel, "message": self.message}
+        if self.field:
+            out["fieldPath"] = self.field
+        out["reason"] = "FieldValueInvalid"
+        return out
+
+    def explain(self, obj: Any) -> str:
+        return self.describe(obj) if self.describe else self.message
+
+
+def rule_error(failed: list[tuple[str, str]]) -> PydanticCustomError:
+    """One error carrying each (field, message), so the caller can name every field."""
+    return PydanticCustomError(RULE_ERROR, "{summary}", {
+        "summary": "; ".join(f"{f}: {m}" if f else m for f, m in failed), "failures": failed})
+
+
+def check_rules(obj: Any, rules: tuple[Rule, ...]) -> None:
+    failed = [((r.field or "").lstrip("."), r.explain(obj)) for r in rules if not r.check(obj)]
+    if failed:
+        raise rule_error(failed)
+
 
 class Section(BaseModel):
-    """camelCase in JSON and the CRD, snake_case in Python; unknown keys are errors."""
+    """camelCase in JSON and the CRD, snake_case in Python; unknown keys are errors. Cross-field
+    rules are `rules` (never a bare model_validator: the CRD could not carry it)."""
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid",
                               validate_default=True)
+    rules: ClassVar[tuple[Rule, ...]] = ()
+
+    @model_validator(mode="after")
+    def _rules(self) -> Any:
+        check_rules(self, type(self).rules)
+        return self
 
 
 class KafkaSettings(Section):
+    rules = (
+        Rule("kafka-extra-allowed",
+             "!has(self.extra) || self.extra.all(k, k in " + cel_list(KAFKA_EXTRA_ALLOWED) + ")",
+             lambda k: all(p in KAFKA_EXTRA_ALLOWED for p in k.extra), EXTRA_REFUSED, ".extra",
+             describe=lambda k: ", ".join(p for p in k.extra if p not in KAFKA_EXTRA_ALLOWED) + ": " + EXTRA_REFUSED),
+        Rule("kafka-extra-assignor",
+             "!has(self.extra) || !('partition.assignment.strategy' in self.extra)"
+             " || self.extra['partition.assignment.strategy'] in " + cel_list(ASSIGNORS),
+             lambda k: k.extra.get("partition.assignment.strategy", ASSIGNORS[0]) in ASSIGNORS,
+             "extra['partition.assignment.strategy'] must be one of " + ", ".join(ASSIGNORS)
+             + " (librdkafka refuses a mix of eager and cooperative assignors)", ".extra"),
+    )
+
     bootstrap_servers: str = Field("localhost:9092", min_length=1,
                                    description="Comma-separated host:port list of the brokers.")
     topics: list[str] = Field(default_factory=list, description="Topics to consume (at least one to run).")
@@ -49,7 +150,8 @@ class KafkaSettings(Section):
     queued_max_messages_kbytes: int = Field(
         16_384, ge=64, description="Bound on librdkafka's prefetch queue per consumer, in KiB.")
     extra: dict[str, str] = Field(default_factory=dict,
-                                  description="Further librdkafka properties, passed through as given.")
+                                  description="Further librdkafka properties, passed through as given; only the "
+                                              "tuning ones afc does not set itself (see KAFKA_EXTRA_ALLOWED).")
 
     @field_validator("topics")
     @classmethod
@@ -63,10 +165,19 @@ class KafkaSettings(Section):
 
 
 class MembershipSettings(Section):
+    rules = (
+        Rule("membership-session-within-poll",
+             "self.groupProtocol != 'classic' || self.sessionTimeoutMs <= self.maxPollIntervalMs",
+             lambda m: m.group_protocol != "classic" or m.session_timeout_ms <= m.max_poll_interval_ms,
+             "sessionTimeoutMs must be <= maxPollIntervalMs (librdkafka refuses to start otherwise)",
+             ".sessionTimeoutMs"),
+    )
     static: bool = Field(True, description="Use group.instance.id (static membership).")
     instance_id: str | None = Field(
         None, description="group.instance.id; defaults to AFC_INSTANCE_ID, then POD_NAME, then HOSTNAME.")
-    session_timeout_ms: int = Field(45_000, ge=1_000, le=1_800_000)
+    session_timeout_ms: int = Field(
+        45_000, ge=6_000, le=1_800_000, description="Classic protocol: the group session timeout, within the "
+        "brokers' default group.min.session.timeout.ms (6000) and group.max.session.timeout.ms (1800000).")
     max_poll_interval_ms: int = Field(300_000, ge=10_000, le=86_400_000)
     group_protocol: Literal["classic", "consumer"] = Field(
         "classic", description="classic (with cooperative-sticky assignment) or KIP-848 consumer.")
@@ -84,6 +195,17 @@ class MembershipSettings(Section):
 
 class FlowSettings(Section):
     """Bounds of the adaptive fetch loop (see fetch_control)."""
+    rules = (
+        Rule("flow-inflight-bounds", "self.minInflight <= self.maxInflight",
+             lambda f: f.min_inflight <= f.max_inflight, "minInflight must be <= maxInflight", ".minInflight"),
+        Rule("flow-batch-bounds", "self.minBatch <= self.maxBatch",
+             lambda f: f.min_batch <= f.max_batch, "minBatch must be <= maxBatch", ".minBatch"),
+        Rule("flow-initial-inflight",
+             "!has(self.initialInflight) || (self.minInflight <= self.initialInflight"
+             " && self.initialInflight <= self.maxInflight)",
+             lambda f: f.initial_inflight is None or f.min_inflight <= f.initial_inflight <= f.max_inflight,
+             "initialInflight must lie within [minInflight, maxInflight]", ".initialInflight"),
+    )
     min_inflight: int = Field(1, ge=1, description="Floor of the in-flight limit.")
     max_inflight: int = Field(5_000, ge=1, description="Ceiling of the in-flight limit.")
     initial_inflight: int | None = Field(None, ge=1, description="Start value; default min(100, maxInflight).")
@@ -96,15 +218,6 @@ class FlowSettings(Section):
     window_ms: int = Field(250, ge=10, le=60_000, description="How often the controller decides.")
     workers: int = Field(16, ge=1, le=1024, description="Handler concurrency (threads for sync handlers, tasks for async).")
 
-    @model_validator(mode="after")
-    def _bounds(self) -> "FlowSettings":
-        if self.min_inflight > self.max_inflight:
-            raise ValueError("minInflight must be <= maxInflight")
-        if self.min_batch > self.max_batch:
-            raise ValueError("minBatch must be <= maxBatch")
-        if self.initial_inflight is not None and not self.min_inflight <= self.initial_inflight <= self.max_inflight:
-            raise ValueError("initialInflight must lie within [minInflight, maxInflight]")
-        return self
 
     @property
     def start_inflight(self) -> int:
@@ -126,6 +239,11 @@ class IdempotencySettings(Section):
 
 class BackpressureSettings(Section):
     """The backpressure signal this consumer publishes for producers (see backpressure.py)."""
+    rules = (
+        Rule("backpressure-beat-within-ttl", "!has(self.heartbeatMs) || self.heartbeatMs < self.ttlMs",
+             lambda b: b.heartbeat_ms is None or b.heartbeat_ms < b.ttl_ms,
+             "heartbeatMs must be < ttlMs, or the level expires between beats", ".heartbeatMs"),
+    )
     enabled: bool = Field(True, description="Publish this member's saturation level to Redis "
                           "(needs a Redis URL here or in idempotency).")
     redis_url: OptionalSecret = Field(
@@ -142,11 +260,6 @@ class BackpressureSettings(Section):
     paused_share: float = Field(0.5, gt=0, le=1, description="At the in-flight floor, this share of paused "
                                 "partitions counts as saturated.")
 
-    @model_validator(mode="after")
-    def _beat_within_ttl(self) -> "BackpressureSettings":
-        if self.heartbeat_ms is not None and self.heartbeat_ms >= self.ttl_ms:
-            raise ValueError("heartbeatMs must be < ttlMs, or the level expires between beats")
-        return self
 
     @property
     def resolved_heartbeat_ms(self) -> int:
@@ -154,6 +267,10 @@ class BackpressureSettings(Section):
 
 
 class HandlerSettings(Section):
+    rules = (
+        Rule("handler-one-target", "!(has(self.handler) && has(self.httpSinkUrl))",
+             lambda h: not (h.handler and h.http_sink_url), "set either handler or httpSinkUrl, not both", ".handler"),
+    )
     handler: str | None = Field(None, pattern=HANDLER_PATH, description="Import path `pkg.module:func`.")
     http_sink_url: str | None = Field(None, pattern=r"^https?://.+",
                                       description="POST each message (or batch) to this URL instead.")
@@ -167,15 +284,20 @@ class HandlerSettings(Section):
     steal_after_ms: int = Field(500, ge=10, le=600_000, description="A handler call running this long has the "
                                 "records queued behind it (other keys) handed to other workers.")
 
-    @model_validator(mode="after")
-    def _one_target(self) -> "HandlerSettings":
-        if self.handler and self.http_sink_url:
-            raise ValueError("set either handler or httpSinkUrl, not both")
-        return self
 
 
 class RoutingSettings(Section):
     """Failure routing (Spring Kafka's vocabulary): retry topic, dead-letter, poison."""
+    rules = (
+        Rule("routing-distinct-suffixes",
+             "self.retrySuffix != self.dlqSuffix && self.retrySuffix != self.poisonSuffix"
+             " && self.dlqSuffix != self.poisonSuffix",
+             lambda r: len({r.retry_suffix, r.dlq_suffix, r.poison_suffix}) == 3,
+             "retrySuffix, dlqSuffix and poisonSuffix must differ", ".dlqSuffix"),
+        Rule("routing-backoff-bounds", "self.backoffMaxMs >= self.backoffInitialMs",
+             lambda r: r.backoff_max_ms >= r.backoff_initial_ms, "backoffMaxMs must be >= backoffInitialMs",
+             ".backoffMaxMs"),
+    )
     enabled: bool = Field(True, description="Off: a failing message is retried in place, holding its partition.")
     retry_suffix: str = Field(".retry", pattern=r"^[A-Za-z0-9._-]+$")
     dlq_suffix: str = Field(".dlq", pattern=r"^[A-Za-z0-9._-]+$")
@@ -194,13 +316,6 @@ class RoutingSettings(Section):
     stacktrace_bytes: int = Field(8_192, ge=256, le=65_536)
     create_topics: bool = Field(True, description="Create missing retry/DLQ/poison topics (source's partition count).")
 
-    @model_validator(mode="after")
-    def _distinct(self) -> "RoutingSettings":
-        if len({self.retry_suffix, self.dlq_suffix, self.poison_suffix}) != 3:
-            raise ValueError("retrySuffix, dlqSuffix and poisonSuffix must differ")
-        if self.backoff_max_ms < self.backoff_initial_ms:
-            raise ValueError("backoffMaxMs must be >= backoffInitialMs")
-        return self
 
 
 class OffsetSettings(Section):
@@ -239,6 +354,21 @@ class RuntimeSettings(BaseSettings):
     backpressure: BackpressureSettings = Field(default_factory=BackpressureSettings)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", validation_alias=AliasChoices("logLevel", "log_level"))
+
+    # Rules across sections (the CRD carries them on the spec, whose paths are the same).
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule("kafka-extra-assignor-classic",
+             "!has(self.kafka.extra) || !('partition.assignment.strategy' in self.kafka.extra)"
+             " || self.membership.groupProtocol == 'classic'",
+             lambda s: "partition.assignment.strategy" not in s.kafka.extra or s.membership.group_protocol == "classic",
+             "extra['partition.assignment.strategy'] needs membership.groupProtocol classic (the consumer protocol "
+             "assigns on the broker: membership.remoteAssignor)", ".kafka.extra"),
+    )
+
+    @model_validator(mode="after")
+    def _rules(self) -> Any:
+        check_rules(self, type(self).rules)
+        return self
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
@@ -312,7 +442,13 @@ def load_settings(**overrides: Any) -> RuntimeSettings:
     try:
         return RuntimeSettings(**snake_keys(overrides))
     except ValidationError as e:
-        lines = [f"{field_label(err['loc'])}: {err['msg']}" for err in e.errors()]
+        lines = []
+        for err in e.errors():
+            if err["type"] == RULE_ERROR:  # a Rule: name the field it is about, not only its section
+                lines += [f"{field_label((*err['loc'], *(to_snake(p) for p in f.split('.') if p)))}: {m}"
+                          for f, m in err["ctx"]["failures"]]
+            else:
+                lines.append(f"{field_label(err['loc'])}: {err['msg']}")
         raise ConfigError("invalid configuration: " + "; ".join(lines)) from e
 
 

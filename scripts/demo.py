@@ -29,7 +29,6 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,12 +36,12 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
+import brokerlog  # noqa: E402
 from nodeagent import NodeAgentProcess  # noqa: E402
 
 from afc.operator.render import selector_string  # noqa: E402
 
 KUBECTL = os.environ.get("AFC_KUBECTL", "kubectl")
-GROUP_LINE = "Stabilized group {g} generation (\\d+)"
 
 
 # ----------------------------------------------------------------------------- plumbing
@@ -153,10 +152,9 @@ class Observer:
         self.admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="afc-demo")
         self.wm = Consumer({"bootstrap.servers": bootstrap, "group.id": f"{group}-observer"})
         self.redis = redis.Redis.from_url(redis_url)
-        self.broker_log, self.log_offset = broker_log, broker_log.stat().st_size if broker_log.exists() else 0
-        self.gen_pattern = re.compile(GROUP_LINE.format(g=re.escape(group)) + r"\b")
-        self.join_pattern = re.compile(r"Static member with groupInstanceId=(\S+) and unknown member id joins "
-                                       rf"group {re.escape(group)}\b")
+        self.broker_log = brokerlog.Tail(broker_log)
+        self.gen_pattern = brokerlog.pattern(brokerlog.CLASSIC_REBALANCE, group)
+        self.join_pattern = brokerlog.pattern(brokerlog.STATIC_REJOIN, group)
         self.generations: list[tuple[float, int]] = []
         self.rejoins: list[tuple[float, str]] = []     # (time, group.instance.id): a static member (re)joined
         self.prev: Snapshot | None = None
@@ -177,23 +175,15 @@ class Observer:
         return out
 
     def _generations(self) -> None:
-        if not self.broker_log.exists():
-            return
-        with open(self.broker_log, "rb") as f:
-            f.seek(self.log_offset)
-            chunk = f.read()
-        cut = chunk.rfind(b"\n") + 1
-        self.log_offset += cut
-        for line in chunk[:cut].decode(errors="replace").splitlines():
-            if not line.startswith("["):
-                continue
+        for line in self.broker_log.lines():
             m, j = self.gen_pattern.search(line), self.join_pattern.search(line)
-            if m or j:
-                ts = datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f").timestamp()
-                if m:
-                    self.generations.append((ts, int(m.group(1))))
-                else:
-                    self.rejoins.append((ts, j.group(1)))
+            ts = brokerlog.line_time(line) if m or j else None
+            if ts is None:
+                continue
+            if m:
+                self.generations.append((ts, int(m.group(1))))
+            else:
+                self.rejoins.append((ts, j.group(1)))
 
     def rebalances_between(self, t0: float, t1: float) -> int:
         return sum(1 for ts, _ in self.generations if t0 <= ts <= t1)
@@ -458,7 +448,9 @@ def main(argv: list[str] | None = None) -> int:
                    f"every order applied exactly once{killed}: {obs.prev.applied:,} of {total:,}, "
                    f"{dups} applied twice")
         view.say("backlog drained: waiting for the scale-down and the hand-off")
-        low = wait("the operator scaling down", lambda: (s := obs.prev) and s.desired is not None and s.desired < top
+        # to minReplicas (1), in one step or more: the window holds the highest recommendation of
+        # the last scaleDownStabilizationS, which may still be 2 while the last orders drain
+        low = wait("the operator scaling down to minReplicas", lambda: (s := obs.prev) and s.desired == 1
                    and _ready_pods(ns, pods) == s.desired and s.desired, 240, tick)
         removed = wait("the departed members removed from the group",
                        lambda: any("MembersRemoved" in e for e in view.events) or _event(ns, name, "MembersRemoved"), 90, tick)

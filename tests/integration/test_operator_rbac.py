@@ -163,9 +163,13 @@ def test_namespaced_install_with_the_service_account_token(
         testbed.run_kubectl("scale", "statefulset/orders", "-n", namespace, "--replicas=4")
         op.wait_until(lambda: api.request("GET", path_for("StatefulSet", namespace, "orders"))["spec"]["replicas"] == 2,
                       30, "drift reverted with the ServiceAccount's token")
-        events = json.loads(testbed.run_kubectl("get", "events", "-n", namespace, "-o", "json", "--field-selector",
-                                                "involvedObject.kind=AdaptiveConsumer").stdout)["items"]
-        assert {"Created", "Ready", "DriftCorrected"} <= {e["reason"] for e in events}
+        def reasons() -> set[str]:
+            events = json.loads(testbed.run_kubectl("get", "events", "-n", namespace, "-o", "json", "--field-selector",
+                                                    "involvedObject.kind=AdaptiveConsumer").stdout)["items"]
+            return {e["reason"] for e in events}
+        # the Event is posted just after the drift is reverted: wait for it, do not race it
+        op.wait_until(lambda: {"Created", "Ready", "DriftCorrected"} <= reasons(), 15,
+                      "Created, Ready and DriftCorrected Events")
         assert forbidden_lines(op) == []
         delete_consumers(admin(testbed), namespace)  # the poll daemon's finalizer goes with the operator's help
 

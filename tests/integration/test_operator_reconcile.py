@@ -235,7 +235,9 @@ def test_scale_subresource_kubectl_and_hpa(testbed: Testbed, api: Kube, core, op
     k("scale", "ac/orders", "-n", namespace, "--replicas=50")  # maxReplicas is 6
     operator.wait_until(lambda: get(api, "StatefulSet", namespace, "orders")["spec"]["replicas"] == 6, 30,
                         "replicas kept at maxReplicas")
-    assert get(api, "AdaptiveConsumer", namespace, "orders")["status"]["desiredReplicas"] == 6
+    # the status is written after the StatefulSet is applied, in the same reconcile
+    operator.wait_until(lambda: get(api, "AdaptiveConsumer", namespace, "orders")["status"]["desiredReplicas"] == 6,
+                        10, "status.desiredReplicas at maxReplicas")
     operator.wait_until(lambda: event_messages(testbed, namespace, "ReplicasClamped"), 15, "ReplicasClamped event")
 
     # An HPA drives the scale subresource: below its minReplicas it scales up without metrics.

@@ -114,7 +114,9 @@ def test_a_rollout_reports_the_pod_holds_autoscaling_and_stops_at_a_failing_pod(
     operator.wait_until(lambda: revision_of(core, namespace, "orders-2") == new, 30, "orders-2 at the new revision")
     set_container_waiting(core, namespace, "orders-2", "CrashLoopBackOff", "back-off 10s restarting failed container")
     operator.wait_until(lambda: partition(api, namespace) == 2, 15, "the StatefulSet's partition held at 2")
-    ac = get(api, "AdaptiveConsumer", namespace, "orders")
+    # the status follows the StatefulSet's apply in the same reconcile
+    ac = operator.wait_until(lambda: (a := get(api, "AdaptiveConsumer", namespace, "orders"))
+                             and (a["status"].get("rollout") or {}).get("held") and a, 10, "status.rollout.held")
     assert condition(ac, "Degraded")["status"] == "True" and condition(ac, "Degraded")["reason"] == "CrashLoopBackOff"
     assert "orders-2" in condition(ac, "Degraded")["message"]
     progressing = condition(ac, "Progressing")

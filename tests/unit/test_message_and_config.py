@@ -61,7 +61,9 @@ def test_settings_from_env_and_file(tmp_path, monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("bad, field", [
-    ({"flow": {"minInflight": 10, "maxInflight": 5}}, "flow"),
+    ({"flow": {"minInflight": 10, "maxInflight": 5}}, "flow.minInflight (AFC_FLOW__MIN_INFLIGHT)"),
+    ({"backpressure": {"ttlMs": 3000, "heartbeatMs": 3000}}, "backpressure.heartbeatMs"),
+    ({"membership": {"sessionTimeoutMs": 1000}}, "membership.sessionTimeoutMs"),
     ({"handler": {"handler": "not a path"}}, "handler.handler"),
     ({"kafka": {"topics": ["bad topic!"]}}, "kafka.topics"),
     ({"membership": {"sessionTimeoutMs": -1}}, "membership.sessionTimeoutMs"),
@@ -72,6 +74,21 @@ def test_invalid_settings_name_the_field(bad, field) -> None:
     with pytest.raises(ConfigError) as e:
         load_settings(**bad)
     assert field in str(e.value)
+
+
+def test_extra_from_the_environment_is_checked_like_the_file(monkeypatch) -> None:
+    """AFC_KAFKA__EXTRA is how the standalone runtime is tuned; what afc owns is refused there
+    too, naming the variable and the property, and tuning passes."""
+    monkeypatch.setenv("AFC_KAFKA__EXTRA", json.dumps({"enable.auto.commit": "true", "fetch.wait.max.ms": "50"}))
+    with pytest.raises(ConfigError) as e:
+        load_settings()
+    assert "kafka.extra (AFC_KAFKA__EXTRA): enable.auto.commit: not allowed" in str(e.value)
+    monkeypatch.setenv("AFC_KAFKA__EXTRA", json.dumps({"fetch.wait.max.ms": "50",
+                                                       "partition.assignment.strategy": "range"}))
+    assert load_settings().kafka.extra["partition.assignment.strategy"] == "range"
+    monkeypatch.setenv("AFC_MEMBERSHIP__GROUP_PROTOCOL", "consumer")
+    with pytest.raises(ConfigError, match="needs membership.groupProtocol classic"):
+        load_settings()
 
 
 def test_not_runnable_without_topics_or_handler() -> None:

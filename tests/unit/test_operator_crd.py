@@ -153,7 +153,48 @@ INVALID = {
     "bad topic name": (minimal_spec(kafka__topics=["no spaces"]), "topics"),
     "secret in extra": (minimal_spec(kafka__extra={"sasl.password": "x"}), "extra"),
     "unknown field": (minimal_spec(kafka__saslPassword="x"), "saslPassword"),
+    "env value and valueFrom": (minimal_spec(podTemplate__env=[{"name": "T", "value": "x", "valueFrom": {
+        "secretKeyRef": {"name": "s", "key": "k"}}}]), "spec.podTemplate.env.0.valueFrom: set value or valueFrom"),
+    "env valueFrom without a source": (minimal_spec(podTemplate__env=[{"name": "T", "valueFrom": {}}]),
+                                       "exactly one of secretKeyRef"),
+    "invalid label key": (minimal_spec(podTemplate__labels={"team name": "a"}), "spec.podTemplate.labels: labels keys"),
+    "invalid label value": (minimal_spec(podTemplate__labels={"team": "a b"}), "spec.podTemplate.labels.team"),
+    "invalid node selector key": (minimal_spec(podTemplate__nodeSelector={"a/b/c": "x"}), "nodeSelector keys"),
+    "negative quantity": (minimal_spec(podTemplate__resources={"requests": {"cpu": "-1"}}),
+                          "not a non-negative quantity"),
+    "negative int quantity": (minimal_spec(podTemplate__resources={"limits": {"cpu": -1}}),
+                              "not a non-negative quantity"),
+    "request above limit": (minimal_spec(podTemplate__resources={"requests": {"cpu": "2"}, "limits": {"cpu": "1500m"}}),
+                            "must be <= their limits"),
+    "toleration Exists with value": (minimal_spec(podTemplate__tolerations=[{"key": "k", "operator": "Exists",
+                                                                              "value": "v"}]), "must be empty"),
+    "image with whitespace": (minimal_spec(image="a b"), "spec.image"),
+    "affinity without node selector terms": (minimal_spec(podTemplate__affinity={"nodeAffinity": {
+        "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": []}}}),
+        "spec.podTemplate.affinity: nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms"),
+    "affinity Gt with a word": (minimal_spec(podTemplate__affinity={"nodeAffinity": {
+        "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchExpressions": [
+            {"key": "cores", "operator": "Gt", "values": ["many"]}]}]}}}), "exactly one integer for Gt"),
+    "affinity matchFields on a label": (minimal_spec(podTemplate__affinity={"nodeAffinity": {
+        "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchFields": [
+            {"key": "zone", "operator": "In", "values": ["a"]}]}]}}}), "only metadata.name"),
+    "anti-affinity without topology key": (minimal_spec(podTemplate__affinity={"podAntiAffinity": {
+        "requiredDuringSchedulingIgnoredDuringExecution": [{"labelSelector": {}}]}}), "topologyKey"),
 }
+
+
+def test_a_valid_affinity_is_rendered_as_given() -> None:
+    """Typed for validation only: the pod spec gets the user's affinity unchanged."""
+    affinity = {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 100,
+                "podAffinityTerm": {"labelSelector": {"matchLabels": {"app": "x"}}, "topologyKey": "kubernetes.io/hostname"}}]}}
+    spec = render.parse_spec(minimal_spec(podTemplate__affinity=affinity))
+    assert spec.pod_template.affinity == affinity
+
+
+def test_quantities_compare_as_kubernetes_does() -> None:
+    """1500m < 2 and 512Mi < 1Gi: a request equal in value but written otherwise passes."""
+    render.parse_spec(minimal_spec(podTemplate__resources={"requests": {"cpu": "1500m", "memory": "1Gi"},
+                                                           "limits": {"cpu": 2, "memory": "1024Mi"}}))
 
 
 def test_a_valid_spec_parses_with_defaults() -> None:

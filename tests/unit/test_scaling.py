@@ -198,7 +198,9 @@ def test_drain_time_mode_from_measured_rates() -> None:
 def test_drain_time_without_a_busy_window_uses_the_known_rate_or_the_lag_formula() -> None:
     idle = [uniform(t, 8, 0, committed=10 * t) for t in range(0, 70, 10)]  # caught up, 80 msg/s
     d = decide(idle, current=4, mode="DrainTime", recommendations=[(-400.0, 4)], known_rate=40.0)
-    assert d.metrics.per_replica_rate is None and d.replicas == 2      # ceil(80 msg/s / 40)
+    # ceil(80 msg/s / 40) = 2 exactly at capacity: a scale-down leaves 10 % headroom (36 msg/s each)
+    assert d.metrics.per_replica_rate is None and d.recommendation == 2 and d.replicas == 3
+    assert "headroom" in d.message
     d = decide([uniform(0, 8, 500)], current=1, mode="DrainTime", lag_threshold=1_000)
     assert d.replicas == 4 and "lag formula" in d.message
 
@@ -254,16 +256,37 @@ def test_drain_time_backlog_on_few_partitions_uses_at_most_one_replica_each() ->
     one = [obs(0, {0: (0, 0, 60_000), **{q: (0, 0, 0) for q in range(1, 8)}})]
     d = decide(one, current=1, **p)
     assert d.recommendation == 1 and d.replicas == 1 and "can absorb" in d.message
-    # the same backlog over 8 partitions uses 5
+    # the same backlog over 8 partitions: ceil(500 / 100) = 5 by the formula, but 5 members over
+    # 8 partitions give three of them two partitions (125 msg/s each, past the target): 8
     spread = [obs(0, {q: (0, 0, 7_500) for q in range(8)})]
-    assert decide(spread, current=1, **p).replicas == 5
-    # two backlogged partitions: two replicas for the backlog, plus what the producers need
-    two = [obs(t, {0: (0, 0, 30_000 + 50 * t), 1: (0, 0, 30_000 + 50 * t), **{q: (50 * t, 0, 50 * t) for q in range(2, 8)}},
-               members=3) for t in (0, 60)]
+    d = decide(spread, current=1, **p)
+    assert d.recommendation == 8 and "no member holds more partitions" in d.message
+    # half of it: 62.5 msg/s in all, 31.3 per partition: 3 partitions per member keep up -> 3
+    assert decide([obs(0, {q: (0, 0, 3_750) for q in range(8)})], current=1, **p).replicas == 3
+    # two backlogged partitions take a replica each, the others 50 msg/s: ceil(600 / 100) = 6 by
+    # the formula (not ceil((60,000/120 + 400) / 100) = 10), but the member of a backlogged
+    # partition can hold nothing else: one member per partition, 8
+    two = [obs(t, {0: (50 * t, 0, 30_000 + 50 * t), 1: (50 * t, 0, 30_000 + 50 * t),
+                   **{q: (50 * t, 0, 50 * t) for q in range(2, 8)}}, members=3) for t in (0, 60)]
     d = decide(two, current=1, **p)
     assert d.metrics.produce_rate == pytest.approx(400)
-    assert d.replicas == 6     # ceil((100 + 100 + 400) / 100), not ceil((60,000/120 + 400) / 100) = 10
+    assert "= 9" in d.message and "absorb only 600.0" in d.message and d.replicas == 8
 
+
+def test_a_stuck_partition_does_not_scale_up_before_it_counts_as_stalled() -> None:
+    """Partition 0 stopped (a poison record) a minute ago: its lag grows while the others are
+    consumed (25 msg/s each, 4 members of 100 msg/s). Before stallAfterS names it stalled,
+    its backlog does not call for replicas: more would not consume it."""
+    def window(p0_rate: int) -> list[Observation]:
+        return [assigned(t, {0: (1_000 + p0_rate * t, 1_500 + 25 * t), **{q: (25 * t, 25 * t + 10) for q in range(1, 8)}},
+                         4) for t in range(0, 61, 15)]
+    p = dict(mode="DrainTime", target_drain_s=30, known_rate=100.0, rate_window_s=60)
+    d = decide(window(0), current=4, **p)
+    assert d.metrics.waiting == ((T, 0),) and not d.metrics.stalled
+    assert d.recommendation <= 4 and d.reason != "ScaleUp", d.message
+    # the same backlog on a partition that is consumed (slowly) does count: it takes a member
+    d = decide(window(1), current=4, **p)
+    assert not d.metrics.waiting and d.reason == "ScaleUp", d.message
 
 def test_drain_time_releases_the_window_once_the_backlog_is_drained() -> None:
     """After a burst, recommendations made for the backlog no longer hold replicas once it is
@@ -282,3 +305,72 @@ def test_drain_time_releases_the_window_once_the_backlog_is_drained() -> None:
     assert (d.replicas, d.reason) == (20, sc.DOWN_STABILIZING)
     # and the release never skips the wait for a whole window of history (operator restarted)
     assert decide(w, current=20, recommendations=recs[-3:], **p).replicas == 20
+
+
+# ----------------------------------------------------------------------------- capacity and partitions
+
+def assigned(at: float, offsets: Mapping[int, tuple[int, int]], members: int) -> Observation:
+    """offsets: partition -> (committed, log-end); partitions assigned round-robin to m0..m{members-1}."""
+    o = {(T, p): Offsets(c, 0, e) for p, (c, e) in offsets.items()}
+    return Observation(at, o, members, {(T, p): f"m{p % members}" for p in offsets})
+
+
+def test_rate_is_measured_on_busy_members_not_the_whole_group() -> None:
+    """24 partitions, 7 members of 100 msg/s, 600 msg/s produced (25 per partition): the three
+    members with 4 partitions fall behind, the four with 3 keep up. consumed / members says
+    86 msg/s; the busy members say 100."""
+    def at(t: int) -> Observation:
+        parts = {}
+        for p in range(24):
+            heavy = sum(1 for q in range(24) if q % 7 == p % 7) == 4
+            produced = 2_000 + 25 * t
+            parts[p] = (produced - 2_000 if heavy else produced) - (0 if heavy else 0), produced
+            if heavy:   # 100 msg/s over 4 partitions: 25 each, the backlog of 2,000 stays
+                parts[p] = (25 * t, produced)
+        return assigned(t, parts, 7)
+    w = [at(t) for t in range(0, 61, 15)]
+    m = sc.measure(w, Policy(mode="DrainTime", stall_after_s=1e9))
+    assert m.per_replica_rate == pytest.approx(100)
+    group = sc.measure([Observation(o.at, o.partitions, o.members) for o in w], Policy(stall_after_s=1e9))
+    assert group.per_replica_rate == pytest.approx(600 / 7)     # the old estimate, without the assignment
+
+
+def test_a_stuck_partition_says_nothing_of_its_members_speed() -> None:
+    """m0 holds a stuck partition 0 (not yet stalled) and partition 2, which it keeps up with:
+    not busy, although it has a backlog at every observation."""
+    def w(p0_rate: int) -> list[Observation]:
+        return [assigned(t, {0: (p0_rate * t, 5_000 + 10 * t), 1: (10 * t, 10 * t), 2: (10 * t, 10 * t)}, 2)
+                for t in range(0, 61, 15)]
+    assert sc.measure(w(0), Policy(mode="DrainTime", stall_after_s=1e9)).per_replica_rate is None
+    # once m0 consumes its backlog (50 msg/s, plus 10 from partition 2), it is busy and its rate counts
+    w = w(50)
+    assert sc.measure(w, Policy(mode="DrainTime", stall_after_s=1e9)).per_replica_rate == pytest.approx(60)
+
+
+def test_a_changed_assignment_gives_no_rate() -> None:
+    w = [assigned(t, {p: (0, 10_000 + 10 * t) for p in range(4)}, 2 if t < 30 else 4) for t in range(0, 61, 15)]
+    assert sc.measure(w, Policy(mode="DrainTime", stall_after_s=1e9)).per_replica_rate is None
+
+
+@pytest.mark.parametrize("needs,rate,replicas", [
+    ([75.0] * 24, 100, 24),          # 1,800 msg/s: two partitions are 150 for one member: one each
+    ([1100 / 24] * 24, 100, 12),     # 45.8 each: two per member keep up; 13..23 are no better than 12
+    ([25.0] * 24, 100, 6),           # four per member
+    ([100.0] + [0.0] * 7, 100, 1),   # one busy partition, the others empty: one member holds them all
+    ([100.0] + [25.0] * 23, 100, 24),  # a partition that takes a whole replica gets one of its own
+    ([150.0] * 4, 100, 4),           # more than a replica per partition: capped at the partitions
+])
+def test_even_spread_counts_partitions_per_member(needs: list[float], rate: float, replicas: int) -> None:
+    assert sc.even_spread(len(needs), needs, rate) == replicas
+
+
+def test_lag_mode_never_recommends_fewer_replicas_than_keep_up_with_producers() -> None:
+    """KEDA's formula alone: 1,200 lag / 12,000 = 1 replica for 600 msg/s at 100 each; with a
+    known rate Lag mode keeps the 6 that keep up (the formula's equilibrium would flap)."""
+    w = [uniform(t, 24, 50, committed=25 * t, members=6) for t in range(0, 61, 15)]
+    d = decide(w, current=6, mode="Lag", lag_threshold=12_000, known_rate=100.0,
+               recommendations=[(-400.0, 6)], scale_down_stabilization_s=300)
+    assert d.recommendation == 6 and "keep up" in d.message and d.replicas == 6
+    # without a rate (one observation, nothing known), KEDA's formula decides
+    d = decide(w[-1:], current=6, mode="Lag", lag_threshold=12_000, recommendations=[(-400.0, 6)])
+    assert d.recommendation == 1
