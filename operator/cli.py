@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from afc.operator.kafka import KafkaProbe
 from afc.operator.kube import Kube
 from afc.operator.metrics import OperatorMetrics
-from afc.operator.reconcile import Reconciler, register
+from afc.operator.reconcile import Reconciler, register, watchable
 from afc.operator.settings import OperatorSettings
 
 logger = logging.getLogger("afc.operator")
@@ -108,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         metrics.serve(cfg.metrics_endpoint)
     reconciler = Reconciler(kube, KafkaProbe(cfg.kafka_timeout_s, cfg.kafka_workers, cfg.kafka_client_idle_s), cfg,
                             metrics)
-    register(registry, reconciler, cfg)
+    register(registry, reconciler, cfg, cached=watchable(kube, cfg))
     priority = cfg.priority if cfg.priority is not None else start_priority()
     logger.info("starting", extra={"namespaces": cfg.namespaces or "*", "all_namespaces": cfg.all_namespaces,
                                    "peering": cfg.peering, "priority": priority if cfg.peering else None})

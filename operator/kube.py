@@ -114,6 +114,17 @@ class Kube:
                             data.get("message") or raw.decode(errors="replace")[:500])
         return data
 
+    def can(self, verb: str, group: str, plural: str, namespace: str | None) -> bool:
+        """Whether this operator may `verb` `plural` (in `namespace`, or cluster-wide), by a
+        SelfSubjectAccessReview: every authenticated user may ask."""
+        attrs = {"verb": verb, "group": group, "resource": plural}
+        if namespace:
+            attrs["namespace"] = namespace
+        review = self.request("POST", "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews",
+                              {"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
+                               "spec": {"resourceAttributes": attrs}})
+        return bool((review.get("status") or {}).get("allowed"))
+
     async def _run(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, lambda: self.request(*args, **kwargs))

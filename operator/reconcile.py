@@ -1098,9 +1098,43 @@ def select_own_objects(settings: kopf.OperatorSettings) -> None:
         settings.watching.label_selectors[group, version, plural] = OWN_OBJECTS
 
 
-def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, cfg: OperatorSettings) -> None:
-    """Every handler of the operator, on the given registry."""
+def register_pod_index(registry: kopf.OperatorRegistry) -> None:
+    """The consumer pods by (namespace, AdaptiveConsumer)."""
+    @kopf.index("", "v1", "pods", registry=registry, id=Cache.PODS, labels={render.L_MANAGED_BY: render.MANAGED_BY})
+    def cache_pods(body: kopf.Body, namespace: str, labels: kopf.Labels, **_: Any) -> dict[Key, dict[str, Any]] | None:
+        instance = labels.get(render.L_INSTANCE)
+        return {(namespace, instance): slim(body)} if instance else None
+
+
+def watchable(kube: Kube, cfg: OperatorSettings) -> set[str]:
+    """The plurals among the children and pods that the operator may list and watch where it
+    serves. kopf runs no handler until every index is filled, so an index over a kind the
+    Role does not grant (a cut-down Role) would stall every AdaptiveConsumer; without its index
+    a kind is read by GET, whose 403 makes that resource Degraded/Forbidden and nothing else.
+    When the review itself fails, every kind is taken as watchable (as before it existed)."""
+    kinds = [*CHILDREN, ("", "v1", "pods")]
+    where = [None] if cfg.all_namespaces or not cfg.namespaces else list(cfg.namespaces)
+    out = set()
+    for group, _, plural in kinds:
+        try:
+            ok = all(kube.can(verb, group, plural, ns) for verb in ("list", "watch") for ns in where)
+        except Exception as e:  # noqa: BLE001 - no answer: keep the cache, as before the review existed
+            logger.warning("access review failed", extra={"resource": plural, "error": str(e)})
+            ok = True
+        if ok:
+            out.add(plural)
+        else:
+            logger.warning("no list/watch right: read by GET, without a cache",
+                           extra={"resource": plural, "namespaces": where})
+    return out
+
+
+def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, cfg: OperatorSettings,
+             cached: set[str] | None = None) -> None:
+    """Every handler of the operator, on the given registry. `cached`: the plurals to keep an
+    index of (`watchable`); None: all of them."""
     on_resource = dict(group=GROUP, version=VERSION, plural=PLURAL, registry=registry)
+    cached = {p for _, _, p in (*CHILDREN, ("", "v1", "pods"))} if cached is None else cached
 
     @kopf.on.login(registry=registry, id="login")
     def login(**kwargs: Any) -> Any:
@@ -1110,16 +1144,14 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, cfg: Opera
     def consumers(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict[Key, dict[str, Any]]:
         return {(namespace, name): slim(body)}
 
-    for group, version, plural in CHILDREN:  # Cache.INDEXES names them by plural
+    for group, version, plural in [c for c in CHILDREN if c[2] in cached]:  # Cache.INDEXES names them by plural
         @kopf.index(group=group, version=version, plural=plural, registry=registry, id=f"cache-{plural}",
                     labels={render.L_MANAGED_BY: render.MANAGED_BY})
         def cache_child(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict[Key, dict[str, Any]]:
             return {(namespace, name): slim(body)}
 
-    @kopf.index("", "v1", "pods", registry=registry, id=Cache.PODS, labels={render.L_MANAGED_BY: render.MANAGED_BY})
-    def cache_pods(body: kopf.Body, namespace: str, labels: kopf.Labels, **_: Any) -> dict[Key, dict[str, Any]] | None:
-        instance = labels.get(render.L_INSTANCE)
-        return {(namespace, instance): slim(body)} if instance else None
+    if "pods" in cached:
+        register_pod_index(registry)
 
     @kopf.on.startup(registry=registry, id="startup")
     async def startup(settings: kopf.OperatorSettings, **kwargs: Any) -> None:
