@@ -378,18 +378,7 @@ class Reconciler:
         body = tr.newest(body)
         owner = render.Owner.from_body(body)
         now = st.now_iso()
-        previous = dict(body.get("status") or {})
-        written = self._written.get(key)
-        if written and written[0] == owner.uid:
-            # What we wrote last is at least as new as a body from an index or a queued event.
-            previous = union(previous, written[1])
-            if "rollout" in written[1]:
-                # The canary is one record: a stale body's keys of an earlier canary must not mix in.
-                rollout = dict(previous.get("rollout") or {})
-                rollout.pop("canary", None)
-                if (written[1]["rollout"] or {}).get("canary") is not None:
-                    rollout["canary"] = copy.deepcopy(written[1]["rollout"]["canary"])
-                previous["rollout"] = rollout
+        previous = self._previous(key, body)
         done = await self._converge(owner, body, tr, now, poll=trigger == "poll", previous=previous)
         body = done.body or body
         owner = render.Owner.from_body(body)
@@ -412,6 +401,22 @@ class Reconciler:
         if tr.departing:
             await self.hand_off(key)
         return Outcome(done.problem, new, done.changes, done.decision)
+
+    def _previous(self, key: Key, body: Mapping[str, Any]) -> dict[str, Any]:
+        """The status the server may hold: the body's, with what we wrote last over it (at least
+        as new as a body from an index or a queued event, which may not show our last write yet)."""
+        previous = dict(body.get("status") or {})
+        written = self._written.get(key)
+        if written and written[0] == body["metadata"].get("uid"):
+            previous = union(previous, written[1])
+            if "rollout" in written[1]:
+                # The canary is one record: a stale body's keys of an earlier canary must not mix in.
+                rollout = dict(previous.get("rollout") or {})
+                rollout.pop("canary", None)
+                if (written[1]["rollout"] or {}).get("canary") is not None:
+                    rollout["canary"] = copy.deepcopy(written[1]["rollout"]["canary"])
+                previous["rollout"] = rollout
+        return previous
 
     async def _converge(self, owner: render.Owner, body: Mapping[str, Any], tr: Tracked, now: str,
                         poll: bool, previous: Mapping[str, Any]) -> Converged:
@@ -981,7 +986,10 @@ class Reconciler:
         except render.InvalidSpec:
             return
         owner = render.Owner.from_body(owner_body)
-        objs, _, _, _ = await self._render(owner, spec, owner_body.get("status"), st.now_iso())
+        # The status as we last wrote it: the index may not show it yet (a hold's partition,
+        # written just before its status, would look like drift).
+        previous = self._previous(key, owner_body)
+        objs, _, _, _ = await self._render(owner, spec, previous, st.now_iso())
         desired = next((o for o in objs if o["kind"] == body.get("kind") and o["metadata"]["name"] == meta["name"]),
                        None)
         if desired is None:
@@ -994,7 +1002,7 @@ class Reconciler:
                 reason = "drift"
                 logger.info("child drifted", extra={"object": f"{key[0]}/{key[1]}", "paths": paths[:20],
                                                     "child": f"{body.get('kind')}/{meta['name']}"})
-            elif body.get("kind") == "StatefulSet" and status_stale(owner_body.get("status"), body,
+            elif body.get("kind") == "StatefulSet" and status_stale(previous, body,
                                                                     render.desired_replicas(spec)):
                 reason = "rollout"
         if reason:

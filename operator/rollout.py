@@ -160,15 +160,20 @@ def decide(sts: Mapping[str, Any] | None, pods: Sequence[Mapping[str, Any]], *, 
         return Step(failures=failures)
     s = sts.get("status") or {}
     cur, upd = s.get("currentRevision"), s.get("updateRevision")
-    if in_progress(sts):
+    hold = dict(held) if held and held.get("template") == template else None
+    observed = int(s.get("observedGeneration") or 0) >= int((sts.get("metadata") or {}).get("generation") or 0)
+    # A StatefulSet whose generation is not observed yet (the hold's own partition write, seen
+    # a moment later) says nothing about the rollout: a hold stays until the controller has
+    # looked, with the failures it was held for (else Degraded flaps between reasons).
+    rolling = in_progress(sts) or (hold is not None and not observed)
+    if rolling:
         failing = {f.pod for f in failures}
         failures += tuple(f for p in pods if (p.get("metadata") or {}).get("name") not in failing
                           and (f := not_rejoined(p, upd, now, rejoin_s)))
     partition = int((((sts.get("spec") or {}).get("updateStrategy") or {}).get("rollingUpdate") or {})
                     .get("partition") or 0)
     status = {"currentRevision": cur, "updateRevision": upd, "partition": partition}
-    hold = dict(held) if held and held.get("template") == template else None
-    if not in_progress(sts):
+    if not rolling:
         return Step(failures=failures, status=status)  # done (or nothing to roll): a hold has nothing left to hold
     replicas = int((sts.get("spec") or {}).get("replicas") or 0)
     name = (sts.get("metadata") or {}).get("name", "")

@@ -172,6 +172,33 @@ def test_a_hold_lasts_for_its_template_and_is_released_by_another() -> None:
     assert step.hold is None and not step.rolling and step.progressing is None
 
 
+def test_a_hold_outlasts_its_own_partition_write_until_the_controller_observes_it() -> None:
+    """The hold's partition write makes a new generation of the StatefulSet; a reconcile a
+    moment later (the watch event of that write, a pod event) sees it not yet observed. That
+    says nothing about the rollout: the hold and status.rollout.held stay (dropping them wrote
+    a status without `held`, and the next render undid the partition)."""
+    held = {"partition": 2, "template": TEMPLATE, "revision": "r2", "pod": "orders-2", "reason": ro.ROLLOUT_HELD,
+            "message": "pod orders-2 ...; rollout of r2 held at partition 2", "since": ISO}
+    pods = [pod("orders-0", rev="r1"), pod("orders-1", rev="r1"), pod("orders-2", ready=False, waiting="CrashLoopBackOff")]
+    step = decide(sts(updated=1, partition=2, generation=3, observed=2), pods, held=held)
+    assert step.rolling and step.hold == held and not step.new_hold and step.status["held"] == held
+    assert step.progressing is not None and step.progressing[:2] == (False, ro.ROLLOUT_HELD)
+    assert ro.degraded(step.failures, step.hold)[0] == "CrashLoopBackOff"  # type: ignore[index]
+    # a member held for not rejoining stays the reason for Degraded (no flap to RolloutHeld and back)
+    pods = [pod("orders-0", rev="r1"), pod("orders-1", ready=False, not_ready_for=50), pod("orders-2")]
+    rejoin = {**held, "partition": 1, "pod": "orders-1"}
+    step = ro.decide(sts(updated=2, partition=1, generation=3, observed=2), pods, template=TEMPLATE, held=rejoin,
+                     deadline_s=600, now=T0, now_iso=ISO, rejoin_s=45)
+    assert step.hold == rejoin and ro.degraded(step.failures, step.hold)[0] == ro.NOT_REJOINED  # type: ignore[index]
+    # not observed and nothing held: no rollout to report yet, as before
+    step = decide(sts(current="r2", update="r2", updated=3, generation=3, observed=2), [pod(f"orders-{i}") for i in range(3)])
+    assert step.hold is None and not step.rolling
+    # observed and over: the hold is released
+    step = decide(sts(current="r2", update="r2", updated=3, generation=3, observed=3),
+                  [pod(f"orders-{i}") for i in range(3)], held=held)
+    assert step.hold is None and not step.rolling
+
+
 def test_a_staged_rollout_waits_at_the_spec_partition_without_holding() -> None:
     pods = [pod("orders-0", rev="r1"), pod("orders-1", rev="r1"), pod("orders-2")]
     step = decide(sts(updated=1, partition=2), pods)
