@@ -54,6 +54,7 @@ from .session import MARK_LINGER_S, Session
 log = logging.getLogger("afc.runtime.consumer")
 TOPIC_ID = "topic-id"          # pause reason: the topic's id is being looked up
 EXIT_FATAL = 3
+FILL_S = 0.005                 # a busy consumer waits this long to fill a fetch (see _maybe_fetch)
 # Group membership as /readyz reports it: ready only while HOLDING. librdkafka calls the assign
 # callback after every rebalance (eager, cooperative and KIP-848 alike, an empty list included),
 # so every state below ends at the next assignment.
@@ -209,8 +210,9 @@ class Runtime:
         except RuntimeError:            # loop closed during a hard exit
             pass
 
-    def _fetch(self, budget: int, timeout: float) -> list[Any]:
-        """Kafka thread: wait for one message, then take what is already there."""
+    def _fetch(self, budget: int, timeout: float, fill_s: float = 0.0) -> list[Any]:
+        """Kafka thread: wait for one message, then take what is already there, or what comes
+        within `fill_s` (up to `budget`): see `_maybe_fetch`."""
         c = self.consumer
         assert c is not None
         first = c.poll(timeout)
@@ -218,7 +220,7 @@ class Runtime:
             return []
         if budget <= 1:
             return [first]
-        return [first, *c.consume(budget - 1, 0)]
+        return [first, *c.consume(budget - 1, fill_s)]
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         out = []
@@ -968,7 +970,13 @@ class Runtime:
         self.fetching = True
         self.fetch_seq += 1
         seq = self.fetch_seq
-        fut = self._kop(self._fetch, budget, 0.05 if budget > 0 else 0.1)
+        # While earlier batches are still in the pipeline (claims in flight, handlers busy), a
+        # fetch waits up to FILL_S to fill its batch: the loop pipelines fetches, and taking only
+        # what had arrived since the last one made batches 3x smaller than the pre-rebuild core's
+        # (190 against 600 messages at full speed) and every per-batch cost (a claim call, a
+        # send, a wrap) 3x more frequent. An idle consumer takes what is there at once.
+        fill = FILL_S if self.in_work > 0 and budget > 1 else 0.0
+        fut = self._kop(self._fetch, budget, 0.05 if budget > 0 else 0.1, fill)
         fut.add_done_callback(lambda f: self._post(("fetched", seq, f)))
 
     def _watchdog(self) -> None:
