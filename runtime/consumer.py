@@ -41,6 +41,7 @@ from .backpressure import LevelInputs, SignalPublisher, build_publisher
 from .config import RuntimeSettings
 from .dispatch import KeyGate, Outcome, Result, TaskDispatcher, ThreadDispatcher
 from .errors import ClaimLost, PoisonError, StoreUnavailable
+from .concurrency import ConcurrencyLimit, ConcurrencyWindow
 from .fetch_control import FetchController, WindowStats, should_pause
 from .handlers import build_handler, is_async
 from .idempotency import EVICTING_POLICIES, Claim, IdempotencyStore, RedisStore, SqliteStore
@@ -130,6 +131,8 @@ class Runtime:
         self.owner = f"{self.instance_id or 'dyn'}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.metrics = RuntimeMetrics()
         self.ctl = FetchController(settings.flow)
+        self.conc = ConcurrencyLimit(settings.flow)   # handler calls at once; the dispatcher applies it
+        self._demand = 0                              # most records with the dispatcher in this window
         self.parts: dict[TP, Partition] = {}
         self.paused: set[TP] = set()                  # what the Kafka thread was last told to pause
         self.fresh: set[TP] = set()                   # assigned since the last tick: pause state unknown
@@ -651,6 +654,8 @@ class Runtime:
         if n > self._win[3]:
             self._win[3] = n
         self.dispatcher.submit(msgs)
+        if self.dispatcher.running > self._demand:
+            self._demand = self.dispatcher.running
 
     def _recheck_parked(self) -> None:
         if self.session is None:
@@ -877,9 +882,18 @@ class Runtime:
         assert self.dispatcher is not None
         outstanding = self.in_work
         self._win = [0, 0, 0.0, outstanding, 0.0]
-        d = self.ctl.decide(WindowStats(completed, errors, lat, max(peak, outstanding), qwait))
+        demand, self._demand = max(self._demand, self.dispatcher.running), self.dispatcher.running
+        d = self.ctl.decide(WindowStats(completed, errors, lat, max(peak, outstanding), qwait, self.conc.limit))
+        c = self.conc.decide(ConcurrencyWindow(completed, lat, demand, d.reason == "overload-errors"))
+        self.dispatcher.set_limit(c.limit)
         self.dispatcher.tune(lat / completed if completed else 0.0, completed)
         m = self.metrics
+        m.concurrency_limit.set(c.limit)
+        m.concurrency_running.set(self.dispatcher.busy)
+        m.noload_latency.set(c.baseline_ms / 1000)
+        if c.reason.startswith("cut"):
+            log.info("event=concurrency-limit reason=%s limit=%d ratio=%.2f noload_ms=%.2f mean_latency_ms=%.2f",
+                     c.reason, c.limit, c.ratio, c.baseline_ms, 1000 * lat / completed if completed else 0.0)
         m.controller_decisions.labels(d.reason).inc()
         m.inflight_limit.set(d.inflight_limit)
         m.batch_size.set(d.batch_size)
@@ -1014,6 +1028,7 @@ class Runtime:
         kind = TaskDispatcher if is_async(self._handler) else ThreadDispatcher
         self.dispatcher = kind(self._handler, self.s.flow.workers, self.loop, self.on_results, h.timeout_s,
                                h.steal_after_ms / 1000, h.max_abandoned_threads)
+        self.dispatcher.set_limit(self.conc.limit)
         conf = kafka_config(self.s, self.instance_id)
         conf["error_cb"] = self._on_error
         conf["on_commit"] = self._on_commit
@@ -1047,8 +1062,9 @@ class Runtime:
         gc.freeze()
         gc.set_threshold(50_000, 20, 20)
         self.state = "running"
-        log.info("event=started group=%s instance=%s topics=%s workers=%d handler=%s store=%s timeout_s=%g",
-                 self.s.kafka.group_id, self.instance_id, ",".join(self.s.kafka.topics), self.s.flow.workers,
+        log.info("event=started group=%s instance=%s topics=%s workers=%d concurrency=%s handler=%s store=%s "
+                 "timeout_s=%g", self.s.kafka.group_id, self.instance_id, ",".join(self.s.kafka.topics),
+                 self.s.flow.workers, self.s.flow.concurrency,
                  self.s.handler.handler or self.s.handler.http_sink_url or getattr(self._handler, "__name__", "?"),
                  type(self.store).__name__ if self.store else "none", h.timeout_s)
 

@@ -1,0 +1,109 @@
+"""The handler-concurrency decision: how many handler calls may run at once.
+
+A handler that waits on a downstream (a database, an HTTP service) is fastest at the
+concurrency the downstream can take, and no fixed number fits every downstream: too few
+calls leave it idle, too many only queue inside it (latency grows, throughput does not).
+So the limit is found the way Netflix's concurrency-limits (Vegas, Gradient) and BBR find
+theirs, from latency alone:
+
+- The *no-load latency* is the lowest window-mean handler latency seen (BBR's min RTT):
+  what a call costs when nothing queues. Window means, not single calls, so one lucky call
+  does not set it. The limit starts low (`initialConcurrency`, 4) so that it is measured
+  below the downstream's capacity, then doubles per window (slow start) until latency
+  rises.
+- Each window compares its mean latency with it (`ratio`). The *knee* is a third of the way
+  from 1 to `latencyTolerance` (1.17 at the default 1.5):
+  - ratio above the knee: the downstream queues. Cut to limit * knee / ratio (at most
+    halving): a downstream that queues beyond capacity C has latency about L * n / C, so
+    this lands just above C in one step, where it is fully used and latency is 1.17 L.
+  - ratio at or below the knee and the limit used (as many calls were waiting or running
+    as it allowed): grow, doubling in slow start (until the first cut), then by
+    `increaseRatio` (at least +1). An unused limit is not grown: nothing tested it.
+- Transient errors and timeouts above the bound (judged by the fetch controller, which
+  knows the load-independent error baseline) halve the limit, like a drop in TCP.
+- A cut for latency above `latencyTolerance` that does not lower latency (by less than a
+  third of the fall the cut predicts) shows the latency is not load: the downstream itself
+  got slower. That latency becomes the new no-load latency at once, so a slower but not
+  congested downstream does not pin the limit at its floor (Gradient2 drifts its baseline
+  for the same reason; a one-off test does not ratchet it upward as a drift would).
+
+`workers` is only the upper bound. Mode `fixed` pins the limit at `workers` (the behaviour
+before this controller, and the benchmark's comparison).
+
+Pure: no clock, no I/O. The loop feeds it one `ConcurrencyWindow` per flow window.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+from .config import FlowSettings
+
+MIN_SAMPLES = 3                # fewer completions in a window say nothing about latency
+MAX_CUT = 0.5                  # a latency cut at most halves
+
+
+@dataclass(frozen=True)
+class ConcurrencyWindow:
+    """What the handler calls did during one window."""
+    completed: int             # handler calls that returned or raised
+    latency_sum_s: float       # their total time
+    demand: int                # most records with the dispatcher (running or waiting for a slot) at once
+    drop: bool = False         # transient errors or timeouts above the bound
+
+
+@dataclass(frozen=True)
+class ConcurrencyDecision:
+    limit: int
+    reason: str                # "grow", "cut-latency", "cut-errors", "drain", "hold", "hold-unused", "fixed", ...
+    ratio: float               # window mean latency / no-load latency (0 when unknown)
+    baseline_ms: float         # the no-load latency (0 until measured)
+
+
+class ConcurrencyLimit:
+    def __init__(self, flow: FlowSettings) -> None:
+        self.flow = flow
+        self.fixed = flow.concurrency == "fixed"
+        self.limit = flow.workers if self.fixed else flow.start_concurrency
+        self.slow_start = True
+        self.baseline_s = 0.0                            # the no-load latency; 0 until measured
+        self._cut: tuple[float, float] | None = None     # (mean before, factor) of the last big latency cut
+
+    @property
+    def knee(self) -> float:
+        return 1.0 + (self.flow.latency_tolerance - 1.0) / 3
+
+    def decide(self, w: ConcurrencyWindow) -> ConcurrencyDecision:
+        f = self.flow
+        if self.fixed:
+            return ConcurrencyDecision(self.limit, "fixed", 0.0, 1000 * self.baseline_s)
+        if w.completed < MIN_SAMPLES:
+            return ConcurrencyDecision(self.limit, "hold-idle", 0.0, 1000 * self.baseline_s)
+        mean = w.latency_sum_s / w.completed
+        cut, self._cut = self._cut, None
+        if cut is not None and mean > cut[0] * (1 - (1 - cut[1]) / 3):
+            self.baseline_s = mean             # the cut did not help: this latency is the downstream's own
+        elif self.baseline_s <= 0 or mean < self.baseline_s:
+            self.baseline_s = mean
+        ratio = mean / self.baseline_s
+        floor, top = f.min_concurrency, f.workers
+        if w.drop:
+            self.limit = max(floor, math.floor(self.limit * f.decrease_factor))
+            self.slow_start = False
+            reason = "cut-errors"
+        elif ratio > self.knee:
+            factor = max(MAX_CUT, self.knee / ratio)
+            new = max(floor, min(self.limit - 1, math.floor(self.limit * factor)))
+            if ratio > f.latency_tolerance and new < self.limit:
+                self._cut = (mean, factor)
+            self.limit = max(floor, new)
+            self.slow_start = False
+            reason = "cut-latency"
+        elif w.demand >= self.limit:
+            step = self.limit if self.slow_start else max(1, math.ceil(self.limit * f.increase_ratio))
+            self.limit = min(top, self.limit + step)
+            reason = "grow"
+        else:
+            reason = "hold-unused"
+        return ConcurrencyDecision(self.limit, reason, ratio, 1000 * self.baseline_s)

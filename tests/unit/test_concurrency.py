@@ -1,0 +1,241 @@
+"""The handler-concurrency limit against a downstream of known capacity, window by window,
+and the dispatchers running at most that many handler calls.
+
+The downstream is the bench's model without its noise: calls take L while at most C run at
+once, L * n / C beyond (a queue in front of C servers). Each window the limit is fully used
+(a backlog waits), so n = limit; the controller sees that window's mean latency.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from afc.runtime.concurrency import ConcurrencyLimit, ConcurrencyWindow
+from afc.runtime.config import FlowSettings
+from afc.runtime.dispatch import Outcome, TaskDispatcher, ThreadDispatcher
+from afc.runtime.message import Message
+
+pytestmark = pytest.mark.unit
+
+
+def flow(**kw) -> FlowSettings:
+    return FlowSettings(**{"workers": 1024, **kw})
+
+
+def latency(n: int, L: float, C: int) -> float:
+    return L * max(1.0, n / C)
+
+
+def window(n: int, L: float, C: int, *, drop: bool = False, demand: int | None = None,
+           calls: int = 100) -> ConcurrencyWindow:
+    return ConcurrencyWindow(completed=calls, latency_sum_s=calls * latency(n, L, C),
+                             demand=n if demand is None else demand, drop=drop)
+
+
+def run(c: ConcurrencyLimit, steps: int, L: float, C: int) -> list[int]:
+    out = []
+    for _ in range(steps):
+        c.decide(window(c.limit, L, C))
+        out.append(c.limit)
+    return out
+
+
+@pytest.mark.parametrize("C", [8, 64, 300])
+def test_finds_the_capacity_and_keeps_latency_within_the_tolerance(C: int) -> None:
+    c = ConcurrencyLimit(flow())
+    L = 0.005
+    limits = run(c, 15, L, C)
+    assert C <= limits[-1] <= 1.5 * C, limits                   # found within 15 windows
+    later = run(c, 200, L, C)
+    # It keeps probing around C: never far below (throughput), never far above (latency).
+    assert min(later) >= 0.6 * C and max(later) <= 1.5 * C, (min(later), max(later))
+    mean_tput = sum(n / latency(n, L, C) for n in later) / len(later)      # Little: calls/s
+    assert mean_tput >= 0.95 * C / L
+    assert max(latency(n, L, C) for n in later) <= 1.5 * L      # within the tolerance of the no-load latency
+
+
+def test_backs_off_when_the_downstream_slows_and_recovers_when_it_is_back() -> None:
+    c = ConcurrencyLimit(flow())
+    L = 0.005
+    run(c, 40, L, 64)
+    assert c.limit >= 60
+    slow = run(c, 6, L, 16)                                      # another tenant took 3/4 of it
+    assert slow[-1] <= 1.5 * 16, slow
+    settled = run(c, 100, L, 16)
+    assert max(settled) <= 24 and min(settled) >= 10
+    back = run(c, 30, L, 64)
+    assert back[-1] >= 56, back                                   # additive growth finds it again
+
+
+def test_a_downstream_slower_but_not_congested_does_not_pin_the_limit_at_the_floor() -> None:
+    """Its latency rose 4x at every concurrency: cutting does not lower it, so it becomes
+    the new no-load latency instead of a reason to cut to 1."""
+    c = ConcurrencyLimit(flow())
+    run(c, 40, 0.005, 64)
+    run(c, 3, 0.020, 64)
+    assert c.limit >= 16
+    limits = run(c, 60, 0.020, 64)
+    assert limits[-1] >= 56 and abs(c.baseline_s - 0.020) < 1e-9
+
+
+def test_errors_above_the_bound_halve_it() -> None:
+    c = ConcurrencyLimit(flow(initial_concurrency=40))
+    d = c.decide(window(40, 0.005, 1000, drop=True))
+    assert (d.limit, d.reason) == (20, "cut-errors")
+    d = c.decide(window(20, 0.005, 1000))
+    assert (d.limit, d.reason) == (22, "grow")                   # slow start is over: +10 %
+
+
+def test_an_unused_limit_does_not_grow_and_a_quiet_window_holds() -> None:
+    c = ConcurrencyLimit(flow(initial_concurrency=32))
+    d = c.decide(window(32, 0.005, 1000, demand=10))
+    assert (d.limit, d.reason) == (32, "hold-unused")
+    d = c.decide(ConcurrencyWindow(completed=1, latency_sum_s=1.0, demand=32))
+    assert (d.limit, d.reason) == (32, "hold-idle")
+
+
+def test_the_upper_bound_and_the_floor_hold() -> None:
+    c = ConcurrencyLimit(flow(workers=48))
+    assert max(run(c, 20, 0.005, 1000)) == 48
+    c = ConcurrencyLimit(flow(workers=48, min_concurrency=4, initial_concurrency=8))
+    c.decide(window(8, 0.005, 1000))
+    for _ in range(10):
+        c.decide(window(c.limit, 0.005, 1000, drop=True))
+    assert c.limit == 4
+
+
+def test_fixed_mode_is_always_workers() -> None:
+    c = ConcurrencyLimit(flow(workers=64, concurrency="fixed"))
+    assert c.limit == 64
+    assert c.decide(window(64, 0.5, 1, drop=True)).limit == 64
+
+
+def test_the_noload_latency_is_the_lowest_window_mean_and_only_a_failed_cut_raises_it() -> None:
+    c = ConcurrencyLimit(flow(initial_concurrency=4))
+    c.decide(window(4, 0.005, 1000, demand=0))
+    for _ in range(200):                                         # a standing 1.1x never becomes "no load"
+        c.decide(window(4, 0.0055, 1000, demand=0))
+    assert c.baseline_s == pytest.approx(0.005)
+    d = c.decide(window(4, 0.010, 1000))                         # 2x: cut in half...
+    assert (d.limit, d.reason) == (2, "cut-latency")
+    c.decide(window(2, 0.010, 1000))                             # ...and latency did not move
+    assert c.baseline_s == pytest.approx(0.010)
+
+
+def test_slow_start_finds_the_capacity_from_the_default_start() -> None:
+    c = ConcurrencyLimit(flow())
+    assert c.limit == 4
+    limits = run(c, 8, 0.005, 256)
+    assert limits[:6] == [8, 16, 32, 64, 128, 256]
+
+
+# ------------------------------------------------------------------ the dispatcher applies it
+# Handlers block on events, so "how many run at once" is read at a point where nothing moves.
+
+def _msg(offset: int, key: bytes | None) -> Message:
+    m = Message("t", 0, offset, key, b"{}", None, int(time.time() * 1000), {}, None, f"id-{offset}")
+    m.claimed = True
+    return m
+
+
+class Gauge:
+    """Handler calls in progress, and the most at once (thread-safe)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.now = 0
+        self.peak = 0
+        self.order: list[tuple[bytes | None, int]] = []
+
+    def enter(self, m: Message) -> None:
+        with self.lock:
+            self.now += 1
+            self.peak = max(self.peak, self.now)
+            self.order.append((m.key, m.offset))
+
+    def leave(self) -> None:
+        with self.lock:
+            self.now -= 1
+
+
+def _spin(loop: asyncio.AbstractEventLoop, until, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not until():
+        loop.run_until_complete(asyncio.sleep(0.01))
+    assert until()
+
+
+def test_threads_run_at_most_the_limit_grow_with_it_and_leave_when_it_falls() -> None:
+    g, gate, got = Gauge(), threading.Event(), []
+
+    def handler(m: Message) -> None:
+        g.enter(m)
+        gate.wait(10)
+        g.leave()
+
+    loop = asyncio.new_event_loop()
+    d = ThreadDispatcher(handler, 16, loop, got.extend, 0.0, 10.0, 4)
+    try:
+        d.set_limit(3)
+        d.submit([_msg(i, b"k%d" % i) for i in range(12)])
+        _spin(loop, lambda: g.now == 3)
+        time.sleep(0.1)
+        assert (g.now, g.peak, len(d.workers)) == (3, 3, 3)      # nine wait for a slot
+        d.set_limit(6)
+        _spin(loop, lambda: g.now == 6)
+        d.set_limit(2)
+        gate.set()
+        _spin(loop, lambda: len(got) == 12)
+        _spin(loop, lambda: sum(1 for w in d.workers if w.thread.is_alive()) == 2)   # four left between chunks
+        assert d._live == 2
+        gate.clear()
+        g.peak = 0
+        d.submit([_msg(100 + i, b"j%d" % i) for i in range(6)])
+        _spin(loop, lambda: g.now == 2)
+        time.sleep(0.1)
+        assert g.peak == 2
+        gate.set()
+        _spin(loop, lambda: len(got) == 18)
+    finally:
+        gate.set()
+        loop.run_until_complete(d.close(1))
+        loop.close()
+
+
+def test_tasks_run_at_most_the_limit_and_keep_each_keys_order() -> None:
+    async def main() -> None:
+        g, gate, got = Gauge(), asyncio.Event(), []
+
+        async def handler(m: Message) -> None:
+            g.enter(m)
+            await gate.wait()
+            g.leave()
+
+        d = TaskDispatcher(handler, 64, asyncio.get_running_loop(), got.extend, 0.0, 10.0, 4)
+        d.set_limit(4)
+        msgs = [_msg(i, b"k%d" % (i % 5)) for i in range(40)]     # 5 keys, 8 records each
+        d.submit(msgs)
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert (g.now, g.peak) == (4, 4)
+        d.set_limit(10)
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert g.now == 5                        # one worker per key at most: 5 keys
+        d.set_limit(1)
+        gate.set()
+        for _ in range(200):
+            await asyncio.sleep(0)
+            if len(got) == 40:
+                break
+        assert len(got) == 40 and all(r[1] is Outcome.OK for r in got)
+        for k in {m.key for m in msgs}:
+            offs = [o for key, o in g.order if key == k]
+            assert offs == sorted(offs)
+        assert d._live == 0
+        await d.close(1)
+
+    asyncio.run(main())
