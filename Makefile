@@ -8,7 +8,7 @@ PYTEST := .venv/bin/pytest
 TESTBED := python3 scripts/testbed.py
 PYTEST_ARGS ?=
 
-.PHONY: deps testbed testbed-down testbed-clean testbed-status test unit demo demo-runtime bench bench-scaling bench-rollout bench-report soak crds pins
+.PHONY: deps testbed testbed-down testbed-clean testbed-status test unit demo demo-runtime bench bench-scaling bench-rollout bench-concurrency bench-report soak crds pins
 
 deps:
 	bash scripts/install-deps.sh
@@ -48,7 +48,12 @@ demo-runtime: testbed
 	set -a; source .testbed/env; set +a; $(PY) -P -m afc.runtime.demo
 
 bench: testbed
-	set -a; source .testbed/env; set +a; $(PY) -P bench/run.py && $(PY) -P bench/scaling.py && $(PY) -P bench/rollout.py
+	set -a; source .testbed/env; set +a; $(PY) -P bench/run.py && $(PY) -P bench/concurrency.py && $(PY) -P bench/scaling.py && $(PY) -P bench/rollout.py
+
+# Issue 13's adaptive handler concurrency against fixed flow.workers on a simulated downstream of
+# known capacity (async 5 ms, sync 1 ms, a mid-run slowdown); bench/results/concurrency.json and .png (~4 minutes).
+bench-concurrency: testbed
+	set -a; source .testbed/env; set +a; $(PY) -P bench/concurrency.py
 
 # Issue 11's rolling restarts: N = 4 and 8 members, static vs eager vs cooperative-sticky vs KIP-848,
 # rebalances counted in the broker's log; results in bench/results/rollout.json (~7 minutes on the test bed).

@@ -8,20 +8,26 @@ theirs, from latency alone:
 
 - The *no-load latency* is the lowest window-mean handler latency seen (BBR's min RTT):
   what a call costs when nothing queues. Window means, not single calls, so one lucky call
-  does not set it. The limit starts low (`initialConcurrency`, 4) so that it is measured
+  does not set it; below `NOISE_FLOOR_S` (0.5 ms) it counts as 0.5 ms, so the jitter of a
+  handler that waits on nothing (GC, the GIL) is not read as a queue. The limit starts low (`initialConcurrency`, 4) so that it is measured
   below the downstream's capacity, then doubles per window (slow start) until latency
   rises.
-- Each window compares its mean latency with it (`ratio`). The *knee* is a third of the way
-  from 1 to `latencyTolerance` (1.17 at the default 1.5):
-  - ratio above the knee: the downstream queues. Cut to limit * knee / ratio (at most
-    halving): a downstream that queues beyond capacity C has latency about L * n / C, so
-    this lands just above C in one step, where it is fully used and latency is 1.17 L.
-  - ratio at or below the knee and the limit used (as many calls were waiting or running
-    as it allowed): grow, doubling in slow start (until the first cut), then by
+- Each window compares its mean latency with it (`ratio`) and estimates, as Vegas does, the
+  calls queued inside the downstream: `queue = limit * (1 - 1 / ratio)`.
+  - ratio above `latencyTolerance` (1.5) and more than `BETA` calls queued: the downstream
+    queues. Cut to limit * knee / ratio (at most halving), the *knee* being a third of the
+    way from 1 to the tolerance (1.17 at 1.5): a downstream that queues beyond capacity C
+    has latency about L * n / C, so this lands just above C in one step, where it is fully
+    used and its latency is about 1.2 L.
+  - ratio at or below the knee, or at most `ALPHA` calls queued (a latency rise at a small
+    limit is noise, not a queue of ours), and the limit used (as many records were waiting
+    or running as it allowed): grow, doubling in slow start (until the first cut), then by
     `increaseRatio` (at least +1). An unused limit is not grown: nothing tested it.
+  - otherwise hold: latency between the knee and the tolerance is the price of keeping the
+    downstream busy.
 - Transient errors and timeouts above the bound (judged by the fetch controller, which
   knows the load-independent error baseline) halve the limit, like a drop in TCP.
-- A cut for latency above `latencyTolerance` that does not lower latency (by less than a
+- A latency cut that does not lower latency (by less than a
   third of the fall the cut predicts) shows the latency is not load: the downstream itself
   got slower. That latency becomes the new no-load latency at once, so a slower but not
   congested downstream does not pin the limit at its floor (Gradient2 drifts its baseline
@@ -42,6 +48,9 @@ from .config import FlowSettings
 
 MIN_SAMPLES = 3                # fewer completions in a window say nothing about latency
 MAX_CUT = 0.5                  # a latency cut at most halves
+ALPHA = 2                      # queued calls (estimated) below which the limit may still grow
+BETA = 4                       # queued calls above which a latency over the tolerance is cut
+NOISE_FLOOR_S = 0.0005         # latency differences this small are the process's own jitter (GC, GIL), not a queue
 
 
 @dataclass(frozen=True)
@@ -86,24 +95,28 @@ class ConcurrencyLimit:
             self.baseline_s = mean             # the cut did not help: this latency is the downstream's own
         elif self.baseline_s <= 0 or mean < self.baseline_s:
             self.baseline_s = mean
-        ratio = mean / self.baseline_s
+        ratio = mean / max(self.baseline_s, NOISE_FLOOR_S)
         floor, top = f.min_concurrency, f.workers
+        queue = self.limit * (1 - 1 / ratio) if ratio > 1 else 0.0
         if w.drop:
             self.limit = max(floor, math.floor(self.limit * f.decrease_factor))
             self.slow_start = False
             reason = "cut-errors"
-        elif ratio > self.knee:
+        elif ratio > f.latency_tolerance and queue > BETA:
             factor = max(MAX_CUT, self.knee / ratio)
             new = max(floor, min(self.limit - 1, math.floor(self.limit * factor)))
-            if ratio > f.latency_tolerance and new < self.limit:
+            if new < self.limit:
                 self._cut = (mean, factor)
-            self.limit = max(floor, new)
+            self.limit = new
             self.slow_start = False
             reason = "cut-latency"
-        elif w.demand >= self.limit:
-            step = self.limit if self.slow_start else max(1, math.ceil(self.limit * f.increase_ratio))
-            self.limit = min(top, self.limit + step)
-            reason = "grow"
+        elif ratio <= self.knee or queue <= ALPHA:
+            if w.demand >= self.limit:
+                step = self.limit if self.slow_start and ratio <= self.knee else max(1, math.ceil(self.limit * f.increase_ratio))
+                self.limit = min(top, self.limit + step)
+                reason = "grow"
+            else:
+                reason = "hold-unused"
         else:
-            reason = "hold-unused"
+            reason = "hold"
         return ConcurrencyDecision(self.limit, reason, ratio, 1000 * self.baseline_s)

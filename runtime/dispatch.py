@@ -12,7 +12,9 @@
   for up to `workers` workers, so a limit that grows finds chunks to give the new workers.
   Tasks and threads are started when chunks wait and the limit allows, and leave (after
   their current chunk, never in the middle of one) when the limit falls below them;
-  threads also leave after `IDLE_EXIT_S` without work.
+  threads also leave after `IDLE_EXIT_S` without work. A call running past `steal_after_s`
+  (and four times the mean) does not count against the limit (one stuck call must not hold the only slot and stall
+  every other partition, whatever the limit fell to).
 - Sync handlers run on worker threads, async handlers as tasks on the loop. Either way the
   loop's own thread never runs user code, so fetching, commits, lease renewal and
   retries go on whatever a handler does (an async handler that blocks the loop is caught
@@ -203,6 +205,8 @@ class Dispatcher:
                  on_results: OnResults, timeout_s: float, steal_after_s: float, max_abandoned: int) -> None:
         self.handler, self.n, self.loop, self.on_results = handler, workers, loop, on_results
         self.limit = workers              # concurrent handler calls allowed now (<= n); see set_limit
+        self.stuck = 0                    # workers whose call runs past steal_after_s (the watchdog counts)
+        self.allowed = workers            # workers that may run: limit + stuck, at most n
         self.timeout_s, self.steal_after_s, self.max_abandoned = timeout_s, steal_after_s, max_abandoned
         self.workers: list[Worker] = []
         self.abandoned: list[Worker] = []
@@ -225,6 +229,10 @@ class Dispatcher:
         """The concurrency controller's limit (clamped to [1, workers]); surplus workers leave
         after their current chunk, missing ones start when chunks wait."""
         self.limit = max(1, min(self.n, limit))
+        self._apply()
+
+    def _apply(self) -> None:
+        self.allowed = min(self.n, self.limit + self.stuck)
         self._grow()
 
     @property
@@ -239,6 +247,8 @@ class Dispatcher:
         """Called by the loop every tick: cut stuck chunks, time out overdue records."""
         out = Stuck()
         now = time.perf_counter()
+        stuck = 0
+        stuck_after = max(self.steal_after_s, 4 * self.mean_latency_s)    # slow for this handler, not just slow
         for w in self.workers:
             c = w.chunk
             if c is None:
@@ -248,6 +258,8 @@ class Dispatcher:
                 if m is None:
                     continue
                 ran = now - c.t0
+                if ran > stuck_after and not w.abandoned:
+                    stuck += 1
                 if self.abandons and self.timeout_s and ran > self.timeout_s:
                     w.abandoned = True
                     c.cur = None
@@ -260,6 +272,9 @@ class Dispatcher:
                     out.taken.append((m, c.take_rest()))
         if out.timed_out:
             self._replace_abandoned()
+        if stuck != self.stuck:
+            self.stuck = stuck
+            self._apply()
         for _, rest in out.taken:
             self.running -= len(rest)
         return out
@@ -341,9 +356,9 @@ class ThreadDispatcher(Dispatcher):
         self._seq = 0
         self.workers = []
 
-    def set_limit(self, limit: int) -> None:
+    def _apply(self) -> None:
         with self._lock:                             # threads read it under the lock when they retire
-            self.limit = max(1, min(self.n, limit))
+            self.allowed = min(self.n, self.limit + self.stuck)
         self._grow()
 
     def _spawn(self, name: str) -> Worker:
@@ -358,7 +373,7 @@ class ThreadDispatcher(Dispatcher):
         """Start threads for waiting chunks, up to the limit; forget threads that left."""
         self.workers = [w for w in self.workers if self._alive(w)]
         with self._lock:
-            want = min(self.limit - self._live, self._q.qsize() - self._idle)
+            want = min(self.allowed - self._live, self._q.qsize() - self._idle)
         for _ in range(max(0, want)):
             self._seq += 1
             self.workers.append(self._spawn(f"afc-worker-{self._seq}"))
@@ -400,7 +415,7 @@ class ThreadDispatcher(Dispatcher):
             with lock:
                 if w.abandoned:                      # the loop counted it out when it replaced it
                     return
-                if self._live > self.limit:          # the limit fell: leave between chunks
+                if self._live > self.allowed:        # the limit fell: leave between chunks
                     self._live -= 1
                     return
                 self._idle += 1
@@ -410,7 +425,7 @@ class ThreadDispatcher(Dispatcher):
                 c = self._EMPTY
             with lock:
                 self._idle -= 1
-                if c is None or c is self._EMPTY or self._live > self.limit:
+                if c is None or c is self._EMPTY or self._live > self.allowed:
                     self._live -= 1
                     if isinstance(c, Chunk):
                         q.put(c)                     # the limit fell while it waited: for a thread within it
@@ -498,7 +513,7 @@ class TaskDispatcher(Dispatcher):
 
     def _grow(self) -> None:
         self.workers = [w for w in self.workers if self._alive(w) and not w.abandoned]
-        while self._live < self.limit and self._live < len(self._pending) + sum(
+        while self._live < self.allowed and self._live < len(self._pending) + sum(
                 1 for w in self.workers if w.chunk is not None):
             self._seq += 1
             self.workers.append(self._spawn(f"afc-task-{self._seq}"))
@@ -515,7 +530,7 @@ class TaskDispatcher(Dispatcher):
 
     async def _work(self, w: Worker) -> None:
         try:
-            while self._pending and not w.abandoned and self._live <= self.limit:
+            while self._pending and not w.abandoned and self._live <= self.allowed:
                 c = self._pending.popleft()
                 w.chunk = c
                 try:

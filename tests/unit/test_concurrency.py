@@ -114,15 +114,22 @@ def test_fixed_mode_is_always_workers() -> None:
 
 
 def test_the_noload_latency_is_the_lowest_window_mean_and_only_a_failed_cut_raises_it() -> None:
-    c = ConcurrencyLimit(flow(initial_concurrency=4))
-    c.decide(window(4, 0.005, 1000, demand=0))
+    c = ConcurrencyLimit(flow(initial_concurrency=40))
+    c.decide(window(40, 0.005, 1000, demand=0))
     for _ in range(200):                                         # a standing 1.1x never becomes "no load"
-        c.decide(window(4, 0.0055, 1000, demand=0))
+        c.decide(window(40, 0.0055, 1000, demand=0))
     assert c.baseline_s == pytest.approx(0.005)
-    d = c.decide(window(4, 0.010, 1000))                         # 2x: cut in half...
-    assert (d.limit, d.reason) == (2, "cut-latency")
-    c.decide(window(2, 0.010, 1000))                             # ...and latency did not move
+    d = c.decide(window(40, 0.010, 1000))                        # 2x with 20 calls queued: cut...
+    assert (d.limit, d.reason) == (23, "cut-latency")
+    c.decide(window(23, 0.010, 1000))                            # ...and latency did not move
     assert c.baseline_s == pytest.approx(0.010)
+
+
+def test_a_latency_rise_at_a_small_limit_is_not_a_queue() -> None:
+    c = ConcurrencyLimit(flow(initial_concurrency=2))
+    c.decide(window(2, 0.001, 1000))
+    d = c.decide(window(4, 0.0019, 1000))                        # 1.9x, but at most 2 calls could queue
+    assert d.reason == "grow"
 
 
 def test_slow_start_finds_the_capacity_from_the_default_start() -> None:
@@ -239,3 +246,43 @@ def test_tasks_run_at_most_the_limit_and_keep_each_keys_order() -> None:
         await d.close(1)
 
     asyncio.run(main())
+
+
+def test_jitter_of_a_handler_that_waits_on_nothing_is_not_a_queue() -> None:
+    c = ConcurrencyLimit(flow(initial_concurrency=16))
+    c.decide(window(16, 0.00001, 1000))                          # 10 us: a noop handler
+    d = c.decide(window(32, 0.00004, 1000))                      # 4x, but 40 us
+    assert d.reason == "grow"
+    d = c.decide(window(64, 0.002, 1000))                        # 2 ms is a queue
+    assert d.reason == "cut-latency"
+
+
+def test_a_stuck_call_does_not_hold_the_only_slot() -> None:
+    """The limit fell to 1 while one call hangs: other keys must still run (test_core_stalls)."""
+    release, started, got = threading.Event(), threading.Event(), []
+
+    def handler(m: Message) -> None:
+        if m.offset == 0:
+            started.set()
+            release.wait(10)
+
+    loop = asyncio.new_event_loop()
+    d = ThreadDispatcher(handler, 8, loop, got.extend, 0.0, 0.05, 4)
+    try:
+        d.set_limit(1)
+        d.submit([_msg(0, b"a")])
+        assert started.wait(5)
+        d.submit([_msg(1, b"b")])
+        time.sleep(0.2)
+        assert got == []                          # the only slot is taken...
+        d.watchdog()                              # ...until the watchdog sees the call is stuck
+        _spin(loop, lambda: [r[0].offset for r in got] == [1])
+        assert d.stuck == 1 and d.allowed == 2
+        release.set()
+        _spin(loop, lambda: len(got) == 2)
+        d.watchdog()
+        assert (d.stuck, d.allowed) == (0, 1)
+    finally:
+        release.set()
+        loop.run_until_complete(d.close(1))
+        loop.close()
