@@ -13,9 +13,9 @@ reading one pre-produced topic of 12 partitions, Redis idempotency on, as a new 
 - `async_5ms`: an async handler, L = 5 ms, C = 64 (12,800 calls/s at best).
 - `sync_1ms`: a sync handler, L = 1 ms, C = 8 (8,000 calls/s at best).
   Each: afc by default (flow.concurrency adaptive, workers 256) and with
-  `flow.concurrency=fixed` at several `flow.workers`; each variant handles `--messages`
-  records. Throughput = records / seconds from the first downstream call to the N-th
-  completion (start-up ramp included). Downstream latency: the model's own per call
+  `flow.concurrency=fixed` at several `flow.workers`; each variant handles
+  `--async-messages` (80,000) or `--sync-messages` (40,000) records. Throughput = records /
+  seconds from the first downstream call to the N-th completion (start-up ramp included). Downstream latency: the model's own per call
   (L * max(1, n / C)), as a multiple of L, mean and p90.
 - `slowdown`: async 5 ms; C = 64, then 16 from 8 s (another tenant took three quarters of
   it), then 64 again from 16 s; adaptive and fixed at 64 (the best fixed setting for the
@@ -59,7 +59,8 @@ GOAL_LATENCY_X = 2.0
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--messages", type=int, default=40_000, help="records each variant of the handler phases handles")
+    ap.add_argument("--async-messages", type=int, default=80_000, help="records each variant of the async phase handles")
+    ap.add_argument("--sync-messages", type=int, default=40_000, help="records each variant of the sync phase handles")
     ap.add_argument("--async-fixed", default="16,32,64,128,256,1024", help="fixed flow.workers, async phase")
     ap.add_argument("--sync-fixed", default="4,8,16,32,64", help="fixed flow.workers, sync phase")
     ap.add_argument("--async-capacity", type=int, default=64)
@@ -77,14 +78,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def env_for(ctx: Ctx, topic: str, group: str, port: int, flow: dict[str, str], ds: dict[str, str]) -> dict[str, str]:
+def env_for(ctx: Ctx, topic: str, group: str, name: str, port: int, flow: dict[str, str],
+            ds: dict[str, str]) -> dict[str, str]:
     env = dict(os.environ)
     env.update({
         "AFC_KAFKA__BOOTSTRAP_SERVERS": ctx.bootstrap,
         "AFC_KAFKA__TOPICS": json.dumps([topic]),
         "AFC_KAFKA__GROUP_ID": group,
         "AFC_IDEMPOTENCY__REDIS_URL": ctx.redis_url,
-        "AFC_IDEMPOTENCY__KEY_PREFIX": f"{ctx.prefix}:{group}",
+        "AFC_IDEMPOTENCY__KEY_PREFIX": f"{ctx.prefix}:{name}",   # own keys per variant (<= 64 chars)
         "AFC_SERVER__HOST": "127.0.0.1",
         "AFC_SERVER__PORT": str(port),
         "AFC_INSTANCE_ID": group,
@@ -106,7 +108,7 @@ def run_variant(ctx: Ctx, topic: str, name: str, handler: str, flow: dict[str, s
     ds = {"AFC_BENCH_DS_LATENCY_MS": str(latency_ms), "AFC_BENCH_DS_SCHEDULE": schedule,
           "AFC_BENCH_DS_FILE": str(calls_file)}
     child = Child(ctx, name, [AFC_CONSUMER, "run", "--handler", handler],
-                  env_for(ctx, topic, group, port, flow, ds), events=False)
+                  env_for(ctx, topic, group, name, port, flow, ds), events=False)
     log.info("event=variant-start variant=%s flow=%s pid=%d", name, flow, child.p.pid)
     samples: list[list[float]] = []
     first: float | None = None
@@ -175,22 +177,23 @@ def analyse(calls: list[tuple[float, ...]], L: float, n: int | None) -> dict[str
             "downstream": timeline}
 
 
-def handler_phase(ctx: Ctx, topic: str, kind: str, latency_ms: float, capacity: int, fixed: list[int]) -> dict[str, Any]:
+def handler_phase(ctx: Ctx, topic: str, kind: str, latency_ms: float, capacity: int, fixed: list[int],
+                  messages: int) -> dict[str, Any]:
     handler = f"bench.downstream:{'async_call' if kind == 'async' else 'sync_call'}"
     schedule = f"0:{capacity}"
     tag = f"{kind}{latency_ms:g}ms"
     variants = {"adaptive": run_variant(ctx, topic, f"{tag}-adaptive", handler, {}, latency_ms, schedule,
-                                        ctx.args.messages, None)}
+                                        messages, None)}
     for w in fixed:
         variants[f"fixed-{w}"] = run_variant(ctx, topic, f"{tag}-fixed-{w}", handler,
                                              {"concurrency": "fixed", "workers": str(w)}, latency_ms, schedule,
-                                             ctx.args.messages, None)
+                                             messages, None)
     ok = {k: v for k, v in variants.items() if k != "adaptive" and v.get("msgs_per_s")}
     best = max(ok, key=lambda k: ok[k]["msgs_per_s"]) if ok else None
     a = variants["adaptive"].get("msgs_per_s")
     ratio = round(a / ok[best]["msgs_per_s"], 3) if best and a else None
     return {"handler": handler, "latency_ms": latency_ms, "capacity": capacity,
-            "capacity_msgs_per_s": round(capacity / (latency_ms / 1000)), "messages": ctx.args.messages,
+            "capacity_msgs_per_s": round(capacity / (latency_ms / 1000)), "messages": messages,
             "best_fixed": best, "best_fixed_msgs_per_s": ok[best]["msgs_per_s"] if best else None,
             "adaptive_msgs_per_s": a, "adaptive_over_best_fixed": ratio,
             "adaptive_final_limit": last_limit(variants["adaptive"]),
@@ -323,14 +326,17 @@ def main(argv: list[str] | None = None) -> int:
         workload.create_topic(ctx.bootstrap, topic, args.partitions)
         ctx.topics.append(topic)
         # Enough for the slowdown phase at full capacity; the handler phases read the first part.
-        need = max(args.messages, int(12_800 * args.slowdown_s)) if "slowdown" in phases else args.messages
+        need = max(args.async_messages, args.sync_messages,
+                   int(12_800 * args.slowdown_s) if "slowdown" in phases else 0)
         doc["produce"] = workload.produce_bulk(ctx.bootstrap, topic, need, ctx.run)
         if "async_5ms" in phases:
             doc["phases"]["async_5ms"] = handler_phase(ctx, topic, "async", 5.0, args.async_capacity,
-                                                       [int(x) for x in args.async_fixed.split(",")])
+                                                       [int(x) for x in args.async_fixed.split(",")],
+                                                       args.async_messages)
         if "sync_1ms" in phases:
             doc["phases"]["sync_1ms"] = handler_phase(ctx, topic, "sync", 1.0, args.sync_capacity,
-                                                      [int(x) for x in args.sync_fixed.split(",")])
+                                                      [int(x) for x in args.sync_fixed.split(",")],
+                                                      args.sync_messages)
         if "slowdown" in phases:
             doc["phases"]["slowdown"] = slowdown_phase(ctx, topic, args.slowdown, args.slowdown_s)
     finally:

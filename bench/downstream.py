@@ -13,8 +13,9 @@ Configured by environment (read at import, in the consumer process):
   AFC_BENCH_DS_SCHEDULE     capacity over time, "0:64" or "0:64,8:16,16:64" (seconds since
                             the first call: C from then on)
   AFC_BENCH_DS_FILE         where the calls are written at exit: native doubles
-                            (array('d')), three per call: start (s since the first call),
-                            latency (s), calls in progress at its start
+                            (array('d')), four per call: start (s since the first call),
+                            the model's latency (s), the measured latency (s), calls in
+                            progress at its start
 Only the standard library is imported, so the model costs the consumer nothing extra.
 """
 from __future__ import annotations
@@ -68,11 +69,11 @@ class Downstream:
         t = now - self.t0
         return t, self.latency_s * max(1.0, n / self.capacity(t)), n
 
-    def _leave(self, t: float, start: float, n: int) -> None:
+    def _leave(self, t: float, delay: float, start: float, n: int) -> None:
         took = time.perf_counter() - start
         with self._lock:
             self.active -= 1
-            self.calls.extend((t, took, n))
+            self.calls.extend((t, delay, took, n))
 
     async def acall(self) -> None:
         start = time.perf_counter()
@@ -80,7 +81,7 @@ class Downstream:
         try:
             await asyncio.sleep(delay)
         finally:
-            self._leave(t, start, n)
+            self._leave(t, delay, start, n)
 
     def call(self) -> None:
         start = time.perf_counter()
@@ -88,7 +89,7 @@ class Downstream:
         try:
             time.sleep(delay)
         finally:
-            self._leave(t, start, n)
+            self._leave(t, delay, start, n)
 
     def dump(self) -> None:
         if not self.path:

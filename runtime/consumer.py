@@ -27,6 +27,7 @@ import asyncio
 import concurrent.futures
 import gc
 import logging
+import math
 import os
 import signal
 import time
@@ -132,7 +133,7 @@ class Runtime:
         self.metrics = RuntimeMetrics()
         self.ctl = FetchController(settings.flow)
         self.conc = ConcurrencyLimit(settings.flow)   # handler calls at once; the dispatcher applies it
-        self._demand = 0                              # most records with the dispatcher in this window
+        self._busy_at_start = 0                       # handler calls in progress when this window began
         self.parts: dict[TP, Partition] = {}
         self.paused: set[TP] = set()                  # what the Kafka thread was last told to pause
         self.fresh: set[TP] = set()                   # assigned since the last tick: pause state unknown
@@ -172,7 +173,8 @@ class Runtime:
         self._hard_stop = False
         self._drain_deadline = 0.0
         self._saturated_since: float | None = None
-        self._win: list[Any] = [0, 0, 0.0, 0, 0.0]   # completed, transient errors, latency sum, peak, queue wait
+        # completed, transient errors, latency sum, peak, queue wait, fastest successful call
+        self._win: list[Any] = [0, 0, 0.0, 0, 0.0, math.inf]
         self._last_limit = self.ctl.limit
         self.last_beat = time.monotonic()
         self.consumer: Consumer | None = None
@@ -654,8 +656,6 @@ class Runtime:
         if n > self._win[3]:
             self._win[3] = n
         self.dispatcher.submit(msgs)
-        if self.dispatcher.running > self._demand:
-            self._demand = self.dispatcher.running
 
     def _recheck_parked(self) -> None:
         if self.session is None:
@@ -717,6 +717,9 @@ class Runtime:
         win[2] += sum(latencies)
         win[4] += qwait
         if e2es:
+            fastest = min(latencies)
+            if fastest < win[5]:
+                win[5] = fastest
             m_.handled.inc(len(e2es))
             m_.handler_latency.observe_many(latencies)
             m_.e2e_latency.observe_many(e2es)
@@ -878,22 +881,23 @@ class Runtime:
     # ---------------------------------------------------------------- periodic
 
     def _decide(self) -> None:
-        completed, errors, lat, peak, qwait = self._win
+        completed, errors, lat, peak, qwait, fastest = self._win
         assert self.dispatcher is not None
         outstanding = self.in_work
-        self._win = [0, 0, 0.0, outstanding, 0.0]
-        demand, self._demand = max(self._demand, self.dispatcher.running), self.dispatcher.running
+        self._win = [0, 0, 0.0, outstanding, 0.0, math.inf]
+        busy_at_start, self._busy_at_start = self._busy_at_start, self.dispatcher.busy
         d = self.ctl.decide(WindowStats(completed, errors, lat, max(peak, outstanding), qwait, self.conc.limit))
-        c = self.conc.decide(ConcurrencyWindow(completed, lat, demand, d.reason == "overload-errors"))
+        c = self.conc.decide(ConcurrencyWindow(completed, fastest, busy_at_start, d.reason == "overload-errors"))
         self.dispatcher.set_limit(c.limit)
         self.dispatcher.tune(lat / completed if completed else 0.0, completed)
         m = self.metrics
         m.concurrency_limit.set(c.limit)
-        m.concurrency_running.set(self.dispatcher.busy)
+        m.concurrency_running.set(self._busy_at_start)
         m.noload_latency.set(c.baseline_ms / 1000)
         if c.reason.startswith("cut"):
-            log.info("event=concurrency-limit reason=%s limit=%d ratio=%.2f noload_ms=%.2f mean_latency_ms=%.2f",
-                     c.reason, c.limit, c.ratio, c.baseline_ms, 1000 * lat / completed if completed else 0.0)
+            log.info("event=concurrency-limit reason=%s limit=%d ratio=%.2f noload_ms=%.2f fastest_ms=%.2f "
+                     "mean_latency_ms=%.2f", c.reason, c.limit, c.ratio, c.baseline_ms, 1000 * fastest,
+                     1000 * lat / completed if completed else 0.0)
         m.controller_decisions.labels(d.reason).inc()
         m.inflight_limit.set(d.inflight_limit)
         m.batch_size.set(d.batch_size)

@@ -3,7 +3,7 @@ and the dispatchers running at most that many handler calls.
 
 The downstream is the bench's model without its noise: calls take L while at most C run at
 once, L * n / C beyond (a queue in front of C servers). Each window the limit is fully used
-(a backlog waits), so n = limit; the controller sees that window's mean latency.
+(a backlog waits), so n = limit; every call of the window, the fastest included, takes that.
 """
 from __future__ import annotations
 
@@ -29,16 +29,21 @@ def latency(n: int, L: float, C: int) -> float:
     return L * max(1.0, n / C)
 
 
-def window(n: int, L: float, C: int, *, drop: bool = False, demand: int | None = None,
+def window(n: int, L: float, C: int, *, drop: bool = False, running: int | None = None,
            calls: int = 100) -> ConcurrencyWindow:
-    return ConcurrencyWindow(completed=calls, latency_sum_s=calls * latency(n, L, C),
-                             demand=n if demand is None else demand, drop=drop)
+    return ConcurrencyWindow(completed=calls, latency_min_s=latency(n, L, C),
+                             running_at_start=n if running is None else running, drop=drop)
 
 
 def run(c: ConcurrencyLimit, steps: int, L: float, C: int) -> list[int]:
+    """Each window begins at the concurrency of the one before (the calls in progress) and
+    reaches the current limit during it; its fastest call is at the lower of the two."""
     out = []
+    before = c.limit
     for _ in range(steps):
-        c.decide(window(c.limit, L, C))
+        n = c.limit
+        c.decide(window(min(before, n), L, C, running=before))
+        before = n
         out.append(c.limit)
     return out
 
@@ -91,9 +96,11 @@ def test_errors_above_the_bound_halve_it() -> None:
 
 def test_an_unused_limit_does_not_grow_and_a_quiet_window_holds() -> None:
     c = ConcurrencyLimit(flow(initial_concurrency=32))
-    d = c.decide(window(32, 0.005, 1000, demand=10))
+    d = c.decide(window(32, 0.005, 1000, running=10))
     assert (d.limit, d.reason) == (32, "hold-unused")
-    d = c.decide(ConcurrencyWindow(completed=1, latency_sum_s=1.0, demand=32))
+    d = c.decide(ConcurrencyWindow(completed=1, latency_min_s=1.0, running_at_start=32))
+    assert (d.limit, d.reason) == (32, "hold-idle")
+    d = c.decide(ConcurrencyWindow(completed=50, latency_min_s=float("inf"), running_at_start=32))   # all failed
     assert (d.limit, d.reason) == (32, "hold-idle")
 
 
@@ -115,9 +122,9 @@ def test_fixed_mode_is_always_workers() -> None:
 
 def test_the_noload_latency_is_the_lowest_window_mean_and_only_a_failed_cut_raises_it() -> None:
     c = ConcurrencyLimit(flow(initial_concurrency=40))
-    c.decide(window(40, 0.005, 1000, demand=0))
+    c.decide(window(40, 0.005, 1000, running=0))
     for _ in range(200):                                         # a standing 1.1x never becomes "no load"
-        c.decide(window(40, 0.0055, 1000, demand=0))
+        c.decide(window(40, 0.0055, 1000, running=0))
     assert c.baseline_s == pytest.approx(0.005)
     d = c.decide(window(40, 0.010, 1000))                        # 2x with 20 calls queued: cut...
     assert (d.limit, d.reason) == (23, "cut-latency")
@@ -127,16 +134,17 @@ def test_the_noload_latency_is_the_lowest_window_mean_and_only_a_failed_cut_rais
 
 def test_a_latency_rise_at_a_small_limit_is_not_a_queue() -> None:
     c = ConcurrencyLimit(flow(initial_concurrency=2))
-    c.decide(window(2, 0.001, 1000))
-    d = c.decide(window(4, 0.0019, 1000))                        # 1.9x, but at most 2 calls could queue
-    assert d.reason == "grow"
+    c.decide(window(2, 0.001, 1000, running=0))
+    d = c.decide(window(2, 0.0019, 1000))                        # 1.9x, but at most 2 calls could queue
+    assert (d.limit, d.reason) == (3, "grow")                     # +1: not x4, latency did rise
 
 
 def test_slow_start_finds_the_capacity_from_the_default_start() -> None:
-    c = ConcurrencyLimit(flow())
+    c = ConcurrencyLimit(flow(workers=256))
     assert c.limit == 4
     limits = run(c, 8, 0.005, 256)
-    assert limits[:6] == [8, 16, 32, 64, 128, 256]
+    # x4 every other window: the window after a step still ramps up to it.
+    assert limits == [16, 16, 64, 64, 256, 256, 256, 256]
 
 
 # ------------------------------------------------------------------ the dispatcher applies it
@@ -250,8 +258,8 @@ def test_tasks_run_at_most_the_limit_and_keep_each_keys_order() -> None:
 
 def test_jitter_of_a_handler_that_waits_on_nothing_is_not_a_queue() -> None:
     c = ConcurrencyLimit(flow(initial_concurrency=16))
-    c.decide(window(16, 0.00001, 1000))                          # 10 us: a noop handler
-    d = c.decide(window(32, 0.00004, 1000))                      # 4x, but 40 us
+    c.decide(window(16, 0.00001, 1000, running=0))               # 10 us: a noop handler
+    d = c.decide(window(16, 0.00004, 1000))                      # 4x, but 40 us
     assert d.reason == "grow"
     d = c.decide(window(64, 0.002, 1000))                        # 2 ms is a queue
     assert d.reason == "cut-latency"
