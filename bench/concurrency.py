@@ -49,7 +49,7 @@ if str(ROOT) not in sys.path:
 
 from bench import measure, workload  # noqa: E402
 from bench.handlers import read_doubles  # noqa: E402
-from bench.run import AFC_CONSUMER, Child, Ctx, cleanup, dump_json  # noqa: E402
+from bench.run import AFC_CONSUMER, Child, Ctx, cleanup, dump_json, environment  # noqa: E402
 
 log = logging.getLogger("bench.concurrency")
 SAMPLE_S = 0.25
@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _raise_interrupt)
     ctx = Ctx(args)
     phases = args.phases.split(",")
-    doc: dict[str, Any] = {"started": measure.now_iso(), "load_avg_at_start": measure.load_avg(), "phases": {}}
+    doc: dict[str, Any] = {"date": measure.now_iso(), "environment": environment(ctx), "phases": {}}
     t0 = time.monotonic()
     try:
         topic = f"{ctx.run}-conc"
