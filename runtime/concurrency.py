@@ -40,7 +40,7 @@ theirs, from latency alone:
   unknown again), so a slower but not congested downstream does not pin the limit low (Gradient2 drifts its baseline
   for the same reason; a one-off test does not ratchet it upward as a drift would).
 
-`workers` is only the upper bound. Mode `fixed` pins the limit at `workers` (the behaviour
+`workers` (`FlowSettings.resolved_workers`) is only the upper bound. Mode `fixed` pins the limit at it (the behaviour
 before this controller, and the benchmark's comparison).
 
 Pure: no clock, no I/O. The loop feeds it one `ConcurrencyWindow` per flow window.
@@ -79,10 +79,13 @@ class ConcurrencyDecision:
 
 
 class ConcurrencyLimit:
-    def __init__(self, flow: FlowSettings) -> None:
+    def __init__(self, flow: FlowSettings, workers: int) -> None:
+        """`workers`: the upper bound for this handler (`FlowSettings.resolved_workers`)."""
         self.flow = flow
+        self.workers = workers
         self.fixed = flow.concurrency == "fixed"
-        self.limit = flow.workers if self.fixed else flow.start_concurrency
+        floor = min(flow.min_concurrency, workers)
+        self.limit = workers if self.fixed else min(workers, flow.initial_concurrency or max(floor, 4))
         self.slow_start = True
         self.baseline_s = 0.0                            # the no-load latency; 0 until measured
         self._cut: tuple[float, float] | None = None     # (latency before, factor) of the last latency cut
@@ -105,7 +108,8 @@ class ConcurrencyLimit:
         elif self.baseline_s <= 0 or lat < self.baseline_s:
             self.baseline_s = lat
         ratio = lat / max(self.baseline_s, NOISE_FLOOR_S)
-        floor, top = f.min_concurrency, f.workers
+        top = self.workers
+        floor = min(f.min_concurrency, top)
         queue = self.limit * (1 - 1 / ratio) if ratio > 1 else 0.0
         if w.drop:
             self.limit = max(floor, math.floor(self.limit * f.decrease_factor))

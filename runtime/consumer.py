@@ -39,10 +39,10 @@ from typing import Any, Callable
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from .backpressure import LevelInputs, SignalPublisher, build_publisher
+from .concurrency import ConcurrencyLimit, ConcurrencyWindow
 from .config import RuntimeSettings
 from .dispatch import KeyGate, Outcome, Result, TaskDispatcher, ThreadDispatcher
 from .errors import ClaimLost, PoisonError, StoreUnavailable
-from .concurrency import ConcurrencyLimit, ConcurrencyWindow
 from .fetch_control import FetchController, WindowStats, should_pause
 from .handlers import build_handler, is_async
 from .idempotency import EVICTING_POLICIES, Claim, IdempotencyStore, RedisStore, SqliteStore
@@ -132,7 +132,9 @@ class Runtime:
         self.owner = f"{self.instance_id or 'dyn'}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.metrics = RuntimeMetrics()
         self.ctl = FetchController(settings.flow)
-        self.conc = ConcurrencyLimit(settings.flow)   # handler calls at once; the dispatcher applies it
+        # Handler calls at once (the dispatcher applies it); its upper bound depends on the
+        # handler's kind, known in start(): until then, the async bound.
+        self.conc = ConcurrencyLimit(settings.flow, settings.flow.resolved_workers(True))
         self._busy_at_start = 0                       # handler calls in progress when this window began
         self.parts: dict[TP, Partition] = {}
         self.paused: set[TP] = set()                  # what the Kafka thread was last told to pause
@@ -1029,8 +1031,11 @@ class Runtime:
             await self._check_store()
         self.bp = build_publisher(self.s, self.instance_id or self.owner, self.metrics, health=self.health_record)
         h = self.s.handler
-        kind = TaskDispatcher if is_async(self._handler) else ThreadDispatcher
-        self.dispatcher = kind(self._handler, self.s.flow.workers, self.loop, self.on_results, h.timeout_s,
+        asynchronous = is_async(self._handler)
+        kind = TaskDispatcher if asynchronous else ThreadDispatcher
+        workers = self.s.flow.resolved_workers(asynchronous)
+        self.conc = ConcurrencyLimit(self.s.flow, workers)
+        self.dispatcher = kind(self._handler, workers, self.loop, self.on_results, h.timeout_s,
                                h.steal_after_ms / 1000, h.max_abandoned_threads)
         self.dispatcher.set_limit(self.conc.limit)
         conf = kafka_config(self.s, self.instance_id)
@@ -1068,7 +1073,7 @@ class Runtime:
         self.state = "running"
         log.info("event=started group=%s instance=%s topics=%s workers=%d concurrency=%s handler=%s store=%s "
                  "timeout_s=%g", self.s.kafka.group_id, self.instance_id, ",".join(self.s.kafka.topics),
-                 self.s.flow.workers, self.s.flow.concurrency,
+                 self.dispatcher.n, self.s.flow.concurrency,
                  self.s.handler.handler or self.s.handler.http_sink_url or getattr(self._handler, "__name__", "?"),
                  type(self.store).__name__ if self.store else "none", h.timeout_s)
 

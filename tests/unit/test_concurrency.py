@@ -25,6 +25,11 @@ def flow(**kw) -> FlowSettings:
     return FlowSettings(**{"workers": 1024, **kw})
 
 
+def make(**kw) -> ConcurrencyLimit:
+    f = flow(**kw)
+    return ConcurrencyLimit(f, f.resolved_workers(True))
+
+
 def latency(n: int, L: float, C: int) -> float:
     return L * max(1.0, n / C)
 
@@ -50,7 +55,7 @@ def run(c: ConcurrencyLimit, steps: int, L: float, C: int) -> list[int]:
 
 @pytest.mark.parametrize("C", [8, 64, 300])
 def test_finds_the_capacity_and_keeps_latency_within_the_tolerance(C: int) -> None:
-    c = ConcurrencyLimit(flow())
+    c = make()
     L = 0.005
     limits = run(c, 15, L, C)
     assert C <= limits[-1] <= 1.5 * C, limits                   # found within 15 windows
@@ -63,7 +68,7 @@ def test_finds_the_capacity_and_keeps_latency_within_the_tolerance(C: int) -> No
 
 
 def test_backs_off_when_the_downstream_slows_and_recovers_when_it_is_back() -> None:
-    c = ConcurrencyLimit(flow())
+    c = make()
     L = 0.005
     run(c, 40, L, 64)
     assert c.limit >= 60
@@ -78,7 +83,7 @@ def test_backs_off_when_the_downstream_slows_and_recovers_when_it_is_back() -> N
 def test_a_downstream_slower_but_not_congested_does_not_pin_the_limit_at_the_floor() -> None:
     """Its latency rose 4x at every concurrency: cutting does not lower it, so it becomes
     the new no-load latency instead of a reason to cut to 1."""
-    c = ConcurrencyLimit(flow())
+    c = make()
     run(c, 40, 0.005, 64)
     run(c, 3, 0.020, 64)
     assert c.limit >= 16
@@ -87,7 +92,7 @@ def test_a_downstream_slower_but_not_congested_does_not_pin_the_limit_at_the_flo
 
 
 def test_errors_above_the_bound_halve_it() -> None:
-    c = ConcurrencyLimit(flow(initial_concurrency=40))
+    c = make(initial_concurrency=40)
     d = c.decide(window(40, 0.005, 1000, drop=True))
     assert (d.limit, d.reason) == (20, "cut-errors")
     d = c.decide(window(20, 0.005, 1000))
@@ -95,7 +100,7 @@ def test_errors_above_the_bound_halve_it() -> None:
 
 
 def test_an_unused_limit_does_not_grow_and_a_quiet_window_holds() -> None:
-    c = ConcurrencyLimit(flow(initial_concurrency=32))
+    c = make(initial_concurrency=32)
     d = c.decide(window(32, 0.005, 1000, running=10))
     assert (d.limit, d.reason) == (32, "hold-unused")
     d = c.decide(ConcurrencyWindow(completed=1, latency_min_s=1.0, running_at_start=32))
@@ -105,9 +110,9 @@ def test_an_unused_limit_does_not_grow_and_a_quiet_window_holds() -> None:
 
 
 def test_the_upper_bound_and_the_floor_hold() -> None:
-    c = ConcurrencyLimit(flow(workers=48))
+    c = make(workers=48)
     assert max(run(c, 20, 0.005, 1000)) == 48
-    c = ConcurrencyLimit(flow(workers=48, min_concurrency=4, initial_concurrency=8))
+    c = make(workers=48, min_concurrency=4, initial_concurrency=8)
     c.decide(window(8, 0.005, 1000))
     for _ in range(10):
         c.decide(window(c.limit, 0.005, 1000, drop=True))
@@ -115,13 +120,21 @@ def test_the_upper_bound_and_the_floor_hold() -> None:
 
 
 def test_fixed_mode_is_always_workers() -> None:
-    c = ConcurrencyLimit(flow(workers=64, concurrency="fixed"))
+    c = make(workers=64, concurrency="fixed")
     assert c.limit == 64
     assert c.decide(window(64, 0.5, 1, drop=True)).limit == 64
 
 
+def test_workers_0_is_256_for_async_handlers_and_64_threads_for_sync_ones() -> None:
+    f = FlowSettings()
+    assert (f.workers, f.resolved_workers(True), f.resolved_workers(False)) == (0, 256, 64)
+    assert FlowSettings(workers=8).resolved_workers(False) == 8
+    c = ConcurrencyLimit(f, f.resolved_workers(False))
+    assert max(run(c, 30, 0.005, 10_000)) == 64
+
+
 def test_the_noload_latency_is_the_lowest_window_mean_and_only_a_failed_cut_raises_it() -> None:
-    c = ConcurrencyLimit(flow(initial_concurrency=40))
+    c = make(initial_concurrency=40)
     c.decide(window(40, 0.005, 1000, running=0))
     for _ in range(200):                                         # a standing 1.1x never becomes "no load"
         c.decide(window(40, 0.0055, 1000, running=0))
@@ -133,14 +146,14 @@ def test_the_noload_latency_is_the_lowest_window_mean_and_only_a_failed_cut_rais
 
 
 def test_a_latency_rise_at_a_small_limit_is_not_a_queue() -> None:
-    c = ConcurrencyLimit(flow(initial_concurrency=2))
+    c = make(initial_concurrency=2)
     c.decide(window(2, 0.001, 1000, running=0))
     d = c.decide(window(2, 0.0019, 1000))                        # 1.9x, but at most 2 calls could queue
     assert (d.limit, d.reason) == (3, "grow")                     # +1: not x4, latency did rise
 
 
 def test_slow_start_finds_the_capacity_from_the_default_start() -> None:
-    c = ConcurrencyLimit(flow(workers=256))
+    c = make(workers=256)
     assert c.limit == 4
     limits = run(c, 8, 0.005, 256)
     # x4 every other window: the window after a step still ramps up to it.
@@ -257,7 +270,7 @@ def test_tasks_run_at_most_the_limit_and_keep_each_keys_order() -> None:
 
 
 def test_jitter_of_a_handler_that_waits_on_nothing_is_not_a_queue() -> None:
-    c = ConcurrencyLimit(flow(initial_concurrency=16))
+    c = make(initial_concurrency=16)
     c.decide(window(16, 0.00001, 1000, running=0))               # 10 us: a noop handler
     d = c.decide(window(16, 0.00004, 1000))                      # 4x, but 40 us
     assert d.reason == "grow"
