@@ -12,11 +12,12 @@ Phases (one `afc-consumer run` per variant, each its own group and Redis key pre
 reading one pre-produced topic of 12 partitions, Redis idempotency on, as a new user would):
 - `async_5ms`: an async handler, L = 5 ms, C = 64 (12,800 calls/s at best).
 - `sync_1ms`: a sync handler, L = 1 ms, C = 8 (8,000 calls/s at best).
-  Each: afc by default (flow.concurrency adaptive, workers 256) and with
-  `flow.concurrency=fixed` at several `flow.workers`; each variant handles
+  Each: afc by default (flow.concurrency adaptive, flow.workers 0: at most 256 tasks or 64
+  threads) and with `flow.concurrency=fixed` at several `flow.workers`; each variant handles
   `--async-messages` (80,000) or `--sync-messages` (40,000) records. Throughput = records /
-  seconds from the first downstream call to the N-th completion (start-up ramp included). Downstream latency: the model's own per call
-  (L * max(1, n / C)), as a multiple of L, mean and p90.
+  seconds from the first downstream call to the N-th completion (start-up ramp included).
+  Downstream latency: the model's own per call (L * max(1, n / C)), as a multiple of L,
+  mean and p90.
 - `slowdown`: async 5 ms; C = 64, then 16 from 8 s (another tenant took three quarters of
   it), then 64 again from 16 s; adaptive and fixed at 64 (the best fixed setting for the
   first part). Concurrency over time: afc's limit (its /metrics, every 0.25 s) and the calls
