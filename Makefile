@@ -8,7 +8,7 @@ PYTEST := .venv/bin/pytest
 TESTBED := python3 scripts/testbed.py
 PYTEST_ARGS ?=
 
-.PHONY: deps testbed testbed-down testbed-clean testbed-status test unit demo demo-runtime bench bench-scaling bench-rollout bench-operator bench-report soak crds pins
+.PHONY: deps testbed testbed-down testbed-clean testbed-status test unit demo demo-runtime bench bench-scaling bench-rollout bench-operator bench-concurrency bench-report soak crds pins
 
 deps:
 	bash scripts/install-deps.sh
@@ -48,8 +48,13 @@ demo-runtime: testbed
 	set -a; source .testbed/env; set +a; $(PY) -P -m afc.runtime.demo
 
 bench: testbed
-	set -a; source .testbed/env; set +a; $(PY) -P bench/run.py && $(PY) -P bench/scaling.py && $(PY) -P bench/rollout.py \
-		&& $(PY) -P bench/operator.py
+	set -a; source .testbed/env; set +a; $(PY) -P bench/run.py && $(PY) -P bench/concurrency.py && $(PY) -P bench/scaling.py \
+		&& $(PY) -P bench/rollout.py && $(PY) -P bench/operator.py
+
+# Issue 13's adaptive handler concurrency against fixed flow.workers on a simulated downstream of
+# known capacity (async 5 ms, sync 1 ms, a mid-run slowdown); bench/results/concurrency.json and .png (~4 minutes).
+bench-concurrency: testbed
+	set -a; source .testbed/env; set +a; $(PY) -P bench/concurrency.py
 
 # Issue 14's operator at scale: 1,000 AdaptiveConsumers, the operator's apiserver requests per minute at
 # rest, CPU, RSS, time for a change to reach the StatefulSet; bench/results/operator.json (~5 minutes).

@@ -193,8 +193,12 @@ class MembershipSettings(Section):
                 or os.environ.get("HOSTNAME") or None)
 
 
+ASYNC_WORKERS = 256     # flow.workers 0: the upper bound for async handlers...
+SYNC_WORKERS = 64       # ...and for sync ones (threads)
+
+
 class FlowSettings(Section):
-    """Bounds of the adaptive fetch loop (see fetch_control)."""
+    """Bounds of the adaptive fetch loop (see fetch_control) and of handler concurrency (see concurrency)."""
     rules = (
         Rule("flow-inflight-bounds", "self.minInflight <= self.maxInflight",
              lambda f: f.min_inflight <= f.max_inflight, "minInflight must be <= maxInflight", ".minInflight"),
@@ -205,6 +209,15 @@ class FlowSettings(Section):
              " && self.initialInflight <= self.maxInflight)",
              lambda f: f.initial_inflight is None or f.min_inflight <= f.initial_inflight <= f.max_inflight,
              "initialInflight must lie within [minInflight, maxInflight]", ".initialInflight"),
+        Rule("flow-concurrency-bounds", "self.workers == 0 || self.minConcurrency <= self.workers",
+             lambda f: f.workers == 0 or f.min_concurrency <= f.workers, "minConcurrency must be <= workers",
+             ".minConcurrency"),
+        Rule("flow-initial-concurrency",
+             "!has(self.initialConcurrency) || (self.minConcurrency <= self.initialConcurrency"
+             " && (self.workers == 0 || self.initialConcurrency <= self.workers))",
+             lambda f: f.initial_concurrency is None or (f.min_concurrency <= f.initial_concurrency
+                                                         and (f.workers == 0 or f.initial_concurrency <= f.workers)),
+             "initialConcurrency must lie within [minConcurrency, workers]", ".initialConcurrency"),
     )
     min_inflight: int = Field(1, ge=1, description="Floor of the in-flight limit.")
     max_inflight: int = Field(5_000, ge=1, description="Ceiling of the in-flight limit.")
@@ -216,12 +229,29 @@ class FlowSettings(Section):
     decrease_factor: float = Field(0.5, gt=0, lt=1, description="Multiplicative cut on overload (AIMD).")
     increase_ratio: float = Field(0.1, ge=0, le=1, description="Growth per healthy window, as a share of the limit (at least +1).")
     window_ms: int = Field(250, ge=10, le=60_000, description="How often the controller decides.")
-    workers: int = Field(16, ge=1, le=1024, description="Handler concurrency (threads for sync handlers, tasks for async).")
+    workers: int = Field(0, ge=0, le=1024, description="Upper bound of handler concurrency (tasks for async "
+                         "handlers; threads for sync ones, grown and shrunk within it); with concurrency fixed, "
+                         "the concurrency itself. 0: 256 for async handlers, 64 for sync ones.")
+    concurrency: Literal["adaptive", "fixed"] = Field(
+        "adaptive", description="adaptive: the handler-concurrency limit follows the downstream's latency "
+        "(see docs/flow-control.md), within [minConcurrency, workers]; fixed: always `workers` calls at once.")
+    min_concurrency: int = Field(1, ge=1, le=1024, description="Floor of the adaptive concurrency limit.")
+    initial_concurrency: int | None = Field(None, ge=1, le=1024,
+                                            description="Start of the adaptive concurrency limit; default 4.")
+    latency_tolerance: float = Field(1.5, gt=1, le=10, description="Handler latency over its no-load latency "
+                                     "that marks a queueing downstream; the limit settles a third of the way "
+                                     "from 1 to it.")
 
 
     @property
     def start_inflight(self) -> int:
         return self.initial_inflight or max(self.min_inflight, min(100, self.max_inflight))
+
+    def resolved_workers(self, is_async: bool) -> int:
+        """The upper bound for this handler. Sync handlers get fewer by default: every thread
+        is one more connection the handler's own client pool must hold (redis-py's default
+        pool raises past 100), and the GIL serves few threads at once anyway."""
+        return self.workers or (ASYNC_WORKERS if is_async else SYNC_WORKERS)
 
 
 class IdempotencySettings(Section):

@@ -27,6 +27,7 @@ import asyncio
 import concurrent.futures
 import gc
 import logging
+import math
 import os
 import signal
 import time
@@ -38,6 +39,7 @@ from typing import Any, Callable
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from .backpressure import LevelInputs, SignalPublisher, build_publisher
+from .concurrency import ConcurrencyLimit, ConcurrencyWindow
 from .config import RuntimeSettings
 from .dispatch import KeyGate, Outcome, Result, TaskDispatcher, ThreadDispatcher
 from .errors import ClaimLost, PoisonError, StoreUnavailable
@@ -131,6 +133,10 @@ class Runtime:
         self.owner = f"{self.instance_id or 'dyn'}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.metrics = RuntimeMetrics()
         self.ctl = FetchController(settings.flow)
+        # Handler calls at once (the dispatcher applies it); its upper bound depends on the
+        # handler's kind, known in start(): until then, the async bound.
+        self.conc = ConcurrencyLimit(settings.flow, settings.flow.resolved_workers(True))
+        self._busy_at_start = 0                       # handler calls in progress when this window began
         self.parts: dict[TP, Partition] = {}
         self.paused: set[TP] = set()                  # what the Kafka thread was last told to pause
         self.fresh: set[TP] = set()                   # assigned since the last tick: pause state unknown
@@ -170,7 +176,8 @@ class Runtime:
         self._hard_stop = False
         self._drain_deadline = 0.0
         self._saturated_since: float | None = None
-        self._win: list[Any] = [0, 0, 0.0, 0, 0.0]   # completed, transient errors, latency sum, peak, queue wait
+        # completed, transient errors, latency sum, peak, queue wait, fastest successful call
+        self._win: list[Any] = [0, 0, 0.0, 0, 0.0, math.inf]
         self._last_limit = self.ctl.limit
         self.last_beat = time.monotonic()
         self.consumer: Consumer | None = None
@@ -714,6 +721,9 @@ class Runtime:
         win[2] += sum(latencies)
         win[4] += qwait
         if e2es:
+            fastest = min(latencies)
+            if fastest < win[5]:
+                win[5] = fastest
             m_.handled.inc(len(e2es))
             m_.handler_latency.observe_many(latencies)
             m_.e2e_latency.observe_many(e2es)
@@ -875,13 +885,23 @@ class Runtime:
     # ---------------------------------------------------------------- periodic
 
     def _decide(self) -> None:
-        completed, errors, lat, peak, qwait = self._win
+        completed, errors, lat, peak, qwait, fastest = self._win
         assert self.dispatcher is not None
         outstanding = self.in_work
-        self._win = [0, 0, 0.0, outstanding, 0.0]
-        d = self.ctl.decide(WindowStats(completed, errors, lat, max(peak, outstanding), qwait))
+        self._win = [0, 0, 0.0, outstanding, 0.0, math.inf]
+        busy_at_start, self._busy_at_start = self._busy_at_start, self.dispatcher.busy
+        d = self.ctl.decide(WindowStats(completed, errors, lat, max(peak, outstanding), qwait, self.conc.limit))
+        c = self.conc.decide(ConcurrencyWindow(completed, fastest, busy_at_start, d.reason == "overload-errors"))
+        self.dispatcher.set_limit(c.limit)
         self.dispatcher.tune(lat / completed if completed else 0.0, completed)
         m = self.metrics
+        m.concurrency_limit.set(c.limit)
+        m.concurrency_running.set(self._busy_at_start)
+        m.noload_latency.set(c.baseline_ms / 1000)
+        if c.reason.startswith("cut"):
+            log.info("event=concurrency-limit reason=%s limit=%d ratio=%.2f noload_ms=%.2f fastest_ms=%.2f "
+                     "mean_latency_ms=%.2f", c.reason, c.limit, c.ratio, c.baseline_ms, 1000 * fastest,
+                     1000 * lat / completed if completed else 0.0)
         m.controller_decisions.labels(d.reason).inc()
         m.inflight_limit.set(d.inflight_limit)
         m.batch_size.set(d.batch_size)
@@ -1019,9 +1039,13 @@ class Runtime:
             await self._check_store()
         self.bp = build_publisher(self.s, self.instance_id or self.owner, self.metrics, health=self.health_record)
         h = self.s.handler
-        kind = TaskDispatcher if is_async(self._handler) else ThreadDispatcher
-        self.dispatcher = kind(self._handler, self.s.flow.workers, self.loop, self.on_results, h.timeout_s,
+        asynchronous = is_async(self._handler)
+        kind = TaskDispatcher if asynchronous else ThreadDispatcher
+        workers = self.s.flow.resolved_workers(asynchronous)
+        self.conc = ConcurrencyLimit(self.s.flow, workers)
+        self.dispatcher = kind(self._handler, workers, self.loop, self.on_results, h.timeout_s,
                                h.steal_after_ms / 1000, h.max_abandoned_threads)
+        self.dispatcher.set_limit(self.conc.limit)
         conf = kafka_config(self.s, self.instance_id)
         conf["error_cb"] = self._on_error
         conf["on_commit"] = self._on_commit
@@ -1055,8 +1079,9 @@ class Runtime:
         gc.freeze()
         gc.set_threshold(50_000, 20, 20)
         self.state = "running"
-        log.info("event=started group=%s instance=%s topics=%s workers=%d handler=%s store=%s timeout_s=%g",
-                 self.s.kafka.group_id, self.instance_id, ",".join(self.s.kafka.topics), self.s.flow.workers,
+        log.info("event=started group=%s instance=%s topics=%s workers=%d concurrency=%s handler=%s store=%s "
+                 "timeout_s=%g", self.s.kafka.group_id, self.instance_id, ",".join(self.s.kafka.topics),
+                 self.dispatcher.n, self.s.flow.concurrency,
                  self.s.handler.handler or self.s.handler.http_sink_url or getattr(self._handler, "__name__", "?"),
                  type(self.store).__name__ if self.store else "none", h.timeout_s)
 

@@ -6,6 +6,15 @@
 - Work goes to workers in *chunks* (a few to a few hundred records, sized from the
   handler's latency, so a fast handler pays one hand-off per chunk, not per record). A
   chunk holds whole runs of keys, so a key never runs on two workers at once.
+- At most `limit` workers run at once (`set_limit`, from the loop's concurrency
+  controller), within the upper bound `workers`: each worker runs one chunk, hence one
+  handler call, at a time, so the limit bounds concurrent handler calls. Chunks are cut
+  for up to `workers` workers, so a limit that grows finds chunks to give the new workers.
+  Tasks and threads are started when chunks wait and the limit allows, and leave (after
+  their current chunk, never in the middle of one) when the limit falls below them;
+  threads also leave after `IDLE_EXIT_S` without work. A call running past `steal_after_s`
+  (and four times the mean) does not count against the limit (one stuck call must not hold the only slot and stall
+  every other partition, whatever the limit fell to).
 - Sync handlers run on worker threads, async handlers as tasks on the loop. Either way the
   loop's own thread never runs user code, so fetching, commits, lease renewal and
   retries go on whatever a handler does (an async handler that blocks the loop is caught
@@ -38,6 +47,7 @@ log = logging.getLogger("afc.runtime.dispatch")
 REPORT_EVERY_S = 0.02
 CHUNK_TIME_S = 0.005        # aim for chunks that take about this long
 MAX_CHUNK = 4096
+IDLE_EXIT_S = 10.0          # a worker thread idle this long leaves (started again when work comes)
 
 
 class Outcome(IntEnum):
@@ -194,6 +204,9 @@ class Dispatcher:
     def __init__(self, handler: Callable[[Message], Any], workers: int, loop: asyncio.AbstractEventLoop,
                  on_results: OnResults, timeout_s: float, steal_after_s: float, max_abandoned: int) -> None:
         self.handler, self.n, self.loop, self.on_results = handler, workers, loop, on_results
+        self.limit = workers              # concurrent handler calls allowed now (<= n); see set_limit
+        self.stuck = 0                    # workers whose call runs past steal_after_s (the watchdog counts)
+        self.allowed = workers            # workers that may run: limit + stuck, at most n
         self.timeout_s, self.steal_after_s, self.max_abandoned = timeout_s, steal_after_s, max_abandoned
         self.workers: list[Worker] = []
         self.abandoned: list[Worker] = []
@@ -201,14 +214,31 @@ class Dispatcher:
         self.running = 0                  # records handed to workers and not reported back
 
     def chunk_count(self, n_msgs: int) -> int:
-        """As many chunks as workers, unless the handler is so fast that a chunk of fewer
-        than CHUNK_TIME_S worth of records would cost more in hand-offs than it saves."""
+        """As many chunks as the most workers there may be (not the current limit: a limit
+        that grows then finds chunks for its new workers), unless the handler is so fast that
+        a chunk of fewer than CHUNK_TIME_S worth of records would cost more in hand-offs than
+        it saves."""
         size = 1 if self.mean_latency_s <= 0 else max(1, min(MAX_CHUNK, int(CHUNK_TIME_S / self.mean_latency_s)))
         return max(1, min(self.n, math.ceil(n_msgs / size)))
 
     def tune(self, mean_latency_s: float, samples: int) -> None:
         if samples:
             self.mean_latency_s = mean_latency_s
+
+    def set_limit(self, limit: int) -> None:
+        """The concurrency controller's limit (clamped to [1, workers]); surplus workers leave
+        after their current chunk, missing ones start when chunks wait."""
+        self.limit = max(1, min(self.n, limit))
+        self._apply()
+
+    def _apply(self) -> None:
+        self.allowed = min(self.n, self.limit + self.stuck)
+        self._grow()
+
+    @property
+    def busy(self) -> int:
+        """Workers running a chunk now (the loop's view; threads set `chunk` themselves)."""
+        return sum(1 for w in self.workers if w.chunk is not None)
 
     def reported(self, n: int) -> None:
         self.running -= n
@@ -217,6 +247,8 @@ class Dispatcher:
         """Called by the loop every tick: cut stuck chunks, time out overdue records."""
         out = Stuck()
         now = time.perf_counter()
+        stuck = 0
+        stuck_after = max(self.steal_after_s, 4 * self.mean_latency_s)    # slow for this handler, not just slow
         for w in self.workers:
             c = w.chunk
             if c is None:
@@ -226,6 +258,8 @@ class Dispatcher:
                 if m is None:
                     continue
                 ran = now - c.t0
+                if ran > stuck_after and not w.abandoned:
+                    stuck += 1
                 if self.abandons and self.timeout_s and ran > self.timeout_s:
                     w.abandoned = True
                     c.cur = None
@@ -238,6 +272,9 @@ class Dispatcher:
                     out.taken.append((m, c.take_rest()))
         if out.timed_out:
             self._replace_abandoned()
+        if stuck != self.stuck:
+            self.stuck = stuck
+            self._apply()
         for _, rest in out.taken:
             self.running -= len(rest)
         return out
@@ -277,6 +314,7 @@ class Dispatcher:
 
     # implemented by the two kinds
     def _spawn(self, name: str) -> Worker: ...
+    def _grow(self) -> None: ...
     def _alive(self, w: Worker) -> bool: ...
     def _enqueue(self, chunks: list[list[Message]]) -> None: ...
     def _chunks(self) -> list[Chunk]: ...
@@ -302,19 +340,43 @@ def _record(results: list[Result], m: Message, err: BaseException | None, t0: fl
 
 
 class ThreadDispatcher(Dispatcher):
-    """Sync handlers: one thread per worker, chunks from one queue."""
+    """Sync handlers: worker threads, chunks from one queue, as many threads as the limit.
+
+    `_live` (threads that count against the limit) and `_idle` (of which waiting for a chunk)
+    are shared with the threads, under `_lock`; the loop alone owns `workers`."""
+    _EMPTY = object()
 
     def __init__(self, *a: Any, **kw: Any) -> None:
         super().__init__(*a, **kw)
         self._q: queue.SimpleQueue[Chunk | None] = queue.SimpleQueue()
         self._pending: deque[Chunk] = deque()        # chunks in the queue (for take_back)
-        self.workers = [self._spawn(f"afc-worker-{i}") for i in range(self.n)]
+        self._lock = threading.Lock()
+        self._live = 0
+        self._idle = 0
+        self._seq = 0
+        self.workers = []
+
+    def _apply(self) -> None:
+        with self._lock:                             # threads read it under the lock when they retire
+            self.allowed = min(self.n, self.limit + self.stuck)
+        self._grow()
 
     def _spawn(self, name: str) -> Worker:
         w = Worker(name)
+        with self._lock:
+            self._live += 1
         w.thread = threading.Thread(target=self._work, args=(w,), name=name, daemon=True)
         w.thread.start()
         return w
+
+    def _grow(self) -> None:
+        """Start threads for waiting chunks, up to the limit; forget threads that left."""
+        self.workers = [w for w in self.workers if self._alive(w)]
+        with self._lock:
+            want = min(self.allowed - self._live, self._q.qsize() - self._idle)
+        for _ in range(max(0, want)):
+            self._seq += 1
+            self.workers.append(self._spawn(f"afc-worker-{self._seq}"))
 
     def _alive(self, w: Worker) -> bool:
         return w.thread is not None and w.thread.is_alive()
@@ -324,6 +386,16 @@ class ThreadDispatcher(Dispatcher):
             c = Chunk(msgs)
             self._pending.append(c)
             self._q.put(c)
+        self._grow()
+
+    def _replace_abandoned(self) -> None:
+        for i, w in enumerate(self.workers):
+            if w.abandoned:
+                self.abandoned.append(w)
+                with self._lock:
+                    self._live -= 1                  # it never counts itself out (see _work)
+                self._seq += 1
+                self.workers[i] = self._spawn(f"{w.name}r")
 
     def _chunks(self) -> list[Chunk]:
         live = [w.chunk for w in self.workers if w.chunk is not None]
@@ -338,10 +410,27 @@ class ThreadDispatcher(Dispatcher):
             pass
 
     def _work(self, w: Worker) -> None:
-        while not w.abandoned:
-            c = self._q.get()
-            if c is None:
-                return
+        lock, q = self._lock, self._q
+        while True:
+            with lock:
+                if w.abandoned:                      # the loop counted it out when it replaced it
+                    return
+                if self._live > self.allowed:        # the limit fell: leave between chunks
+                    self._live -= 1
+                    return
+                self._idle += 1
+            try:
+                c: Chunk | None | object = q.get(timeout=IDLE_EXIT_S)
+            except queue.Empty:
+                c = self._EMPTY
+            with lock:
+                self._idle -= 1
+                if c is None or c is self._EMPTY or self._live > self.allowed:
+                    self._live -= 1
+                    if isinstance(c, Chunk):
+                        q.put(c)                     # the limit fell while it waited: for a thread within it
+                    return
+            assert isinstance(c, Chunk)
             w.chunk = c
             self._run(w, c)
             w.chunk = None
@@ -383,7 +472,7 @@ class ThreadDispatcher(Dispatcher):
             self._report(results)
 
     async def close(self, timeout: float) -> None:
-        for _ in self.workers:
+        for _ in range(max(self._live, len(self.workers))):
             self._q.put(None)
         deadline = time.monotonic() + timeout
         for w in self.workers:
@@ -396,7 +485,7 @@ async def _await(a: Any) -> Any:
 
 
 class TaskDispatcher(Dispatcher):
-    """Async handlers: up to `workers` tasks on the loop, each running chunks in order. A
+    """Async handlers: up to `limit` tasks on the loop, each running chunks in order. A
     handler past its deadline is cancelled by its own `asyncio.timeout`; the watchdog only
     hands on the records behind a slow one."""
     abandons = False
@@ -404,10 +493,13 @@ class TaskDispatcher(Dispatcher):
     def __init__(self, *a: Any, **kw: Any) -> None:
         super().__init__(*a, **kw)
         self._pending: deque[Chunk] = deque()
+        self._live = 0                 # tasks started and not finished (all on the loop: no lock)
+        self._seq = 0
         self.workers = []
 
     def _spawn(self, name: str) -> Worker:
         w = Worker(name)
+        self._live += 1
         w.task = self.loop.create_task(self._work(w), name=name)
         return w
 
@@ -417,10 +509,14 @@ class TaskDispatcher(Dispatcher):
     def _enqueue(self, chunks: list[list[Message]]) -> None:
         for msgs in chunks:
             self._pending.append(Chunk(msgs))
+        self._grow()
+
+    def _grow(self) -> None:
         self.workers = [w for w in self.workers if self._alive(w) and not w.abandoned]
-        while len(self.workers) < self.n and len(self.workers) < len(self._pending) + sum(
+        while self._live < self.allowed and self._live < len(self._pending) + sum(
                 1 for w in self.workers if w.chunk is not None):
-            self.workers.append(self._spawn(f"afc-task-{len(self.workers)}"))
+            self._seq += 1
+            self.workers.append(self._spawn(f"afc-task-{self._seq}"))
 
     def _replace_abandoned(self) -> None:
         for w in self.workers:
@@ -433,13 +529,16 @@ class TaskDispatcher(Dispatcher):
         return [*(w.chunk for w in self.workers if w.chunk is not None), *self._pending]
 
     async def _work(self, w: Worker) -> None:
-        while self._pending and not w.abandoned:
-            c = self._pending.popleft()
-            w.chunk = c
-            try:
-                await self._run(w, c)
-            finally:
-                w.chunk = None
+        try:
+            while self._pending and not w.abandoned and self._live <= self.allowed:
+                c = self._pending.popleft()
+                w.chunk = c
+                try:
+                    await self._run(w, c)
+                finally:
+                    w.chunk = None
+        finally:
+            self._live -= 1
 
     async def _run(self, w: Worker, c: Chunk) -> None:
         handler, perf, timeout = self.handler, time.perf_counter, self.timeout_s or None

@@ -17,6 +17,12 @@ not fall by a quarter, that rate is taken as the load-independent *baseline*, an
 errors above baseline + maxErrorRate count as overload. The baseline follows the error
 rate down at once, so errors that do respond to load are cut again.
 
+The buffer serves the handler-concurrency limit (concurrency.py): while not overloaded it
+never falls below twice that limit (`WindowStats.concurrency_limit`), so one fetch's worth can
+be claimed while the previous runs and the calls the downstream can take are never starved by
+a buffer still growing (a limit of messages waiting for a free call slot reads as `queued`,
+which holds growth here). Overloaded (latency over target, errors), the cut wins.
+
 Pure: no clock, no I/O. The loop feeds it one `WindowStats` per window.
 """
 from __future__ import annotations
@@ -35,6 +41,7 @@ class WindowStats:
     latency_sum_s: float    # total handler time of `completed`
     peak_outstanding: int   # most messages fetched-but-unfinished at any time in the window
     queue_wait_sum_s: float = 0.0   # total time `completed` messages waited in their lanes
+    concurrency_limit: int = 0      # the handler-concurrency limit: the buffer keeps twice that
 
     @property
     def mean_latency_ms(self) -> float:
@@ -56,7 +63,7 @@ class WindowStats:
 class FetchDecision:
     inflight_limit: int
     batch_size: int
-    reason: str             # "overload-latency", "overload-errors", "grow", "hold-idle", "hold"
+    reason: str             # "overload-latency", "overload-errors", "grow", "hold-idle", "hold", "follow-concurrency"
 
 
 class FetchController:
@@ -94,6 +101,11 @@ class FetchController:
             reason = "hold-idle" if not w.completed else ("hold-queued" if w.queued else "hold")
         if w.completed:             # a window with nothing finished says nothing about the downstream
             self.overloaded = reason.startswith("overload")
+        if not reason.startswith("overload") and not self.overloaded:
+            floor = min(f.max_inflight, 2 * w.concurrency_limit)
+            if floor > self.limit:
+                self.limit = floor
+                reason = "follow-concurrency"
         return FetchDecision(self.limit, self.batch_size(), reason)
 
     def batch_size(self) -> int:

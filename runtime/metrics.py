@@ -76,6 +76,12 @@ class RuntimeMetrics:
         self.batch_size = Gauge("afc_fetch_batch_size", "Most messages the next fetch may take.", registry=r)
         self.inflight_limit = Gauge("afc_inflight_limit", "Adaptive bound on unfinished messages.", registry=r)
         self.inflight = Gauge("afc_inflight_messages", "Messages fetched but not finished.", registry=r)
+        self.concurrency_limit = Gauge("afc_handler_concurrency_limit", "Handler calls allowed at once (adaptive, "
+                                       "within flow.workers).", registry=r)
+        self.concurrency_running = Gauge("afc_handler_concurrency", "Workers running a handler call, sampled "
+                                         "once per flow window.", registry=r)
+        self.noload_latency = Gauge("afc_handler_noload_latency_seconds", "The concurrency controller's no-load "
+                                    "handler latency (lowest recent window mean).", registry=r)
         self.paused = Gauge("afc_paused_partitions", "Partitions paused by flow control.", registry=r)
         self.assigned = Gauge("afc_assigned_partitions", "Partitions assigned to this member.", registry=r)
         self.lag = Gauge("afc_partition_lag", "High watermark minus committed offset, as this consumer sees it.",

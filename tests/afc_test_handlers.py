@@ -201,3 +201,24 @@ def guarded_effect(msg) -> None:
         r.rpush(f"{lst}:outcome", f"{who}:{type(e).__module__}.{type(e).__qualname__}")
         raise
     r.rpush(f"{lst}:outcome", f"{who}:ok")
+
+
+_ds_active = 0
+_ds_peak = 0
+
+
+async def capacity_downstream(msg) -> None:
+    """A downstream of capacity AFC_TEST_CAPACITY: 5 ms while at most that many calls run, 5 ms *
+    n / capacity beyond. The most calls seen at once goes to the hash AFC_TEST_HASH (field
+    peak) whenever it rises, so the test can hold it against the limit afc reported."""
+    import asyncio
+    global _ds_active, _ds_peak
+    cap = int(os.environ["AFC_TEST_CAPACITY"])
+    _ds_active += 1
+    try:
+        if _ds_active > _ds_peak:
+            _ds_peak = _ds_active
+            await asyncio.to_thread(_redis().hset, os.environ["AFC_TEST_HASH"], "peak", _ds_peak)
+        await asyncio.sleep(0.005 * max(1.0, _ds_active / cap))
+    finally:
+        _ds_active -= 1

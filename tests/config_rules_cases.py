@@ -23,6 +23,8 @@ RULE_EXAMPLES: dict[str, tuple[dict[str, Any], str]] = {
     "flow-inflight-bounds": ({"flow": {"minInflight": 100, "maxInflight": 10}}, "flow.minInflight"),
     "flow-batch-bounds": ({"flow": {"minBatch": 500, "maxBatch": 10}}, "flow.minBatch"),
     "flow-initial-inflight": ({"flow": {"maxInflight": 50, "initialInflight": 60}}, "flow.initialInflight"),
+    "flow-concurrency-bounds": ({"flow": {"workers": 8, "minConcurrency": 16}}, "flow.minConcurrency"),
+    "flow-initial-concurrency": ({"flow": {"workers": 8, "initialConcurrency": 9}}, "flow.initialConcurrency"),
     "backpressure-beat-within-ttl": ({"backpressure": {"ttlMs": 3_000, "heartbeatMs": 3_000}},
                                      "backpressure.heartbeatMs"),
     "handler-one-target": ({"handler": {"handler": "app.h:handle", "httpSinkUrl": "http://sink:8080/"}},

@@ -114,3 +114,15 @@ def test_errors_that_fall_when_cut_keep_being_cut_and_the_baseline_follows_them_
     assert d.reason == "overload-errors"
     assert c.decide(errors(55, 0.2)).reason == "grow"                  # the cut helped: no new baseline
     assert c.error_baseline == 0.1
+
+
+def test_the_buffer_keeps_twice_the_concurrency_limit_unless_overloaded() -> None:
+    c = FetchController(flow())
+    queued = WindowStats(completed=100, errors=0, latency_sum_s=0.5, peak_outstanding=100, queue_wait_sum_s=5.0,
+                         concurrency_limit=300)
+    d = c.decide(queued)                        # queued: would hold, but 300 calls need a buffer of 600
+    assert (d.inflight_limit, d.reason) == (600, "follow-concurrency")
+    slow = WindowStats(completed=10, errors=0, latency_sum_s=10 * 0.3, peak_outstanding=600, concurrency_limit=300)
+    d = c.decide(slow)                          # over target: the cut wins
+    assert (d.inflight_limit, d.reason) == (300, "overload-latency")
+    assert c.decide(slow).inflight_limit == 150
