@@ -56,7 +56,6 @@ from .session import MARK_LINGER_S, Session
 log = logging.getLogger("afc.runtime.consumer")
 TOPIC_ID = "topic-id"          # pause reason: the topic's id is being looked up
 EXIT_FATAL = 3
-FILL_S = 0.005                 # a busy consumer waits this long to fill a fetch (see _maybe_fetch)
 # Group membership as /readyz reports it: ready only while HOLDING. librdkafka calls the assign
 # callback after every rebalance (eager, cooperative and KIP-848 alike, an empty list included),
 # so every state below ends at the next assignment.
@@ -217,9 +216,8 @@ class Runtime:
         except RuntimeError:            # loop closed during a hard exit
             pass
 
-    def _fetch(self, budget: int, timeout: float, fill_s: float = 0.0) -> list[Any]:
-        """Kafka thread: wait for one message, then take what is already there, or what comes
-        within `fill_s` (up to `budget`): see `_maybe_fetch`."""
+    def _fetch(self, budget: int, timeout: float) -> list[Any]:
+        """Kafka thread: wait for one message, then take what is already there."""
         c = self.consumer
         assert c is not None
         first = c.poll(timeout)
@@ -227,7 +225,7 @@ class Runtime:
             return []
         if budget <= 1:
             return [first]
-        return [first, *c.consume(budget - 1, fill_s)]
+        return [first, *c.consume(budget - 1, 0)]
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         out = []
@@ -990,13 +988,7 @@ class Runtime:
         self.fetching = True
         self.fetch_seq += 1
         seq = self.fetch_seq
-        # While earlier batches are still in the pipeline (claims in flight, handlers busy), a
-        # fetch waits up to FILL_S to fill its batch: the loop pipelines fetches, and taking only
-        # what had arrived since the last one made batches 3x smaller than the pre-rebuild core's
-        # (190 against 600 messages at full speed) and every per-batch cost (a claim call, a
-        # send, a wrap) 3x more frequent. An idle consumer takes what is there at once.
-        fill = FILL_S if self.in_work > 0 and budget > 1 else 0.0
-        fut = self._kop(self._fetch, budget, 0.05 if budget > 0 else 0.1, fill)
+        fut = self._kop(self._fetch, budget, 0.05 if budget > 0 else 0.1)
         fut.add_done_callback(lambda f: self._post(("fetched", seq, f)))
 
     def _watchdog(self) -> None:
