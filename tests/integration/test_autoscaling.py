@@ -128,8 +128,10 @@ def test_backlog_scales_up_within_two_polls_and_down_after_the_window(
     ac = operator.wait_until(lambda: (a := get(api, namespace))["spec"]["replicas"] == 4 and a, 2 * 1 + 3,
                              "spec.replicas raised to ceil(4,800 / 1,200) = 4 within two poll intervals")
     print(f"scaled up {time.monotonic() - t0:.2f}s after the AdaptiveConsumer was applied")
-    ac = operator.wait_until(lambda: (a := get(api, namespace)).get("status", {}).get("scaling") and a, 5, "status")
+    ac = operator.wait_until(lambda: (a := get(api, namespace)).get("status", {}).get("scaling", {}).get("lastScaleTime")
+                             and a, 5, "status")
     assert ac["status"]["scaling"]["replicasOwner"] == "afc-operator"
+    scaled_up_at = ac["status"]["scaling"]["lastScaleTime"]
     operator.wait_until(lambda: api.request("GET", path_for("StatefulSet", namespace, "orders"))["spec"]["replicas"] == 4,
                         10, "the StatefulSet at 4")
     up = operator.wait_until(lambda: [e for e in events(testbed, namespace) if e["reason"] == "ScaleUp"], 10,
@@ -151,7 +153,9 @@ def test_backlog_scales_up_within_two_polls_and_down_after_the_window(
             lag = a["status"].get("lag") or {}
             if lag.get("total", 0) > 1200 and lag.get("measuredAt"):
                 last_high.append(datetime.fromisoformat(lag["measuredAt"]))
-            return a if a["spec"]["replicas"] == 1 else None
+            # the status (with the scale-down's time) follows the scale subresource's write
+            down = a["spec"]["replicas"] == 1 and (a["status"].get("scaling") or {}).get("lastScaleTime") != scaled_up_at
+            return a if down else None
         ac = operator.wait_until(scaled_down, 90, "the backlog drained by four afc-consumer processes, then 1 replica",
                                  interval=0.1)
         scaled_at = datetime.fromisoformat(ac["status"]["scaling"]["lastScaleTime"])
