@@ -67,6 +67,19 @@ class Kubelet:
             if FINALIZER in finalizers:
                 self.release(n, finalizers)
 
+    def report(self, lines: int = 12) -> str:
+        """Each pod's process state and the tail of its log: what a failed wait prints, so that a
+        member missing from the group says whether its process died, and why."""
+        out = []
+        for n, p in sorted(self.procs.items()):
+            rc = p.proc.poll() if p.proc else None
+            try:
+                tail = p.log_path.read_text(errors="replace").splitlines()[-lines:]
+            except OSError as e:
+                tail = [f"(no log: {e})"]
+            out.append(f"--- {n}: {'running' if rc is None else f'exited {rc}'}\n" + "\n".join(tail))
+        return "\n".join(out) or "(no pods)"
+
     def handler_of(self, pod: Any) -> str:
         """The handler the pod's process runs (here: the one given; see subclasses)."""
         return self.handler

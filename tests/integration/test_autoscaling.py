@@ -292,8 +292,14 @@ def test_stale_data_holds_and_is_reported_by_the_poll(testbed: Testbed, api: Kub
 def assignment(testbed: Testbed, group: str) -> dict[str, set[int]]:
     """group.instance.id -> partitions of the topic it holds, as the broker describes the group."""
     from confluent_kafka.admin import AdminClient
+    from confluent_kafka import KafkaException
     a = AdminClient({"bootstrap.servers": testbed.bootstrap})
-    (desc,) = [f.result(10) for f in a.describe_consumer_groups([group], request_timeout=10).values()]
+    try:
+        (desc,) = [f.result(10) for f in a.describe_consumer_groups([group], request_timeout=10).values()]
+    except KafkaException as e:
+        if e.args[0].retriable():  # NOT_COORDINATOR, COORDINATOR_LOAD_IN_PROGRESS: the group is moving
+            return {}
+        raise
     return {m.group_instance_id: {tp.partition for tp in m.assignment.topic_partitions if not tp.topic.endswith(".retry")}
             for m in desc.members if m.group_instance_id}
 
@@ -324,9 +330,18 @@ def test_scale_down_hands_the_departed_members_partitions_over(
                  names.redis_prefix, env) as kubelet, Load(testbed.bootstrap, topic, 8):
         apply(testbed, namespace, obj)
         leaving = [f"{namespace}.orders-2", f"{namespace}.orders-3"]  # group.instance.id = <namespace>.<pod>
-        held = wait_for(lambda: (a := assignment(testbed, names.group)) and len(a) == 4 and set(leaving) <= set(a)
-                        and sum(len(v) for v in a.values()) == 8 and (a[leaving[0]] | a[leaving[1]]) and a, 90,
-                        what="4 members holding 8 partitions, some on orders-2 and -3")
+        last: dict[str, set[int]] = {}
+
+        def four_holding() -> dict[str, set[int]] | None:
+            nonlocal last
+            last = a = assignment(testbed, names.group)
+            ok = (len(a) == 4 and set(leaving) <= set(a) and sum(len(v) for v in a.values()) == 8
+                  and (a[leaving[0]] | a[leaving[1]]))
+            return a if ok else None
+        try:
+            held = wait_for(four_holding, 90, what="4 members holding 8 partitions, some on orders-2 and -3")
+        except AssertionError as e:
+            raise AssertionError(f"{e}\nthe group's assignment: {last}\n{kubelet.report()}") from None
         moving = held[leaving[0]] | held[leaving[1]]
         time.sleep(2)
         testbed.run_kubectl("scale", "ac/orders", "-n", namespace, "--replicas=2")
