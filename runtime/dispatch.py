@@ -47,6 +47,7 @@ log = logging.getLogger("afc.runtime.dispatch")
 REPORT_EVERY_S = 0.02
 CHUNK_TIME_S = 0.005        # aim for chunks that take about this long
 MAX_CHUNK = 4096
+PRUNE_SWEEP_AT = 256       # finished chunks kept behind a slow one before a full sweep
 IDLE_EXIT_S = 10.0          # a worker thread idle this long leaves (started again when work comes)
 
 
@@ -382,11 +383,23 @@ class ThreadDispatcher(Dispatcher):
         return w.thread is not None and w.thread.is_alive()
 
     def _enqueue(self, chunks: list[list[Message]]) -> None:
+        self._prune()
         for msgs in chunks:
             c = Chunk(msgs)
             self._pending.append(c)
             self._q.put(c)
         self._grow()
+
+    def _prune(self) -> None:
+        """Forget finished chunks. The workers take chunks from the queue, not from `_pending`
+        (the loop's list for take_back): without this it kept every record ever run. The head
+        goes first (chunks finish about in queue order); a full sweep once a slow head chunk
+        holds many finished ones behind it."""
+        p = self._pending
+        while p and p[0].next >= p[0].cut and p[0].cur is None:
+            p.popleft()
+        if len(p) > PRUNE_SWEEP_AT:
+            self._pending = deque(c for c in p if not (c.next >= c.cut and c.cur is None))
 
     def _replace_abandoned(self) -> None:
         for i, w in enumerate(self.workers):
@@ -398,10 +411,10 @@ class ThreadDispatcher(Dispatcher):
                 self.workers[i] = self._spawn(f"{w.name}r")
 
     def _chunks(self) -> list[Chunk]:
+        self._prune()
         live = [w.chunk for w in self.workers if w.chunk is not None]
-        while self._pending and self._pending[0].next >= self._pending[0].cut and self._pending[0].cur is None:
-            self._pending.popleft()
-        return [*live, *self._pending]
+        running = {id(c) for c in live}               # a running chunk is in both until it ends
+        return [*live, *(c for c in self._pending if id(c) not in running)]
 
     def _report(self, results: list[Result]) -> None:
         try:

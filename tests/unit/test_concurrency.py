@@ -307,3 +307,32 @@ def test_a_stuck_call_does_not_hold_the_only_slot() -> None:
         release.set()
         loop.run_until_complete(d.close(1))
         loop.close()
+
+
+@pytest.mark.parametrize("kind", [ThreadDispatcher, TaskDispatcher])
+def test_a_handled_record_is_not_kept_by_the_dispatcher(kind) -> None:
+    """Issue 9: the thread dispatcher kept every chunk it ever ran (its take-back list was only
+    pruned on a revoke), so a sync handler's consumer held every record it had handled: 400k
+    records of `make bench` grew its RSS from 150 to 685 MiB, and a long run would end OOM."""
+    import gc
+
+    async def ahandler(m: Message) -> None:
+        return None
+
+    got: list = []
+    loop = asyncio.new_event_loop()
+    h = ahandler if kind is TaskDispatcher else (lambda m: None)
+    d = kind(h, 8, loop, got.extend, 0.0, 10.0, 4)
+    try:
+        d.set_limit(4)
+        for b in range(50):
+            d.submit([_msg(b * 100 + i, b"k%d" % i) for i in range(100)])
+            _spin(loop, lambda: len(got) == (b + 1) * 100)
+        got.clear()
+        gc.collect()
+        alive = sum(1 for o in gc.get_objects() if isinstance(o, Message) and o.topic == "t")
+        assert alive <= 200, f"{alive} of 5,000 handled records still referenced"   # at most the last chunks
+        assert not d.take_back(lambda m: False)                   # and none of them would be taken back
+    finally:
+        loop.run_until_complete(d.close(1))
+        loop.close()
