@@ -1,17 +1,27 @@
-"""The two consumers afc is compared with, written the way people usually write them.
+"""The consumers afc is compared with, written the way people usually write them.
 
     python -m bench.baselines naive --bootstrap B --topic T --group G [--latency-file F]
+    python -m bench.baselines naive-batch --bootstrap B --topic T --group G
+    python -m bench.baselines raw --bootstrap B --topic T --group G
     python -m bench.baselines redis --bootstrap B --topic T --group G --redis-url U --prefix P
 
 - naive: `poll()` one message at a time, `enable.auto.commit=True`, `json.loads` the value,
   call the handler. No dedup: a crash replays up to one auto-commit interval.
+- naive-batch: the same, but `consume(num_messages=1000)` batches instead of `poll()`
+  (auto-commit stores the offsets of every message a `consume()` returned).
+- raw: `consume(num_messages=1000)` in a loop and count what came back: no decode, no handler,
+  no commit, not even a per-message error check (no partition-EOF events are enabled, so a
+  batch holds records). The ceiling of this client in Python. It commits nothing, so the
+  orchestrator measures it by its own count, not by committed offsets.
 - redis: the per-message dedup pattern: `EXISTS key`, and if absent handler + `SET key 1 EX`,
   then a synchronous `commit(message=msg)` per message, so the offset never runs ahead of
   the dedup mark.
 
 Both print JSON lines on stdout so the orchestrator sees them like it sees afc's /metrics:
 `assigned`, `first` (first message handled), `progress` (own counter, every ~0.2 s) and
-`stopped`. SIGTERM stops the loop after the current message; the consumer is closed (the
+`stopped`. A progress event is also sent when a `consume()` comes back empty after messages
+(the loop caught up), stamped with the time of the last message, so a run's last count is
+not dated by the idle wait after it. SIGTERM stops the loop after the current message; the consumer is closed (the
 naive loop's close commits its last auto-commit offsets) and the latency recorder dumps.
 
 `auto.commit.interval.ms` is 100 (default 5000) for the naive loop so that committed offsets,
@@ -91,6 +101,60 @@ def run_naive(ns: argparse.Namespace) -> int:
     return 0
 
 
+class Progress:
+    """The loop's own count, reported as `first` once, then `progress` at most every
+    PROGRESS_EVERY_S, and once more (dated to the last message) when the loop goes idle."""
+
+    def __init__(self) -> None:
+        self.n, self.last_emit, self.emitted, self.t_last_msg = 0, time.time(), 0, 0.0
+
+    def add(self, k: int) -> None:
+        if not self.n and k:
+            emit("first")
+        self.n += k
+        self.t_last_msg = now = time.time()
+        if now - self.last_emit >= PROGRESS_EVERY_S:
+            self.last_emit, self.emitted = now, self.n
+            emit("progress", count=self.n)
+
+    def idle(self) -> None:
+        if self.n != self.emitted:
+            self.emitted = self.n
+            emit("progress", count=self.n, t=self.t_last_msg)
+
+
+BATCH = 1000
+
+
+def run_batch(ns: argparse.Namespace) -> int:
+    """naive-batch (decode + handler per message, auto-commit) and raw (count only, no commit)."""
+    raw = ns.variant == "raw"
+    stop, c = Stop(), make_consumer(ns, auto_commit=not raw)
+    handle, loads = choose_handler(ns.latency), json.loads
+    prog = Progress()
+    try:
+        while not stop.flag:
+            msgs = c.consume(BATCH, 1.0)
+            if not msgs:
+                prog.idle()
+                continue
+            if raw:
+                prog.add(len(msgs))
+                continue
+            k = 0
+            for msg in msgs:
+                if msg.error():
+                    continue
+                handle(msg, loads(msg.value()))
+                k += 1
+            prog.add(k)
+    finally:
+        emit("progress", count=prog.n, **({"t": prog.t_last_msg} if prog.n else {}))
+        c.close()
+        emit("stopped", count=prog.n)
+    return 0
+
+
 def run_redis(ns: argparse.Namespace) -> int:
     """Also times its Redis calls and its commits (perf_counter, negligible next to the
     round trips), so the report can say which of the two limits this pattern."""
@@ -136,9 +200,13 @@ def run_redis(ns: argparse.Namespace) -> int:
     return 0
 
 
+RUNNERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "naive": run_naive, "naive-batch": run_batch, "raw": run_batch, "redis": run_redis}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.baselines")
-    ap.add_argument("variant", choices=("naive", "redis"))
+    ap.add_argument("variant", choices=tuple(RUNNERS))
     ap.add_argument("--bootstrap", required=True)
     ap.add_argument("--topic", required=True)
     ap.add_argument("--group", required=True)
@@ -148,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--auto-commit-interval-ms", type=int, default=100)
     ap.add_argument("--latency", action="store_true", help="record latencies (file from AFC_BENCH_LAT_FILE)")
     ns = ap.parse_args(argv)
-    return run_naive(ns) if ns.variant == "naive" else run_redis(ns)
+    return RUNNERS[ns.variant](ns)
 
 
 if __name__ == "__main__":

@@ -121,6 +121,7 @@ class ServerCpu:
             except (OSError, ValueError, psutil.Error):
                 pass
         self.redis_url = redis_url
+        self._redis: Any = None
         self.start: dict[str, float] = {}
         self.start_cmds: dict[str, dict[str, int]] = {}
 
@@ -139,7 +140,11 @@ class ServerCpu:
             return {}
         import redis
         try:
-            stats = redis.Redis.from_url(self.redis_url).info("commandstats")
+            # One connection kept open, so that the only commands of ours between two readings
+            # are the first reading's INFO (a new connection would add its HELLO).
+            if self._redis is None:
+                self._redis = redis.Redis.from_url(self.redis_url)
+            stats = self._redis.info("commandstats")
         except redis.RedisError:
             return {}
         return {k.removeprefix("cmdstat_"): {"calls": int(v["calls"]), "usec": int(v["usec"])}
@@ -152,18 +157,52 @@ class ServerCpu:
     def end(self) -> dict[str, Any]:
         now = self._now()
         out: dict[str, Any] = {f"{k}_cpu_s": round(now[k] - self.start[k], 2) for k in now if k in self.start}
-        cmds = self._cmds()
-        delta = []
-        for k, v in cmds.items():
-            old = self.start_cmds.get(k, {"calls": 0, "usec": 0})
-            calls, usec = v["calls"] - old["calls"], v["usec"] - old["usec"]
-            if calls > 0:
-                delta.append((k, calls, usec))
-        delta.sort(key=lambda d: -d[2])
-        if delta:
-            out["redis_commands"] = {k: {"calls": c, "usec": u, "usec_per_call": round(u / c, 2)}
-                                     for k, c, u in delta[:6]}
+        out.update(commandstats_delta(self.start_cmds, self._cmds()))
         return out
+
+
+# The orchestrator's own commands in a window: the INFO commandstats that opened it (over a
+# connection kept open, so no HELLO); the consumers never send INFO.
+ORCHESTRATOR_COMMANDS = ("info",)
+
+
+def commandstats_delta(before: dict[str, dict[str, int]], after: dict[str, dict[str, int]],
+                       top: int = 6) -> dict[str, Any]:
+    """What Redis executed between two `INFO commandstats` readings ({command: {calls, usec}}):
+    the `top` commands by time, and the number of calls of every command but the orchestrator's
+    own INFO (`redis_calls`, which commands per message are computed from). Commands run
+    inside a Lua script count under their own name and in the script's EVALSHA, as Redis
+    counts them. Empty when Redis could not be read."""
+    if not after:
+        return {}
+    delta = []
+    for k, v in after.items():
+        old = before.get(k, {"calls": 0, "usec": 0})
+        calls, usec = v["calls"] - old["calls"], v["usec"] - old["usec"]
+        if calls > 0:
+            delta.append((k, calls, usec))
+    delta.sort(key=lambda d: -d[2])
+    out: dict[str, Any] = {"redis_calls": sum(c for k, c, _ in delta if k not in ORCHESTRATOR_COMMANDS)}
+    if delta:
+        out["redis_commands"] = {k: {"calls": c, "usec": u, "usec_per_call": round(u / c, 2)}
+                                 for k, c, u in delta[:top]}
+    return out
+
+
+def per_message(total: float | None, messages: int | None, digits: int = 3) -> float | None:
+    """total / messages, rounded; None when either is unknown or there were no messages."""
+    if total is None or not messages:
+        return None
+    return round(total / messages, digits)
+
+
+def ratio_goal(goal: str, numerator: float | None, denominator: float | None, target: float) -> dict[str, Any]:
+    """A goal 'numerator / denominator >= target', computed from this run's figures: the
+    ratio (None when either figure is missing) and whether it is met."""
+    ratio = round(numerator / denominator, 3) if numerator and denominator else None
+    return {"goal": goal, "target": target, "value": ratio, "numerator": numerator, "denominator": denominator,
+            "ratio_to_target": round(ratio / target, 3) if ratio is not None else None,
+            "met": ratio is not None and ratio >= target}
 
 
 # ---------------------------------------------------------------------------- afc's endpoints

@@ -21,7 +21,8 @@ matplotlib.use("Agg")               # files only, never a display
 import matplotlib.pyplot as plt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-VARIANT_COLOURS = {"afc": "tab:blue", "naive": "tab:gray", "redis_per_message": "tab:red"}
+VARIANT_COLOURS = {"afc": "tab:blue", "naive": "tab:gray", "naive-batch": "silver", "raw": "black",
+                   "redis_per_message": "tab:red"}
 
 
 def _machine(doc: dict[str, Any]) -> dict[str, Any]:
@@ -70,7 +71,8 @@ def _goals(doc: dict[str, Any]) -> list[str]:
     if isinstance(goals, list):
         for g in goals:
             if isinstance(g, dict) and "goal" in g:
-                lines.append(f"- {'met' if g.get('met') else '**not met**'}: {g['goal']} (value {_fmt(g.get('value'), '{:,}')})")
+                lines.append(f"- {'met' if g.get('met') else '**not met**'}: {g['goal']} (value {_fmt(g.get('value'), '{:,}')}"
+                             + (f", target {_fmt(g['target'], '{:,}')})" if g.get("target") is not None else ")"))
     elif isinstance(goals, dict):
         for k, g in goals.items():
             if isinstance(g, dict) and "holds" in g:
@@ -104,11 +106,15 @@ def runtime_section(doc: dict[str, Any], out: Path, name: str) -> list[str]:
         ax.set_xlim(0, max(rates + [1]) * 1.6)
         ax.set_title("Throughput: committed progress to the target")
         lines += [f"![throughput]({_save(fig, out, 'bench-throughput.png', stamp)})", "",
-                  "| variant | msg/s | CPU µs/msg | cores | status |", "|---|---:|---:|---:|---|"]
+                  "| variant | msg/s | CPU s | CPU µs/msg | cores | peak RSS MiB | Redis cmds/msg | status |",
+                  "|---|---:|---:|---:|---:|---:|---:|---|"]
         for v in vs:
             t = tp[v]
-            lines.append(f"| {v} | {_fmt(t.get('msgs_per_s'))} | {_fmt(t.get('cpu_us_per_message'), '{:.1f}')} | "
-                         f"{_fmt(t.get('cpu_cores_avg'), '{:.2f}')} | {t.get('status', '-')} |")
+            res = t.get("resources") or {}
+            lines.append(f"| {v} | {_fmt(t.get('msgs_per_s'))} | {_fmt(res.get('cpu_s'), '{:.2f}')} | "
+                         f"{_fmt(t.get('cpu_us_per_message'), '{:.1f}')} | {_fmt(t.get('cpu_cores_avg'), '{:.2f}')} | "
+                         f"{_fmt(res.get('peak_rss_mib'), '{:.1f}')} | {_fmt(t.get('redis_commands_per_message'), '{:.3f}')} | "
+                         f"{t.get('status', '-')} |")
         lines.append("")
     lat = doc.get("latency") or {}
     if lat:

@@ -5,9 +5,12 @@ goes on):
 
 1. produce: one topic, N ~200-byte JSON messages (unique `id`), 12 partitions, keys spread
    over 100,000 users. Every throughput variant reads this same topic with its own group.
-2. throughput: afc (Redis idempotency + commits), the naive loop, the per-message Redis
-   pattern, one after the other, each a subprocess with a no-op handler. Measured from
-   outside the same way for all: the group's committed offsets, read every 0.1 s.
+2. throughput: afc (Redis idempotency + commits), the naive loop (poll, and consume batches),
+   a raw consume loop (the ceiling), the per-message Redis pattern, one after the other, each
+   a subprocess with a no-op handler. Measured from outside the same way for all that commit:
+   the group's committed offsets, read every 0.1 s; the raw loop commits nothing and is
+   measured by its own count. Each row also has Redis commands per message (INFO
+   commandstats around the variant's run).
 3. profile: afc again under cProfile (all threads) for a shorter run, to say what limits it.
 4. latency: per variant, a fresh topic, the consumer started and assigned first, then a
    paced producer at 5,000 msg/s for 20 s; the handler records handler-start minus the
@@ -47,18 +50,30 @@ log = logging.getLogger("bench")
 PY = sys.executable
 AFC_CONSUMER = str(Path(sys.executable).parent / "afc-consumer")
 SAMPLE_S = 0.1
-VARIANTS = ("afc", "naive", "redis_per_message")
+VARIANTS = ("afc", "naive", "naive-batch", "raw", "redis_per_message")
+ALIASES = {"redis": "redis_per_message"}
+BASELINE_ARG = {"naive": "naive", "naive-batch": "naive-batch", "raw": "raw", "redis_per_message": "redis"}
+# Variants that commit nothing: done when their own count reaches the target, rated by it.
+OWN_COUNT_ONLY = ("raw",)
 DESCRIPTIONS = {
     "afc": "afc-consumer run: Redis idempotency (claim per fetched batch via Lua, done marks batched), "
            "offset commits every offsets.commitIntervalMs, 16 handler lanes, defaults otherwise",
     "naive": "confluent Consumer, poll() per message, enable.auto.commit=True (interval 100 ms), "
              "json.loads, no-op handler, no dedup",
+    "naive-batch": "confluent Consumer, consume(num_messages=1000, timeout=1) batches, enable.auto.commit=True "
+                   "(interval 100 ms), json.loads, no-op handler per message, no dedup",
+    "raw": "confluent Consumer, consume(num_messages=1000) in a loop counting what it returns: no decode, no "
+           "handler, no commit (the ceiling). It commits nothing, so its completion and msgs_per_s come from its "
+           "own count (progress events with the time of the batch that reached them), not committed offsets; "
+           "that count has no commit lag, which favours it over the variants measured by committed offsets",
     "redis_per_message": "poll() per message, json.loads, Redis EXISTS key then handler + SET key 1 EX, "
                          "then synchronous commit(message=msg) per message",
 }
 GOAL_THROUGHPUT = 180_000
 GOAL_RATIO = 5.0
 GOAL_P99_MS = 12.0
+GOAL_VS_NAIVE = 1.0
+GOAL_VS_RAW = 0.6
 
 
 # ---------------------------------------------------------------------------- context
@@ -183,7 +198,7 @@ def spawn(ctx: Ctx, variant: str, topic: str, group: str, latency_file: Path | N
         else:
             argv = [AFC_CONSUMER, "run", "--handler", handler]
         return Child(ctx, name, argv, afc_env(ctx, topic, group, port, extra), events=False), port
-    argv = [PY, "-m", "bench.baselines", "naive" if variant == "naive" else "redis",
+    argv = [PY, "-m", "bench.baselines", BASELINE_ARG[variant],
             "--bootstrap", ctx.bootstrap, "--topic", topic, "--group", group,
             "--redis-url", ctx.redis_url, "--prefix", f"{ctx.prefix}:base:{group}:"]
     if latency_file:
@@ -211,7 +226,9 @@ def _rate(a: tuple[float, int] | None, b: tuple[float, int] | None) -> float | N
 
 def throughput(ctx: Ctx, variant: str, topic: str, target: int, budget_s: float,
                profile_dir: Path | None = None, tag: str = "tput") -> dict[str, Any]:
-    """Run one variant until its committed offsets reach `target` (or the budget runs out)."""
+    """Run one variant until its committed offsets reach `target` (or the budget runs out);
+    a variant that commits nothing (OWN_COUNT_ONLY) until its own count does."""
+    own_only = variant in OWN_COUNT_ONLY
     group = f"{ctx.run}-{variant}-{tag}"
     watch = measure.OffsetWatch(ctx.bootstrap, group, topic, ctx.args.partitions)
     load0 = measure.load_avg()
@@ -244,7 +261,8 @@ def throughput(ctx: Ctx, variant: str, topic: str, target: int, budget_s: float,
             timeline.append([round(now - child.t_spawn, 2), c, n_own, round(cpu_pct),
                              round(child.sampler.peak_rss / 2**20, 1), metrics.get("afc_inflight_limit")])
             next_tl = now + 1.0
-        if c is not None and c >= target:
+        done = n_own if own_only else c
+        if done is not None and done >= target:
             break
         if not child.alive():
             status = f"failed: exited with {child.p.returncode} before finishing"
@@ -254,10 +272,22 @@ def throughput(ctx: Ctx, variant: str, topic: str, target: int, budget_s: float,
             break
         time.sleep(max(0.0, SAMPLE_S - (time.time() - tick)))
     child.sampler.sample()
-    res = _throughput_result(ctx, variant, child, committed, own, first_msg, target, status)
+    if own_only:
+        # Every progress event the loop sent, each stamped with its own time (the polled `own`
+        # may have skipped some); the first at the target ends the measurement as a commit would.
+        own = child.progress()
+        reached = next((i for i, s in enumerate(own) if s[1] >= target), len(own) - 1)
+        res = _throughput_result(ctx, variant, child, own[:reached + 1], own, first_msg, target, status)
+        res.update(msgs_per_s_basis=res["msgs_per_s_basis"].replace("committed", "own count") + " (commits nothing)",
+                   committed_at_end=None, own_count_at_end=own[reached][1] if own else None,
+                   time_to_first_commit_s=None)
+    else:
+        res = _throughput_result(ctx, variant, child, committed, own, first_msg, target, status)
     res["threads_cpu"] = child.sampler.threads()
     res["resources"] = {**child.sampler.summary(), **ctx.servers.end(), "load_avg_at_start": load0,
                         "load_avg_at_end": measure.load_avg()}
+    handled = res["own_count_at_end"] if own_only else res.get("committed_at_end")
+    res["redis_commands_per_message"] = measure.per_message(res["resources"].get("redis_calls"), handled)
     res["exit"] = child.stop()
     reported = child.event("stopped")
     if reported:
@@ -532,9 +562,12 @@ METHOD = {
         "first sample showing progress) / (time between those samples), so process start, group join and "
         "the first commit interval are excluded. Committed offsets lag real progress by the commit cadence: "
         "afc commits every offsets.commitIntervalMs (default 1000 ms, kept), which can only lower its "
-        "figure (an idle tail of up to one interval); the naive loop auto-commits every 100 ms "
-        "(auto.commit.interval.ms lowered from 5000 so its committed offsets lag by at most 0.1 s); the "
-        "Redis pattern commits every message. msgs_per_s_own_counter uses each consumer's own count (afc: "
+        "figure (an idle tail of up to one interval); the naive loops (poll and consume batches) "
+        "auto-commit every 100 ms (auto.commit.interval.ms lowered from 5000 so their committed offsets lag "
+        "by at most 0.1 s); the Redis pattern commits every message. The raw consume loop commits nothing: "
+        "it is done when its own count reaches the target and rated from its own progress events (each "
+        "stamped with the time of the batch that reached its count), which carries no commit lag and so "
+        "favours it. msgs_per_s_own_counter uses each consumer's own count (afc: "
         "afc_messages_handled_total from /metrics, scraped every 0.1 s; baselines: their counter, reported "
         "every 0.2 s) between first message and target. A variant that cannot finish within its budget "
         "(the per-message Redis pattern) is measured over what it committed in the budget (status "
@@ -552,7 +585,12 @@ METHOD = {
         "peak_rss_mib = max of psutil RSS samples and the kernel's VmHWM; cpu_s = the consumer process's "
         "user+system CPU from start to the end of the measurement (imports and group join included); "
         "kafka_cpu_s / redis_cpu_s = the test bed servers' CPU in the same window; threads_cpu = CPU per OS "
-        "thread name (rdk:* are librdkafka's threads, the process name is Python's threads)."),
+        "thread name (rdk:* are librdkafka's threads, the process name is Python's threads). "
+        "redis_commands_per_message = the calls Redis counted in INFO commandstats between the variant's "
+        "start and the end of its measurement (every command, including the consumer's connection set-up "
+        "and commands run inside Lua scripts, which Redis counts again under their own names; less the "
+        "orchestrator's own INFO), divided by the messages it committed (raw: counted). commandstats are server-wide: "
+        "anything else using the same Redis in that window counts too."),
     "afc_settings": (
         "Defaults, except idempotency.keyField=id (the same dedup key as the Redis baseline: the unique id "
         "in the payload, not the record position), a per-run key prefix, the server on a free port, "
@@ -567,10 +605,12 @@ def goals(tput: dict[str, Any], lat: dict[str, Any]) -> list[dict[str, Any]]:
     out = [{"goal": "afc >= 180,000 msg/s in one process", "target": GOAL_THROUGHPUT, "value": afc,
             "ratio_to_target": round(afc / GOAL_THROUGHPUT, 3) if afc else None,
             "met": bool(afc and afc >= GOAL_THROUGHPUT)}]
-    ratio = round(afc / base, 2) if afc and base else None
-    out.append({"goal": "afc >= 5x the per-message Redis pattern", "target": GOAL_RATIO, "value": ratio,
-                "ratio_to_target": round(ratio / GOAL_RATIO, 3) if ratio else None,
-                "met": bool(ratio and ratio >= GOAL_RATIO)})
+    out.append(measure.ratio_goal("afc >= 5x the per-message Redis pattern", afc, base, GOAL_RATIO))
+    rate = {v: (tput.get(v) or {}).get("msgs_per_s") for v in ("naive", "raw")}
+    out.append(measure.ratio_goal("afc >= 1.0x the naive poll() loop (msgs/s ratio, same run)",
+                                  afc, rate["naive"], GOAL_VS_NAIVE))
+    out.append(measure.ratio_goal("afc >= 0.6x the raw consume() loop (msgs/s ratio, same run)",
+                                  afc, rate["raw"], GOAL_VS_RAW))
     out.append({"goal": "afc p99 end-to-end latency <= 12 ms at 5,000 msg/s", "target": GOAL_P99_MS, "value": p99,
                 "ratio_to_target": round(p99 / GOAL_P99_MS, 3) if p99 else None,
                 "met": bool(p99 is not None and p99 <= GOAL_P99_MS and (lat.get("afc") or {}).get("kept_up"))})
@@ -587,7 +627,8 @@ def findings(env: dict[str, Any], tput: dict[str, Any], lat: dict[str, Any], pro
             out.append(f"{v}: {r.get('msgs_per_s')} msg/s; the consumer used {r.get('cpu_cores_avg')} cores on "
                        f"average from start to end ({r.get('cpu_us_per_message')} us CPU per message) on a "
                        f"{nproc}-core machine; in the same window Kafka used {res.get('kafka_cpu_s')} CPU s and "
-                       f"Redis {res.get('redis_cpu_s')} CPU s.")
+                       f"Redis {res.get('redis_cpu_s')} CPU s, executing {r.get('redis_commands_per_message')} "
+                       "commands per message.")
         th = r.get("threads_cpu") or []
         if th:
             tot = sum(t["cpu_s"] for t in th) or 1
@@ -658,13 +699,14 @@ def summary(doc: dict[str, Any]) -> str:
     w = doc["workload"]
     lines = [f"afc bench {doc['date']}  run={doc['run_id']}  messages={w['messages']:,}  "
              f"partitions={w['partitions']}  nproc={doc['environment']['machine']['nproc']}", "",
-             f"{'throughput':<19}{'msgs/s':>9}{'own cnt':>9}{'1st msg':>8}{'cpu s':>7}{'cores':>6}"
-             f"{'rss MiB':>8}  status"]
+             f"{'throughput':<19}{'msgs/s':>9}{'own cnt':>9}{'1st msg':>8}{'cpu s':>7}{'us/msg':>7}{'cores':>6}"
+             f"{'rss MiB':>8}{'redis/msg':>10}  status"]
     for v, t in doc["throughput"].items():
         res = t.get("resources", {})
         lines.append(f"{v:<19}{f(t.get('msgs_per_s')):>9}{f(t.get('msgs_per_s_own_counter')):>9}"
                      f"{f(t.get('time_to_first_message_s')):>8}{f(res.get('cpu_s')):>7}"
-                     f"{f(t.get('cpu_cores_avg')):>6}{f(res.get('peak_rss_mib')):>8}  {t.get('status', '-')}")
+                     f"{f(t.get('cpu_us_per_message')):>7}{f(t.get('cpu_cores_avg')):>6}{f(res.get('peak_rss_mib')):>8}"
+                     f"{f(t.get('redis_commands_per_message')):>10}  {t.get('status', '-')}")
     if doc["latency"]:
         lines += ["", f"{'latency @' + f(doc.get('latency_setup', {}).get('rate'), '{:,.0f}') + '/s':<19}"
                       f"{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'ack p99':>9}{'p99-ack':>9}{'cpu %':>7}  status"]
@@ -738,7 +780,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-n", "--messages", type=int, default=1_000_000, help="messages in the throughput topic")
     ap.add_argument("--partitions", type=int, default=12)
-    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS) + " ('redis' names redis_per_message)")
     ap.add_argument("--budget-s", type=float, default=300, help="most seconds one throughput variant may take")
     ap.add_argument("--slow-budget-s", type=float, default=60,
                     help="budget for the per-message Redis pattern (measured over what it commits in it)")
@@ -758,7 +800,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--bootstrap", default=os.environ.get("AFC_KAFKA_BOOTSTRAP", "127.0.0.1:19092"))
     ap.add_argument("--redis-url", default=os.environ.get("AFC_REDIS_URL", "redis://127.0.0.1:19079/0"))
     ns = ap.parse_args(argv)
-    ns.variants = [v for v in ns.variants.split(",") if v]
+    ns.variants = [ALIASES.get(v, v) for v in ns.variants.split(",") if v]
     bad = set(ns.variants) - set(VARIANTS)
     if bad:
         ap.error(f"unknown variants: {sorted(bad)}")
@@ -804,6 +846,10 @@ def run(ctx: Ctx) -> dict[str, Any]:
         doc["latency_setup"] = {"rate": a.rate, "seconds": a.latency_seconds, "warmup_s": a.warmup_s,
                                 "drain_s": a.drain_s, "handler": "bench.handlers:record_latency / same recorder"}
         for v in a.variants:
+            if v in OWN_COUNT_ONLY:
+                doc["latency_setup"].setdefault("not_measured", {})[v] = (
+                    "no handler to record in and no commits to tell when it caught up")
+                continue
             doc["latency"][v] = _guard(lambda: latency(ctx, v), v)
     doc["goals"] = goals(doc["throughput"], doc["latency"])
     doc["findings"] = findings(doc["environment"], doc["throughput"], doc["latency"], doc["profile"] or {})

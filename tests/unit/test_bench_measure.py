@@ -1,0 +1,90 @@
+"""The runtime bench's pure logic: Redis commands per message from INFO commandstats deltas,
+the goal ratios computed from a run's figures, and the baselines' own-count progress events."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))       # appended: the repo's operator/ must not shadow the stdlib's
+from bench import baselines, measure  # noqa: E402
+from bench import run as bench_run  # noqa: E402
+
+pytestmark = pytest.mark.unit
+
+
+def stats(**cmds: tuple[int, int]) -> dict[str, dict[str, int]]:
+    return {k: {"calls": c, "usec": u} for k, (c, u) in cmds.items()}
+
+
+def test_commandstats_delta_counts_every_command_in_the_window_but_the_orchestrators_info() -> None:
+    before = stats(info=(10, 500), set=(100, 300), hello=(2, 10))
+    after = stats(info=(11, 560), set=(1_100, 3_300), hello=(3, 15), evalsha=(4, 9_000), get=(0, 0))
+    d = measure.commandstats_delta(before, after)
+    assert d["redis_calls"] == 1_000 + 1 + 4          # set, hello, evalsha; not the INFO, not the idle get
+    assert list(d["redis_commands"]) == ["evalsha", "set", "info", "hello"]   # most Redis time first
+    assert d["redis_commands"]["evalsha"] == {"calls": 4, "usec": 9_000, "usec_per_call": 2250.0}
+    assert list(measure.commandstats_delta(before, after, top=2)["redis_commands"]) == ["evalsha", "set"]
+
+
+def test_commandstats_delta_without_a_reading_says_nothing() -> None:
+    assert measure.commandstats_delta(stats(set=(1, 1)), {}) == {}
+    assert measure.commandstats_delta({}, stats(info=(1, 50))) == {
+        "redis_calls": 0, "redis_commands": {"info": {"calls": 1, "usec": 50, "usec_per_call": 50.0}}}
+
+
+def test_per_message() -> None:
+    assert measure.per_message(2_001, 1_000) == 2.001
+    assert measure.per_message(0, 1_000) == 0.0
+    assert measure.per_message(None, 1_000) is None
+    assert measure.per_message(5, 0) is None and measure.per_message(5, None) is None
+
+
+def test_ratio_goal_is_computed_from_the_figures() -> None:
+    g = measure.ratio_goal("a >= 0.6x b", 60_000, 100_000, 0.6)
+    assert (g["value"], g["met"], g["ratio_to_target"]) == (0.6, True, 1.0)
+    assert g["numerator"] == 60_000 and g["denominator"] == 100_000
+    assert measure.ratio_goal("a >= 1x b", 80_093, 112_885, 1.0)["value"] == 0.71
+    assert measure.ratio_goal("a >= 1x b", 80_093, 112_885, 1.0)["met"] is False
+    for num, den in ((None, 5), (5, None), (5, 0), (0, 5)):
+        g = measure.ratio_goal("x", num, den, 1.0)
+        assert g["value"] is None and g["met"] is False and g["ratio_to_target"] is None
+
+
+def test_the_run_reports_afc_against_naive_and_raw_as_goals() -> None:
+    tput = {"afc": {"msgs_per_s": 90_000}, "naive": {"msgs_per_s": 100_000}, "raw": {"msgs_per_s": 150_000},
+            "redis_per_message": {"msgs_per_s": 300}}
+    by_goal = {g["goal"]: g for g in bench_run.goals(tput, {})}
+    naive = next(g for k, g in by_goal.items() if "naive" in k)
+    raw = next(g for k, g in by_goal.items() if "raw" in k)
+    assert (naive["value"], naive["target"], naive["met"]) == (0.9, bench_run.GOAL_VS_NAIVE, False)
+    assert (raw["value"], raw["target"], raw["met"]) == (0.6, bench_run.GOAL_VS_RAW, True)
+    missing = {g["goal"]: g for g in bench_run.goals({"afc": {"msgs_per_s": 90_000}}, {})}
+    assert not any(g["met"] for k, g in missing.items() if "naive" in k or "raw" in k)
+
+
+def test_variants_parse_with_the_redis_alias() -> None:
+    ns = bench_run.parse_args(["--variants", "afc,naive,naive-batch,raw,redis"])
+    assert ns.variants == ["afc", "naive", "naive-batch", "raw", "redis_per_message"]
+    assert set(ns.variants) == set(bench_run.VARIANTS) == set(bench_run.DESCRIPTIONS)
+    assert set(bench_run.BASELINE_ARG.values()) == set(baselines.RUNNERS)
+
+
+def test_progress_dates_the_idle_report_to_the_last_message(capsys: pytest.CaptureFixture[str],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [100.0]
+    monkeypatch.setattr(baselines.time, "time", lambda: now[0])
+    p = baselines.Progress()
+    for t, k in ((100.05, 1_000), (100.3, 1_000), (100.35, 500)):
+        now[0] = t
+        p.add(k)                          # a batch: first at 100.05, progress 2000 at 100.3, 2500 too soon
+    now[0] = 101.4
+    p.idle()                              # caught up (an empty consume): 2500, dated to the last batch
+    p.idle()                              # nothing new: no event
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(e["event"], e.get("count")) for e in events] == [("first", None), ("progress", 2_000), ("progress", 2_500)]
+    assert events[1]["t"] == 100.3 and events[2]["t"] == 100.35
