@@ -161,16 +161,17 @@ class ServerCpu:
         return out
 
 
-# The orchestrator's own commands in a window: the INFO commandstats that opened it (over a
-# connection kept open, so no HELLO); the consumers never send INFO.
-ORCHESTRATOR_COMMANDS = ("info",)
+# The orchestrator's own commands in a window: the INFO commandstats that opened it (Redis
+# counts a command after it ran, so the closing one is not in the window; one connection kept
+# open, so no HELLO either). A consumer's own INFO calls still count.
+ORCHESTRATOR_CALLS = {"info": 1}
 
 
 def commandstats_delta(before: dict[str, dict[str, int]], after: dict[str, dict[str, int]],
                        top: int = 6) -> dict[str, Any]:
     """What Redis executed between two `INFO commandstats` readings ({command: {calls, usec}}):
-    the `top` commands by time, and the number of calls of every command but the orchestrator's
-    own INFO (`redis_calls`, which commands per message are computed from). Commands run
+    the `top` commands by time, and the number of calls of every command less the orchestrator's
+    own (`redis_calls`, which commands per message are computed from). Commands run
     inside a Lua script count under their own name and in the script's EVALSHA, as Redis
     counts them. Empty when Redis could not be read."""
     if not after:
@@ -182,7 +183,7 @@ def commandstats_delta(before: dict[str, dict[str, int]], after: dict[str, dict[
         if calls > 0:
             delta.append((k, calls, usec))
     delta.sort(key=lambda d: -d[2])
-    out: dict[str, Any] = {"redis_calls": sum(c for k, c, _ in delta if k not in ORCHESTRATOR_COMMANDS)}
+    out: dict[str, Any] = {"redis_calls": sum(max(0, c - ORCHESTRATOR_CALLS.get(k, 0)) for k, c, _ in delta)}
     if delta:
         out["redis_commands"] = {k: {"calls": c, "usec": u, "usec_per_call": round(u / c, 2)}
                                  for k, c, u in delta[:top]}

@@ -589,8 +589,9 @@ METHOD = {
         "redis_commands_per_message = the calls Redis counted in INFO commandstats between the variant's "
         "start and the end of its measurement (every command, including the consumer's connection set-up "
         "and commands run inside Lua scripts, which Redis counts again under their own names; less the "
-        "orchestrator's own INFO), divided by the messages it committed (raw: counted). commandstats are server-wide: "
-        "anything else using the same Redis in that window counts too."),
+        "orchestrator's own INFO that opens the window), divided by the messages it committed (raw: "
+        "counted). commandstats are server-wide: anything else using the same Redis in that window counts "
+        "too."),
     "afc_settings": (
         "Defaults, except idempotency.keyField=id (the same dedup key as the Redis baseline: the unique id "
         "in the payload, not the record position), a per-run key prefix, the server on a free port, "
@@ -699,11 +700,11 @@ def summary(doc: dict[str, Any]) -> str:
     w = doc["workload"]
     lines = [f"afc bench {doc['date']}  run={doc['run_id']}  messages={w['messages']:,}  "
              f"partitions={w['partitions']}  nproc={doc['environment']['machine']['nproc']}", "",
-             f"{'throughput':<19}{'msgs/s':>9}{'own cnt':>9}{'1st msg':>8}{'cpu s':>7}{'us/msg':>7}{'cores':>6}"
+             f"{'throughput':<19}{'msgs/s':>10}{'own cnt':>10}{'1st msg':>8}{'cpu s':>7}{'us/msg':>7}{'cores':>6}"
              f"{'rss MiB':>8}{'redis/msg':>10}  status"]
     for v, t in doc["throughput"].items():
         res = t.get("resources", {})
-        lines.append(f"{v:<19}{f(t.get('msgs_per_s')):>9}{f(t.get('msgs_per_s_own_counter')):>9}"
+        lines.append(f"{v:<19}{f(t.get('msgs_per_s')):>10}{f(t.get('msgs_per_s_own_counter')):>10}"
                      f"{f(t.get('time_to_first_message_s')):>8}{f(res.get('cpu_s')):>7}"
                      f"{f(t.get('cpu_us_per_message')):>7}{f(t.get('cpu_cores_avg')):>6}{f(res.get('peak_rss_mib')):>8}"
                      f"{f(t.get('redis_commands_per_message')):>10}  {t.get('status', '-')}")

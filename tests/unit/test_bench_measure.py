@@ -23,9 +23,9 @@ def stats(**cmds: tuple[int, int]) -> dict[str, dict[str, int]]:
 
 def test_commandstats_delta_counts_every_command_in_the_window_but_the_orchestrators_info() -> None:
     before = stats(info=(10, 500), set=(100, 300), hello=(2, 10))
-    after = stats(info=(11, 560), set=(1_100, 3_300), hello=(3, 15), evalsha=(4, 9_000), get=(0, 0))
+    after = stats(info=(12, 560), set=(1_100, 3_300), hello=(3, 15), evalsha=(4, 9_000), get=(0, 0))
     d = measure.commandstats_delta(before, after)
-    assert d["redis_calls"] == 1_000 + 1 + 4          # set, hello, evalsha; not the INFO, not the idle get
+    assert d["redis_calls"] == 1_000 + 1 + 4 + 1      # set, hello, evalsha, the consumer's INFO; not ours
     assert list(d["redis_commands"]) == ["evalsha", "set", "info", "hello"]   # most Redis time first
     assert d["redis_commands"]["evalsha"] == {"calls": 4, "usec": 9_000, "usec_per_call": 2250.0}
     assert list(measure.commandstats_delta(before, after, top=2)["redis_commands"]) == ["evalsha", "set"]

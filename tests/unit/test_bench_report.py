@@ -38,3 +38,19 @@ def test_a_missing_file_is_named_and_an_unknown_one_is_listed(tmp_path: Path) ->
     assert "Not run yet: `make bench` writes it." in md
     assert "Not run yet: `make bench-rollout` writes it." in md
     assert "## new.json" in md and "- x went 1 -> 2" in md and "ran 2026-01-01T00:00:00Z, on 2 cores (c)" in md
+
+
+def test_every_throughput_variant_gets_a_row_with_cpu_rss_and_redis_commands(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    row = {"status": "ok", "cpu_us_per_message": 4.6, "cpu_cores_avg": 0.5, "redis_commands_per_message": 3.002,
+           "resources": {"cpu_s": 0.93, "peak_rss_mib": 88.5}}
+    tput = {v: {**row, "msgs_per_s": r} for v, r in (("afc", 48_341), ("naive", 115_022), ("naive-batch", 133_538),
+                                                      ("raw", 814_595), ("redis_per_message", 143))}
+    goals = [{"goal": "afc >= 0.6x the raw consume() loop", "target": 0.6, "value": 0.059, "met": False}]
+    (results / "runtime.json").write_text(json.dumps({"date": "2026-01-01T00:00:00Z", "throughput": tput,
+                                                      "goals": goals}))
+    md = report.report(results, tmp_path / "docs").read_text()
+    for v, t in tput.items():
+        assert f"| {v} | {t['msgs_per_s']:,} | 0.93 | 4.6 | 0.50 | 88.5 | 3.002 | ok |" in md
+    assert "- **not met**: afc >= 0.6x the raw consume() loop (value 0.059, target 0.6)" in md
