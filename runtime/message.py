@@ -130,7 +130,9 @@ def idempotency_key(msg: Message, header: str, payload_field: str | None, topic_
     if payload_field and msg.decode_error is None:
         v = field_path(msg.payload, payload_field)
         if v is not None and v != "":
-            return exact(str(v).encode())
+            if type(v) is str and v.isascii() and not v.startswith("~") and "\0" not in v:
+                return v                # already what exact() would return, without the round trip
+            return exact(str(v).encode("utf-8", "surrogatepass"))   # a lone surrogate: escaped, not a crash
     return position_key(msg.topic, msg.partition, msg.offset, topic_id)
 
 

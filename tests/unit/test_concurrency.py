@@ -336,3 +336,33 @@ def test_a_handled_record_is_not_kept_by_the_dispatcher(kind) -> None:
     finally:
         loop.run_until_complete(d.close(1))
         loop.close()
+
+
+@pytest.mark.parametrize("kind,most", [("computes", 2), ("waits", 16)])
+def test_sync_handler_threads_are_capped_by_the_handlers_cpu_share(kind: str, most: int) -> None:
+    """A sync call holds the GIL while it computes: a handler that only computes gets about
+    one thread (more would only trade the GIL), one that waits on I/O keeps all it may have."""
+    def handler(m: Message) -> None:
+        if kind == "computes":
+            end = time.thread_time() + 0.0002
+            while time.thread_time() < end:
+                pass
+        else:
+            time.sleep(0.002)
+
+    got: list = []
+    loop = asyncio.new_event_loop()
+    d = ThreadDispatcher(handler, 16, loop, got.extend, 0.0, 10.0, 4)
+    try:
+        d.set_limit(16)
+        n = 0
+        for b in range(8):
+            d.submit([_msg(b * 100 + i, b"k%d" % i) for i in range(100)])
+            n += 100
+            _spin(loop, lambda: len(got) == n, timeout=20)
+            d.tune(0.0002, 100)
+        assert d.gil_cap <= most and (kind == "computes" or d.gil_cap == 16), d.gil_cap
+        assert d.allowed == min(d.limit, d.gil_cap) + d.stuck
+    finally:
+        loop.run_until_complete(d.close(1))
+        loop.close()

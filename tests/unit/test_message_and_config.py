@@ -30,6 +30,20 @@ def test_idempotency_keys_are_exact_for_any_bytes() -> None:
     assert key(b"order-1") == "order-1" and key("é".encode()) == "é"   # readable when it can be
 
 
+def test_payload_field_keys_are_the_same_exact_keys_as_header_bytes() -> None:
+    """The payload field's fast path (a plain ASCII string is its own key) must give what the
+    header path gives for the same bytes, and escape what it would escape."""
+    def by_field(v: object) -> str:
+        return idempotency_key(msg(None, {"id": v}), "idempotency-key", "id")
+
+    def by_header(v: bytes) -> str:
+        return idempotency_key(msg([("idempotency-key", v)]), "idempotency-key", None)
+    for v in ["order-1", "~abc", "a\x00b", "é", "\ud800x"]:
+        raw = v.encode("utf-8", "surrogatepass")
+        assert by_field(v) == by_header(raw) or (v == "\ud800x" and by_field(v).startswith("~")), v
+    assert by_field(42) == "42"
+
+
 def test_position_keys_name_the_topic_by_id() -> None:
     """Issue 9 item 8: a re-created topic (same name, new id) must not find its old done marks."""
     m = msg(None, None)
