@@ -1046,7 +1046,7 @@ class Runtime:
         workers = self.s.flow.resolved_workers(asynchronous)
         self.conc = ConcurrencyLimit(self.s.flow, workers)
         self.dispatcher = kind(self._handler, workers, self.loop, self.on_results, h.timeout_s,
-                               h.steal_after_ms / 1000, h.max_abandoned_threads)
+                               h.steal_after_ms / 1000, h.max_abandoned_threads, h.max_batch)
         self.dispatcher.set_limit(self.conc.limit)
         conf = kafka_config(self.s, self.instance_id)
         conf["error_cb"] = self._on_error
