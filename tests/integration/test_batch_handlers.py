@@ -1,0 +1,188 @@
+"""Batch handlers (issue 13) on the real broker and Redis: exactly-once effects written in
+one MULTI per batch (across a kill -9), a BatchFailure routing only the named messages, a
+whole-batch exception routing all, and mark_batch_done_in's fencing."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from afc.runtime.routing import H_ATTEMPTS, H_ERR_CLASS, H_ERR_MESSAGE, H_ORIG_OFFSET, H_ORIG_TOPIC
+from afctest import ConsumerProcess, group_lag, produce_json, wait_for
+
+pytestmark = [pytest.mark.kafka, pytest.mark.redis]
+HANDLER = "afc_batch_handlers:apply_batch"
+
+
+def read_all(bootstrap: str, topic: str, want: int, timeout: float = 30) -> list:
+    """`want` records of `topic`, and whatever else arrives within a second after them."""
+    from confluent_kafka import Consumer
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"reader-{time.time_ns()}",
+                  "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    out: list = []
+    try:
+        c.subscribe([topic])
+        end = time.monotonic() + timeout
+        while len(out) < want and time.monotonic() < end:
+            m = c.poll(0.2)
+            if m is not None and not m.error():
+                out.append(m)
+        end = time.monotonic() + 1.0
+        while time.monotonic() < end:
+            m = c.poll(0.2)
+            if m is not None and not m.error():
+                out.append(m)
+    finally:
+        c.close()
+    return out
+
+
+def consumer(testbed, names, tmp_path, topic, extra=None, name="c") -> ConsumerProcess:
+    env = {"AFC_TEST_LIST": f"{names.redis_prefix}effects", "AFC_TEST_HASH": f"{names.redis_prefix}h",
+           "AFC_IDEMPOTENCY__LEASE_MS": "2000", "AFC_MEMBERSHIP__SESSION_TIMEOUT_MS": "10000",
+           "AFC_ROUTING__BACKOFF_INITIAL_MS": "200", "AFC_ROUTING__BACKOFF_MAX_MS": "500",
+           "AFC_HANDLER__MAX_BATCH": "200", **(extra or {})}
+    return ConsumerProcess(testbed, [topic], names.group, HANDLER, tmp_path / f"{name}.log",
+                           instance_id=f"{names.stem}-0", env=env, redis_prefix=names.redis_prefix).start()
+
+
+def effects(redis_client, names) -> list[int]:
+    return [int(x.split(b":")[2]) for x in redis_client.lrange(f"{names.redis_prefix}effects", 0, -1)]
+
+
+def test_a_batch_handler_applies_every_record_exactly_once_across_a_kill9(
+        testbed, make_topic, names, redis_client, tmp_path) -> None:
+    n = 20_000
+    topic = make_topic("in", partitions=6)
+    produce_json(testbed.bootstrap, topic, [{"n": i} for i in range(n)], key_of=lambda i, d: str(i % 500).encode())
+    c = consumer(testbed, names, tmp_path, topic)
+    wait_for(lambda: redis_client.llen(f"{names.redis_prefix}effects") >= n // 3 or c._died(), 120, 0.02,
+             what="a third of the effects before the kill")
+    assert not c._died(), c.log_tail()
+    c.kill9()
+    c = consumer(testbed, names, tmp_path, topic, name="c2")
+    try:
+        wait_for(lambda: group_lag(testbed.bootstrap, topic, names.group)[1] == 0, 180, 0.5,
+                 what="the group to catch up")
+        m = c.metrics()
+    finally:
+        assert c.stop() == 0, c.log_tail()
+    seen = effects(redis_client, names)
+    assert len(seen) - len(set(seen)) == 0, f"{len(seen) - len(set(seen))} effects applied twice"
+    assert set(seen) == set(range(n)), f"{n - len(set(seen))} effects missing"
+    sizes = [int(x) for x in redis_client.lrange(f"{names.redis_prefix}h:sizes", 0, -1)]
+    assert max(sizes) > 1 and max(sizes) <= 200, f"batch sizes {min(sizes)}..{max(sizes)}"
+    # metrics are per message: the second consumer counted each record it handled once
+    handled = m.get("afc_messages_handled_total", 0)
+    assert 0 < handled <= n, m
+
+
+def test_a_batch_failure_routes_only_the_named_messages_and_the_rest_are_done(
+        testbed, make_topic, names, redis_client, tmp_path) -> None:
+    topic = make_topic("in", partitions=1)
+    docs = [{"n": i} for i in range(60)]
+    docs[10] = {"n": 10, "fail": "permanent"}
+    docs[20] = {"n": 20, "fail": "transient", "times": 1}
+    produce_json(testbed.bootstrap, topic, docs, key_of=lambda i, d: str(i % 7).encode())
+    c = consumer(testbed, names, tmp_path, topic)
+    try:
+        dlq = read_all(testbed.bootstrap, topic + ".dlq", 1)
+        retry = read_all(testbed.bootstrap, topic + ".retry", 1)
+        wait_for(lambda: 20 in effects(redis_client, names), 30, 0.2, what="the retried record's effect")
+        wait_for(lambda: group_lag(testbed.bootstrap, topic, names.group)[1] == 0, 30, 0.3, what="source drained")
+        wait_for(lambda: group_lag(testbed.bootstrap, topic + ".retry", names.group)[1] == 0, 30, 0.3,
+                 what="retry topic drained")
+    finally:
+        assert c.stop() == 0, c.log_tail()
+    assert [int(dict(m.headers())[H_ORIG_OFFSET]) for m in dlq] == [10]
+    h = dict(dlq[0].headers())
+    assert h[H_ORIG_TOPIC].decode() == topic and h[H_ERR_CLASS].decode().endswith("ValueError")
+    assert h[H_ERR_MESSAGE].decode() == "invalid record 10"
+    assert [int(dict(m.headers())[H_ORIG_OFFSET]) for m in retry] == [20]
+    assert int(dict(retry[0].headers())[H_ATTEMPTS]) == 1
+    seen = effects(redis_client, names)
+    assert sorted(seen) == [i for i in range(60) if i != 10], seen        # 20 after its retry, once
+    runs = {k.decode(): int(v) for k, v in redis_client.hgetall(f"{names.redis_prefix}h:runs").items()}
+    again = {k: v for k, v in runs.items() if v != 1}
+    # only the transient record ran twice (its retry); nothing done was run again
+    assert len(runs) == 60 and list(again.values()) == [2], again
+    sizes = [int(x) for x in redis_client.lrange(f"{names.redis_prefix}h:sizes", 0, -1)]
+    assert max(sizes) > 2, sizes      # the failures were named inside a real batch
+
+
+def test_an_exception_from_a_batch_handler_routes_every_message_of_the_batch(
+        testbed, make_topic, names, redis_client, tmp_path) -> None:
+    topic = make_topic("in", partitions=1)
+    produce_json(testbed.bootstrap, topic, [{"n": i, "boom": True} for i in range(25)])
+    c = consumer(testbed, names, tmp_path, topic, {"AFC_ROUTING__MAX_ATTEMPTS": "1"})
+    try:
+        dlq = read_all(testbed.bootstrap, topic + ".dlq", 25, timeout=60)
+        wait_for(lambda: group_lag(testbed.bootstrap, topic, names.group)[1] == 0, 30, 0.3, what="source drained")
+    finally:
+        assert c.stop() == 0, c.log_tail()
+    assert sorted(int(dict(m.headers())[H_ORIG_OFFSET]) for m in dlq) == list(range(25))
+    assert all(dict(m.headers())[H_ERR_MESSAGE] == b"bulk write refused" for m in dlq)
+    assert effects(redis_client, names) == []
+    sizes = [int(x) for x in redis_client.lrange(f"{names.redis_prefix}h:sizes", 0, -1)]
+    assert max(sizes) > 1, sizes
+
+
+def test_mark_batch_done_in_is_one_fenced_transaction(testbed, names, redis_client) -> None:
+    """All done marks and the effect in one MULTI; a claim lost on any one key refuses all."""
+    import redis
+    from redis.exceptions import WatchError
+
+    from afc.runtime import ClaimLost, mark_batch_done_in
+    from afc.runtime.idempotency import Batch, Claim, RedisStore
+    from afc.runtime.message import Message
+
+    store = RedisStore(testbed.redis_url, names.redis_prefix.rstrip(":"), names.group, "me:1", 30_000, 600)
+    keys = [f"k{i}" for i in range(5)]
+    loop = asyncio.new_event_loop()
+    try:
+        ans = loop.run_until_complete(store.apply(Batch(claims=keys, seq0=1)))
+        assert ans.claims == [Claim.CLAIMED] * 5
+    finally:
+        loop.run_until_complete(store.close())
+        loop.close()
+
+    def msgs(ks: list[str]) -> list[Message]:
+        out = []
+        for k in ks:
+            m = Message("t", 0, 0, None, b"{}", None, 0, {}, None, k)
+            m._store, m.token = store, f"me:1.{keys.index(k) + 1}"
+            out.append(m)
+        return out
+
+    r = redis.Redis.from_url(testbed.redis_url)
+    effect = f"{names.redis_prefix}effect"
+    ns = store.namespace
+
+    # a stale owner: another worker took k3 -> nothing applied, no key marked done
+    r.set(ns + "k3", "other:9.1")
+    pipe = r.pipeline(transaction=True)
+    pipe.incr(effect)
+    with pytest.raises(ClaimLost):
+        mark_batch_done_in(pipe, msgs(keys))
+    assert r.get(effect) is None and all(r.get(ns + k) != b"d" for k in keys)
+
+    # the claim is taken between the check and EXEC -> WatchError, nothing applied
+    pipe = r.pipeline(transaction=True)
+    pipe.incr(effect)
+    batch = msgs(keys[:3])
+    mark_batch_done_in(pipe, batch)
+    redis_client.set(ns + "k1", "other:9.2")
+    with pytest.raises(WatchError):
+        pipe.execute()
+    assert r.get(effect) is None and all(r.get(ns + k) != b"d" for k in keys)
+    assert all(m._fenced for m in batch)      # the runtime reads WatchError as a lost claim
+
+    # held: the effect and every done mark in one transaction
+    pipe = r.pipeline(transaction=True)
+    pipe.incr(effect)
+    mark_batch_done_in(pipe, msgs(["k0", "k2", "k4"]))
+    pipe.execute()
+    assert r.get(effect) == b"1" and [r.get(ns + k) for k in ("k0", "k2", "k4")] == [b"d"] * 3
+    assert r.ttl(ns + "k0") > 500
+    r.close()
