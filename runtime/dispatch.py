@@ -364,6 +364,20 @@ class Dispatcher:
         self.running += len(msgs)
         self._enqueue(split_chunks(msgs, self.chunk_count(len(msgs))))
 
+    def _start_batch(self, c: Chunk, failed: set[bytes] | None, results: list[Result]) -> list[Message] | None:
+        """(batch handlers) Start the chunk's next batch: it becomes the running one, from
+        `c.t0`; None when the chunk is done. Records skipped because an earlier record of
+        their key failed go to `results` as HELD."""
+        with c.lock:
+            while c.next < c.cut:
+                msgs, held, c.next = next_batch(c.msgs, c.next, c.cut, self.batch, failed)
+                results.extend((m, Outcome.HELD, None, 0.0, 0.0, 0.0) for m in held)
+                if msgs:
+                    c.cur, c.batch = msgs[0], msgs
+                    c.t0 = time.perf_counter()
+                    return msgs
+        return None
+
     # implemented by the two kinds
     def _spawn(self, name: str) -> Worker: ...
     def _grow(self) -> None: ...
@@ -577,21 +591,12 @@ class ThreadDispatcher(Dispatcher):
 
     def _run_batches(self, w: Worker, c: Chunk) -> None:
         """`_run` for a batch handler: one call per batch of the chunk."""
-        handler, perf, loop, size = self.handler, time.perf_counter, self.loop, self.batch
+        handler, perf, loop = self.handler, time.perf_counter, self.loop
         results: list[Result] = []
         failed: set[bytes] | None = None
         last = perf()
-        while True:
-            with c.lock:
-                i = c.next
-                if i >= c.cut:
-                    break
-                msgs, held, c.next = next_batch(c.msgs, i, c.cut, size, failed)
-                results.extend((m, Outcome.HELD, None, 0.0, 0.0, 0.0) for m in held)
-                if not msgs:
-                    continue
-                c.cur, c.batch = msgs[0], msgs
-                t0 = c.t0 = perf()
+        while (msgs := self._start_batch(c, failed, results)) is not None:
+            t0 = c.t0
             err: BaseException | None = None
             try:
                 r = handler(list(msgs))
@@ -622,6 +627,24 @@ class ThreadDispatcher(Dispatcher):
 
 async def _await(a: Any) -> Any:
     return await a
+
+
+async def _call_async(handler: Callable[[Any], Any], arg: Any, timeout: float | None,
+                      me: "asyncio.Task[Any] | None") -> BaseException | None:
+    """Await one handler call under the deadline; its failure (None: it returned)."""
+    cm = asyncio.timeout(timeout)
+    try:
+        async with cm:
+            await handler(arg)
+    except TimeoutError as e:
+        return HandlerTimeout(f"handler ran over handler.timeoutS={timeout:g}") if cm.expired() else e
+    except asyncio.CancelledError as e:
+        if me is not None and me.cancelling():
+            raise                  # we are being cancelled (shutdown): not the handler's failure
+        return e
+    except BaseException as e:  # noqa: BLE001 - every failure is routed
+        return e
+    return None
 
 
 class TaskDispatcher(Dispatcher):
@@ -697,19 +720,7 @@ class TaskDispatcher(Dispatcher):
                 continue
             c.cur = m
             t0 = c.t0 = perf()
-            err: BaseException | None = None
-            cm = asyncio.timeout(timeout)
-            try:
-                async with cm:
-                    await handler(m)
-            except TimeoutError as e:
-                err = HandlerTimeout(f"handler ran over handler.timeoutS={timeout:g}") if cm.expired() else e
-            except asyncio.CancelledError as e:
-                if me is not None and me.cancelling():
-                    raise                  # we are being cancelled (shutdown): not the handler's failure
-                err = e
-            except BaseException as e:  # noqa: BLE001 - every failure is routed
-                err = e
+            err = await _call_async(handler, m, timeout, me)
             t1 = perf()
             c.cur = None
             failed = _record(results, m, err, t0, t1, failed)
@@ -722,33 +733,13 @@ class TaskDispatcher(Dispatcher):
 
     async def _run_batches(self, w: Worker, c: Chunk) -> None:
         """`_run` for an async batch handler: one call per batch, under the deadline."""
-        handler, perf, timeout, size = self.handler, time.perf_counter, self.timeout_s or None, self.batch
+        handler, perf, timeout = self.handler, time.perf_counter, self.timeout_s or None
         results: list[Result] = []
         failed: set[bytes] | None = None
         me = asyncio.current_task()
-        while True:
-            i = c.next
-            if i >= c.cut:
-                break
-            msgs, held, c.next = next_batch(c.msgs, i, c.cut, size, failed)
-            results.extend((m, Outcome.HELD, None, 0.0, 0.0, 0.0) for m in held)
-            if not msgs:
-                continue
-            c.cur, c.batch = msgs[0], msgs
-            t0 = c.t0 = perf()
-            err: BaseException | None = None
-            cm = asyncio.timeout(timeout)
-            try:
-                async with cm:
-                    await handler(list(msgs))
-            except TimeoutError as e:
-                err = HandlerTimeout(f"handler ran over handler.timeoutS={timeout:g}") if cm.expired() else e
-            except asyncio.CancelledError as e:
-                if me is not None and me.cancelling():
-                    raise                  # we are being cancelled (shutdown): not the handler's failure
-                err = e
-            except BaseException as e:  # noqa: BLE001 - every failure is routed
-                err = e
+        while (msgs := self._start_batch(c, failed, results)) is not None:
+            t0 = c.t0
+            err = await _call_async(handler, list(msgs), timeout, me)
             t1 = perf()
             c.cur = c.batch = None
             failed = _record_batch(results, msgs, err, t0, t1, failed)

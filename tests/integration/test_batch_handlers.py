@@ -4,38 +4,20 @@ whole-batch exception routing all, and mark_batch_done_in's fencing."""
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 
 from afc.runtime.routing import H_ATTEMPTS, H_ERR_CLASS, H_ERR_MESSAGE, H_ORIG_OFFSET, H_ORIG_TOPIC
-from afctest import ConsumerProcess, group_lag, produce_json, wait_for
+from afctest import ConsumerProcess, group_lag, produce_json, read_topic, wait_for
 
 pytestmark = [pytest.mark.kafka, pytest.mark.redis]
 HANDLER = "afc_batch_handlers:apply_batch"
 
 
 def read_all(bootstrap: str, topic: str, want: int, timeout: float = 30) -> list:
-    """`want` records of `topic`, and whatever else arrives within a second after them."""
-    from confluent_kafka import Consumer
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"reader-{time.time_ns()}",
-                  "auto.offset.reset": "earliest", "enable.auto.commit": False})
-    out: list = []
-    try:
-        c.subscribe([topic])
-        end = time.monotonic() + timeout
-        while len(out) < want and time.monotonic() < end:
-            m = c.poll(0.2)
-            if m is not None and not m.error():
-                out.append(m)
-        end = time.monotonic() + 1.0
-        while time.monotonic() < end:
-            m = c.poll(0.2)
-            if m is not None and not m.error():
-                out.append(m)
-    finally:
-        c.close()
-    return out
+    """`want` records of `topic`, then all it holds (read again from the start, for 2 s)."""
+    read_topic(bootstrap, topic, until=lambda ms: len(ms) >= want, timeout=timeout)
+    return read_topic(bootstrap, topic, until=lambda ms: False, timeout=2)
 
 
 def consumer(testbed, names, tmp_path, topic, extra=None, name="c") -> ConsumerProcess:

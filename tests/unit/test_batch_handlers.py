@@ -230,3 +230,12 @@ async def test_the_http_batch_sink_posts_one_json_array_per_batch_in_order() -> 
         assert close is not None
         await close()
         await runner.cleanup()
+
+
+def test_the_bench_batch_handlers_are_batch_handlers() -> None:
+    """bench/handlers.py marks them without importing the runtime: the marker must agree."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from bench.handlers import batch_noop, batch_record_latency, noop
+    assert is_batch(batch_noop) and is_batch(batch_record_latency) and not is_batch(noop)
