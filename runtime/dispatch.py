@@ -309,9 +309,11 @@ class Dispatcher:
                 if m is None:
                     continue
                 ran = now - c.t0
-                if ran > stuck_after and not w.abandoned:
-                    stuck += 1
                 running = c.batch or [m]
+                # a batch call is slow for this handler past 4 x the mean time of its records
+                slow = stuck_after if len(running) == 1 else max(stuck_after, 4 * self.mean_latency_s * len(running))
+                if ran > slow and not w.abandoned:
+                    stuck += 1
                 if self.abandons and self.timeout_s and ran > self.timeout_s:
                     w.abandoned = True
                     c.cur = c.batch = None

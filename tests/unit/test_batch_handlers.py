@@ -239,3 +239,31 @@ def test_the_bench_batch_handlers_are_batch_handlers() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from bench.handlers import batch_noop, batch_record_latency, noop
     assert is_batch(batch_noop) and is_batch(batch_record_latency) and not is_batch(noop)
+
+
+def test_a_long_batch_call_is_stuck_only_past_four_times_its_records_mean() -> None:
+    """A call over 3 records at 0.03 s each is not stuck at 0.2 s (one record would be),
+    so it does not let an extra worker run beside the concurrency limit."""
+    release, started = threading.Event(), threading.Event()
+
+    @batch
+    def handler(msgs: list[Message]) -> None:
+        started.set()
+        release.wait(10)
+
+    loop = asyncio.new_event_loop()
+    try:
+        d = ThreadDispatcher(handler, 2, loop, lambda r: None, 0.0, 0.05, 4, 3)
+        d.tune(0.03, 10)
+        d.submit([msg(0, b"a"), msg(1, b"b"), msg(2, b"c")])
+        assert started.wait(5)
+        time.sleep(0.2)
+        d.watchdog()
+        assert d.stuck == 0
+        d.tune(0.01, 10)            # now 0.2 s is over 4 x 3 x 0.01 s
+        d.watchdog()
+        assert d.stuck == 1
+    finally:
+        release.set()
+        loop.run_until_complete(d.close(1))
+        loop.close()
