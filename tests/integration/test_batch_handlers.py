@@ -168,3 +168,50 @@ def test_mark_batch_done_in_is_one_fenced_transaction(testbed, names, redis_clie
     assert r.get(effect) == b"1" and [r.get(ns + k) for k in ("k0", "k2", "k4")] == [b"d"] * 3
     assert r.ttl(ns + "k0") > 500
     r.close()
+
+
+def test_the_http_sinks_batch_mode_posts_json_arrays_and_a_refused_batch_is_retried_whole(
+        testbed, make_topic, names, tmp_path) -> None:
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    accepted: list[list[dict]] = []
+    refused: list[list[int]] = []
+
+    class Sink(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            ns = [d["payload"]["n"] for d in body]
+            if 3 in ns and not refused:
+                refused.append(ns)
+                self.send_response(503)
+            else:
+                accepted.append(body)
+                self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *a) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Sink)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    topic = make_topic("in", partitions=3)
+    produce_json(testbed.bootstrap, topic, [{"n": i} for i in range(300)], key_of=lambda i, d: str(i % 11).encode())
+    c = ConsumerProcess(testbed, [topic], names.group, None, tmp_path / "c.log", instance_id=f"{names.stem}-0",
+                        redis_prefix=names.redis_prefix,
+                        env={"AFC_HANDLER__HTTP_SINK_URL": f"http://127.0.0.1:{server.server_port}/events",
+                             "AFC_HANDLER__HTTP_BATCH": "true", "AFC_HANDLER__MAX_BATCH": "100",
+                             "AFC_ROUTING__BACKOFF_INITIAL_MS": "200"}).start()
+    try:
+        wait_for(lambda: sum(len(b) for b in accepted) >= 300, 60, 0.3, what="all posted, the 503'd batch retried")
+        wait_for(lambda: group_lag(testbed.bootstrap, topic, names.group)[1] == 0, 30, 0.3, what="source drained")
+    finally:
+        assert c.stop() == 0, c.log_tail()
+        server.shutdown()
+    posted = [d["payload"]["n"] for b in accepted for d in b]
+    assert sorted(posted) == list(range(300)), "each record accepted exactly once"
+    assert all(isinstance(b, list) and 1 <= len(b) <= 100 for b in accepted)
+    assert max(len(b) for b in accepted) > 1 and len(refused) == 1 and len(refused[0]) > 1, refused
+    first = next(d for b in accepted for d in b if d["payload"]["n"] == 0)
+    assert first["topic"] == topic and first["key"] == "MA==" and set(first) == {
+        "topic", "partition", "offset", "timestamp", "key", "headers", "idempotencyKey", "payload"}
