@@ -38,3 +38,27 @@ def apply_batch(msgs: list[Message]) -> None:
         pipe.execute()
     if failed:
         raise BatchFailure(failed)
+
+
+@batch
+def guarded_batch(msgs: list[Message]) -> None:
+    """`afc_test_handlers.guarded_effect` for a batch: notes the call (`<who>:<n>,<n>...`),
+    sleeps the first message's payload.sleep_ms on the batch's first run only, then RPUSHes
+    `<who>:<n>` per message in ONE MULTI with all the done marks; notes `<who>:ok` or
+    `<who>:<exception class>` and re-raises."""
+    r, lst, who = _redis(), os.environ["AFC_TEST_LIST"], os.environ["AFC_TEST_WHO"]
+    r.rpush(f"{lst}:started", f"{who}:" + ",".join(str(m.payload["n"]) for m in msgs))
+    ms = msgs[0].payload.get("sleep_ms")
+    if ms and r.hsetnx(f"{lst}:slept", who, 1):
+        import time
+        time.sleep(ms / 1000)
+    try:
+        pipe = r.pipeline(transaction=True)
+        for m in msgs:
+            pipe.rpush(lst, f"{who}:{m.payload['n']}")
+        mark_batch_done_in(pipe, msgs)
+        pipe.execute()
+    except Exception as e:
+        r.rpush(f"{lst}:outcome", f"{who}:{type(e).__module__}.{type(e).__qualname__}")
+        raise
+    r.rpush(f"{lst}:outcome", f"{who}:ok")

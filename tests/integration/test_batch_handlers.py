@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
+import signal
+import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -13,6 +17,7 @@ from afctest import ConsumerProcess, group_lag, produce_json, read_topic, wait_f
 
 pytestmark = [pytest.mark.kafka, pytest.mark.redis]
 HANDLER = "afc_batch_handlers:apply_batch"
+GUARDED = "afc_batch_handlers:guarded_batch"
 
 
 def read_all(bootstrap: str, topic: str, want: int, timeout: float = 30) -> list:
@@ -21,13 +26,24 @@ def read_all(bootstrap: str, topic: str, want: int, timeout: float = 30) -> list
     return read_topic(bootstrap, topic, until=lambda ms: False, timeout=2)
 
 
-def consumer(testbed, names, tmp_path, topic, extra=None, name="c") -> ConsumerProcess:
+def consumer(testbed, names, tmp_path, topic, extra=None, name="c", handler=HANDLER,
+             instance="0") -> ConsumerProcess:
     env = {"AFC_TEST_LIST": f"{names.redis_prefix}effects", "AFC_TEST_HASH": f"{names.redis_prefix}h",
            "AFC_IDEMPOTENCY__LEASE_MS": "2000", "AFC_MEMBERSHIP__SESSION_TIMEOUT_MS": "10000",
            "AFC_ROUTING__BACKOFF_INITIAL_MS": "200", "AFC_ROUTING__BACKOFF_MAX_MS": "500",
            "AFC_HANDLER__MAX_BATCH": "200", **(extra or {})}
-    return ConsumerProcess(testbed, [topic], names.group, HANDLER, tmp_path / f"{name}.log",
-                           instance_id=f"{names.stem}-0", env=env, redis_prefix=names.redis_prefix).start()
+    return ConsumerProcess(testbed, [topic], names.group, handler, tmp_path / f"{name}.log",
+                           instance_id=f"{names.stem}-{instance}", env=env, redis_prefix=names.redis_prefix).start()
+
+
+@contextmanager
+def frozen(proc):
+    """The process stopped (SIGSTOP) for the block: it can neither run nor renew anything."""
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
 
 
 def effects(redis_client, names) -> list[int]:
@@ -227,3 +243,45 @@ def test_the_http_sinks_batch_mode_posts_json_arrays_and_a_refused_batch_is_retr
     doc = next(d for b in accepted for d in b if d["topic"] == topic)       # not one retried (on .retry)
     assert base64.b64decode(doc["key"]) == str(doc["payload"]["n"] % 11).encode() and set(doc) == {
         "topic", "partition", "offset", "timestamp", "key", "headers", "idempotencyKey", "payload"}
+
+
+def test_a_stale_owners_batch_transaction_applies_nothing_and_its_own_messages_run_again(
+        testbed, make_topic, names, redis_client, tmp_path) -> None:
+    """Consumer A is inside a batch call for 5 records when it is frozen (SIGSTOP) past its
+    1.5 s lease; consumer B (same group, another topic) then claims the idempotency key of one
+    of them, `dup-3`, and applies it. When A thaws, `mark_batch_done_in` must refuse A's whole
+    MULTI (ClaimLost): none of A's effects applied then. A's other four are claimed again and
+    applied once; `dup-3` only by B."""
+    t_a, t_b = make_topic("a", partitions=1), make_topic("b", partitions=1)
+    lst = f"{names.redis_prefix}effects"
+    env = {"AFC_IDEMPOTENCY__LEASE_MS": "1500", "AFC_ROUTING__BACKOFF_INITIAL_MS": "60000",
+           "AFC_ROUTING__BACKOFF_MAX_MS": "60000"}
+    a = consumer(testbed, names, tmp_path, t_a, {**env, "AFC_TEST_WHO": "A"}, "A", GUARDED, "A")
+    b = consumer(testbed, names, tmp_path, t_b, {**env, "AFC_TEST_WHO": "B"}, "B", GUARDED, "B")
+    key = lambda i, d: [("idempotency-key", b"dup-3" if d["n"] == 3 else f"{names.stem}-a-{d['n']}".encode())]  # noqa: E731
+    try:
+        a.wait_ready()
+        b.wait_ready()
+        produce_json(testbed.bootstrap, t_a, [{"n": n, "sleep_ms": 2000} for n in range(1, 6)], headers_of=key)
+        wait_for(lambda: redis_client.lrange(f"{lst}:started", 0, -1) == [b"A:1,2,3,4,5"], 30, 0.05,
+                 what="A in the batch call for all five")
+        with frozen(a.proc):
+            time.sleep(3)                                 # A's leases (1.5 s) run out; A cannot renew
+            produce_json(testbed.bootstrap, t_b, [{"n": 3}], headers_of=key)
+            wait_for(lambda: b"B:ok" in redis_client.lrange(f"{lst}:outcome", 0, -1), 30, 0.1,
+                     what="B to claim the expired key and apply its effect")
+        wait_for(lambda: len(redis_client.lrange(lst, 0, -1)) >= 5, 30, 0.1, what="A's four applied after all")
+        wait_for(lambda: group_lag(testbed.bootstrap, t_a, names.group)[1] == 0, 30, 0.3, what="A's topic drained")
+        time.sleep(1)                                     # and nothing more after that
+    finally:
+        codes = [c.stop() for c in (a, b)]
+    assert codes == [0, 0], a.log_tail() + b.log_tail()
+    effects_ = sorted(redis_client.lrange(lst, 0, -1))
+    outcomes = redis_client.lrange(f"{lst}:outcome", 0, -1)
+    started = redis_client.lrange(f"{lst}:started", 0, -1)
+    assert effects_ == [b"A:1", b"A:2", b"A:4", b"A:5", b"B:3"], (effects_, outcomes, started)
+    assert outcomes[:2] == [b"B:ok", b"A:afc.runtime.errors.ClaimLost"], (outcomes, started)
+    # A may run a batch with dup-3 again while it still believes it holds the claims (a fenced
+    # retry); every such call is refused as a whole, and its records' effects come only later
+    with3 = [x for x in started if x.startswith(b"A:") and b"3" in x[2:].split(b",")]
+    assert outcomes.count(b"A:afc.runtime.errors.ClaimLost") >= len(with3) >= 1, (outcomes, started)
