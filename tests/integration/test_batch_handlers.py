@@ -186,6 +186,38 @@ def test_mark_batch_done_in_is_one_fenced_transaction(testbed, names, redis_clie
     pipe.execute()
     assert r.get(effect) == b"1" and [r.get(ns + k) for k in ("k0", "k2", "k4")] == [b"d"] * 3
     assert r.ttl(ns + "k0") > 500
+
+    # the same with redis.asyncio: k1 is someone else's now
+    async def with_asyncio() -> None:
+        import redis.asyncio as aredis
+
+        from afc.runtime import mark_batch_done_in_async
+        ar = aredis.Redis.from_url(testbed.redis_url)
+        try:
+            pipe = ar.pipeline(transaction=True)
+            pipe.incr(effect)
+            with pytest.raises(ClaimLost):
+                await mark_batch_done_in_async(pipe, msgs(["k1"]))
+            await pipe.reset()
+            assert await ar.get(effect) == b"1"
+            with pytest.raises(TypeError):                 # the sync call refuses an asyncio pipeline
+                mark_batch_done_in(ar.pipeline(transaction=True), msgs(["k0"]))
+            st = RedisStore(testbed.redis_url, names.redis_prefix.rstrip(":"), names.group, "me:1", 30_000, 600)
+            assert (await st.apply(Batch(claims=["k5", "k6"], seq0=10))).claims == [Claim.CLAIMED] * 2
+            fresh = []
+            for i, k in enumerate(["k5", "k6"]):
+                m = Message("t", 0, 0, None, b"{}", None, 0, {}, None, k)
+                m._store, m.token = st, f"me:1.{10 + i}"
+                fresh.append(m)
+            pipe = ar.pipeline(transaction=True)
+            pipe.incr(effect)
+            await mark_batch_done_in_async(pipe, fresh)
+            await pipe.execute()
+            assert await ar.get(effect) == b"2" and [await ar.get(ns + k) for k in ("k5", "k6")] == [b"d"] * 2
+            await st.close()
+        finally:
+            await ar.aclose()
+    asyncio.run(with_asyncio())
     r.close()
 
 
