@@ -246,6 +246,7 @@ def batch_outcomes(batch: list[Message], err: BaseException | None) -> list[tupl
 class Dispatcher:
     """Common part of the thread and task dispatchers (the loop calls all of it)."""
     abandons = True           # the watchdog times records out (tasks time out by themselves)
+    _pending: deque[Chunk]    # chunks queued (the kinds keep their own)
 
     def __init__(self, handler: Callable[[Message], Any], workers: int, loop: asyncio.AbstractEventLoop,
                  on_results: OnResults, timeout_s: float, steal_after_s: float, max_abandoned: int,
@@ -364,7 +365,24 @@ class Dispatcher:
         for m in msgs:
             m.queued_at = now
         self.running += len(msgs)
+        if self.batch and self._merge(msgs):
+            return
         self._enqueue(split_chunks(msgs, self.chunk_count(len(msgs))))
+
+    def _merge(self, msgs: list[Message]) -> bool:
+        """(batch handlers) Add `msgs` to the newest chunk no worker has started, if it stays
+        one batch: records released a few at a time (as their keys' earlier records settle)
+        then still make one call, not one call each. A key's records are never pending in two
+        submissions (KeyGate), so merging whole submissions keeps each key in one chunk."""
+        if not self._pending:
+            return False
+        c = self._pending[-1]
+        with c.lock:
+            if c.next or c.cur is not None or c.cut != len(c.msgs) or len(c.msgs) + len(msgs) > self.batch:
+                return False
+            c.msgs.extend(msgs)
+            c.cut = len(c.msgs)
+        return True
 
     def _start_batch(self, c: Chunk, failed: set[bytes] | None, results: list[Result]) -> list[Message] | None:
         """(batch handlers) Start the chunk's next batch: it becomes the running one, from

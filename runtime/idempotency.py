@@ -195,7 +195,7 @@ class RedisStore:
         stack = self._guard(pipeline)
         full = [self.full_key(k) for k, _ in marks]
         pipeline.watch(*full)
-        curs = [pipeline.get(f) for f in full]
+        curs = pipeline.mget(full)                   # one round trip for the whole batch
         self._check(marks, curs, pipeline.reset)
         self._queue(pipeline, stack, full)
 
@@ -204,7 +204,7 @@ class RedisStore:
         stack = self._guard(pipeline)
         full = [self.full_key(k) for k, _ in marks]
         await pipeline.watch(*full)
-        curs = [await pipeline.get(f) for f in full]
+        curs = await pipeline.mget(full)
         try:
             self._check(marks, curs, lambda: None)
         except ClaimLost:

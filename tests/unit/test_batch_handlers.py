@@ -267,3 +267,34 @@ def test_a_long_batch_call_is_stuck_only_past_four_times_its_records_mean() -> N
         release.set()
         loop.run_until_complete(d.close(1))
         loop.close()
+
+
+def test_records_submitted_while_the_workers_are_busy_join_one_batch() -> None:
+    """Keys settle one at a time and release the records behind them a few at a time: those
+    must still make one call, not one call each (before the merge: batches of 1 to 3)."""
+    release, started = threading.Event(), threading.Event()
+    calls: list[list[int]] = []
+
+    @batch
+    def handler(msgs: list[Message]) -> None:
+        calls.append([m.offset for m in msgs])
+        started.set()
+        release.wait(10)
+
+    loop = asyncio.new_event_loop()
+    got: list = []
+    try:
+        d = ThreadDispatcher(handler, 1, loop, got.extend, 0.0, 10.0, 4, 3)
+        d.submit([msg(0, b"a")])
+        assert started.wait(5)
+        for i, k in ((1, b"b"), (2, b"c"), (3, b"d"), (4, b"e")):
+            d.submit([msg(i, k)])
+        release.set()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and len(got) < 5:
+            loop.run_until_complete(asyncio.sleep(0.01))
+        assert calls == [[0], [1, 2, 3], [4]]
+    finally:
+        release.set()
+        loop.run_until_complete(d.close(1))
+        loop.close()
