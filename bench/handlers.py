@@ -1,6 +1,8 @@
 """Handlers the benchmark gives to `afc-consumer` (and the recorder the baselines share).
 
 - `noop`: does nothing, so the throughput figure is the runtime's own cost.
+- `batch_noop` / `batch_record_latency`: the same as batch handlers (`@afc.runtime.batch`):
+  one call per batch of up to `handler.maxBatch` messages (the `afc-batch` variant).
 - `record_latency`: notes (produce timestamp, handler start - produce timestamp) per message
   in memory and writes them at process exit, so the measurement itself adds no I/O on the hot
   path. afc exits cleanly on SIGTERM, so `atexit` runs.
@@ -20,11 +22,22 @@ import time
 from array import array
 from typing import Any
 
-__all__ = ["noop", "record_latency", "LatencyRecorder", "RECORDER"]
+__all__ = ["noop", "record_latency", "batch_noop", "batch_record_latency", "LatencyRecorder", "RECORDER"]
 
 
 def noop(msg: Any) -> None:
     """Does nothing (same as afc.runtime.handlers:noop; kept here so all variants share one)."""
+
+
+def _batch(func: Any) -> Any:
+    """`afc.runtime.batch`, without importing the runtime into the baselines' processes."""
+    func.__afc_batch__ = True
+    return func
+
+
+@_batch
+def batch_noop(msgs: list[Any]) -> None:
+    """A batch handler that does nothing: the runtime's cost per message with one call per batch."""
 
 
 class LatencyRecorder:
@@ -58,6 +71,13 @@ RECORDER = LatencyRecorder(os.environ.get("AFC_BENCH_LAT_FILE"))
 def record_latency(msg: Any) -> None:
     """afc handler: the runtime's Message carries the record timestamp in ms."""
     RECORDER.record(msg.partition, msg.offset, msg.timestamp)
+
+
+@_batch
+def batch_record_latency(msgs: list[Any]) -> None:
+    """`record_latency` as a batch handler: each message's handler start is its batch's."""
+    for m in msgs:
+        RECORDER.record(m.partition, m.offset, m.timestamp)
 
 
 def read_doubles(path: str, width: int) -> list[tuple[float, ...]]:

@@ -304,11 +304,15 @@ class HandlerSettings(Section):
     handler: str | None = Field(None, pattern=HANDLER_PATH, description="Import path `pkg.module:func`.")
     http_sink_url: str | None = Field(None, pattern=r"^https?://.+",
                                       description="POST each message (or batch) to this URL instead.")
-    http_batch: bool = False
+    http_batch: bool = Field(False, description="The HTTP sink as a batch handler: one POST per batch (a JSON "
+                             "array of up to maxBatch messages) instead of one per message.")
     http_timeout_s: float = Field(10.0, gt=0, le=300)
     decoder: Literal["json", "raw", "text"] = "json"
-    timeout_s: float = Field(30.0, ge=0, le=86_400, description="Per-message deadline; past it the message is "
-                             "failed as TRANSIENT (HandlerTimeout) and routed. 0: none.")
+    timeout_s: float = Field(30.0, ge=0, le=86_400, description="Per-call deadline (a batch handler's whole call); "
+                             "past it the message (every message of the batch) is failed as TRANSIENT "
+                             "(HandlerTimeout) and routed. 0: none.")
+    max_batch: int = Field(500, ge=1, le=100_000, description="Most messages a batch handler (`@afc.runtime.batch`, "
+                           "or httpBatch) receives in one call.")
     max_abandoned_threads: int = Field(4, ge=0, le=1_000, description="Sync handler threads still running after "
                                        "a timeout; past this many the process exits (code 3) to reclaim them.")
     steal_after_ms: int = Field(500, ge=10, le=600_000, description="A handler call running this long has the "

@@ -687,6 +687,7 @@ class Runtime:
         latencies: list[float] = []
         e2es: list[float] = []
         held: list[Message] = []
+        again: list[Message] = []                     # fenced transactions to run again, together
         qwait = 0.0
         errors = 0
         rules = self.s.routing
@@ -703,7 +704,8 @@ class Runtime:
                 continue
             assert err is not None
             if isinstance(err, ClaimLost) or (msg._fenced and type(err).__name__ == "WatchError"):
-                self._fenced(msg)
+                if self._fenced(msg):
+                    again.append(msg)
                 continue
             if err is not msg.decode_error:
                 self.counts["failed"] += 1
@@ -715,6 +717,8 @@ class Runtime:
             self._route(msg, err)
         if held:
             self.gate.hand_back(held)
+        if again:
+            self._run(again)                          # a batch handler's batch stays one batch
         win[0] += len(latencies)
         win[1] += errors
         win[2] += sum(latencies)
@@ -727,22 +731,22 @@ class Runtime:
             m_.handler_latency.observe_many(latencies)
             m_.e2e_latency.observe_many(e2es)
 
-    def _fenced(self, msg: Message) -> None:
+    def _fenced(self, msg: Message) -> bool:
         """The handler's fenced transaction (mark_done_in) did not apply: nothing happened.
-        If we still hold the claim (a lease renewal touched the WATCHed key), run it again;
-        if another worker took the key, wait for it like any held key."""
+        If we still hold the claim (a lease renewal touched the WATCHed key), run it again
+        (True); if another worker took the key, wait for it like any held key."""
         msg._fenced = False
         h = self.session.held.get(msg.idempotency_key) if self.session is not None else None
         if h is not None and h.token == msg.token:
             self.metrics.fenced_retries.inc()
-            self._run([msg])
-            return
+            return True
         self.metrics.claims_lost.inc()
         if self.session is not None and msg.token:
             self.session.release(msg.idempotency_key, msg.token)
         msg.claimed = False
         msg.token = ""
         self.parked[id(msg)] = msg
+        return False
 
     def _handled(self, m: Message) -> None:
         """The handler returned: the offset passes once the done mark is written."""
@@ -1046,7 +1050,7 @@ class Runtime:
         workers = self.s.flow.resolved_workers(asynchronous)
         self.conc = ConcurrencyLimit(self.s.flow, workers)
         self.dispatcher = kind(self._handler, workers, self.loop, self.on_results, h.timeout_s,
-                               h.steal_after_ms / 1000, h.max_abandoned_threads)
+                               h.steal_after_ms / 1000, h.max_abandoned_threads, h.max_batch)
         self.dispatcher.set_limit(self.conc.limit)
         conf = kafka_config(self.s, self.instance_id)
         conf["error_cb"] = self._on_error

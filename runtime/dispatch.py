@@ -26,6 +26,14 @@
   `max_abandoned` abandoned threads may be alive before the process asks to be restarted.
 - After a record fails, the rest of its chunk's records *of the same key* are handed back
   unrun (`HELD`), so a retry in place keeps the key's order.
+- A *batch handler* (`@batch`, docs/batch-handlers.md) is called once per batch: a worker
+  cuts its chunk into batches of up to `max_batch` records, in order (`next_batch`), and
+  turns the call's outcome into one result per record (`batch_outcomes`: returned = all
+  OK, `BatchFailure` = the named ones FAILED, anything else = all FAILED). Chunks are then
+  cut `max_batch` records long (not from the latency), across partitions. The deadline,
+  stealing and HELD work per batch: a timed-out batch fails every record of it; records of
+  a failed record's key in later batches of the chunk are HELD. Each record's handler
+  time is its share of the call (call time / batch size).
 """
 from __future__ import annotations
 
@@ -41,7 +49,8 @@ from collections import deque
 from enum import IntEnum
 from typing import Any, Callable, Iterable
 
-from .errors import HandlerTimeout
+from .errors import BatchFailure, HandlerTimeout
+from .handlers import is_batch
 from .message import Message
 
 log = logging.getLogger("afc.runtime.dispatch")
@@ -142,13 +151,14 @@ class KeyGate:
 class Chunk:
     """Records one worker runs in order. The loop may cut it: records from `cut` on are
     taken back (stolen), under `lock`, which the worker also takes per record."""
-    __slots__ = ("msgs", "next", "cut", "cur", "t0", "lock", "queued")
+    __slots__ = ("msgs", "next", "cut", "cur", "batch", "t0", "lock", "queued")
 
     def __init__(self, msgs: list[Message]) -> None:
         self.msgs = msgs
         self.next = 0
         self.cut = len(msgs)
         self.cur: Message | None = None
+        self.batch: list[Message] | None = None     # the batch running now (batch handlers), cur = its first
         self.t0 = 0.0
         self.lock = threading.Lock()
         self.queued = time.perf_counter()
@@ -204,13 +214,51 @@ def split_chunks(msgs: list[Message], n: int) -> list[list[Message]]:
     return [c for c in chunks if c]
 
 
+def next_batch(msgs: list[Message], start: int, stop: int, max_batch: int,
+               failed: set[bytes] | None) -> tuple[list[Message], list[Message], int]:
+    """The next batch from `msgs[start:stop]`, in order: up to `max_batch` records, skipping
+    (to hand back as HELD) those whose key failed earlier in the chunk. Returns (batch,
+    held, where the next batch starts)."""
+    batch: list[Message] = []
+    held: list[Message] = []
+    i = start
+    while i < stop and len(batch) < max_batch:
+        m = msgs[i]
+        i += 1
+        if failed is not None and m.key in failed:
+            held.append(m)
+        else:
+            batch.append(m)
+    return batch, held, i
+
+
+def batch_outcomes(batch: list[Message], err: BaseException | None) -> list[tuple[Message, BaseException | None]]:
+    """Per record of a batch call, its error (None: done). Returning: all done.
+    `BatchFailure`: the named records failed with their errors, the rest done. Anything
+    else (a timeout, a lost claim, a bug): every record failed with it."""
+    if err is None:
+        return [(m, None) for m in batch]
+    if isinstance(err, BatchFailure):
+        f = err.failures
+        named = [f.get(m) for m in batch]
+        unknown = len(f) - sum(1 for e in named if e is not None)
+        if unknown:
+            log.warning("event=batch-failure-unknown-messages count=%d detail=\"BatchFailure named messages that "
+                        "are not in this batch; ignored\"", unknown)
+        return list(zip(batch, named))
+    return [(m, err) for m in batch]
+
+
 class Dispatcher:
     """Common part of the thread and task dispatchers (the loop calls all of it)."""
     abandons = True           # the watchdog times records out (tasks time out by themselves)
+    _pending: deque[Chunk]    # chunks queued (the kinds keep their own)
 
     def __init__(self, handler: Callable[[Message], Any], workers: int, loop: asyncio.AbstractEventLoop,
-                 on_results: OnResults, timeout_s: float, steal_after_s: float, max_abandoned: int) -> None:
+                 on_results: OnResults, timeout_s: float, steal_after_s: float, max_abandoned: int,
+                 max_batch: int = 1) -> None:
         self.handler, self.n, self.loop, self.on_results = handler, workers, loop, on_results
+        self.batch = max(1, max_batch) if is_batch(handler) else 0     # records per call of a batch handler
         self.limit = workers              # concurrent handler calls allowed now (<= n); see set_limit
         self.stuck = 0                    # workers whose call runs past steal_after_s (the watchdog counts)
         self.allowed = workers            # workers that may run: limit + stuck, at most n
@@ -224,7 +272,10 @@ class Dispatcher:
         """As many chunks as the most workers there may be (not the current limit: a limit
         that grows then finds chunks for its new workers), unless the handler is so fast that
         a chunk of fewer than CHUNK_TIME_S worth of records would cost more in hand-offs than
-        it saves."""
+        it saves. A batch handler's chunks are `batch` records (one call each) when there are
+        enough records for every worker; a chunk longer than that runs as several calls."""
+        if self.batch:
+            return max(1, min(self.n, math.ceil(n_msgs / self.batch)))
         size = 1 if self.mean_latency_s <= 0 else max(1, min(MAX_CHUNK, int(CHUNK_TIME_S / self.mean_latency_s)))
         return max(1, min(self.n, math.ceil(n_msgs / size)))
 
@@ -265,18 +316,21 @@ class Dispatcher:
                 if m is None:
                     continue
                 ran = now - c.t0
-                if ran > stuck_after and not w.abandoned:
+                running = c.batch or [m]
+                # a batch call is slow for this handler past 4 x the mean time of its records
+                slow = stuck_after if len(running) == 1 else max(stuck_after, 4 * self.mean_latency_s * len(running))
+                if ran > slow and not w.abandoned:
                     stuck += 1
                 if self.abandons and self.timeout_s and ran > self.timeout_s:
                     w.abandoned = True
-                    c.cur = None
-                    out.timed_out.append((m, Outcome.FAILED, HandlerTimeout(
-                        f"handler ran {ran:.1f}s, over handler.timeoutS={self.timeout_s:g}"), ran, 0.0, 0.0))
+                    c.cur = c.batch = None
+                    err = HandlerTimeout(f"handler ran {ran:.1f}s, over handler.timeoutS={self.timeout_s:g}")
+                    out.timed_out.extend((x, Outcome.FAILED, err, ran / len(running), 0.0, 0.0) for x in running)
                     rest = c.take_rest()
                     if rest:
-                        out.taken.append((m, rest))
+                        out.taken.extend(_behind(running, rest))
                 elif ran > self.steal_after_s and c.next < c.cut:
-                    out.taken.append((m, c.take_rest()))
+                    out.taken.extend(_behind(running, c.take_rest()))
         if out.timed_out:
             self._replace_abandoned()
         if stuck != self.stuck:
@@ -317,7 +371,38 @@ class Dispatcher:
         for m in msgs:
             m.queued_at = now
         self.running += len(msgs)
+        if self.batch and self._merge(msgs):
+            return
         self._enqueue(split_chunks(msgs, self.chunk_count(len(msgs))))
+
+    def _merge(self, msgs: list[Message]) -> bool:
+        """(batch handlers) Add `msgs` to the newest chunk no worker has started, if it stays
+        one batch: records released a few at a time (as their keys' earlier records settle)
+        then still make one call, not one call each. A key's records are never pending in two
+        submissions (KeyGate), so merging whole submissions keeps each key in one chunk."""
+        if not self._pending:
+            return False
+        c = self._pending[-1]
+        with c.lock:
+            if c.next or c.cur is not None or c.cut != len(c.msgs) or len(c.msgs) + len(msgs) > self.batch:
+                return False
+            c.msgs.extend(msgs)
+            c.cut = len(c.msgs)
+        return True
+
+    def _start_batch(self, c: Chunk, failed: set[bytes] | None, results: list[Result]) -> list[Message] | None:
+        """(batch handlers) Start the chunk's next batch: it becomes the running one, from
+        `c.t0`; None when the chunk is done. Records skipped because an earlier record of
+        their key failed go to `results` as HELD."""
+        with c.lock:
+            while c.next < c.cut:
+                msgs, held, c.next = next_batch(c.msgs, c.next, c.cut, self.batch, failed)
+                results.extend((m, Outcome.HELD, None, 0.0, 0.0, 0.0) for m in held)
+                if msgs:
+                    c.cur, c.batch = msgs[0], msgs
+                    c.t0 = time.perf_counter()
+                    return msgs
+        return None
 
     # implemented by the two kinds
     def _spawn(self, name: str) -> Worker: ...
@@ -326,6 +411,43 @@ class Dispatcher:
     def _enqueue(self, chunks: list[list[Message]]) -> None: ...
     def _chunks(self) -> list[Chunk]: ...
     async def close(self, timeout: float) -> None: ...
+
+
+def _behind(running: list[Message], rest: list[Message]) -> list[tuple[Message, list[Message]]]:
+    """Records taken from behind a stuck call, as (a running record, records taken behind
+    it): those of a running record's key go with that record (the loop hands them back to
+    wait for it), every other one with the first."""
+    if len(running) == 1:
+        return [(running[0], rest)]
+    by_key = {x.key: x for x in running if x.key is not None}
+    first = running[0]
+    groups: dict[bytes, list[Message]] = {}
+    others: list[Message] = []
+    for x in rest:
+        if x.key is not None and x.key in by_key and x.key != first.key:
+            groups.setdefault(x.key, []).append(x)
+        else:
+            others.append(x)
+    return [(first, others), *((by_key[k], xs) for k, xs in groups.items())]
+
+
+def _record_batch(results: list[Result], batch: list[Message], err: BaseException | None, t0: float, t1: float,
+                  failed: set[bytes] | None) -> set[bytes] | None:
+    """Append one result per record of a batch call (see `batch_outcomes`); each record's
+    handler time is its share of the call, its end-to-end time counts the whole call."""
+    span = t1 - t0
+    share = span / len(batch)
+    now = time.time() - span
+    for m, e in batch_outcomes(batch, err):
+        e2e, wait = now - m.timestamp / 1000.0, t0 - m.queued_at
+        if e is None:
+            results.append((m, Outcome.OK, None, share, e2e, wait))
+            continue
+        results.append((m, Outcome.FAILED, e, share, e2e, wait))
+        if m.key is not None:
+            failed = failed or set()
+            failed.add(m.key)
+    return failed
 
 
 def _result(msg: Message, outcome: Outcome, err: BaseException | None, t0: float, t1: float) -> Result:
@@ -479,7 +601,10 @@ class ThreadDispatcher(Dispatcher):
                     return
             assert isinstance(c, Chunk)
             w.chunk = c
-            self._run(w, c)
+            if self.batch:
+                self._run_batches(w, c)
+            else:
+                self._run(w, c)
             w.chunk = None
 
     def _run(self, w: Worker, c: Chunk) -> None:
@@ -538,6 +663,33 @@ class ThreadDispatcher(Dispatcher):
         if results:
             self._report(results)
 
+    def _run_batches(self, w: Worker, c: Chunk) -> None:
+        """`_run` for a batch handler: one call per batch of the chunk."""
+        handler, perf, loop = self.handler, time.perf_counter, self.loop
+        results: list[Result] = []
+        failed: set[bytes] | None = None
+        last = perf()
+        while (msgs := self._start_batch(c, failed, results)) is not None:
+            t0 = c.t0
+            err: BaseException | None = None
+            try:
+                r = handler(list(msgs))
+                if r is not None and inspect.isawaitable(r):
+                    r = asyncio.run_coroutine_threadsafe(_await(r), loop).result()
+            except BaseException as e:  # noqa: BLE001 - every failure is routed, SystemExit included
+                err = e
+            t1 = perf()
+            with c.lock:
+                c.cur = c.batch = None
+                if w.abandoned:                # timed out: the loop has failed this batch already
+                    break
+            failed = _record_batch(results, msgs, err, t0, t1, failed)
+            if t1 - last >= REPORT_EVERY_S:
+                self._report(results)
+                results, last = [], t1
+        if results:
+            self._report(results)
+
     async def close(self, timeout: float) -> None:
         for _ in range(max(self._live, len(self.workers))):
             self._q.put(None)
@@ -549,6 +701,24 @@ class ThreadDispatcher(Dispatcher):
 
 async def _await(a: Any) -> Any:
     return await a
+
+
+async def _call_async(handler: Callable[[Any], Any], arg: Any, timeout: float | None,
+                      me: "asyncio.Task[Any] | None") -> BaseException | None:
+    """Await one handler call under the deadline; its failure (None: it returned)."""
+    cm = asyncio.timeout(timeout)
+    try:
+        async with cm:
+            await handler(arg)
+    except TimeoutError as e:
+        return HandlerTimeout(f"handler ran over handler.timeoutS={timeout:g}") if cm.expired() else e
+    except asyncio.CancelledError as e:
+        if me is not None and me.cancelling():
+            raise                  # we are being cancelled (shutdown): not the handler's failure
+        return e
+    except BaseException as e:  # noqa: BLE001 - every failure is routed
+        return e
+    return None
 
 
 class TaskDispatcher(Dispatcher):
@@ -601,7 +771,7 @@ class TaskDispatcher(Dispatcher):
                 c = self._pending.popleft()
                 w.chunk = c
                 try:
-                    await self._run(w, c)
+                    await (self._run_batches(w, c) if self.batch else self._run(w, c))
                 finally:
                     w.chunk = None
         finally:
@@ -624,19 +794,7 @@ class TaskDispatcher(Dispatcher):
                 continue
             c.cur = m
             t0 = c.t0 = perf()
-            err: BaseException | None = None
-            cm = asyncio.timeout(timeout)
-            try:
-                async with cm:
-                    await handler(m)
-            except TimeoutError as e:
-                err = HandlerTimeout(f"handler ran over handler.timeoutS={timeout:g}") if cm.expired() else e
-            except asyncio.CancelledError as e:
-                if me is not None and me.cancelling():
-                    raise                  # we are being cancelled (shutdown): not the handler's failure
-                err = e
-            except BaseException as e:  # noqa: BLE001 - every failure is routed
-                err = e
+            err = await _call_async(handler, m, timeout, me)
             t1 = perf()
             c.cur = None
             failed = _record(results, m, err, t0, t1, failed)
@@ -644,6 +802,24 @@ class TaskDispatcher(Dispatcher):
                 self.on_results(results)
                 results, last = [], t1
                 await asyncio.sleep(0)
+        if results:
+            self.on_results(results)
+
+    async def _run_batches(self, w: Worker, c: Chunk) -> None:
+        """`_run` for an async batch handler: one call per batch, under the deadline."""
+        handler, perf, timeout = self.handler, time.perf_counter, self.timeout_s or None
+        results: list[Result] = []
+        failed: set[bytes] | None = None
+        me = asyncio.current_task()
+        while (msgs := self._start_batch(c, failed, results)) is not None:
+            t0 = c.t0
+            err = await _call_async(handler, list(msgs), timeout, me)
+            t1 = perf()
+            c.cur = c.batch = None
+            failed = _record_batch(results, msgs, err, t0, t1, failed)
+            self.on_results(results)
+            results = []
+            await asyncio.sleep(0)
         if results:
             self.on_results(results)
 

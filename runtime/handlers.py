@@ -1,7 +1,9 @@
 """Finding the user's handler, and the built-in ones (HTTP sink, no-op).
 
 A handler is `func(msg)`, sync or async; returning means done, raising means failed (see
-`errors` and `routing` for how a failure is treated).
+`errors` and `routing` for how a failure is treated). A *batch handler* is
+`func(batch: list[Message])`, marked with `@batch` (docs/batch-handlers.md): returning means
+every message of the batch is done; `BatchFailure({msg: exc})` fails only the named ones.
 """
 from __future__ import annotations
 
@@ -37,6 +39,23 @@ def load_handler(path: str) -> Handler:
     return func
 
 
+BATCH_ATTR = "__afc_batch__"
+
+
+def batch(func: Any) -> Any:
+    """Mark `func` (sync or async, or a class whose instances are called) as a batch
+    handler: it is called with a `list[Message]` of up to `handler.maxBatch` messages that
+    are ready to run, and says per message how it went (returning: all done;
+    `BatchFailure({msg: exc, ...})`: the named ones failed, the rest done; any other
+    exception: all failed). The function is returned unchanged, only marked."""
+    setattr(func, BATCH_ATTR, True)
+    return func
+
+
+def is_batch(handler: Any) -> bool:
+    return bool(getattr(handler, BATCH_ATTR, False))
+
+
 def is_async(handler: Handler) -> bool:
     return inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(getattr(handler, "__call__", None))
 
@@ -61,22 +80,16 @@ def message_document(msg: Message) -> dict[str, Any]:
 
 
 class HttpSink:
-    """POST each message (or a micro-batch of messages) to a URL.
+    """POST each message to a URL as a JSON object (`message_document`).
 
     2xx is success; 408, 429, 5xx and connection failures are transient; other 4xx permanent.
-    In batch mode each call waits for the batch it joined, so the runtime still sees one
-    result per message.
     """
 
-    def __init__(self, settings: HandlerSettings, max_batch: int = 500, linger_s: float = 0.005) -> None:
+    def __init__(self, settings: HandlerSettings) -> None:
         assert settings.http_sink_url
         self.url = settings.http_sink_url
         self.timeout = settings.http_timeout_s
-        self.batch = settings.http_batch
-        self.max_batch, self.linger_s = max_batch, linger_s
         self._session: Any = None
-        self._pending: list[tuple[Message, asyncio.Future[None]]] = []
-        self._flusher: asyncio.Task[None] | None = None
 
     async def _post(self, body: Any) -> None:
         import aiohttp
@@ -94,46 +107,27 @@ class HttpSink:
             raise TransientError(f"http sink unreachable: {type(e).__name__}: {e}") from e
 
     async def __call__(self, msg: Message) -> None:
-        if not self.batch:
-            await self._post(message_document(msg))
-            return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((msg, fut))
-        if len(self._pending) >= self.max_batch:
-            await self._flush()
-        elif self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._linger())
-        await fut
-
-    async def _linger(self) -> None:
-        await asyncio.sleep(self.linger_s)
-        await self._flush()
-
-    async def _flush(self) -> None:
-        batch, self._pending = self._pending, []
-        if not batch:
-            return
-        try:
-            await self._post([message_document(m) for m, _ in batch])
-        except Exception as e:  # noqa: BLE001 - every waiter gets the same failure
-            for _, f in batch:
-                if not f.done():
-                    f.set_exception(e)
-        else:
-            for _, f in batch:
-                if not f.done():
-                    f.set_result(None)
+        await self._post(message_document(msg))
 
     async def close(self) -> None:
-        await self._flush()
         if self._session is not None:
             await self._session.close()
+
+
+@batch
+class HttpBatchSink(HttpSink):
+    """`handler.httpBatch`: a batch handler, one POST per batch whose body is a JSON array of
+    `message_document`s in the batch's order. The response decides for the whole batch (a
+    non-2xx fails every message of it, classified as above)."""
+
+    async def __call__(self, msgs: list[Message]) -> None:  # type: ignore[override]
+        await self._post([message_document(m) for m in msgs])
 
 
 def build_handler(settings: HandlerSettings) -> tuple[Handler, Callable[[], Awaitable[None]] | None]:
     """The handler to run and an optional async close hook."""
     if settings.http_sink_url:
-        sink = HttpSink(settings)
+        sink = HttpBatchSink(settings) if settings.http_batch else HttpSink(settings)
         return sink, sink.close
     if not settings.handler:
         raise HandlerLoadError("no handler: set handler.handler (pkg.module:func) or handler.httpSinkUrl")

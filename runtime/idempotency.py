@@ -11,7 +11,9 @@ unique per process incarnation and claim), so ownership is exact:
   (a done mark also when the key is gone: our lease ran out and nobody took it). A worker
   whose lease expired and was claimed by another therefore cannot overwrite the new claim;
 - `done_in` puts the done mark into the user's own MULTI guarded by WATCH and a token
-  check, so a stale owner's transaction fails as a whole (`ClaimLost`), effect included.
+  check, so a stale owner's transaction fails as a whole (`ClaimLost`), effect included;
+  `done_many_in` does the same for a batch handler's messages in one MULTI (all WATCHed,
+  all checked: one lost claim refuses the whole transaction).
 
 All operations of one loop tick go to the store in one call (`apply`): claims, done marks,
 releases and renewals. `RedisStore` is shared by every replica of a group; `SqliteStore`
@@ -110,6 +112,8 @@ class IdempotencyStore(Protocol):
     def full_key(self, key: str) -> str: ...
     def done_in(self, pipeline: Any, key: str, token: str) -> None: ...
     async def done_in_async(self, pipeline: Any, key: str, token: str) -> None: ...
+    def done_many_in(self, pipeline: Any, marks: list[tuple[str, str]]) -> None: ...
+    async def done_many_in_async(self, pipeline: Any, marks: list[tuple[str, str]]) -> None: ...
     async def apply(self, batch: Batch) -> Answer: ...
     async def check(self) -> dict[str, Any]: ...
     async def close(self) -> None: ...
@@ -164,7 +168,7 @@ class RedisStore:
             raise StoreUnavailable(f"redis: {type(e).__name__}: {e}") from e
         return Answer(_parse(codes), [c == 49 for c in (lost.encode() if isinstance(lost, str) else lost)])
 
-    def _guard(self, pipeline: Any, key: str, token: str) -> list[Any]:
+    def _guard(self, pipeline: Any) -> list[Any]:
         """Shared part of `done_in`: what the user queued so far, set aside for the WATCH."""
         if not getattr(pipeline, "transaction", False):
             raise TypeError("mark_done_in needs a transactional pipeline: redis.pipeline(transaction=True)")
@@ -179,29 +183,47 @@ class RedisStore:
         it still holds our token, and only then queue the caller's commands plus the mark.
         If the claim was lost meanwhile, the whole transaction is refused (ClaimLost, or
         WatchError from `execute()` if it is taken between here and EXEC)."""
-        full = self.full_key(key)
-        stack = self._guard(pipeline, key, token)
-        pipeline.watch(full)
-        cur = pipeline.get(full)
-        if cur != token.encode():
-            pipeline.reset()
-            raise ClaimLost(f"idempotency key {key!r} is no longer claimed by this worker")
-        pipeline.multi()
-        pipeline.command_stack.extend(stack)
-        pipeline.set(full, DONE_VALUE, ex=self.done_ttl_s)
+        self.done_many_in(pipeline, [(key, token)])
 
     async def done_in_async(self, pipeline: Any, key: str, token: str) -> None:
         """`done_in` for redis.asyncio pipelines."""
-        full = self.full_key(key)
-        stack = self._guard(pipeline, key, token)
-        await pipeline.watch(full)
-        cur = await pipeline.get(full)
-        if cur != token.encode():
+        await self.done_many_in_async(pipeline, [(key, token)])
+
+    def done_many_in(self, pipeline: Any, marks: list[tuple[str, str]]) -> None:
+        """`done_in` for several keys in one MULTI (a batch handler's): every key is WATCHed
+        and checked; one key no longer ours refuses the whole transaction."""
+        stack = self._guard(pipeline)
+        full = [self.full_key(k) for k, _ in marks]
+        pipeline.watch(*full)
+        curs = pipeline.mget(full)                   # one round trip for the whole batch
+        self._check(marks, curs, pipeline.reset)
+        self._queue(pipeline, stack, full)
+
+    async def done_many_in_async(self, pipeline: Any, marks: list[tuple[str, str]]) -> None:
+        """`done_many_in` for redis.asyncio pipelines."""
+        stack = self._guard(pipeline)
+        full = [self.full_key(k) for k, _ in marks]
+        await pipeline.watch(*full)
+        curs = await pipeline.mget(full)
+        try:
+            self._check(marks, curs, lambda: None)
+        except ClaimLost:
             await pipeline.reset()
-            raise ClaimLost(f"idempotency key {key!r} is no longer claimed by this worker")
+            raise
+        self._queue(pipeline, stack, full)
+
+    @staticmethod
+    def _check(marks: list[tuple[str, str]], curs: list[Any], reset: Any) -> None:
+        for (key, token), cur in zip(marks, curs):
+            if cur != token.encode():
+                reset()
+                raise ClaimLost(f"idempotency key {key!r} is no longer claimed by this worker")
+
+    def _queue(self, pipeline: Any, stack: list[Any], full: list[str]) -> None:
         pipeline.multi()
         pipeline.command_stack.extend(stack)
-        pipeline.set(full, DONE_VALUE, ex=self.done_ttl_s)
+        for f in full:
+            pipeline.set(f, DONE_VALUE, ex=self.done_ttl_s)
 
     async def check(self) -> dict[str, Any]:
         """What the store says about its durability (`maxmemory-policy`); raises if down."""
@@ -269,10 +291,16 @@ class SqliteStore:
             return self._apply_locked(b)
 
     def done_in(self, pipeline: Any, key: str, token: str) -> None:
-        raise TypeError("the embedded store has no shared transaction; configure idempotency.redisUrl")
+        self.done_many_in(pipeline, [(key, token)])
 
     async def done_in_async(self, pipeline: Any, key: str, token: str) -> None:
-        self.done_in(pipeline, key, token)
+        self.done_many_in(pipeline, [(key, token)])
+
+    def done_many_in(self, pipeline: Any, marks: list[tuple[str, str]]) -> None:
+        raise TypeError("the embedded store has no shared transaction; configure idempotency.redisUrl")
+
+    async def done_many_in_async(self, pipeline: Any, marks: list[tuple[str, str]]) -> None:
+        self.done_many_in(pipeline, marks)
 
     async def check(self) -> dict[str, Any]:
         return {"maxmemory_policy": "noeviction"}

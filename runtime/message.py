@@ -102,6 +102,40 @@ class Message:
         return f"Message({self.topic}[{self.partition}]@{self.offset} key={self.key!r})"
 
 
+def mark_batch_done_in(pipeline: Any, batch: "list[Message]") -> None:
+    """`Message.mark_done_in` for a whole batch (a batch handler's), in ONE MULTI: the done
+    marks of every message of `batch` join your transaction, fenced as for one message:
+    every key is WATCHed and must still hold this worker's claim, so if any claim was lost
+    the whole transaction is refused (`ClaimLost` here, or WatchError from `execute()`),
+    your effect included, and no message of the batch counts as done. Call it before
+    `pipeline.multi()`. For a `redis.asyncio` pipeline: `await mark_batch_done_in_async(...)`."""
+    if inspect.iscoroutinefunction(getattr(pipeline, "execute", None)):
+        raise TypeError("an asyncio pipeline: use `await mark_batch_done_in_async(pipeline, batch)`")
+    store = _batch_store(batch)
+    if store is not None:
+        store.done_many_in(pipeline, [(m.idempotency_key, m.token) for m in batch])
+
+
+async def mark_batch_done_in_async(pipeline: Any, batch: "list[Message]") -> None:
+    """`mark_batch_done_in` for a `redis.asyncio` pipeline."""
+    store = _batch_store(batch)
+    if store is not None:
+        await store.done_many_in_async(pipeline, [(m.idempotency_key, m.token) for m in batch])
+
+
+def _batch_store(batch: "list[Message]") -> Any:
+    if not batch:
+        return None
+    store = batch[0]._store
+    if store is None:
+        raise TypeError("idempotency is disabled: there is no done mark to add")
+    for m in batch:
+        if m._store is not store:
+            raise TypeError(f"{m!r} is not from the same runtime as the rest of the batch")
+        m._fenced = True
+    return store
+
+
 @lru_cache(maxsize=64)
 def _path(dotted: str) -> tuple[str, ...]:
     return tuple(dotted.split("."))
