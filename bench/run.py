@@ -50,14 +50,17 @@ log = logging.getLogger("bench")
 PY = sys.executable
 AFC_CONSUMER = str(Path(sys.executable).parent / "afc-consumer")
 SAMPLE_S = 0.1
-VARIANTS = ("afc", "naive", "naive-batch", "raw", "redis_per_message")
+VARIANTS = ("afc", "afc-batch", "naive", "naive-batch", "raw", "redis_per_message")
 ALIASES = {"redis": "redis_per_message"}
 BASELINE_ARG = {"naive": "naive", "naive-batch": "naive-batch", "raw": "raw", "redis_per_message": "redis"}
 # Variants that commit nothing: done when their own count reaches the target, rated by it.
 OWN_COUNT_ONLY = ("raw",)
 DESCRIPTIONS = {
     "afc": "afc-consumer run: Redis idempotency (claim per fetched batch via Lua, done marks batched), "
-           "offset commits every offsets.commitIntervalMs, 16 handler lanes, defaults otherwise",
+           "offset commits every offsets.commitIntervalMs, a sync no-op handler per message on adaptive "
+           "concurrency (threads capped by the handler's CPU share), defaults otherwise",
+    "afc-batch": "afc as above with a batch handler (@batch, handler.maxBatch=500): one call per batch of "
+                 "ready records, idempotency and done marks still per message",
     "naive": "confluent Consumer, poll() per message, enable.auto.commit=True (interval 100 ms), "
              "json.loads, no-op handler, no dedup",
     "naive-batch": "confluent Consumer, consume(num_messages=1000, timeout=1) batches, enable.auto.commit=True "
@@ -189,9 +192,10 @@ def spawn(ctx: Ctx, variant: str, topic: str, group: str, latency_file: Path | N
     ctx.groups.append(group)
     extra = {"AFC_BENCH_LAT_FILE": str(latency_file)} if latency_file else {}
     name = group.removeprefix(ctx.run + "-")
-    if variant == "afc":
+    if variant in ("afc", "afc-batch"):
         port = measure.free_port()
-        handler = "bench.handlers:record_latency" if latency_file else "bench.handlers:noop"
+        handler = ("bench.handlers:" + ("batch_" if variant == "afc-batch" else "")
+                   + ("record_latency" if latency_file else "noop"))
         if profile_dir is not None:
             extra["AFC_BENCH_PROF_DIR"] = str(profile_dir)
             argv = [PY, str(ROOT / "bench" / "profile_afc.py"), "run", "--handler", handler]
