@@ -43,7 +43,7 @@ from .concurrency import ConcurrencyLimit, ConcurrencyWindow
 from .config import RuntimeSettings
 from .dispatch import KeyGate, Outcome, Result, TaskDispatcher, ThreadDispatcher
 from .errors import ClaimLost, PoisonError, StoreUnavailable
-from .fetch_control import SMALL_ROOM_WAIT_S, FetchController, WindowStats, fetch_now, should_pause
+from .fetch_control import FetchController, WindowStats, should_pause
 from .handlers import build_handler, is_async
 from .idempotency import EVICTING_POLICIES, Claim, IdempotencyStore, RedisStore, SqliteStore
 from .message import DECODERS, Message, idempotency_key, position_key
@@ -175,7 +175,6 @@ class Runtime:
         self._hard_stop = False
         self._drain_deadline = 0.0
         self._saturated_since: float | None = None
-        self._small_room_since: float | None = None   # when a small fetch budget was first seen
         # completed, transient errors, latency sum, peak, queue wait, fastest successful call
         self._win: list[Any] = [0, 0, 0.0, 0, 0.0, math.inf]
         self._last_limit = self.ctl.limit
@@ -987,18 +986,9 @@ class Runtime:
         if self.fetching or self.consumer is None or self.state in ("closing", "closed"):
             return
         store_down = self.session is not None and self.session.down
-        in_work = self.in_work
-        budget = 0 if (store_down or self.state != "running") else self.ctl.fetch_budget(in_work)
+        budget = 0 if (store_down or self.state != "running") else self.ctl.fetch_budget(self.in_work)
         if budget <= 0 and self.parts and len(self.paused) < len(self.parts):
             return                      # momentary saturation: wait for results, do not fetch more
-        if budget > 0:
-            now = time.monotonic()
-            if self._small_room_since is None:
-                self._small_room_since = now
-            if not fetch_now(budget=budget, batch=self.ctl.batch_size(), in_work=in_work,
-                             waited_s=now - self._small_room_since):
-                return                  # a few slots free: wait for half a batch (bounded)
-        self._small_room_since = None
         self.fetching = True
         self.fetch_seq += 1
         seq = self.fetch_seq
@@ -1208,8 +1198,6 @@ class Runtime:
                 nap = min(0.05, lease_tick)
                 if self.session is not None and self.session.pending:
                     nap = min(nap, MARK_LINGER_S)        # lingering done marks go out on time
-                if self._small_room_since is not None:
-                    nap = min(nap, SMALL_ROOM_WAIT_S)    # a fetch waiting for room goes out on time
                 timer = loop.call_later(nap, _resolve, w)
                 await w
                 timer.cancel()

@@ -131,26 +131,6 @@ class FetchController:
         return self.limit <= self.flow.min_inflight
 
 
-SMALL_ROOM = 0.5        # while work is in flight, a fetch waits for room of half a batch...
-SMALL_ROOM_WAIT_S = 0.02  # ...but no longer than this (a slow handler must not stop the polls)
-
-
-def fetch_now(*, budget: int, batch: int, in_work: int, waited_s: float) -> bool:
-    """Whether to fetch with `budget` now, or wait a little for more room.
-
-    The loop fetches while its previous batch is claimed and run. Fetching the moment any room
-    opens takes the few slots a single result freed: under load the batches shrink to the
-    limit's slack (190 messages instead of 600 in `make bench`), and every batch costs a claim
-    call, a store round trip and a fetch. Waiting until half a batch is free (TCP's answer to
-    the silly window syndrome) keeps batches large; the wait is bounded, and nothing waits
-    when nothing is in flight, so an idle consumer fetches at once."""
-    if budget <= 0:
-        return False
-    if in_work == 0 or budget >= batch * SMALL_ROOM:
-        return True
-    return waited_s >= SMALL_ROOM_WAIT_S
-
-
 PAUSE_AFTER_S = 0.5    # saturation shorter than this waits for results; longer pauses
 RESUME_BELOW = 0.5     # paused partitions resume once in flight is at most this share of the limit
 

@@ -127,15 +127,3 @@ def test_the_buffer_keeps_twice_the_concurrency_limit_unless_overloaded() -> Non
     assert (d.inflight_limit, d.reason) == (300, "overload-latency")
     assert c.decide(slow).inflight_limit == 150
 
-
-def test_a_fetch_waits_for_half_a_batch_of_room_but_not_long() -> None:
-    """Silly-window avoidance: under load a single result frees a slot; fetching it at once
-    shrinks every batch to the limit's slack. The wait is bounded (the polls must go on while
-    a slow handler holds the rest) and never applies with nothing in flight."""
-    from afc.runtime.fetch_control import SMALL_ROOM_WAIT_S, fetch_now
-    assert not fetch_now(budget=0, batch=500, in_work=0, waited_s=10)          # no room: never
-    assert fetch_now(budget=3, batch=500, in_work=0, waited_s=0)               # idle: at once
-    assert not fetch_now(budget=3, batch=500, in_work=497, waited_s=0)         # a few slots: wait
-    assert not fetch_now(budget=249, batch=500, in_work=251, waited_s=SMALL_ROOM_WAIT_S / 2)
-    assert fetch_now(budget=250, batch=500, in_work=250, waited_s=0)           # half a batch: go
-    assert fetch_now(budget=3, batch=500, in_work=497, waited_s=SMALL_ROOM_WAIT_S)  # waited enough
