@@ -40,6 +40,16 @@ class Testbed:
                    kubeconfig=env["KUBECONFIG"], kubectl=env["AFC_KUBECTL"],
                    k8s_bin=env["AFC_K8S_BIN"], state_dir=env["AFC_TESTBED_DIR"])
 
+    def wait_established(self, *crds: str, timeout: float = 60) -> None:
+        """Wait until each CRD is Established. Not `kubectl wait --for=condition=Established`:
+        right after the create its status has no conditions yet, and kubectl then fails at
+        once (".status.conditions accessor error: <nil>") instead of waiting; a clean-clone
+        run lost every operator test to that."""
+        for crd in crds:
+            wait_for(lambda crd=crd: self.run_kubectl(
+                "get", "crd", crd, "-o", 'jsonpath={.status.conditions[?(@.type=="Established")].status}',
+                check=False).stdout.strip() == "True", timeout, 0.5, what=f"crd/{crd} Established")
+
     def run_kubectl(self, *args: str, input: str | None = None, check: bool = True,
                     timeout: float = 60) -> subprocess.CompletedProcess[str]:
         r = subprocess.run([self.kubectl, f"--kubeconfig={self.kubeconfig}", *args], input=input,

@@ -114,7 +114,7 @@ def namespace(k8s_api, names: Names) -> Iterator[str]:
 def crd_installed(testbed: Testbed) -> None:
     """The AdaptiveConsumer CRD, cluster-scoped and shared: applied idempotently, never deleted."""
     testbed.run_kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_PATH))
-    testbed.run_kubectl("wait", "--for=condition=Established", "crd/adaptiveconsumers.afc.dev", "--timeout=60s")
+    testbed.wait_established("adaptiveconsumers.afc.dev")
 
 
 @pytest.fixture(scope="session")

@@ -450,7 +450,7 @@ def test_operator_from_manifests_runs_as_a_pod_and_its_consumers_run_too(
     r = testbed.run_kubectl("get", "crd", "adaptiveconsumers.afc.dev", "-o", "json", check=False)
     if r.returncode != 0:
         testbed.run_kubectl("apply", "--server-side", "-f", str(ROOT / "crds" / "afc.dev_adaptiveconsumers.yaml"))
-        testbed.run_kubectl("wait", "--for=condition=Established", "crd/adaptiveconsumers.afc.dev", "--timeout=60s")
+        testbed.wait_established("adaptiveconsumers.afc.dev")
         installed = crd_file
     else:
         installed = json.loads(r.stdout)
@@ -472,7 +472,13 @@ def test_operator_from_manifests_runs_as_a_pod_and_its_consumers_run_too(
         items = kubectl_json(testbed, "get", "pods", "-n", namespace, "-l", sel)["items"]
         return next((p for p in items if is_ready(p)), None)
 
-    op = wait_for(operator_ready, timeout=60, what="the operator pod Ready (its /healthz)")
+    try:
+        op = wait_for(operator_ready, timeout=60, what="the operator pod Ready (its /healthz)")
+    except AssertionError as e:           # say why: the pods' phases and the operator's log
+        pods = kubectl_json(testbed, "get", "pods", "-n", namespace, "-l", sel)["items"]
+        logs = "\n".join(f"--- {p['metadata']['name']} {p.get('status', {}).get('phase')}\n"
+                         + agent.pod_log(namespace, p["metadata"]["name"], "operator")[-3000:] for p in pods)
+        raise AssertionError(f"{e}\n{logs or '(no operator pod)'}") from None
     op_log = lambda: agent.pod_log(namespace, op["metadata"]["name"], "operator")  # noqa: E731
     assert op["spec"]["serviceAccountName"] == "afc-operator"
     health = mapped_port(op, "operator", "health")

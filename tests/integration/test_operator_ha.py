@@ -35,8 +35,7 @@ OURS = {"afc-operator-a", "afc-operator-b"}
 def peering(testbed: Testbed, crd_installed: None) -> None:
     """kopf's peering CRDs (cluster-scoped, shared, never deleted: like the AdaptiveConsumer CRD)."""
     testbed.run_kubectl("apply", "--server-side", "--force-conflicts", "-f", str(PEERING_CRD))
-    testbed.run_kubectl("wait", "--for=condition=Established", "crd/kopfpeerings.kopf.dev",
-                        "crd/clusterkopfpeerings.kopf.dev", "--timeout=60s")
+    testbed.wait_established("kopfpeerings.kopf.dev", "clusterkopfpeerings.kopf.dev")
 
 
 def replica(testbed: Testbed, namespace: str, tmp_path: Path, name: str, *args: str) -> OperatorProcess:
