@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import pstats
 import socket
 import time
@@ -364,3 +365,13 @@ def load_avg() -> list[float]:
 
 def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def doc_header(schema: str, script: str, argv: list[str] | None) -> dict[str, Any]:
+    """The opening fields of a bench/results document: what ran, when, on what machine."""
+    return {
+        "schema": schema, "date": now_iso(),
+        "command": " ".join([script, *(argv if argv is not None else sys.argv[1:])]),
+        "machine": {"nproc": os.cpu_count(), "load_avg_at_start": list(os.getloadavg()),
+                    "note": "2 cores shared with the test bed (Kafka, Redis, kube-apiserver...) and other work"},
+    }

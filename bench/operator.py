@@ -49,7 +49,7 @@ if str(ROOT) not in sys.path:
 
 from afc.operator.kube import Kube, KubeError, path_for  # noqa: E402
 from afc.operator.testing import OperatorProcess  # noqa: E402
-from bench.measure import free_port, scrape  # noqa: E402
+from bench.measure import doc_header, free_port, scrape  # noqa: E402
 
 log = logging.getLogger("bench.operator")
 RESULTS = ROOT / "bench" / "results" / "operator.json"
@@ -292,10 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     logs = Path(tempfile.mkdtemp(prefix="afc-bench-operator-"))
     previous = json.loads(a.out.read_text()) if a.out.exists() else {}
     doc: dict[str, Any] = {
-        "schema": "afc-bench-operator/1", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": " ".join(["operator.py", *(argv if argv is not None else sys.argv[1:])]),
-        "machine": {"nproc": os.cpu_count(), "load_avg_at_start": list(os.getloadavg()),
-                    "note": "2 cores shared with the test bed (Kafka, Redis, kube-apiserver...) and other work"},
+        **doc_header("afc-bench-operator/1", "operator.py", argv),
         "logs_dir": str(logs),
         "method": {
             "requests": "counted in the operator process (bench/opcount.py: the kubernetes client's and kopf's HTTP "

@@ -556,13 +556,11 @@ def main(argv: list[str] | None = None) -> int:
     bad = set(variants) - set(VARIANTS)
     if bad:
         ap.error(f"unknown variants: {sorted(bad)}")
+    from bench.measure import doc_header
     logs = Path(tempfile.mkdtemp(prefix="afc-rollout-"))
     cfg0 = RolloutConfig(rate=a.rate, min_ready_s=a.min_ready_s)
     doc: dict[str, Any] = {
-        "schema": "afc-bench-rollout/1", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": " ".join(["rollout.py", *(argv if argv is not None else sys.argv[1:])]),
-        "machine": {"nproc": os.cpu_count(), "load_avg_at_start": list(os.getloadavg()),
-                    "note": "2 cores shared with the test bed (Kafka, Redis, kube-apiserver...) and other work"},
+        **doc_header("afc-bench-rollout/1", "rollout.py", argv),
         "logs_dir": str(logs),
         "setup": {**{k: v for k, v in asdict(cfg0).items() if k not in ("variant", "members")},
                   "handler": "bench.rollout:record (RPUSH handle time per partition, HINCRBY runs per key)",
