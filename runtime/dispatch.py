@@ -163,6 +163,11 @@ class Chunk:
         self.lock = threading.Lock()
         self.queued = time.perf_counter()
 
+    @property
+    def finished(self) -> bool:
+        """Every record taken and none running: nothing left to run or take back."""
+        return self.next >= self.cut and self.cur is None
+
     def take_rest(self) -> list[Message]:
         """(lock held) The records not started yet; the worker stops before them."""
         rest = self.msgs[self.next:self.cut]
@@ -552,10 +557,10 @@ class ThreadDispatcher(Dispatcher):
         goes first (chunks finish about in queue order); a full sweep once a slow head chunk
         holds many finished ones behind it."""
         p = self._pending
-        while p and p[0].next >= p[0].cut and p[0].cur is None:
+        while p and p[0].finished:
             p.popleft()
         if len(p) > PRUNE_SWEEP_AT:
-            self._pending = deque(c for c in p if not (c.next >= c.cut and c.cur is None))
+            self._pending = deque(c for c in p if not c.finished)
 
     def _replace_abandoned(self) -> None:
         for i, w in enumerate(self.workers):
