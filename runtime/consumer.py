@@ -635,7 +635,7 @@ class Runtime:
                     part.finish(m.offset)          # a routed record whose routing marker is written
         if out.lost:
             self.metrics.claims_lost.inc(len(out.lost))
-            log.warning("event=claims-lost keys=%d detail=\"leases ran out while handlers ran; their done marks "
+            log.warning("event=claims-lost keys=%d detail=\"our heartbeat ran out while handlers ran; their done marks "
                         "no longer apply\"", len(out.lost))
 
     def _admit(self, msgs: list[Message]) -> None:
@@ -732,11 +732,10 @@ class Runtime:
 
     def _fenced(self, msg: Message) -> bool:
         """The handler's fenced transaction (mark_done_in) did not apply: nothing happened.
-        If we still hold the claim (a lease renewal touched the WATCHed key), run it again
+        If we still hold the claim (something else touched a WATCHed key), run it again
         (True); if another worker took the key, wait for it like any held key."""
         msg._fenced = False
-        h = self.session.held.get(msg.idempotency_key) if self.session is not None else None
-        if h is not None and h.token == msg.token:
+        if self.session is not None and msg.token and self.session.held.get(msg.idempotency_key) == msg.token:
             self.metrics.fenced_retries.inc()
             return True
         self.metrics.claims_lost.inc()

@@ -1,22 +1,33 @@
 """The idempotency store: has this message already been handled, or is someone on it?
 
-Each key is in one of two states: *claimed* (value = the claim's fencing token, with a lease
-TTL) or *done* (value `d`, long TTL). Every claim carries its own token (`<owner>.<seq>`,
-unique per process incarnation and claim), so ownership is exact:
+One Redis write per message. A claim writes the key once, with the claim's fencing token
+(`<owner>.<seq>`, unique per process incarnation and claim) and the long done TTL, and that
+write stays: the key becomes "done" without being written again. What a token means is
+read from two per-owner records, each written once per call, not per message:
 
-- a claim answers CLAIMED (ours now, with this token; also when the key already holds this
-  very token, i.e. an earlier answer of the same claim was lost), DONE (handled before:
-  skip it), or BUSY (held under another token, ours or not: wait, never run);
-- a done mark, a release and a renewal apply only while the key still holds the token
-  (a done mark also when the key is gone: our lease ran out and nobody took it). A worker
-  whose lease expired and was claimed by another therefore cannot overwrite the new claim;
-- `done_in` puts the done mark into the user's own MULTI guarded by WATCH and a token
-  check, so a stale owner's transaction fails as a whole (`ClaimLost`), effect included;
-  `done_many_in` does the same for a batch handler's messages in one MULTI (all WATCHed,
-  all checked: one lost claim refuses the whole transaction).
+- the owner's **heartbeat** (`~a:<owner>`, TTL = the lease), set by every call: while it
+  lives, the owner's unfinished claims are BUSY to everyone else; once it expires (the
+  process died or froze past its lease), they can be taken over;
+- the owner's **done bits** (`~d:<owner>:<chunk>`, one bit per claim sequence number, set
+  with one BITFIELD per call for all of that call's done marks).
 
-All operations of one loop tick go to the store in one call (`apply`): claims, done marks,
-releases and renewals. `RedisStore` is shared by every replica of a group; `SqliteStore`
+So a claim answers CLAIMED (ours now; also when the key already holds this very token, i.e.
+an earlier answer of the same claim was lost), DONE (the key is `d`, or its token's done bit
+is set: handled before, skip it), or BUSY (its token's owner is alive and has not finished:
+wait, never run). A token whose owner is gone and whose bit is unset is taken over
+(CLAIMED): the work never finished.
+
+Fencing: a done mark sets the bit of *our* token, which only matters while the key still
+holds it: a worker whose heartbeat expired and whose key was taken over cannot mark the new
+owner's claim done, nor release it (a release deletes the key only while it holds our token).
+When a call finds our own heartbeat gone, every claim we hold is reported lost (some may have
+been taken). `done_in` puts a `d` into the user's own MULTI guarded by WATCH and a token
+check, so a stale owner's transaction fails as a whole (`ClaimLost`), effect included;
+`done_many_in` does the same for a batch handler's messages in one MULTI. Heartbeats do not
+touch the keys, so no renewal can refuse a WATCHed transaction.
+
+All operations of one loop tick go to the store in one call (`apply`): heartbeat, done marks,
+releases and claims. `RedisStore` is shared by every replica of a group; `SqliteStore`
 serves single-process local runs without Redis and says so in a warning.
 """
 from __future__ import annotations
@@ -48,62 +59,89 @@ EVICTING_POLICIES = ("allkeys-lru", "allkeys-lfu", "allkeys-random", "volatile-l
 # Keys and tokens travel as NUL-separated arguments and the script adds the namespace:
 # packing N separate arguments costs redis-py ~3 us each, more than the rest of the
 # per-message work. (So the script touches keys it was not given in KEYS: fine on one
-# Redis, not on a Cluster.) Claim tokens are `owner .. '.' .. (seq0 + i)`: one argument.
+# Redis, not on a Cluster.) Claim tokens are `owner .. '.' .. (seq0 + i)`: one argument;
+# done marks are the sequence numbers of our own tokens.
+DONE_CHUNK = 65536              # claims per done-bit key (8 KiB of bits)
+BITFIELD_MARKS = 1000           # done marks per BITFIELD command (Lua's unpack() has a limit)
 _APPLY_LUA = """
-local ns, owner, seq0, lease, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
-local k
-for x in string.gmatch(ARGV[6], "([^%z]+)") do
-  if not k then k = x else
-    local cur = redis.call('GET', ns .. k)
-    if cur == x or not cur then redis.call('SET', ns .. k, 'd', 'EX', ttl) end
-    k = nil
-  end
+local ns, owner, seq0, lease, ttl, first = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6]
+local CH, PER = %d, %d
+local alive = ns .. '~a:' .. owner
+local lost = '0'
+if first == '1' then redis.call('SET', alive, '1', 'PX', lease)
+elseif not redis.call('SET', alive, '1', 'PX', lease, 'XX') then
+  lost = '1'
+  redis.call('SET', alive, '1', 'PX', lease)
 end
-for x in string.gmatch(ARGV[7], "([^%z]+)") do
+local chunks = {}
+for s in string.gmatch(ARGV[7], "([^%%z]+)") do
+  local n = tonumber(s)
+  local c = math.floor(n / CH)
+  local a = chunks[c]
+  if not a then a = {}; chunks[c] = a end
+  local m = #a
+  a[m + 1] = 'SET'; a[m + 2] = 'u1'; a[m + 3] = n - c * CH; a[m + 4] = 1
+end
+for c, a in pairs(chunks) do
+  local key = ns .. '~d:' .. owner .. ':' .. c
+  for j = 1, #a, 4 * PER do
+    redis.call('BITFIELD', key, unpack(a, j, math.min(#a, j + 4 * PER - 1)))
+  end
+  redis.call('EXPIRE', key, ttl)
+end
+local k
+for x in string.gmatch(ARGV[8], "([^%%z]+)") do
   if not k then k = x else
     if redis.call('GET', ns .. k) == x then redis.call('DEL', ns .. k) end
     k = nil
   end
 end
-local lost = {}
-for x in string.gmatch(ARGV[8], "([^%z]+)") do
-  if not k then k = x else
-    if redis.call('GET', ns .. k) == x then redis.call('PEXPIRE', ns .. k, lease); lost[#lost + 1] = '0'
-    else lost[#lost + 1] = '1' end
-    k = nil
-  end
-end
 local out, i = {}, seq0
 local prefix = owner .. '.'
-for key in string.gmatch(ARGV[9], "([^%z]+)") do
+for key in string.gmatch(ARGV[9], "([^%%z]+)") do
   local token = prefix .. i
   i = i + 1
-  local old = redis.call('SET', ns .. key, token, 'NX', 'PX', lease, 'GET')
+  local full = ns .. key
+  local old = redis.call('SET', full, token, 'NX', 'EX', ttl, 'GET')
   if not old or old == token then out[#out + 1] = '0'
   elseif old == 'd' then out[#out + 1] = '1'
-  else out[#out + 1] = '2' end
+  else
+    local o, sq = string.match(old, '^(.*)%%.(%%d+)$')
+    if not o then out[#out + 1] = '2'
+    else
+      local n = tonumber(sq)
+      local c = math.floor(n / CH)
+      if redis.call('GETBIT', ns .. '~d:' .. o .. ':' .. c, n - c * CH) == 1 then out[#out + 1] = '1'
+      elseif redis.call('EXISTS', ns .. '~a:' .. o) == 1 then out[#out + 1] = '2'
+      else
+        redis.call('SET', full, token, 'EX', ttl)
+        out[#out + 1] = '0'
+      end
+    end
+  end
 end
-return {table.concat(out), table.concat(lost)}
-"""
+return {table.concat(out), lost}
+""" % (DONE_CHUNK, BITFIELD_MARKS)
 
 
 @dataclass
 class Batch:
-    """One call's worth of store operations. Claims get tokens `owner.seq0+i` in order."""
+    """One call's worth of store operations. Claims get tokens `owner.seq0+i` in order.
+    Every call is also the owner's heartbeat; `beat` asks for a call with nothing else."""
     claims: list[str] = field(default_factory=list)
     seq0: int = 0
     done: list[tuple[str, str]] = field(default_factory=list)       # (key, token)
     release: list[tuple[str, str]] = field(default_factory=list)
-    renew: list[tuple[str, str]] = field(default_factory=list)
+    beat: bool = False
 
     def __bool__(self) -> bool:
-        return bool(self.claims or self.done or self.release or self.renew)
+        return bool(self.claims or self.done or self.release or self.beat)
 
 
 @dataclass
 class Answer:
     claims: list[Claim]
-    renew_lost: list[bool]          # per renewal: the token no longer holds the key
+    lost: bool = False              # our heartbeat had expired: claims held before may be taken
 
 
 class IdempotencyStore(Protocol):
@@ -149,6 +187,7 @@ class RedisStore:
                                                       socket_connect_timeout=3, health_check_interval=30)
         self._r = aredis.Redis(connection_pool=pool)
         self._apply = self._r.register_script(_APPLY_LUA)
+        self._beating = False           # a call has set our heartbeat (the next ones expect it)
         # OOM (maxmemory reached), READONLY (a replica after failover), LOADING, MASTERDOWN...
         # arrive as ResponseError: for us every one of them means "the store cannot take
         # this now", the same as a refused connection.
@@ -159,14 +198,19 @@ class RedisStore:
 
     async def apply(self, b: Batch) -> Answer:
         if not b:
-            return Answer([], [])
-        args = [self.namespace, self.owner, b.seq0, self.lease_ms, self.done_ttl_s, _pairs(b.done),
-                _pairs(b.release), _pairs(b.renew), "\0".join(b.claims)]
+            return Answer([])
+        plen = len(self.owner) + 1
+        args = [self.namespace, self.owner, b.seq0, self.lease_ms, self.done_ttl_s, "0" if self._beating else "1",
+                "\0".join([t[plen:] for _, t in b.done]), _pairs(b.release), "\0".join(b.claims)]
         try:
             codes, lost = await self._apply(keys=[], args=args)
         except self._errors as e:
             raise StoreUnavailable(f"redis: {type(e).__name__}: {e}") from e
-        return Answer(_parse(codes), [c == 49 for c in (lost.encode() if isinstance(lost, str) else lost)])
+        # (a call whose outcome is unknown may have set the heartbeat or not: the next one
+        # says "first" again, which can only miss a loss the session then learns of later)
+        lost_now = self._beating and lost in (b"1", "1")
+        self._beating = True
+        return Answer(_parse(codes), lost_now)
 
     def _guard(self, pipeline: Any) -> list[Any]:
         """Shared part of `done_in`: what the user queued so far, set aside for the WATCH."""
@@ -250,6 +294,8 @@ class SqliteStore:
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("CREATE TABLE IF NOT EXISTS idem (k TEXT PRIMARY KEY, v TEXT NOT NULL, exp REAL NOT NULL)")
+        self._db.execute("CREATE TABLE IF NOT EXISTS alive (owner TEXT PRIMARY KEY, exp REAL NOT NULL)")
+        self._beating = False
 
     def full_key(self, key: str) -> str:
         return self.namespace + key
@@ -259,32 +305,36 @@ class SqliteStore:
         return row[0] if row is not None and row[1] > now else None
 
     def _apply_locked(self, b: Batch) -> Answer:
+        """The Redis script's rules, with a `d` written for each done mark (writes are cheap here)."""
         now, ns, db = time.time(), self.namespace, self._db
         db.execute("BEGIN IMMEDIATE")
         try:
+            row = db.execute("SELECT exp FROM alive WHERE owner = ?", (self.owner,)).fetchone()
+            lost = self._beating and (row is None or row[0] <= now)
+            db.execute("INSERT OR REPLACE INTO alive VALUES (?, ?)", (self.owner, now + self.lease_s))
             for k, t in b.done:
                 if self._get(ns + k, now) in (t, None):
                     db.execute("INSERT OR REPLACE INTO idem VALUES (?, 'd', ?)", (ns + k, now + self.done_ttl_s))
             for k, t in b.release:
                 db.execute("DELETE FROM idem WHERE k = ? AND v = ?", (ns + k, t))
-            lost = []
-            for k, t in b.renew:
-                n = db.execute("UPDATE idem SET exp = ? WHERE k = ? AND v = ? AND exp > ?",
-                               (now + self.lease_s, ns + k, t, now)).rowcount
-                lost.append(n == 0)
             out = []
             for i, k in enumerate(b.claims):
                 token, cur = f"{self.owner}.{b.seq0 + i}", self._get(ns + k, now)
-                if cur is None or cur == token:
-                    db.execute("INSERT OR REPLACE INTO idem VALUES (?, ?, ?)", (ns + k, token, now + self.lease_s))
+                if cur is None or cur == token or (cur != "d" and not self._alive(cur.rpartition(".")[0], now)):
+                    db.execute("INSERT OR REPLACE INTO idem VALUES (?, ?, ?)", (ns + k, token, now + self.done_ttl_s))
                     out.append(Claim.CLAIMED)
                 else:
                     out.append(Claim.DONE if cur == "d" else Claim.BUSY)
             db.execute("COMMIT")
+            self._beating = True
             return Answer(out, lost)
         except BaseException:
             db.execute("ROLLBACK")
             raise
+
+    def _alive(self, owner: str, now: float) -> bool:
+        row = self._db.execute("SELECT exp FROM alive WHERE owner = ?", (owner,)).fetchone()
+        return row is not None and row[0] > now
 
     async def apply(self, b: Batch) -> Answer:
         with self._lock:

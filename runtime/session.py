@@ -1,5 +1,5 @@
 """The idempotency session: the one owner of this process's claims, done marks, releases
-and renewals, batched into as few store calls as the loop's ticks allow.
+and heartbeats, batched into as few store calls as the loop's ticks allow.
 
 The control loop asks (`claim`, `done`, `release`; the router asks for its markers with
 `claim_key`/`done_key`/`release_key`); `flush` sends what is pending and hands the
@@ -10,18 +10,20 @@ the loop.
   the previous one's claims are on their way goes out at once instead of queueing behind
   them; their answers are handed to the loop in the order the calls were made (fetch
   order), whatever order they come back in. Beside them, at most one call with only done
-  marks, releases and renewals.
+  marks, releases and heartbeats.
 - Claims carry fencing tokens `<owner>.<seq>`. A call that fails with an unknown outcome is
   retried with the same tokens first (alone, before any new claim call), so a claim that did
   land is answered CLAIMED instead of waiting out its own lease; answers of later calls wait
   for it, so the order holds across failures too.
-- Every held claim older than a third of the lease is renewed in the next call; a renewal
-  that finds another token reports the key as lost (the worker keeps running, but its done
-  mark can no longer overwrite the new owner's claim, and `mark_done_in` refuses).
+- Every call is also this owner's heartbeat, which keeps all its claims alive at once (no
+  per-key renewal). While claims are held, a call goes out at least every third of the
+  lease. A call that finds the heartbeat expired reports every claim held before it as lost
+  (some may have been taken over: the worker keeps running, but its done mark cannot apply
+  to a new owner's claim, and `mark_done_in` refuses).
 - A message counts as finished for offsets only once its done mark is written: the loop
   commits past it after the store acknowledged, never before.
 - Health: any failed call marks the store down (calls are then retried with back-off); any
-  successful call marks it up. Whoever notices first, claim, done mark, renewal or release,
+  successful call marks it up. Whoever notices first, claim, done mark, heartbeat or release,
   it is the same flag, so it always clears.
 """
 from __future__ import annotations
@@ -42,12 +44,6 @@ MARK_BATCH = 256         # done marks that go in a call of their own at once...
 MARK_LINGER_S = 0.005    # ...or once the oldest has waited this long; else they ride the next claim call
 MAX_CLAIM_CALLS = 4      # claim calls in flight at once (answers still applied in call order)
 Target = Any          # a Message (runtime claim) or an asyncio.Future (a router's marker)
-
-
-@dataclass(slots=True)
-class Hold:
-    token: str
-    renewed: float
 
 
 @dataclass(eq=False)
@@ -76,7 +72,7 @@ class Session:
         self.claim_latency = claim_latency          # observes each claim call's round trip (seconds)
         self.owner = store.owner
         self.seq = 0
-        self.held: dict[str, Hold] = {}
+        self.held: dict[str, str] = {}               # key -> token of the claims we hold
         self._claims: list[tuple[str, Target]] = []
         self._calls: deque[ClaimCall] = deque()     # claim calls not yet handed over, in call order
         self._done: list[tuple[str, str, Any]] = []                       # (key, token, message or future)
@@ -85,8 +81,8 @@ class Session:
         self.retry_at = 0.0
         self._backoff = 0.2
         self.tasks: set[asyncio.Task[None]] = set()          # calls carrying claims, in flight
-        self.mark_task: asyncio.Task[None] | None = None     # a call with done marks/releases/renewals only
-        self._next_renew = 0.0
+        self.mark_task: asyncio.Task[None] | None = None     # a call with done marks/releases/heartbeat only
+        self._beat_at = 0.0                 # start of the last call that reached the store
         self._marks_since = 0.0             # when the oldest pending done mark was queued
         self.calls = 0
 
@@ -109,8 +105,7 @@ class Session:
         self._release.append((key, token))
 
     def _unhold(self, key: str, token: str) -> None:
-        h = self.held.get(key)
-        if h is not None and h.token == token:
+        if self.held.get(key) == token:
             del self.held[key]
 
     # The router's single-key calls (routing markers) ride in the same batches.
@@ -150,10 +145,6 @@ class Session:
 
     # ---------------------------------------------------------------- the call
 
-    def due_renewals(self, now: float) -> list[tuple[str, str]]:
-        cutoff = now - self.lease_s / 3
-        return [(k, h.token) for k, h in self.held.items() if h.renewed <= cutoff]
-
     def flush(self) -> bool:
         """Start store calls with what is pending; True if one started.
 
@@ -177,20 +168,15 @@ class Session:
             self._claims = []
             self.seq += len(call.group)
             self._calls.append(call)
-        if call is None and not (marks_free and (self._renewals_due(now) or self._release or (self._done and (
+        if call is None and not (marks_free and (self._beat_due(now) or self._release or (self._done and (
                 len(self._done) >= MARK_BATCH or now - self._marks_since >= MARK_LINGER_S)))):
             return False
-        renew: list[tuple[str, str]] = []
-        if now >= self._next_renew:
-            self._next_renew = now + self.lease_s / 6
-            renew = self.due_renewals(now)
         done, self._done = self._done, []
         release, self._release = self._release, []
-        for k, _ in renew:
-            self.held[k].renewed = now
         seq0, group = (call.seq0, call.group) if call is not None else (self.seq, [])
-        batch = Batch([k for k, _ in group], seq0, [(k, t) for k, t, _ in done], release, renew)
-        task = asyncio.get_running_loop().create_task(self._call(batch, call, done, release, renew))
+        batch = Batch([k for k, _ in group], seq0, [(k, t) for k, t, _ in done], release, beat=True)
+        self._beat_at = max(self._beat_at, now)   # (a failed call puts it back: see _failed)
+        task = asyncio.get_running_loop().create_task(self._call(batch, call, done, release))
         if call is not None:
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
@@ -198,26 +184,22 @@ class Session:
             self.mark_task = task
         return True
 
-    def _renewals_due(self, now: float) -> bool:
-        if now < self._next_renew:
-            return False
-        if self.due_renewals(now):
-            return True
-        self._next_renew = now + self.lease_s / 6      # none due: do not scan `held` every tick
-        return False
+    def _beat_due(self, now: float) -> bool:
+        """Claims are held and no call went out for a third of the lease."""
+        return bool(self.held) and now - self._beat_at >= self.lease_s / 3
 
     async def _call(self, batch: Batch, call: ClaimCall | None, done: list[tuple[str, str, Any]],
-                    release: list[tuple[str, str]], renew: list[tuple[str, str]]) -> None:
+                    release: list[tuple[str, str]]) -> None:
         self.calls += 1
         t0 = time.perf_counter()
         try:
             answer = await self.store.apply(batch)
         except StoreUnavailable as e:
-            self._failed(e, call, done, release, renew)
+            self._failed(e, call, done, release)
             return
         except Exception as e:  # noqa: BLE001 - an unexpected store error is treated as the store being down
             log.exception("event=store-call-failed error=%r", e)
-            self._failed(StoreUnavailable(repr(e)), call, done, release, renew)
+            self._failed(StoreUnavailable(repr(e)), call, done, release)
             return
         if call is not None:
             self.claim_latency(time.perf_counter() - t0)
@@ -227,24 +209,24 @@ class Session:
             self.down_since = None
         self._backoff = 0.2
         out = Outcome()
+        if answer.lost:                       # our heartbeat had expired: whatever we held may be taken
+            out.lost = list(self.held)
+            self.held.clear()
         group, seq0 = (call.group, call.seq0) if call is not None else ([], 0)
+        held, prefix, claimed = self.held, self.owner + ".", Claim.CLAIMED
+        claims = out.claims
         for i, ((key, target), code) in enumerate(zip(group, answer.claims)):
-            token = self.token_of(seq0 + i)
+            if code is claimed:
+                token = held[key] = prefix + str(seq0 + i)
+            else:
+                token = ""
             if isinstance(target, asyncio.Future):
                 if not target.done():
-                    target.set_result((code, token))
-                if code is Claim.CLAIMED:
-                    self.held[key] = Hold(token, now)
+                    target.set_result((code, token or self.token_of(seq0 + i)))
                 continue
-            if code is Claim.CLAIMED:
+            if token:
                 target.token = token
-                self.held[key] = Hold(token, now)
-            out.claims.append((target, code))
-        for (key, token), lost in zip(renew, answer.renew_lost):
-            h = self.held.get(key)
-            if lost and h is not None and h.token == token:
-                del self.held[key]
-                out.lost.append(key)
+            claims.append((target, code))
         for _, _, target in done:
             if isinstance(target, asyncio.Future):
                 if not target.done():
@@ -266,13 +248,9 @@ class Session:
             self.post(c.outcome)
 
     def _failed(self, e: StoreUnavailable, call: ClaimCall | None, done: list[tuple[str, str, Any]],
-                release: list[tuple[str, str]], renew: list[tuple[str, str]]) -> None:
+                release: list[tuple[str, str]]) -> None:
         now = self.clock()
-        for k, t in renew:                    # not renewed after all: due again at once
-            h = self.held.get(k)
-            if h is not None and h.token == t:
-                h.renewed = 0.0
-        self._next_renew = 0.0
+        self._beat_at = 0.0                   # no heartbeat landed for sure: due again at once
         if self.down_since is None:
             self.down_since = now
             log.error("event=idempotency-store-down action=pause-and-retry error=\"%s\"", str(e).replace('"', "'"))

@@ -41,8 +41,9 @@ class Claimer:
     async def release(self, *keys: str) -> None:
         await self.s.apply(Batch(release=[(k, self.tokens[k]) for k in keys]))
 
-    async def renew(self, *keys: str) -> list[bool]:
-        return (await self.s.apply(Batch(renew=[(k, self.tokens[k]) for k in keys]))).renew_lost
+    async def beat(self) -> bool:
+        """A heartbeat-only call; True: our heartbeat had expired (our claims may be taken)."""
+        return (await self.s.apply(Batch(beat=True))).lost
 
 
 async def test_claim_lease_done_release_and_fencing(testbed, names, redis_client) -> None:
@@ -59,17 +60,18 @@ async def test_claim_lease_done_release_and_fencing(testbed, names, redis_client
         await b.release("k3")
         await a.release("k2")
         assert await b.claim("k2") == [Claim.CLAIMED]                   # released: claimable at once
-        # a dead worker's claim expires with its lease
+        # a dead worker's claim is taken over once its heartbeat (the lease) ran out
         assert await a.claim("k4") == [Claim.CLAIMED]
         assert await b.claim("k4") == [Claim.BUSY]
         await asyncio.sleep(0.7)
-        assert await a.renew("k4") == [True]                            # a renewal after expiry: lost
         assert await b.claim("k4") == [Claim.CLAIMED]
+        assert await a.beat() is True                                   # a learns that it was gone
         # fencing: the stale owner's done mark and release do not touch b's claim
         await a.done("k4")
         await a.release("k4")
         assert redis_client.get(sa.full_key("k4")) == b.tokens["k4"].encode()
-        assert await b.renew("k4") == [False]
+        assert await b.claim("k4") == [Claim.BUSY]                      # still b's, b alive
+        assert await b.beat() is False
         await b.done("k4")
         assert await a.claim("k4") == [Claim.DONE]
         ttl = redis_client.ttl(sa.full_key("k4"))
@@ -112,19 +114,48 @@ async def test_mark_done_in_applies_only_while_the_claim_is_held(testbed, names,
         redis_client.set(sa.full_key("order-3"), "someone-else")
         with pytest.raises(redis.WatchError):
             pipe.execute()
-        # a lease renewal between WATCH and EXEC also refuses the MULTI (the runtime then runs
-        # the handler again, since it still holds the claim: nothing was applied)
+        # a heartbeat between WATCH and EXEC does not touch the key: the MULTI applies
         assert await a.claim("order-4") == [Claim.CLAIMED]
         pipe = redis_client.pipeline(transaction=True)
         pipe.rpush(effects, "a:order-4")
         sa.done_in(pipe, "order-4", a.tokens["order-4"])
-        assert await a.renew("order-4") == [False]
-        with pytest.raises(redis.WatchError):
-            pipe.execute()
-        assert redis_client.lrange(effects, 0, -1) == [b"a:order-1"]
+        assert await a.beat() is False
+        pipe.execute()
+        assert redis_client.lrange(effects, 0, -1) == [b"a:order-1", b"a:order-4"]
     finally:
         await sa.close()
         await sb.close()
+
+
+WRITES = ("set", "setnx", "setex", "psetex", "del", "unlink", "expire", "pexpire", "bitfield", "setbit",
+          "hset", "getset", "incr")
+
+
+def write_calls(r: redis.Redis) -> int:
+    """Write commands Redis has executed (scripts' inner calls included), from INFO commandstats."""
+    stats = r.info("commandstats")
+    return sum(int(v["calls"]) for k, v in stats.items() if k.removeprefix("cmdstat_") in WRITES)
+
+
+async def test_a_message_costs_one_redis_write(testbed, names, redis_client) -> None:
+    """Issue 13: the claim's write is the only write per message; the done marks of a call
+    are one BITFIELD, and the heartbeat one SET per call, whatever the number of messages."""
+    c = Claimer(store(testbed, names, "w", lease_ms=30_000))
+    keys = [f"one-write-{i}" for i in range(2000)]
+    try:
+        await c.claim("warm-up")                       # the first call loads the script
+        before = write_calls(redis_client)
+        for i in range(0, len(keys), 500):
+            await c.claim(*keys[i:i + 500])
+            await c.done(*keys[i:i + 500])
+        writes = write_calls(redis_client) - before
+        x = Claimer(store(testbed, names, "x"))
+        assert await x.claim(*keys[:3]) == [Claim.DONE] * 3
+        await x.s.close()
+    finally:
+        await c.s.close()
+    # 2,000 claim SETs; per call one heartbeat SET, and per done call one BITFIELD and EXPIRE
+    assert len(keys) <= writes <= len(keys) + 8 * 3 + 20, writes
 
 
 def test_racing_claimers_never_both_win(testbed, names) -> None:

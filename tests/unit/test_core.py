@@ -130,38 +130,41 @@ def test_chunks_never_split_a_key() -> None:
 
 
 class FakeStore:
-    """Holds key -> value like the Lua script does (no TTLs: leases expire by `expire()`)."""
+    """Holds key -> value and the owners' heartbeats like the Lua script does (no TTLs: a
+    heartbeat expires when a test removes it from `alive`; a done mark is written as `d`)."""
 
     def __init__(self, owner: str = "me") -> None:
         self.owner = owner
         self.kv: dict[str, str] = {}
+        self.alive: set[str] = set()
         self.fail: Exception | None = None
         self.land_then_fail = False
         self.calls: list[Batch] = []
+        self.beating = False
 
     async def apply(self, b: Batch) -> Answer:
         self.calls.append(b)
         if self.fail is not None and not self.land_then_fail:
             raise self.fail
+        lost = self.beating and self.owner not in self.alive
+        self.alive.add(self.owner)
         for k, t in b.done:
             if self.kv.get(k) in (t, None):
                 self.kv[k] = "d"
         for k, t in b.release:
             if self.kv.get(k) == t:
                 del self.kv[k]
-        lost = []
-        for k, t in b.renew:
-            lost.append(self.kv.get(k) != t)
         out = []
         for i, k in enumerate(b.claims):
             tok, cur = f"{self.owner}.{b.seq0 + i}", self.kv.get(k)
-            if cur is None or cur == tok:
+            if cur is None or cur == tok or (cur != "d" and cur.rpartition(".")[0] not in self.alive):
                 self.kv[k] = tok
                 out.append(Claim.CLAIMED)
             else:
                 out.append(Claim.DONE if cur == "d" else Claim.BUSY)
         if self.fail is not None:                        # the call landed, its answer is lost
             raise self.fail
+        self.beating = True
         return Answer(out, lost)
 
 
@@ -209,17 +212,18 @@ async def test_a_claim_whose_answer_was_lost_is_retried_with_its_token_and_wins(
 
 
 async def test_store_down_flag_clears_whoever_noticed_it() -> None:
-    """Issue 9 item 4: a blip first seen by a done mark or a renewal never cleared."""
+    """Issue 9 item 4: a blip first seen by a done mark or a heartbeat never cleared."""
     store, clock, outs = FakeStore(), Clock(), []
     s = Session(store, lease_ms=3_000, post=outs.append, clock=clock)
     s.claim("k", msg(1))
     s.flush()
     await settle(s)
-    clock.t += 2                                          # the claim is due for renewal
+    assert not s.flush()                                  # a claim held, the heartbeat fresh: no call
+    clock.t += 1.01                                       # a third of the lease: a heartbeat is due
     store.fail = StoreUnavailable("down")
-    assert s.flush()                                      # a renewal notices the outage
+    assert s.flush()                                      # the heartbeat notices the outage
     await settle(s)
-    assert s.down and store.calls[-1].renew and not store.calls[-1].claims
+    assert s.down and store.calls[-1].beat and not store.calls[-1].claims and not store.calls[-1].done
     store.fail = None
     assert not s.flush()                                  # backing off
     clock.t += 1
@@ -228,16 +232,21 @@ async def test_store_down_flag_clears_whoever_noticed_it() -> None:
     assert not s.down
 
 
-async def test_a_renewal_that_finds_another_token_reports_the_key_lost() -> None:
+async def test_a_heartbeat_that_finds_itself_expired_reports_the_held_keys_lost() -> None:
     store, clock, outs = FakeStore(), Clock(), []
     s = Session(store, lease_ms=3_000, post=outs.append, clock=clock)
     m = msg(1)
     s.claim("k", m)
     s.flush()
     await settle(s)
-    store.kv["k"] = "other.7"                              # our lease ran out; someone took it
+    assert s.held == {"k": m.token}
+    store.alive.discard("me")                               # our heartbeat ran out...
+    other = FakeStore("other")
+    other.kv, other.alive = store.kv, store.alive
+    assert (await other.apply(Batch(claims=["k"], seq0=7))).claims == [Claim.CLAIMED]   # ...and it took k
+    assert store.kv["k"] == "other.7"
     clock.t += 2
-    s.flush()
+    assert s.flush()                                        # the heartbeat is due
     await settle(s)
     assert outs[-1].lost == ["k"] and "k" not in s.held
     s.done("k", m.token, m)                                 # our handler finishes anyway
