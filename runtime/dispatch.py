@@ -484,6 +484,7 @@ class ThreadDispatcher(Dispatcher):
         super().__init__(*a, **kw)
         self._q: queue.SimpleQueue[Chunk | None] = queue.SimpleQueue()
         self._pending: deque[Chunk] = deque()        # chunks in the queue (for take_back)
+        self._sweep_at = PRUNE_SWEEP_AT
         self._lock = threading.Lock()
         self._live = 0
         self._idle = 0
@@ -559,8 +560,10 @@ class ThreadDispatcher(Dispatcher):
         p = self._pending
         while p and p[0].finished:
             p.popleft()
-        if len(p) > PRUNE_SWEEP_AT:
-            self._pending = deque(c for c in p if not c.finished)
+        if len(p) > self._sweep_at:
+            self._pending = p = deque(c for c in p if not c.finished)
+            # many chunks still waiting: sweep again only once the list doubled (not at every enqueue)
+            self._sweep_at = max(PRUNE_SWEEP_AT, 2 * len(p))
 
     def _replace_abandoned(self) -> None:
         for i, w in enumerate(self.workers):
