@@ -39,7 +39,8 @@ def alive(pid: int) -> bool:
 def free_base() -> int:
     """A port base whose test-bed ports are all free on this machine."""
     for base in range(23000, 60000, 1000):
-        if all(_free(base + off) for off in (23, 24, 43, 57, 59, 79, 92, 93)):
+        offsets = (23, 24, 43, 57, 59, 79, 92, 93, *range(81, 87), *range(181, 187))   # 8x: Redis Cluster
+        if all(_free(base + off) for off in offsets):
             return base
     raise RuntimeError("no free port range for a second test bed")
 
