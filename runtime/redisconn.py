@@ -22,10 +22,10 @@ settings nor the CRD need a field for it.
 Pool behaviour differs, and callers should know it:
 - single Redis: with `max_connections`, a BlockingConnectionPool, a caller waits up to
   `pool_timeout` for a free connection; without, redis-py's default pool (grows as needed).
-- cluster, asyncio: redis-py keeps a pool per node of at most `max_connections` (default 100)
-  and raises `MaxConnectionsError` at once when it is exhausted: there is no blocking wait,
-  so size it for the most concurrent commands one process sends to one node.
-- cluster, sync: a BlockingConnectionPool per node when `max_connections` is given.
+- cluster (asyncio and sync): redis-py keeps a pool per node of at most `max_connections`
+  (asyncio default 100, sync unbounded) and raises `MaxConnectionsError` ("Too many
+  connections") at once when it is exhausted: no blocking wait, `pool_timeout` does not
+  apply, so size it for the most concurrent commands one process sends to one node.
 - retries: a cluster client retries a command on connection errors, MOVED/ASK and
   TRYAGAIN, reloading the slot layout in between (that is how it gets through a failover);
   `retries` bounds that (redis-py's default is 10 with exponential back-off up to 10 s,
@@ -131,8 +131,7 @@ def async_client(url: str, *, max_connections: int | None = None, pool_timeout: 
 def sync_client(url: str, *, max_connections: int | None = None, pool_timeout: float | None = None,
                 socket_timeout: float | None = None, socket_connect_timeout: float | None = None,
                 retries: int | None = None, **extra: Any) -> Any:
-    """A `redis.Redis` or, for a cluster URL, a `redis.RedisCluster` (same options as async_client;
-    with `max_connections`, blocking pools on both)."""
+    """A `redis.Redis` or, for a cluster URL, a `redis.RedisCluster` (same options as async_client)."""
     return _client(url, True, max_connections, pool_timeout, socket_timeout, socket_connect_timeout, retries, extra)
 
 
@@ -149,10 +148,7 @@ def _client(url: str, sync: bool, max_connections: int | None, pool_timeout: flo
     if is_cluster_url(url):
         t = parse_cluster_url(url)
         if max_connections is not None:
-            opts["max_connections"] = max_connections
-            if sync:
-                # (no pool wait timeout reaches redis-py's per-node pools: they wait up to 20 s)
-                opts["connection_pool_class"] = mod.BlockingConnectionPool
+            opts["max_connections"] = max_connections          # per node, and not blocking (module doc)
         retry = _retry(retries, sync)
         if retry is not None:
             opts["retry"] = retry
