@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -52,17 +54,34 @@ async def operator_view(url: str, names) -> tuple[GroupSignal, dict]:
         await r.aclose()
 
 
-def test_consumer_signal_reaches_the_producer_through_the_cluster(testbed, make_topic, names, redis_client,
-                                                                redis_cluster, tmp_path) -> None:
+@dataclass
+class Run:
+    """One consumer publishing to the cluster; its handler's latency (ms) in `latency_key` on the single Redis."""
+    topic: str
+    latency_key: str
+    member: str
+    keys: SignalKeys
+    log_path: Path
+    c: ConsumerProcess
+
+
+@pytest.fixture
+def run(testbed, make_topic, names, redis_client, tmp_path) -> Run:
     topic = make_topic("in", partitions=2)
     latency_key = f"{names.redis_prefix}latency"
     redis_client.set(latency_key, 1)
-    member = f"{names.stem}-0"
     keys = SignalKeys.for_url(testbed.redis_cluster_url, names.redis_prefix, names.group)
+    log_path = tmp_path / "c.log"
+    return Run(topic, latency_key, f"{names.stem}-0", keys, log_path,
+               start_consumer(testbed, names, topic, latency_key, log_path))
+
+
+def test_consumer_signal_reaches_the_producer_through_the_cluster(testbed, names, redis_client, redis_cluster,
+                                                                run: Run) -> None:
+    topic, latency_key, member, keys, c = run.topic, run.latency_key, run.member, run.keys, run.c
     # The hash-tagged names (one slot on the cluster), not the single-Redis ones.
     assert keys.member(member) == f"{names.redis_prefix}bp:{{{names.group}}}:{member}"
     assert keys.index == f"{names.redis_prefix}bpm:{{{names.group}}}"
-    c = start_consumer(testbed, names, topic, latency_key, tmp_path / "c.log")
     # A periodic read only every 30 s: a reaction within seconds comes from the sharded channel.
     prod = cluster_producer(testbed, names, poll_interval_ms=30_000)
     try:
@@ -104,18 +123,13 @@ def test_consumer_signal_reaches_the_producer_through_the_cluster(testbed, make_
     assert rc == 0, c.log_tail()
     assert record(redis_cluster, keys, member) is None                 # a clean stop leaves at once
     assert redis_cluster.zscore(keys.index, member) is None
-    assert "Traceback" not in (tmp_path / "c.log").read_text()
+    assert "Traceback" not in run.log_path.read_text()
 
 
-def test_signal_survives_a_failover_of_its_master(testbed, make_topic, names, redis_client, redis_cluster,
-                                                  redis_cluster_bed, tmp_path) -> None:
-    topic = make_topic("in", partitions=2)
-    latency_key = f"{names.redis_prefix}latency"
-    redis_client.set(latency_key, 1)
-    member = f"{names.stem}-0"
-    keys = SignalKeys.for_url(testbed.redis_cluster_url, names.redis_prefix, names.group)
-    log_path = tmp_path / "c.log"
-    c = start_consumer(testbed, names, topic, latency_key, log_path)
+def test_signal_survives_a_failover_of_its_master(testbed, names, redis_client, redis_cluster, redis_cluster_bed,
+                                                  run: Run) -> None:
+    topic, latency_key, member, keys, c = run.topic, run.latency_key, run.member, run.keys, run.c
+    log_path = run.log_path
     prod = cluster_producer(testbed, names, poll_interval_ms=250)
     figures: dict[str, float] = {}
     try:
