@@ -361,6 +361,17 @@ def form_cluster() -> list[str]:
         log("formed", part="redis-cluster", nodes=",".join(addrs))
         return []
     formed = [port for port in infos if port not in fresh]
+    # The others still know the lost identities of the fresh nodes: forget every id that no
+    # running node has, on every formed node (within a minute of each other, or gossip brings
+    # it back), or they count more than 6 nodes.
+    live = {redis_cmd(port, "CLUSTER", "MYID") for port in cluster_ports()}
+    for other in formed:
+        for n in cluster_nodes(other):
+            if n["id"] not in live:
+                try:
+                    redis_cmd(other, "CLUSTER", "FORGET", str(n["id"]))
+                except ValueError as e:
+                    log("forget-refused", part="redis-cluster", node=other, forget=n["id"], error=e)
     for port in fresh:
         r = subprocess.run(["redis-cli", "--cluster", "add-node", f"{HOST}:{port}", f"{HOST}:{formed[0]}",
                             "--cluster-slave"], capture_output=True, text=True, timeout=60)
