@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from afc.runtime.backpressure import GroupSignal, SignalKeys, read_group_async, read_records_async
+from afc.runtime.backpressure import (GroupSignal, LevelInputs, LevelRule, SignalKeys, SignalPublisher,
+                                      read_group_async, read_records_async)
 from afc.runtime.config import ProducerSettings
 from afc.runtime.producer import AdaptiveProducer
 from afc.runtime.redisconn import async_client
@@ -174,3 +175,63 @@ def test_signal_survives_a_failover_of_its_master(testbed, names, redis_client, 
     # The outage was seen and counted, and said once each way in the log.
     assert figures["publish_errors"] >= 1, figures
     assert log.count("event=backpressure-signal-down") >= 1 and "event=backpressure-signal-back" in log
+
+
+def groups_on_two_masters(redis_cluster_bed, names) -> tuple[str, str]:
+    """Two group names whose signals live on different masters."""
+    from redis.crc import key_slot
+    first = f"{names.stem}-g0"
+    port = redis_cluster_bed.master_of_slot(key_slot(SignalKeys(names.redis_prefix, first, True).index.encode()))
+    for i in range(1, 200):
+        g = f"{names.stem}-g{i}"
+        if redis_cluster_bed.master_of_slot(key_slot(SignalKeys(names.redis_prefix, g, True).index.encode())) != port:
+            return first, g
+    raise AssertionError("no second group on another master")
+
+
+def test_producer_of_two_groups_hears_each_on_its_own_master(testbed, names, redis_cluster, redis_cluster_bed) -> None:
+    """In-process publishers (the consumer's SignalPublisher, fed windows by hand) of two groups
+    whose slots are on different masters; one producer watching both hears each on its own
+    sharded subscription (its periodic read set to 30 s)."""
+    g1, g2 = groups_on_two_masters(redis_cluster_bed, names)
+    rule = LevelRule(target_latency_ms=50, max_error_rate=0.2, clear_after_s=0.2)
+    calm = LevelInputs(completed=10, mean_latency_ms=1, error_rate=0, overloaded=False, at_floor=False, paused=0,
+                       assigned=2, outstanding=1)
+    hot = LevelInputs(completed=10, mean_latency_ms=500, error_rate=0, overloaded=True, at_floor=True, paused=2,
+                      assigned=2, outstanding=50)
+    prod = AdaptiveProducer(ProducerSettings(
+        bootstrap_servers=testbed.bootstrap, groups=[g1, g2], redis_url=testbed.redis_cluster_url,
+        key_prefix=names.redis_prefix.rstrip(":"), max_rate=1000, floor_rate=10, poll_interval_ms=30_000))
+    heard: dict[str, float] = {}
+
+    async def drive() -> None:
+        pubs = {g: SignalPublisher(testbed.redis_cluster_url, names.redis_prefix, g, f"{g}-m", rule, ttl_ms=3000,
+                                   heartbeat_ms=1000) for g in (g1, g2)}
+        try:
+            async def windows(levels: dict[str, LevelInputs], until, timeout: float, what: str) -> float:
+                t0 = time.monotonic()
+                while time.monotonic() - t0 < timeout:
+                    for g, p in pubs.items():
+                        p.observe(levels[g])
+                    await asyncio.sleep(0.05)
+                    if until():
+                        return time.monotonic() - t0
+                raise AssertionError(f"timed out after {timeout}s waiting for {what} (levels {prod.levels})")
+            await windows({g1: calm, g2: calm}, lambda: prod.levels == {g1: 0.0, g2: 0.0}
+                          and all(p.published_level == 0 for p in pubs.values()), 10, "both groups published, clear")
+            for g, other in ((g2, g1), (g1, g2)):
+                heard[g] = await windows({g: hot, other: calm}, lambda: prod.levels.get(g) == 1.0, 5, f"{g} hot")
+                assert prod.levels[other] == 0.0
+                await windows({g1: calm, g2: calm}, lambda: prod.levels == {g1: 0.0, g2: 0.0}, 10, f"{g} clear")
+            assert all(p.down is False for p in pubs.values())
+        finally:
+            for p in pubs.values():
+                await p.close()
+
+    try:
+        asyncio.run(drive())
+        assert prod.metrics.signal_errors._value.get() == 0       # every change came by a message, no re-read
+    finally:
+        prod.close(5)
+    assert max(heard.values()) < 3, heard
+    print(f"\ntwo groups on two masters: heard in {json.dumps({k: round(v, 2) for k, v in heard.items()})} s")
