@@ -16,8 +16,9 @@ is needed; a silently ignored one would be worse than an error).
 
 The scheme rides in the URL, which already comes from a Secret (`idempotency.redisUrlSecretRef`,
 `backpressure.redisUrlSecretRef`) or an env var (`AFC_IDEMPOTENCY__REDIS_URL`,
-`AFC_BACKPRESSURE__REDIS_URL`, the producer's `AFC_PRODUCER_REDIS_URL`...), so neither the
-settings nor the CRD need a field for it.
+`AFC_BACKPRESSURE__REDIS_URL`, the producer's `AFC_PRODUCER__REDIS_URL`...), so neither the
+settings nor the CRD need a field for it. (The idempotency store does not take a cluster URL
+yet: docs/redis-cluster.md.)
 
 Pool behaviour differs, and callers should know it:
 - single Redis: with `max_connections`, a BlockingConnectionPool, a caller waits up to
