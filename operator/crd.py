@@ -297,7 +297,8 @@ class BackpressureSpec(Checked, BackpressureSettings):
     crd_drop = ("redisUrl",)
     redis_url_secret_ref: SecretKeyRef | None = Field(
         None, description="Secret key holding a separate Redis URL for the signal (env AFC_BACKPRESSURE__REDIS_URL "
-                          "in the pod); without it the idempotency Redis is used.")
+                          "in the pod); without it the idempotency Redis is used. A Redis Cluster: "
+                          "redis+cluster://host:port[,host:port...] (docs/redis-cluster.md).")
 
 
 class RoutingSpec(Checked, RoutingSettings):

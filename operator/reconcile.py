@@ -574,8 +574,8 @@ class Reconciler:
             return tr.canary_samples
         prefix = spec.backpressure.key_prefix or spec.idempotency.key_prefix
         try:
-            records = await asyncio.wait_for(read_records_async(self._redis_client(url),
-                                                                SignalKeys(prefix, spec.kafka.group_id)), 5)
+            keys = SignalKeys.for_url(url, prefix, spec.kafka.group_id)
+            records = await asyncio.wait_for(read_records_async(self._redis_client(url), keys), 5)
         except Exception as e:  # noqa: BLE001 - no sample this time; no data long enough fails safe
             logger.warning("canary health unreadable", extra={"object": f"{owner.namespace}/{owner.name}",
                                                                "error": f"{type(e).__name__}: {e}"})
@@ -588,8 +588,8 @@ class Reconciler:
     def _redis_client(self, url: str) -> Any:
         r = self._redis.get(url)
         if r is None:
-            import redis.asyncio as aredis
-            r = self._redis[url] = aredis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+            from afc.runtime.redisconn import async_client     # one Redis or a Cluster, by the URL's scheme
+            r = self._redis[url] = async_client(url, socket_timeout=2, socket_connect_timeout=2, retries=2)
         return r
 
     async def _collect_configs(self, owner: render.Owner, tr: Tracked, sts: Mapping[str, Any] | None,
@@ -701,7 +701,7 @@ class Reconciler:
         prefix = spec.backpressure.key_prefix or spec.idempotency.key_prefix
         try:
             r = self._redis_client(url)
-            sig = await asyncio.wait_for(read_group_async(r, SignalKeys(prefix, spec.kafka.group_id)), 5)
+            sig = await asyncio.wait_for(read_group_async(r, SignalKeys.for_url(url, prefix, spec.kafka.group_id)), 5)
         except Exception as e:  # noqa: BLE001 - an unreadable signal is Unknown, never a reason to stop
             return None, {"level": "Unknown", "error": f"backpressure signal unreadable: {type(e).__name__}: {e}"}
         engaged = sig.members > 0 and sig.level >= spec.scaling.backpressure_blocks_at

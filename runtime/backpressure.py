@@ -44,6 +44,14 @@ Wire format (Redis)
       keys and drop index entries whose key has expired.
     - channel `<prefix>:bp:<group>`: a message on every level change (and on a clean
       shutdown), so producers re-read at once instead of waiting for their periodic read.
+    On a Redis Cluster (a `redis+cluster://` URL, see afc.runtime.redisconn) the group's
+    part of each name is a hash tag, so the index, every member key and the channel map
+    to one slot and one node (one pipeline, one MGET, no CROSSSLOT):
+    `<prefix>:bp:{<group>}:<member>`, `<prefix>:bpm:{<group>}`, channel `<prefix>:bp:{<group>}`,
+    and the channel is a sharded one (SPUBLISH / SSUBSCRIBE, Redis >= 7.0): a plain PUBLISH
+    is refused in a cluster pipeline and would be broadcast to every node. Readers and
+    writers derive the names from the URL's scheme, so they agree as long as they are given
+    the same kind of URL.
 
 Failure of the signal path never reaches the loop: a publish runs as a task, errors are
 logged once (and once when it comes back) and counted; local flow control goes on.
@@ -175,16 +183,37 @@ def parse_members(members: list[str], values: list[bytes | str | None]) -> tuple
 
 
 class SignalKeys:
-    """Redis names of one group's signal."""
+    """Redis names of one group's signal; `cluster`: with the group as hash tag (one slot)."""
 
-    def __init__(self, prefix: str, group: str) -> None:
+    def __init__(self, prefix: str, group: str, cluster: bool = False) -> None:
         p = prefix.rstrip(":")
-        self.channel = f"{p}:bp:{group}"
-        self.index = f"{p}:bpm:{group}"
-        self._member = f"{p}:bp:{group}:"
+        g = "{" + group + "}" if cluster else group
+        self.cluster = cluster
+        self.channel = f"{p}:bp:{g}"
+        self.index = f"{p}:bpm:{g}"
+        self._member = f"{p}:bp:{g}:"
+        if cluster:
+            from redis.crc import key_slot
+            slots = {key_slot(k.encode()) for k in (self.channel, self.index, self._member)}
+            if len(slots) != 1:
+                raise ValueError(f"the key prefix {prefix!r} puts the signal of group {group!r} in several hash "
+                                 "slots of a Redis Cluster (an unbalanced '{' in it?): use a prefix without braces")
+
+    @classmethod
+    def for_url(cls, url: str, prefix: str, group: str) -> "SignalKeys":
+        """The names for the Redis this URL points at (a cluster: `redis+cluster://`)."""
+        from .redisconn import is_cluster_url
+        return cls(prefix, group, cluster=is_cluster_url(url))
 
     def member(self, member: str) -> str:
         return self._member + member
+
+    def publish(self, pipe: Any, message: str) -> None:
+        """Queue the change message on a pipeline: sharded on a cluster, plain otherwise."""
+        if self.cluster:
+            pipe.spublish(self.channel, message)
+        else:
+            pipe.publish(self.channel, message)
 
 
 def _decode(m: bytes | str) -> str:
@@ -244,9 +273,8 @@ class SignalPublisher:
     def __init__(self, url: str, prefix: str, group: str, member: str, rule: LevelRule, ttl_ms: int,
                  heartbeat_ms: int, metrics: "RuntimeMetrics | None" = None,
                  health: "Callable[[], Mapping[str, Any]] | None" = None, pod: str | None = None) -> None:
-        import redis
-        import redis.asyncio as aredis
-        self.keys = SignalKeys(prefix, group)
+        from .redisconn import async_client, redis_errors
+        self.keys = SignalKeys.for_url(url, prefix, group)
         self.group, self.member = group, member
         self.key = self.keys.member(member)
         self.tracker = SaturationTracker(rule)
@@ -254,10 +282,11 @@ class SignalPublisher:
         self.metrics = metrics
         self.health = health                        # the loop's counters and lag, read at each publish
         self.pod = pod                              # the pod it runs in (POD_NAME), for the operator
-        pool = aredis.BlockingConnectionPool.from_url(url, max_connections=2, timeout=1, socket_timeout=1,
-                                                      socket_connect_timeout=1)
-        self._r = aredis.Redis(connection_pool=pool)
-        self._errors = (redis.RedisError, OSError)
+        # Two connections (a publish, a close); on a cluster, per node, and few retries: a publish
+        # that fails is tried again at a later window anyway.
+        self._r = async_client(url, max_connections=2, pool_timeout=1, socket_timeout=1, socket_connect_timeout=1,
+                               retries=2)
+        self._errors = redis_errors()
         self._task: asyncio.Task[None] | None = None
         self.published_level: int | None = None     # last level Redis has (None: nothing yet)
         self.next_beat = 0.0
@@ -305,7 +334,7 @@ class SignalPublisher:
             pipe.zadd(self.keys.index, {self.member: int(time.time() * 1000)})
             pipe.pexpire(self.keys.index, max(60_000, 10 * self.ttl_ms))
             if changed:
-                pipe.publish(self.keys.channel, json.dumps({"member": self.member, "level": level}))
+                self.keys.publish(pipe, json.dumps({"member": self.member, "level": level}))
             await pipe.execute()
             if now >= self._next_group_read:
                 self.group_signal = await read_group_async(self._r, self.keys)
@@ -344,7 +373,7 @@ class SignalPublisher:
             pipe = self._r.pipeline(transaction=False)
             pipe.delete(self.key)
             pipe.zrem(self.keys.index, self.member)
-            pipe.publish(self.keys.channel, json.dumps({"member": self.member, "level": None}))
+            self.keys.publish(pipe, json.dumps({"member": self.member, "level": None}))
             await asyncio.wait_for(pipe.execute(), 2)
         except (asyncio.TimeoutError, *self._errors) as e:
             log.info("event=backpressure-leave-failed member=%s error=\"%s\" detail=\"expires after ttl\"",

@@ -277,7 +277,8 @@ class BackpressureSettings(Section):
     enabled: bool = Field(True, description="Publish this member's saturation level to Redis "
                           "(needs a Redis URL here or in idempotency).")
     redis_url: OptionalSecret = Field(
-        None, description="Redis URL for the signal (from a Secret); defaults to idempotency.redisUrl.")
+        None, description="Redis URL for the signal (from a Secret); defaults to idempotency.redisUrl. A Redis "
+                           "Cluster: redis+cluster://host:port[,host:port...] (afc.runtime.redisconn).")
     key_prefix: str | None = Field(None, min_length=1, max_length=64,
                                    description="Key prefix; defaults to idempotency.keyPrefix.")
     ttl_ms: int = Field(3_000, ge=300, le=600_000,
@@ -495,7 +496,8 @@ class ProducerSettings(BaseSettings):
     bootstrap_servers: str = Field("localhost:9092", min_length=1)
     groups: list[str] = Field(default_factory=list,
                               description="Consumer groups whose signal to honour (the most saturated governs).")
-    redis_url: OptionalSecret = Field(None, description="Redis holding the signal; none: no signal, max rate.")
+    redis_url: OptionalSecret = Field(None, description="Redis holding the signal; none: no signal, max rate. "
+                                      "A Redis Cluster: redis+cluster://host:port[,host:port...].")
     key_prefix: str = Field("afc", min_length=1, max_length=64, description="The consumers' key prefix.")
     key_header: str = Field("idempotency-key", min_length=1)
     max_message_bytes: int = Field(1_048_576, ge=1, description="Larger messages are refused before sending.")

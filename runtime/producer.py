@@ -332,14 +332,15 @@ class _Watcher:
     retried every second; the producer's callers never see them."""
 
     def __init__(self, prod: AdaptiveProducer) -> None:
-        import redis
+        from .redisconn import is_cluster_url, redis_errors, sync_client
         self.p = prod
         s = prod.s
         assert s.redis_url is not None
         self.url = s.redis_url.get_secret_value()
-        self.keys = {g: SignalKeys(s.key_prefix, g) for g in s.groups}
-        self.r = redis.Redis.from_url(self.url, socket_timeout=1, socket_connect_timeout=1)
-        self.errors = (redis.RedisError, OSError)
+        self.cluster = is_cluster_url(self.url)
+        self.keys = {g: SignalKeys(s.key_prefix, g, cluster=self.cluster) for g in s.groups}
+        self.r = sync_client(self.url, socket_timeout=1, socket_connect_timeout=1, retries=2)
+        self.errors = redis_errors()
         self.pubsub: Any = None
 
     def read_once(self) -> bool:
@@ -386,8 +387,16 @@ class _Watcher:
 
     def _subscribe(self) -> None:
         ps = self.r.pubsub(ignore_subscribe_messages=True)
-        ps.subscribe(*[k.channel for k in self.keys.values()])
+        if self.cluster:                        # sharded channels: one per group's slot (backpressure.py)
+            ps.ssubscribe(*[k.channel for k in self.keys.values()])
+        else:
+            ps.subscribe(*[k.channel for k in self.keys.values()])
         self.pubsub = ps
+
+    def _message(self, timeout: float) -> Any:
+        if self.cluster:
+            return self.pubsub.get_sharded_message(ignore_subscribe_messages=True, timeout=timeout)
+        return self.pubsub.get_message(timeout=timeout)
 
     def run(self) -> None:
         p, s = self.p, self.p.s
@@ -407,7 +416,7 @@ class _Watcher:
                             next_read = now + poll_s
                     closed.wait(max(0.0, min(next_adjust, next_read) - p._clock()))
                 else:
-                    msg = self.pubsub.get_message(timeout=max(0.0, min(next_adjust, next_read) - now))
+                    msg = self._message(max(0.0, min(next_adjust, next_read) - now))
                     if msg is not None or p._clock() >= next_read:
                         if self.read_once():
                             next_read = p._clock() + poll_s

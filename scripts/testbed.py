@@ -1,7 +1,11 @@
 #!/usr/bin/env python3
 """The afc test bed: real Kafka, Redis and a Kubernetes control plane on 127.0.0.1.
 
-Usage: testbed.py up | down | status | env | clean
+Usage: testbed.py up [part ...] | down | status | env | clean
+
+Parts: redis, redis-cluster (six redis-server nodes, 3 masters + 3 replicas, formed once
+with `redis-cli --cluster create`), kafka, etcd, kube-apiserver, kube-controller-manager,
+kube-scheduler.
 
 `up` starts each part that is not already running and ready (idempotent), waits until it
 answers a real request, writes `<state>/env` and prints the environment to use. A part
@@ -52,18 +56,35 @@ def log(event: str, **kv: object) -> None:
 
 # --------------------------------------------------------------------------- ports
 
-def ports(save: bool = False) -> dict[str, int]:
-    """Ports are fixed at the first `up` and kept in the state folder, so later calls agree;
-    `status` and `env` only read them (they must not fix ports before `up` does)."""
-    f = STATE / "ports.json"
-    if f.exists():
-        return json.loads(f.read_text())
+# The Redis Cluster part: six nodes (3 masters, 3 replicas). Node i (1-based) serves clients
+# on PORT_BASE + 80 + i and talks to the other nodes on its cluster bus, PORT_BASE + 180 + i
+# (set explicitly: redis' default, port + 10000, would leave the bed's port range).
+CLUSTER_NODES = 6
+CLUSTER_NODE_TIMEOUT_MS = 2000      # a dead master is failed over after ~2-4 s
+CLUSTER_SLOTS = 16384
+
+
+def default_ports() -> dict[str, int]:
     p = {
         "kafka": PORT_BASE + 92, "kafka_controller": PORT_BASE + 93, "redis": PORT_BASE + 79,
         "etcd": PORT_BASE + 23, "etcd_peer": PORT_BASE + 24, "apiserver": PORT_BASE + 43,
         "controller_manager": PORT_BASE + 57, "scheduler": PORT_BASE + 59,
     }
-    if save:
+    for i in range(1, CLUSTER_NODES + 1):
+        p[f"redis_cluster_{i}"] = PORT_BASE + 80 + i
+        p[f"redis_cluster_bus_{i}"] = PORT_BASE + 180 + i
+    return p
+
+
+def ports(save: bool = False) -> dict[str, int]:
+    """Ports are fixed at the first `up` and kept in the state folder, so later calls agree;
+    `status` and `env` only read them (they must not fix ports before `up` does). A part
+    added after a bed's first `up` (the Redis Cluster) gets its ports from the current
+    PORT_BASE, written to the file at the next `up`."""
+    f = STATE / "ports.json"
+    saved = json.loads(f.read_text()) if f.exists() else {}
+    p = {**default_ports(), **saved}
+    if save and p != saved:
         STATE.mkdir(parents=True, exist_ok=True)
         f.write_text(json.dumps(p, indent=1))
     return p
@@ -128,6 +149,82 @@ def redis_ping(port: int) -> bool:
         return s.recv(16).startswith(b"+PONG")
 
 
+def redis_cmd(port: int, *args: str, timeout: float = 2) -> str:
+    """One command in RESP, for probes: returns a simple or bulk string reply as text,
+    raises ValueError on an error reply (and on replies a probe never needs)."""
+    req = f"*{len(args)}\r\n".encode() + b"".join(
+        f"${len(a.encode())}\r\n".encode() + a.encode() + b"\r\n" for a in args)
+    with socket.create_connection((HOST, port), timeout=timeout) as s:
+        s.sendall(req)
+        f = s.makefile("rb")
+        line = f.readline()
+        if not line.endswith(b"\r\n"):
+            raise ConnectionError("closed")
+        kind, rest = line[:1], line[1:-2].decode(errors="replace")
+        if kind in (b"+", b":"):
+            return rest
+        if kind == b"-":
+            raise ValueError(rest)
+        if kind == b"$":
+            n = int(rest)
+            return "" if n < 0 else f.read(n + 2)[:-2].decode(errors="replace")
+        raise ValueError(f"unexpected reply {line[:40]!r}")
+
+
+def cluster_ports() -> list[int]:
+    p = ports()
+    return [p[f"redis_cluster_{i}"] for i in range(1, CLUSTER_NODES + 1)]
+
+
+def cluster_info(port: int) -> dict[str, str]:
+    return dict(line.split(":", 1) for line in redis_cmd(port, "CLUSTER", "INFO").splitlines() if ":" in line)
+
+
+def cluster_nodes(port: int) -> list[dict[str, object]]:
+    """CLUSTER NODES of one node, parsed: id, port, flags, master id, link state, slots."""
+    out = []
+    for line in redis_cmd(port, "CLUSTER", "NODES").splitlines():
+        f = line.split()
+        if len(f) < 8:
+            continue
+        out.append({"id": f[0], "port": int(f[1].split("@")[0].rsplit(":", 1)[1]), "flags": f[2].split(","),
+                    "master": f[3], "link": f[7], "slots": f[8:]})
+    return out
+
+
+def cluster_problems() -> list[str]:
+    """What keeps the Redis Cluster from being healthy; empty when it is: every node answers
+    and says cluster_state:ok with all 16384 slots assigned and ok, and sees 3 masters that
+    serve slots, each with a connected replica, and no node flagged fail."""
+    problems = []
+    for port in cluster_ports():
+        try:
+            info = cluster_info(port)
+        except (OSError, ValueError, ConnectionError) as e:
+            problems.append(f"{port}: {e}")
+            continue
+        if info.get("cluster_state") != "ok":
+            problems.append(f"{port}: cluster_state:{info.get('cluster_state')}")
+        for k in ("cluster_slots_assigned", "cluster_slots_ok"):
+            if info.get(k) != str(CLUSTER_SLOTS):
+                problems.append(f"{port}: {k}:{info.get(k)}")
+        if info.get("cluster_known_nodes") != str(CLUSTER_NODES):
+            problems.append(f"{port}: cluster_known_nodes:{info.get('cluster_known_nodes')}")
+    if problems:
+        return problems
+    nodes = cluster_nodes(cluster_ports()[0])
+    masters = [n for n in nodes if "master" in n["flags"] and n["slots"]]
+    replicas = [n for n in nodes if "slave" in n["flags"]]
+    if len(masters) != CLUSTER_NODES // 2:
+        problems.append(f"{len(masters)} masters with slots")
+    for m in masters:
+        if not any(r["master"] == m["id"] and r["link"] == "connected" for r in replicas):
+            problems.append(f"master {m['port']} has no connected replica")
+    problems += [f"{n['port']}: flags {','.join(n['flags'])}" for n in nodes  # type: ignore[arg-type]
+                 if {"fail", "fail?", "handshake", "noaddr"} & set(n["flags"])]  # type: ignore[arg-type]
+    return problems
+
+
 # --------------------------------------------------------------------------- parts
 
 @dataclass
@@ -137,6 +234,9 @@ class Part:
     prepare: Callable[[], list[str]]          # returns the command line
     ready: Callable[[], bool]
     needs: list[str] = field(default_factory=list)
+    # False: no process of its own; `prepare` acts on the parts it needs (the Redis Cluster's
+    # formation) and returns no command; `ready` says when that is done.
+    process: bool = True
 
     @property
     def pidfile(self) -> Path:
@@ -224,6 +324,62 @@ def prepare_redis() -> list[str]:
     return ["redis-server", "--bind", HOST, "--port", str(ports()["redis"]), "--dir", str(d),
             "--save", "", "--appendonly", "no", "--daemonize", "no", "--protected-mode", "yes",
             "--maxmemory", "1gb", "--loglevel", "notice"]
+
+
+def prepare_cluster_node(i: int) -> list[str]:
+    """Node i of the Redis Cluster. Its nodes.conf (the cluster's view: ids, slots, who
+    replicates whom) lives in its own folder and survives `down`, so `up` rejoins the same
+    cluster instead of forming a new one. No persistence of data, as the single Redis."""
+    need_binary("redis-server", "apt-get install redis-server")
+    p = ports()
+    d = STATE / "redis-cluster" / str(i)
+    d.mkdir(parents=True, exist_ok=True)
+    return ["redis-server", "--bind", HOST, "--port", str(p[f"redis_cluster_{i}"]), "--dir", str(d),
+            "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+            "--cluster-port", str(p[f"redis_cluster_bus_{i}"]),
+            "--cluster-node-timeout", str(CLUSTER_NODE_TIMEOUT_MS),
+            "--save", "", "--appendonly", "no", "--daemonize", "no", "--protected-mode", "yes",
+            "--maxmemory", "256mb", "--loglevel", "notice"]
+
+
+def form_cluster() -> list[str]:
+    """Form the cluster once: while every node knows only itself and serves no slot, run
+    `redis-cli --cluster create` (3 masters, 1 replica each). A node that comes back empty
+    (its folder removed) while the others form a cluster is added as a replica. A restarted
+    cluster (nodes.conf kept) needs nothing: its nodes find each other again, and readiness
+    waits for that."""
+    need_binary("redis-cli", "apt-get install redis-tools (it comes with redis-server)")
+    infos = {port: cluster_info(port) for port in cluster_ports()}
+    fresh = [port for port, i in infos.items()
+             if i.get("cluster_known_nodes") == "1" and i.get("cluster_slots_assigned") == "0"]
+    addrs = [f"{HOST}:{port}" for port in cluster_ports()]
+    if len(fresh) == len(infos):
+        r = subprocess.run(["redis-cli", "--cluster", "create", *addrs, "--cluster-replicas", "1",
+                            "--cluster-yes"], capture_output=True, text=True, timeout=120)
+        if r.returncode != 0 or "[OK] All 16384 slots covered" not in r.stdout:
+            raise TestbedError(f"redis-cli --cluster create failed ({r.returncode}):\n{r.stdout[-2000:]}{r.stderr}")
+        log("formed", part="redis-cluster", nodes=",".join(addrs))
+        return []
+    formed = [port for port in infos if port not in fresh]
+    # The others still know the lost identities of the fresh nodes: forget every id that no
+    # running node has, on every formed node (within a minute of each other, or gossip brings
+    # it back), or they count more than 6 nodes.
+    live = {redis_cmd(port, "CLUSTER", "MYID") for port in cluster_ports()}
+    for other in formed:
+        for n in cluster_nodes(other):
+            if n["id"] not in live:
+                try:
+                    redis_cmd(other, "CLUSTER", "FORGET", str(n["id"]))
+                except ValueError as e:
+                    log("forget-refused", part="redis-cluster", node=other, forget=n["id"], error=e)
+    for port in fresh:
+        r = subprocess.run(["redis-cli", "--cluster", "add-node", f"{HOST}:{port}", f"{HOST}:{formed[0]}",
+                            "--cluster-slave"], capture_output=True, text=True, timeout=60)
+        if r.returncode != 0:
+            raise TestbedError(f"redis-cli --cluster add-node {port} failed ({r.returncode}):\n"
+                               f"{r.stdout[-2000:]}{r.stderr}")
+        log("rejoined", part="redis-cluster", node=port, role="replica")
+    return []
 
 
 def prepare_etcd() -> list[str]:
@@ -338,8 +494,18 @@ def controller_manager_ready() -> bool:
     return code == 200
 
 
+def cluster_node_part(i: int) -> Part:
+    return Part(f"redis-cluster-{i}", [f"redis_cluster_{i}", f"redis_cluster_bus_{i}"],
+                lambda: prepare_cluster_node(i), lambda: redis_ping(ports()[f"redis_cluster_{i}"]))
+
+
+CLUSTER_NODE_PARTS = [cluster_node_part(i) for i in range(1, CLUSTER_NODES + 1)]
+
 PARTS: list[Part] = [
     Part("redis", ["redis"], prepare_redis, lambda: redis_ping(ports()["redis"])),
+    *CLUSTER_NODE_PARTS,
+    Part("redis-cluster", [], form_cluster, lambda: not cluster_problems(),
+         needs=[n.name for n in CLUSTER_NODE_PARTS], process=False),
     Part("kafka", ["kafka", "kafka_controller"], prepare_kafka,
          lambda: kafka_metadata_brokers(ports()["kafka"]) >= 1),
     Part("etcd", ["etcd", "etcd_peer"], prepare_etcd,
@@ -400,17 +566,21 @@ def start_part(part: Part) -> int:
     return proc.pid
 
 
-def wait_ready(part: Part, pid: int) -> None:
+def wait_ready(part: Part, pid: int | None) -> None:
     deadline = time.monotonic() + READY_TIMEOUT
     while time.monotonic() < deadline:
         if part.probe():
             log("ready", part=part.name, pid=pid)
             return
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            raise TestbedError(f"{part.name} exited during start-up; last log lines:\n{tail(part.logfile)}")
+        if pid is not None:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                raise TestbedError(f"{part.name} exited during start-up; last log lines:\n{tail(part.logfile)}")
         time.sleep(0.3)
+    if not part.process:
+        raise TestbedError(f"{part.name} not ready after {READY_TIMEOUT:.0f}s: "
+                           f"{'; '.join(cluster_problems()[:6]) if part.name == 'redis-cluster' else ''}")
     raise TestbedError(f"{part.name} not ready after {READY_TIMEOUT:.0f}s; last log lines:\n{tail(part.logfile)}")
 
 
@@ -456,6 +626,13 @@ def up(only: list[str] | None = None) -> None:
     wanted = [p for p in PARTS if p.name in names]
     try:
         for part in wanted:
+            if not part.process:
+                if part.probe():
+                    log("running", part=part.name)
+                else:
+                    part.prepare()
+                    wait_ready(part, None)
+                continue
             pid = owned_pid(part)
             if pid and part.probe():
                 log("running", part=part.name, pid=pid)
@@ -497,6 +674,9 @@ def env_vars() -> dict[str, str]:
         "AFC_TESTBED_DIR": str(STATE),
         "AFC_KAFKA_BOOTSTRAP": f"{HOST}:{p['kafka']}",
         "AFC_REDIS_URL": f"redis://{HOST}:{p['redis']}/0",
+        # Every node as a seed (afc.runtime.redisconn's URL scheme), so a client can start
+        # while any one node is down; it learns the slot layout from whichever answers.
+        "AFC_REDIS_CLUSTER_URL": "redis+cluster://" + ",".join(f"{HOST}:{port}" for port in cluster_ports()) + "/0",
         "KUBECONFIG": str(k8s_dir() / "kubeconfig"),
         "AFC_KUBECTL": k8s_bin("kubectl"),
         "AFC_K8S_BIN": str(Path(k8s_bin("kubectl")).parent),
@@ -533,12 +713,16 @@ def status() -> int:
     rows, bad, total = [], 0, 0
     for part in PARTS:
         pid = owned_pid(part)
-        ok = bool(pid) and part.probe()
+        ok = (bool(pid) or not part.process) and part.probe()
         mem = rss_kib(pid) if pid else 0
         total += mem
         bad += not ok
-        rows.append({"part": part.name, "pid": pid, "ready": ok, "rss_mib": round(mem / 1024, 1),
-                     "ports": {k: ports()[k] for k in part.port_keys}, "log": str(part.logfile)})
+        row: dict[str, object] = {"part": part.name, "pid": pid, "ready": ok, "rss_mib": round(mem / 1024, 1),
+                                  "ports": {k: ports()[k] for k in part.port_keys}, "log": str(part.logfile)}
+        if part.name == "redis-cluster":
+            row.pop("log")
+            row["problems"] = [] if ok else cluster_problems()
+        rows.append(row)
     print(json.dumps({"parts": rows, "total_rss_mib": round(total / 1024, 1)}, indent=1))
     return 1 if bad else 0
 

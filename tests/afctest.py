@@ -23,14 +23,15 @@ class Testbed:
     kubectl: str
     k8s_bin: str
     state_dir: str
+    redis_cluster_url: str      # redis+cluster://<every node>/0 (afc.runtime.redisconn's scheme)
 
     @classmethod
     def load(cls) -> "Testbed":
         """From the environment `make test` exports, else by starting the bed (idempotent)."""
-        env = {k: os.environ[k] for k in ("AFC_KAFKA_BOOTSTRAP", "AFC_REDIS_URL", "KUBECONFIG",
-                                           "AFC_KUBECTL", "AFC_K8S_BIN", "AFC_TESTBED_DIR")
-               if k in os.environ}
-        if len(env) < 6:
+        names = ("AFC_KAFKA_BOOTSTRAP", "AFC_REDIS_URL", "KUBECONFIG", "AFC_KUBECTL", "AFC_K8S_BIN",
+                 "AFC_TESTBED_DIR", "AFC_REDIS_CLUSTER_URL")
+        env = {k: os.environ[k] for k in names if k in os.environ}
+        if len(env) < len(names):
             r = subprocess.run(["python3", str(ROOT / "scripts" / "testbed.py"), "up"],
                                capture_output=True, text=True, timeout=600)
             if r.returncode != 0:
@@ -38,7 +39,8 @@ class Testbed:
             env = json.loads(Path(os.environ.get("AFC_TESTBED_DIR", ROOT / ".testbed"), "env.json").read_text())
         return cls(bootstrap=env["AFC_KAFKA_BOOTSTRAP"], redis_url=env["AFC_REDIS_URL"],
                    kubeconfig=env["KUBECONFIG"], kubectl=env["AFC_KUBECTL"],
-                   k8s_bin=env["AFC_K8S_BIN"], state_dir=env["AFC_TESTBED_DIR"])
+                   k8s_bin=env["AFC_K8S_BIN"], state_dir=env["AFC_TESTBED_DIR"],
+                   redis_cluster_url=env["AFC_REDIS_CLUSTER_URL"])
 
     def wait_established(self, *crds: str, timeout: float = 60) -> None:
         """Wait until each CRD is Established. Not `kubectl wait --for=condition=Established`:

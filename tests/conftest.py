@@ -93,6 +93,28 @@ def redis_client(testbed: Testbed, names: Names) -> Iterator:
 
 
 @pytest.fixture(scope="session")
+def redis_cluster_bed(testbed: Testbed):
+    """The bed's Redis Cluster: health and `failover(key)` (tests/redis_cluster_bed.py)."""
+    from redis_cluster_bed import RedisClusterBed
+    return RedisClusterBed(testbed.redis_cluster_url, testbed.state_dir)
+
+
+@pytest.fixture
+def redis_cluster(redis_cluster_bed, names: Names) -> Iterator:
+    """A client of the bed's Redis Cluster (afc.runtime.redisconn), the cluster healthy at the
+    start; this test's keys (names.redis_prefix*) deleted from every master afterwards."""
+    from afc.runtime.redisconn import sync_client
+    redis_cluster_bed.wait_healthy()
+    client = sync_client(redis_cluster_bed.url, socket_timeout=5, socket_connect_timeout=2)
+    yield client
+    try:
+        for key in list(client.scan_iter(match=f"{names.redis_prefix}*", count=1000)):
+            client.delete(key)
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="session")
 def k8s_api(testbed: Testbed):
     from kubernetes import client, config
     cfg = client.Configuration()

@@ -1,6 +1,7 @@
 """The test bed script under faults: clear errors, non-zero exits, no orphan processes."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -39,7 +40,8 @@ def alive(pid: int) -> bool:
 def free_base() -> int:
     """A port base whose test-bed ports are all free on this machine."""
     for base in range(23000, 60000, 1000):
-        if all(_free(base + off) for off in (23, 24, 43, 57, 59, 79, 92, 93)):
+        offsets = (23, 24, 43, 57, 59, 79, 92, 93, *range(81, 87), *range(181, 187))   # 8x: Redis Cluster
+        if all(_free(base + off) for off in offsets):
             return base
     raise RuntimeError("no free port range for a second test bed")
 
@@ -117,3 +119,41 @@ def test_missing_go_is_a_clear_error(tmp_path: Path) -> None:
                        text=True, env=env, timeout=60)
     assert r.returncode == 2
     assert "go not found" in r.stderr
+
+
+def node_ids(state: Path) -> dict[str, str]:
+    """Each cluster node's own id, from its nodes.conf."""
+    out = {}
+    for conf in sorted(state.glob("redis-cluster/*/nodes.conf")):
+        me = next(line for line in conf.read_text().splitlines() if "myself" in line)
+        out[conf.parent.name] = me.split()[0]
+    return out
+
+
+@pytest.mark.skipif(shutil.which("redis-cli") is None, reason="redis-cli (Debian redis-tools) not installed")
+def test_redis_cluster_is_formed_once_and_rejoins_after_down_and_a_lost_node(bed) -> None:
+    state, base = bed
+    r = run_bed(state, base, "up", "redis-cluster")
+    assert r.returncode == 0, r.stderr
+    assert "event=formed part=redis-cluster" in r.stderr and "event=ready part=redis-cluster" in r.stderr
+    assert f"AFC_REDIS_CLUSTER_URL=redis+cluster://127.0.0.1:{base + 81}," in r.stdout
+    ids = node_ids(state)
+    assert len(ids) == 6 and len(set(ids.values())) == 6
+    status = json.loads(run_bed(state, base, "status").stdout)
+    row = next(p for p in status["parts"] if p["part"] == "redis-cluster")
+    assert row["ready"] and row["problems"] == []
+
+    assert run_bed(state, base, "down").returncode == 0
+    assert not any(_free(base + 80 + i) is False for i in range(1, 7))      # every node stopped
+    again = run_bed(state, base, "up", "redis-cluster")
+    assert again.returncode == 0, again.stderr
+    assert "event=formed" not in again.stderr                               # the same cluster, not a new one
+    assert "event=ready part=redis-cluster" in again.stderr and node_ids(state) == ids
+
+    # A node that lost its state (folder removed) comes back as a replica of the cluster.
+    pid = int((state / "pids" / "redis-cluster-6.pid").read_text())
+    os.kill(pid, 9)
+    shutil.rmtree(state / "redis-cluster" / "6")
+    healed = run_bed(state, base, "up", "redis-cluster")
+    assert healed.returncode == 0, healed.stderr
+    assert "event=rejoined part=redis-cluster" in healed.stderr and "event=ready part=redis-cluster" in healed.stderr

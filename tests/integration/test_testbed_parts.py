@@ -72,3 +72,39 @@ def test_statefulset_becomes_pods(testbed: Testbed, k8s_api, namespace: str) -> 
     pod = core.read_namespaced_pod("probe-0", namespace)
     assert pod.metadata.owner_references[0].kind == "StatefulSet"
     assert pod.status.phase == "Pending"
+
+
+def test_redis_cluster_has_three_masters_each_with_a_replica(testbed: Testbed, redis_cluster, redis_cluster_bed,
+                                                            names) -> None:
+    """The bed's Redis Cluster is a real one: all 16384 slots on 3 masters, a replica each, keys
+    spread over the masters, a multi-key command across slots refused (CROSSSLOT) and one within
+    a hash tag served."""
+    import redis
+    from redis.crc import key_slot
+    assert testbed.redis_cluster_url.startswith("redis+cluster://")
+    assert redis_cluster_bed.problems() == []
+    info = redis_cluster.cluster_info()
+    assert info["cluster_state"] == "ok" and int(info["cluster_slots_assigned"]) == 16384
+    nodes = redis_cluster_bed.nodes()
+    masters = [n for n in nodes if "master" in n["flags"]]
+    replicas = [n for n in nodes if "slave" in n["flags"]]
+    assert len(masters) == 3 and len(replicas) == 3
+    assert sorted(r["master"] for r in replicas) == sorted(m["id"] for m in masters)
+    # Keys land on all three masters (their slots) and read back through the cluster client.
+    keys = [f"{names.redis_prefix}k{i}" for i in range(30)]
+    for k in keys:
+        redis_cluster.set(k, k, px=60_000)
+    served = {redis_cluster_bed.master_of_slot(key_slot(k.encode()))["port"] for k in keys}
+    assert served == {m["port"] for m in masters}
+    assert [redis_cluster.get(k) for k in keys] == [k.encode() for k in keys]
+    a, b = f"{names.redis_prefix}a", f"{names.redis_prefix}b"
+    assert key_slot(a.encode()) != key_slot(b.encode())
+    plain = redis.Redis(port=redis_cluster_bed.master_of_slot(key_slot(a.encode()))["port"])
+    try:
+        with pytest.raises(redis.ResponseError, match="hash to the same slot"):     # CROSSSLOT
+            plain.execute_command("MGET", a, b)
+    finally:
+        plain.close()
+    tagged = [f"{names.redis_prefix}{{t}}:{i}" for i in range(3)]
+    redis_cluster.mset({k: "v" for k in tagged})
+    assert redis_cluster.mget(tagged) == [b"v"] * 3
