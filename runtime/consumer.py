@@ -565,14 +565,12 @@ class Runtime:
             if not part.accept(off, seq):
                 continue
             value = m.value()
+            # The payload is decoded when first read (by the handler, or below when keyField needs it).
             if value is not None and len(value) > max_bytes:
-                payload, derr = None, PoisonError(f"value of {len(value)} bytes exceeds maxMessageBytes {max_bytes}")
+                msg = Message(tp[0], tp[1], off, m.key(), value, headers, m.timestamp()[1], None,
+                              PoisonError(f"value of {len(value)} bytes exceeds maxMessageBytes {max_bytes}"))
             else:
-                try:
-                    payload, derr = decode(value), None
-                except Exception as e:  # noqa: BLE001 - DecodeError and anything a decoder raises
-                    payload, derr = None, e
-            msg = Message(tp[0], tp[1], off, m.key(), value, headers, m.timestamp()[1], payload, derr)
+                msg = Message(tp[0], tp[1], off, m.key(), value, headers, m.timestamp()[1], decoder=decode)
             msg.attempts = attempts
             msg.idempotency_key = idempotency_key(msg, hdr, fld, part.topic_id)
             msg._part = part
@@ -647,13 +645,14 @@ class Runtime:
 
     def _run(self, msgs: list[Message]) -> None:
         assert self.dispatcher is not None
-        if any(m.decode_error is not None for m in msgs):
-            # Undecodable or oversized: never handed to the handler, routed (as poison) at once.
+        if any(m._derr is not None for m in msgs):
+            # Known to be undecodable (keyField decoded it) or oversized: never handed to the
+            # handler, routed (as poison) at once.
             for m in msgs:
-                if m.decode_error is not None:
-                    self.metrics.errors.labels(type(m.decode_error).__name__).inc()
-                    self._route(m, m.decode_error)
-            msgs = [m for m in msgs if m.decode_error is None]
+                if m._derr is not None:
+                    self.metrics.errors.labels(type(m._derr).__name__).inc()
+                    self._route(m, m._derr)
+            msgs = [m for m in msgs if m._derr is None]
         n = self.in_work
         if n > self._win[3]:
             self._win[3] = n
@@ -696,6 +695,9 @@ class Runtime:
                 continue
             qwait += wait
             latencies.append(dt)
+            if outcome is Outcome.OK and msg._derr is not None:
+                # the handler read an undecodable payload and caught the DecodeError: still poison
+                outcome, err = Outcome.FAILED, msg._derr
             if outcome is Outcome.OK:
                 e2es.append(e2e)
                 self.counts["handled"] += 1
@@ -706,9 +708,9 @@ class Runtime:
                 if self._fenced(msg):
                     again.append(msg)
                 continue
-            if err is not msg.decode_error:
+            if err is not msg._derr:
                 self.counts["failed"] += 1
-            if err is not msg.decode_error and classify(err, rules) is Classification.TRANSIENT:
+            if err is not msg._derr and classify(err, rules) is Classification.TRANSIENT:
                 errors += 1
             m_.errors.labels(type(err).__name__).inc()
             if type(err).__name__ == "HandlerTimeout":

@@ -38,19 +38,26 @@ def decode_raw(value: bytes | None) -> Any:
 DECODERS: dict[str, Decoder] = {"json": decode_json, "text": decode_text, "raw": decode_raw}
 
 
+_UNREAD: Any = object()          # the payload has not been decoded yet
+
+
 class Message:
     """One Kafka record as the handler sees it.
 
-    `payload` is the decoded value; when decoding failed, `decode_error` holds the reason and
-    the runtime routes the record as poison instead of calling the handler.
+    `payload` is the decoded value, decoded when first read (a handler that never reads it,
+    or reads only `value`, costs no decoding). A payload that cannot be decoded raises
+    `DecodeError` (a `PoisonError`) from `payload`; `decode_error` says why without raising.
+    The runtime routes such a record as poison even if the handler caught the error, and
+    never hands the handler a record it already knows to be undecodable or oversized.
     """
     __slots__ = ("topic", "partition", "offset", "key", "value", "headers", "timestamp",
-                 "payload", "decode_error", "idempotency_key", "attempts", "claimed", "token", "queued_at",
+                 "_payload", "_derr", "_decoder", "idempotency_key", "attempts", "claimed", "token", "queued_at",
                  "_part", "_store", "_fenced")
 
     def __init__(self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None,
-                 headers: list[tuple[str, bytes]] | None, timestamp: int, payload: Any = None,
-                 decode_error: Exception | None = None, idempotency_key: str = "") -> None:
+                 headers: list[tuple[str, bytes]] | None, timestamp: int, payload: Any = _UNREAD,
+                 decode_error: Exception | None = None, idempotency_key: str = "",
+                 decoder: Decoder | None = None) -> None:
         self.topic = topic
         self.partition = partition
         self.offset = offset
@@ -58,8 +65,9 @@ class Message:
         self.value = value
         self.headers = headers or []
         self.timestamp = timestamp          # ms since the epoch (producer or log-append time)
-        self.payload = payload
-        self.decode_error = decode_error
+        self._payload = payload if payload is not _UNREAD or decoder is not None else None
+        self._derr = decode_error
+        self._decoder = decoder             # decodes `value` at the first read of `payload`
         self.idempotency_key = idempotency_key
         self.attempts = 0
         self.claimed = False                # this message holds its idempotency claim (or needs none)
@@ -68,6 +76,39 @@ class Message:
         self._part: Any = None              # the runtime's Partition
         self._store: Any = None             # the idempotency store, for mark_done_in
         self._fenced = False                # mark_done_in was used: a WatchError means the claim was lost
+
+    @property
+    def payload(self) -> Any:
+        if self._derr is not None:
+            raise self._derr
+        p = self._payload
+        if p is _UNREAD:
+            p = self._decode()
+        return p
+
+    @payload.setter
+    def payload(self, value: Any) -> None:
+        self._payload, self._derr = value, None
+
+    @property
+    def decode_error(self) -> Exception | None:
+        """Why the payload cannot be decoded (None: it can); decodes it if not done yet."""
+        if self._derr is None and self._payload is _UNREAD:
+            try:
+                self._decode()
+            except Exception:  # noqa: BLE001 - kept in _derr
+                pass
+        return self._derr
+
+    def _decode(self) -> Any:
+        assert self._decoder is not None
+        try:
+            p = self._decoder(self.value)
+        except Exception as e:  # noqa: BLE001 - DecodeError and anything a decoder raises
+            self._derr = e
+            raise
+        self._payload = p
+        return p
 
     def mark_done_in(self, pipeline: Any) -> None:
         """Add this message's done mark to your own Redis MULTI/EXEC (same Redis as the
@@ -161,7 +202,7 @@ def idempotency_key(msg: Message, header: str, payload_field: str | None, topic_
     for k, v in msg.headers:
         if k == header and v:
             return exact(v)
-    if payload_field and msg.decode_error is None:
+    if payload_field and msg.decode_error is None:           # (decodes the payload: the key is in it)
         v = field_path(msg.payload, payload_field)
         if v is not None and v != "":
             if type(v) is str and v.isascii() and not v.startswith("~") and "\0" not in v:

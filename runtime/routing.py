@@ -302,7 +302,7 @@ class TopicRouter:
         await fut
 
     async def route(self, msg: Message, err: BaseException, ctx: RouteContext) -> Verdict:
-        cls = Classification.POISON if err is msg.decode_error else classify(err, self.rules)
+        cls = Classification.POISON if err is msg._derr else classify(err, self.rules)
         history = History.of(msg)
         source = history.original[0] if history.original else msg.topic
         now_ms = int(time.time() * 1000)

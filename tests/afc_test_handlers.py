@@ -222,3 +222,18 @@ async def capacity_downstream(msg) -> None:
         await asyncio.sleep(0.005 * max(1.0, _ds_active / cap))
     finally:
         _ds_active -= 1
+
+
+def value_or_caught_payload(msg) -> None:
+    """Records `value` for records whose value starts with b"v:" (never reading `payload`);
+    reads `payload` of the others and swallows the DecodeError (to show it is poison anyway)."""
+    from afc.runtime.errors import DecodeError
+    if msg.value and msg.value.startswith(b"v:"):
+        _redis().hset(os.environ["AFC_TEST_HASH"], str(msg.offset), msg.value)
+        return
+    try:
+        doc = msg.payload
+    except DecodeError:
+        _redis().hset(os.environ["AFC_TEST_HASH"], str(msg.offset), b"caught")
+        return
+    _redis().hset(os.environ["AFC_TEST_HASH"], str(msg.offset), repr(doc))

@@ -107,6 +107,35 @@ def test_bad_records_land_on_the_right_topic_with_history_and_the_partition_flow
     assert health == {"handled": 10, "failed": 1, "deadLettered": 4}, health
 
 
+def test_payloads_are_decoded_only_when_read_and_an_undecodable_one_read_is_poison(
+        testbed, make_topic, names, redis_client, tmp_path) -> None:
+    """Issue 13 (lazy decode): a handler that reads only `value` handles a record that is not
+    JSON; one that reads `payload` and catches the DecodeError still gets the record routed to
+    `.poison` (never counted as done)."""
+    from confluent_kafka import Producer
+    topic = make_topic("in", partitions=1)
+    seen = f"{names.redis_prefix}seen"
+    c = ConsumerProcess(testbed, [topic], names.group, "afc_test_handlers:value_or_caught_payload",
+                        tmp_path / "c.log", instance_id=f"{names.stem}-0", redis_prefix=names.redis_prefix,
+                        env={"AFC_TEST_HASH": seen}).start()
+    try:
+        c.wait_ready()
+        p = Producer({"bootstrap.servers": testbed.bootstrap})
+        for v in [b'{"n": 0}', b"v:not json", b"{not json", b'{"n": 3}']:
+            p.produce(topic, value=v, key=b"k")
+        assert p.flush(30) == 0
+        poison = read_topic(testbed.bootstrap, topic + ".poison", 1)
+        wait_for(lambda: group_lag(testbed.bootstrap, topic, names.group)[1] == 0, 30, 0.3, what="source drained")
+        m = c.metrics()
+    finally:
+        assert c.stop() == 0, c.log_tail()
+    ran = {int(k): v for k, v in redis_client.hgetall(seen).items()}
+    assert ran == {0: b"{'n': 0}", 1: b"v:not json", 2: b"caught", 3: b"{'n': 3}"}, ran
+    assert [int(headers(x)[H_ORIG_OFFSET]) for x in poison] == [2]
+    assert headers(poison[0])[H_CLASS] == b"POISON" and poison[0].value() == b"{not json"
+    assert m["afc_poison_records_total"] == 1 and m["afc_messages_handled_total"] == 3
+
+
 def test_transient_failure_retried_at_due_times_then_handled_once(testbed, make_topic, names, redis_client,
                                                                    tmp_path) -> None:
     topic = make_topic("in", partitions=2)

@@ -61,6 +61,32 @@ def test_decoders_raise_decode_error() -> None:
         decode_text(b"\xff")
 
 
+def test_the_payload_is_decoded_at_its_first_read_only() -> None:
+    """Issue 13: lazy decode. A handler that never reads `payload` costs no decoding; a read
+    decodes once; an undecodable payload raises DecodeError at the read and `decode_error`
+    says why without raising."""
+    calls: list[bytes | None] = []
+
+    def counting(v: bytes | None) -> object:
+        calls.append(v)
+        return decode_json(v)
+    good = Message("t", 0, 1, None, b'{"a": 1}', None, 0, decoder=counting)
+    assert calls == [] and good.value == b'{"a": 1}'
+    assert good.payload == {"a": 1} and good.payload == {"a": 1} and good.decode_error is None
+    assert calls == [b'{"a": 1}']                             # decoded once
+    bad = Message("t", 0, 2, None, b"{not json", None, 0, decoder=counting)
+    assert bad.decode_error is not None and isinstance(bad.decode_error, DecodeError)
+    with pytest.raises(DecodeError) as e:
+        bad.payload
+    assert e.value is bad.decode_error                        # the same error: the runtime routes it as poison
+    assert len(calls) == 2                                    # not decoded again
+    # the payload field key needs the payload: decoded then, and only for that
+    keyed = Message("t", 0, 3, None, b'{"id": "o-1"}', None, 0, decoder=counting)
+    assert idempotency_key(keyed, "idempotency-key", "id") == "o-1" and len(calls) == 3
+    headed = Message("t", 0, 4, None, b'{"id": "o-2"}', [("idempotency-key", b"h")], 0, decoder=counting)
+    assert idempotency_key(headed, "idempotency-key", "id") == "h" and len(calls) == 3
+
+
 def test_settings_from_env_and_file(tmp_path, monkeypatch) -> None:
     f = tmp_path / "c.json"
     f.write_text(json.dumps({"kafka": {"topics": ["a"], "groupId": "g1"}, "flow": {"maxInflight": 50}}))
