@@ -79,10 +79,10 @@ class Message:
 
     @property
     def payload(self) -> Any:
-        if self._derr is not None:
-            raise self._derr
         p = self._payload
         if p is _UNREAD:
+            if self._derr is not None:
+                raise self._derr
             p = self._decode()
         return p
 
@@ -202,8 +202,12 @@ def idempotency_key(msg: Message, header: str, payload_field: str | None, topic_
     for k, v in msg.headers:
         if k == header and v:
             return exact(v)
-    if payload_field and msg.decode_error is None:           # (decodes the payload: the key is in it)
-        v = field_path(msg.payload, payload_field)
+    if payload_field:
+        try:
+            doc = msg.payload                                    # decodes it: the key is in it
+        except Exception:  # noqa: BLE001 - undecodable (kept in the message): keyed by position
+            doc = None
+        v = field_path(doc, payload_field)
         if v is not None and v != "":
             if type(v) is str and v.isascii() and not v.startswith("~") and "\0" not in v:
                 return v                # already what exact() would return, without the round trip
