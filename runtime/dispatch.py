@@ -176,12 +176,13 @@ class Chunk:
 
 
 class Worker:
-    __slots__ = ("chunk", "abandoned", "thread", "task", "name", "ratios")
+    __slots__ = ("chunk", "abandoned", "thread", "task", "name", "ratios", "overdue")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.chunk: Chunk | None = None
         self.abandoned = False
+        self.overdue = False            # an async call past its deadline, cancelled by the watchdog
         self.thread: threading.Thread | None = None
         self.task: asyncio.Task[None] | None = None
         # Sampled handler calls (every GIL_SAMPLE_EVERY-th): wall time / CPU time on the
@@ -326,7 +327,14 @@ class Dispatcher:
                 slow = stuck_after if len(running) == 1 else max(stuck_after, 4 * self.mean_latency_s * len(running))
                 if ran > slow and not w.abandoned:
                     stuck += 1
-                if self.abandons and self.timeout_s and ran > self.timeout_s:
+                if not self.abandons and self.timeout_s and ran > self.timeout_s and not w.overdue:
+                    # An async call past its deadline: cancelled here, on the loop, once a tick
+                    # (a timer per call cost more CPU than the rest of the dispatch); the lane
+                    # turns the CancelledError into HandlerTimeout and goes on.
+                    if w.task is not None and not w.task.done():
+                        w.overdue = True
+                        w.task.cancel()
+                elif self.abandons and self.timeout_s and ran > self.timeout_s:
                     w.abandoned = True
                     c.cur = c.batch = None
                     err = HandlerTimeout(f"handler ran {ran:.1f}s, over handler.timeoutS={self.timeout_s:g}")
@@ -711,28 +719,31 @@ async def _await(a: Any) -> Any:
     return await a
 
 
-async def _call_async(handler: Callable[[Any], Any], arg: Any, timeout: float | None,
+async def _call_async(handler: Callable[[Any], Any], arg: Any, timeout: float | None, w: Worker,
                       me: "asyncio.Task[Any] | None") -> BaseException | None:
-    """Await one handler call under the deadline; its failure (None: it returned)."""
-    cm = asyncio.timeout(timeout)
+    """Await one handler call; its failure (None: it returned). Past the deadline the
+    watchdog cancels the lane's task with `w.overdue` set: that is the call's timeout (as
+    with `asyncio.timeout`, a handler that swallows the cancellation has returned)."""
+    err: BaseException | None = None
     try:
-        async with cm:
-            await handler(arg)
-    except TimeoutError as e:
-        return HandlerTimeout(f"handler ran over handler.timeoutS={timeout:g}") if cm.expired() else e
+        await handler(arg)
     except asyncio.CancelledError as e:
-        if me is not None and me.cancelling():
+        if not w.overdue and me is not None and me.cancelling():
             raise                  # we are being cancelled (shutdown): not the handler's failure
-        return e
+        err = HandlerTimeout(f"handler ran over handler.timeoutS={timeout:g}") if w.overdue else e
     except BaseException as e:  # noqa: BLE001 - every failure is routed
-        return e
-    return None
+        err = e
+    if w.overdue:
+        w.overdue = False
+        if me is not None:
+            me.uncancel()
+    return err
 
 
 class TaskDispatcher(Dispatcher):
     """Async handlers: up to `limit` tasks on the loop, each running chunks in order. A
-    handler past its deadline is cancelled by its own `asyncio.timeout`; the watchdog only
-    hands on the records behind a slow one."""
+    handler past its deadline is cancelled by the watchdog (its lane goes on with the next
+    record); the watchdog also hands on the records behind a slow one."""
     abandons = False
 
     def __init__(self, *a: Any, **kw: Any) -> None:
@@ -802,7 +813,7 @@ class TaskDispatcher(Dispatcher):
                 continue
             c.cur = m
             t0 = c.t0 = perf()
-            err = await _call_async(handler, m, timeout, me)
+            err = await _call_async(handler, m, timeout, w, me)
             t1 = perf()
             c.cur = None
             failed = _record(results, m, err, t0, t1, failed)
@@ -821,7 +832,7 @@ class TaskDispatcher(Dispatcher):
         me = asyncio.current_task()
         while (msgs := self._start_batch(c, failed, results)) is not None:
             t0 = c.t0
-            err = await _call_async(handler, list(msgs), timeout, me)
+            err = await _call_async(handler, list(msgs), timeout, w, me)
             t1 = perf()
             c.cur = c.batch = None
             failed = _record_batch(results, msgs, err, t0, t1, failed)

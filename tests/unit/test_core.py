@@ -483,6 +483,7 @@ async def test_an_async_handler_cancelled_by_itself_fails_and_a_timeout_is_handl
     for _ in range(200):
         if len(got) == 3:
             break
+        d.watchdog()                          # as the loop does every tick: it enforces the deadline
         await asyncio.sleep(0.01)
     by = {r[0].offset: r for r in got}
     assert isinstance(by[0][2], asyncio.CancelledError) and by[0][1] is Outcome.FAILED
