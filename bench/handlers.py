@@ -22,7 +22,7 @@ import time
 from array import array
 from typing import Any
 
-__all__ = ["noop", "record_latency", "batch_noop", "batch_record_latency", "LatencyRecorder", "RECORDER"]
+__all__ = ["noop", "record_latency", "batch_noop", "batch_record_latency", "slow_downstream", "LatencyRecorder", "RECORDER"]
 
 
 def noop(msg: Any) -> None:
@@ -91,3 +91,8 @@ def read_doubles(path: str, width: int) -> list[tuple[float, ...]]:
 def read_latencies(path: str) -> list[tuple[float, ...]]:
     """(partition, offset, CreateTime s, latency s) rows written by `LatencyRecorder.dump`."""
     return read_doubles(path, 4)
+
+
+def slow_downstream(msg: Any) -> None:
+    """A downstream 300x slower than a 0.1 ms call: 30 ms per message (bench/run.py's slowdown phase)."""
+    time.sleep(0.030)

@@ -198,13 +198,14 @@ def per_message(total: float | None, messages: int | None, digits: int = 3) -> f
     return round(total / messages, digits)
 
 
-def ratio_goal(goal: str, numerator: float | None, denominator: float | None, target: float) -> dict[str, Any]:
-    """A goal 'numerator / denominator >= target', computed from this run's figures: the
-    ratio (None when either figure is missing) and whether it is met."""
+def ratio_goal(goal: str, numerator: float | None, denominator: float | None, target: float,
+               at_most: bool = False) -> dict[str, Any]:
+    """A goal 'numerator / denominator >= target' (or <= with `at_most`), computed from this
+    run's figures: the ratio (None when either figure is missing) and whether it is met."""
     ratio = round(numerator / denominator, 3) if numerator and denominator else None
+    met = ratio is not None and (ratio <= target if at_most else ratio >= target)
     return {"goal": goal, "target": target, "value": ratio, "numerator": numerator, "denominator": denominator,
-            "ratio_to_target": round(ratio / target, 3) if ratio is not None else None,
-            "met": ratio is not None and ratio >= target}
+            "ratio_to_target": round(ratio / target, 3) if ratio is not None else None, "met": met}
 
 
 # ---------------------------------------------------------------------------- afc's endpoints

@@ -51,11 +51,14 @@ PY = sys.executable
 AFC_CONSUMER = str(Path(sys.executable).parent / "afc-consumer")
 SAMPLE_S = 0.1
 VARIANTS = ("afc", "afc-batch", "naive", "naive-batch", "raw", "redis_per_message")
+PHASE_VARIANTS = ("afc-slow",)      # run by a phase of their own (slowdown), not chosen with --variants
 ALIASES = {"redis": "redis_per_message"}
 BASELINE_ARG = {"naive": "naive", "naive-batch": "naive-batch", "raw": "raw", "redis_per_message": "redis"}
 # Variants that commit nothing: done when their own count reaches the target, rated by it.
 OWN_COUNT_ONLY = ("raw",)
 DESCRIPTIONS = {
+    "afc-slow": "afc as above with a handler that sleeps 30 ms (a downstream 300x slower than 0.1 ms), for "
+                "--slowdown-s on the same backlog: memory under a slowdown, not a throughput figure",
     "afc": "afc-consumer run: Redis idempotency (claim per fetched batch via Lua, done marks batched), "
            "offset commits every offsets.commitIntervalMs, a sync no-op handler per message on adaptive "
            "concurrency (threads capped by the handler's CPU share), defaults otherwise",
@@ -77,6 +80,9 @@ GOAL_RATIO = 5.0
 GOAL_P99_MS = 12.0
 GOAL_VS_NAIVE = 1.0
 GOAL_VS_RAW = 0.6
+SLOW_CALL_MS = 30               # the slowdown phase's downstream call...
+SLOWDOWN_X = 300                # ...300x a 0.1 ms one
+GOAL_SLOW_RSS_X = 1.5           # memory bounded: peak RSS with the slow downstream <= 1.5x the full-speed peak
 
 
 # ---------------------------------------------------------------------------- context
@@ -192,10 +198,10 @@ def spawn(ctx: Ctx, variant: str, topic: str, group: str, latency_file: Path | N
     ctx.groups.append(group)
     extra = {"AFC_BENCH_LAT_FILE": str(latency_file)} if latency_file else {}
     name = group.removeprefix(ctx.run + "-")
-    if variant in ("afc", "afc-batch"):
+    if variant in ("afc", "afc-batch", "afc-slow"):
         port = measure.free_port()
         handler = ("bench.handlers:" + ("batch_" if variant == "afc-batch" else "")
-                   + ("record_latency" if latency_file else "noop"))
+                   + ("record_latency" if latency_file else "slow_downstream" if variant == "afc-slow" else "noop"))
         if profile_dir is not None:
             extra["AFC_BENCH_PROF_DIR"] = str(profile_dir)
             argv = [PY, str(ROOT / "bench" / "profile_afc.py"), "run", "--handler", handler]
@@ -304,6 +310,22 @@ def throughput(ctx: Ctx, variant: str, topic: str, target: int, budget_s: float,
     log.info("event=variant-done phase=%s variant=%s status=%r msgs_per_s=%s cpu_s=%s",
              tag, variant, status, res.get("msgs_per_s"), res["resources"].get("cpu_s"))
     return res
+
+
+def slowdown(ctx: Ctx, topic: str, fast: dict[str, Any]) -> dict[str, Any]:
+    """afc on the same backlog with a downstream SLOWDOWN_X times slower than a 0.1 ms call
+    (bench.handlers:slow_downstream sleeps 30 ms), for --slowdown-s: the backlog cannot drain,
+    so what is measured is whether memory stays bounded (peak RSS against the full-speed run's)
+    while the fetch buffer, the in-flight limit and the handler threads absorb the slowdown."""
+    r = throughput(ctx, "afc-slow", topic, ctx.args.messages, ctx.args.slowdown_s, tag="slow")
+    peak = (r.get("resources") or {}).get("peak_rss_mib")
+    tl = r.get("timeline") or []
+    return {"handler": f"bench.handlers:slow_downstream ({SLOW_CALL_MS} ms a call = {SLOWDOWN_X}x a 0.1 ms call)",
+            "seconds": ctx.args.slowdown_s, "status": r.get("status"),
+            "handled": r.get("committed_at_end"), "msgs_per_s": r.get("msgs_per_s"),
+            "peak_rss_mib": peak, "fast_peak_rss_mib": (fast.get("resources") or {}).get("peak_rss_mib"),
+            "inflight_limit_at_end": tl[-1][5] if tl else None, "rss_timeline_mib": [row[4] for row in tl],
+            "exit": r.get("exit")}
 
 
 def _throughput_result(ctx: Ctx, variant: str, child: Child, committed: list[tuple[float, int]],
@@ -603,7 +625,7 @@ METHOD = {
 }
 
 
-def goals(tput: dict[str, Any], lat: dict[str, Any]) -> list[dict[str, Any]]:
+def goals(tput: dict[str, Any], lat: dict[str, Any], slow: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     afc = (tput.get("afc") or {}).get("msgs_per_s")
     base = (tput.get("redis_per_message") or {}).get("msgs_per_s")
     p99 = (lat.get("afc") or {}).get("p99_ms")
@@ -619,6 +641,11 @@ def goals(tput: dict[str, Any], lat: dict[str, Any]) -> list[dict[str, Any]]:
     out.append({"goal": "afc p99 end-to-end latency <= 12 ms at 5,000 msg/s", "target": GOAL_P99_MS, "value": p99,
                 "ratio_to_target": round(p99 / GOAL_P99_MS, 3) if p99 else None,
                 "met": bool(p99 is not None and p99 <= GOAL_P99_MS and (lat.get("afc") or {}).get("kept_up"))})
+    if slow and slow.get("peak_rss_mib") and slow.get("fast_peak_rss_mib"):
+        out.append(measure.ratio_goal(f"afc's peak RSS with a {SLOWDOWN_X}x slower downstream <= "
+                                      f"{GOAL_SLOW_RSS_X}x its peak at full speed (memory bounded)",
+                                      slow["peak_rss_mib"], slow["fast_peak_rss_mib"], GOAL_SLOW_RSS_X,
+                                      at_most=True))
     return out
 
 
@@ -795,6 +822,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--drain-s", type=float, default=30, help="latency: how long to wait for the consumer to catch up")
     ap.add_argument("--profile-messages", type=int, default=200_000, help="afc run under cProfile; 0 skips it")
     ap.add_argument("--no-latency", action="store_true")
+    ap.add_argument("--slowdown-s", type=float, default=20,
+                    help=f"afc with a {SLOWDOWN_X}x slower downstream for this long (peak RSS); 0 skips it")
     ap.add_argument("--no-throughput", action="store_true")
     ap.add_argument("--group-wait-s", type=float, default=60,
                     help="cleanup: how long to retry deleting groups still held by static members")
@@ -847,6 +876,8 @@ def run(ctx: Ctx) -> dict[str, Any]:
             doc["throughput"][v] = _guard(lambda: throughput(ctx, v, topic, a.messages, budget), v)
     if a.profile_messages and "afc" in a.variants:
         doc["profile"] = _guard(lambda: profile(ctx, topic), "profile")
+    if a.slowdown_s and "afc" in a.variants and not a.no_throughput:
+        doc["slowdown"] = _guard(lambda: slowdown(ctx, topic, doc["throughput"].get("afc") or {}), "slowdown")
     if not a.no_latency:
         doc["latency_setup"] = {"rate": a.rate, "seconds": a.latency_seconds, "warmup_s": a.warmup_s,
                                 "drain_s": a.drain_s, "handler": "bench.handlers:record_latency / same recorder"}
@@ -856,7 +887,7 @@ def run(ctx: Ctx) -> dict[str, Any]:
                     "no handler to record in and no commits to tell when it caught up")
                 continue
             doc["latency"][v] = _guard(lambda: latency(ctx, v), v)
-    doc["goals"] = goals(doc["throughput"], doc["latency"])
+    doc["goals"] = goals(doc["throughput"], doc["latency"], doc.get("slowdown"))
     doc["findings"] = findings(doc["environment"], doc["throughput"], doc["latency"], doc["profile"] or {})
     doc["duration_s"] = round(time.time() - t_start, 1)
     return doc
