@@ -269,7 +269,8 @@ class IdempotencySpec(Checked, IdempotencySettings):
     crd_drop = ("redisUrl", "sqlitePath")
     redis_url_secret_ref: SecretKeyRef | None = Field(
         None, description="Secret key holding the Redis URL (env AFC_IDEMPOTENCY__REDIS_URL in the pod). "
-                          "Without it each pod deduplicates on its own only.")
+                          "Without it each pod deduplicates on its own only. A Redis Cluster: "
+                          "redis+cluster://host:port[,host:port...] (docs/redis-cluster.md).")
 
 
 class HandlerSpec(Checked, HandlerSettings):

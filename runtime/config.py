@@ -257,7 +257,8 @@ class FlowSettings(Section):
 class IdempotencySettings(Section):
     enabled: bool = True
     redis_url: OptionalSecret = Field(
-        None, description="Redis URL (from a Secret); without one, an embedded store serves one process only.")
+        None, description="Redis URL (from a Secret); without one, an embedded store serves one process only. A Redis "
+                           "Cluster: redis+cluster://host:port[,host:port...] (docs/redis-cluster.md).")
     sqlite_path: str = Field(":memory:", description="Embedded store file when no Redis URL is given.")
     key_prefix: str = Field("afc", min_length=1, max_length=64)
     key_header: str = Field("idempotency-key", min_length=1)

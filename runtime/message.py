@@ -116,7 +116,8 @@ class Message:
         this worker still holds the message's claim: a crash can never leave the effect
         applied but the message unmarked, and a worker whose claim was taken over cannot
         apply it (raises `ClaimLost`, or `execute()` raises WatchError). Call it before
-        `pipeline.multi()`; commands queued before it are kept. Exactly-once effects."""
+        `pipeline.multi()`; commands queued before it are kept. Exactly-once effects. On a
+        Redis Cluster: a sync cluster pipeline, and your keys must carry `msg.hash_tag`."""
         if self._store is None:
             raise TypeError("idempotency is disabled: there is no done mark to add")
         if inspect.iscoroutinefunction(getattr(pipeline, "execute", None)):
@@ -130,6 +131,12 @@ class Message:
             raise TypeError("idempotency is disabled: there is no done mark to add")
         self._fenced = True
         await self._store.done_in_async(pipeline, self.idempotency_key, self.token)
+
+    @property
+    def hash_tag(self) -> str:
+        """The hash tag of this message's claim on a Redis Cluster ("" on one Redis): put it in
+        the keys your `mark_done_in` transaction writes, so the MULTI stays in one slot."""
+        return self._store.hash_tag(self.idempotency_key) if self._store is not None else ""
 
     def header(self, name: str) -> bytes | None:
         """The last value of a header, or None."""
