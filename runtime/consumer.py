@@ -1000,7 +1000,9 @@ class Runtime:
         if self.fetching or self.consumer is None or self.state in ("closing", "closed"):
             return
         store_down = self.session is not None and self.session.down
-        budget = 0 if (store_down or self.state != "running") else self.ctl.fetch_budget(self.in_work)
+        d = self.dispatcher
+        starved = d is None or (d.running < d.allowed and not (self.session is not None and self.session.tasks))
+        budget = 0 if (store_down or self.state != "running") else self.ctl.fetch_budget(self.in_work, starved)
         if budget <= 0 and self.parts and len(self.paused) < len(self.parts):
             return                      # momentary saturation: wait for results, do not fetch more
         self.fetching = True

@@ -62,11 +62,12 @@ def test_unused_limit_does_not_grow() -> None:
 def test_budget_is_room_left_capped_by_batch() -> None:
     c = FetchController(flow(initial_inflight=800))
     assert c.fetch_budget(0) == 500
-    assert c.fetch_budget(600) == 200
-    assert c.fetch_budget(700) == 0            # a few free slots: wait until a quarter is free
+    assert c.fetch_budget(600, starved=False) == 200
+    assert c.fetch_budget(700, starved=False) == 0     # work queued, a few free slots: wait for a quarter
+    assert c.fetch_budget(700, starved=True) == 100    # the handler would idle: fetch what fits
     assert c.fetch_budget(800) == 0
     small = FetchController(flow(initial_inflight=3))
-    assert small.fetch_budget(2) == 1          # a limit of a few: every free slot counts
+    assert small.fetch_budget(2, starved=False) == 1   # a limit of a few: every free slot counts
 
 
 def test_queueing_in_the_lanes_stops_growth() -> None:
