@@ -37,11 +37,13 @@ import logging
 import sqlite3
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, Protocol
 
 from .errors import ClaimLost, StoreUnavailable
+from .redisconn import async_client, is_cluster_url, redis_errors
 
 log = logging.getLogger("afc.runtime.idempotency")
 
@@ -123,6 +125,47 @@ end
 return {table.concat(out), lost}
 """ % (DONE_CHUNK, BITFIELD_MARKS)
 
+# ---------------------------------------------------------------------------- Redis Cluster
+# A Lua script may only touch keys of one slot on a Cluster, so the keys are spread over
+# BUCKETS hash-tagged namespaces `<prefix>:idem:<group>:{<tag>}:`, each with its own copy of
+# the owner's heartbeat and done bits, and one script call per bucket touches one slot only.
+# The bucket is a stable hash of the idempotency key (not the partition: the same key from
+# another partition or the retry topic must find the same claim). The tags are pinned short
+# strings whose CRC16 slot lies near the middle of each 1/BUCKETS of 0..16383, so buckets spread
+# over the masters as evenly as the slots do (tests/unit/test_idempotency_buckets.py checks
+# both). Changing BUCKETS or a tag moves every key: existing claims and done marks would no
+# longer be found, so they are constants, not settings.
+BUCKET_TAGS = ("u0", "3", "dj", "j", "d2", "2", "uh", "k", "ly", "h9", "uv", "u", "9s", "qn", "dt", "t")
+BUCKETS = len(BUCKET_TAGS)
+CLUSTER_MAX_CONNECTIONS = 64    # per node; a cluster pool raises at once when exhausted (redisconn)
+CLUSTER_RETRIES = 3             # redis-py's retries of one call (MOVED, connection errors...)
+
+
+def bucket_of(key: str) -> int:
+    """The bucket of an idempotency key: stable across processes and versions (CRC32)."""
+    return zlib.crc32(key.encode()) % BUCKETS
+
+
+def _derive_cluster_lua(single: str) -> str:
+    """The same script for one bucket, told each claim's sequence number (a bucket's claims are
+    not consecutive ones of the batch): ARGV[3] is NUL-separated sequence numbers, not seq0.
+    KEYS[1] is the bucket's heartbeat key: it routes the call to the bucket's slot, which every
+    key the script touches shares (the other owners' heartbeat and done-bit keys it reads on the
+    slow path cannot be known in advance; Redis 7 runs a script without a shebang in its
+    compatibility mode, which lets it touch undeclared keys of the declared slot and refuses
+    any other slot)."""
+    edits = (("local ns, owner, seq0, lease, ttl, first = ARGV[1], ARGV[2], tonumber(ARGV[3]),",
+              "local ns, owner, seqs, lease, ttl, first = ARGV[1], ARGV[2], string.gmatch(ARGV[3], \"([^%z]+)\"),"),
+             ("local out, i = {}, seq0\n", "local out = {}\n"),
+             ("  local token = prefix .. i\n  i = i + 1\n", "  local token = prefix .. seqs()\n"))
+    for old, new in edits:
+        assert single.count(old) == 1, old
+        single = single.replace(old, new)
+    return single
+
+
+_CLUSTER_LUA = _derive_cluster_lua(_APPLY_LUA)
+
 
 @dataclass
 class Batch:
@@ -148,6 +191,7 @@ class IdempotencyStore(Protocol):
     owner: str
 
     def full_key(self, key: str) -> str: ...
+    def hash_tag(self, key: str) -> str: ...
     def done_in(self, pipeline: Any, key: str, token: str) -> None: ...
     async def done_in_async(self, pipeline: Any, key: str, token: str) -> None: ...
     def done_many_in(self, pipeline: Any, marks: list[tuple[str, str]]) -> None: ...
@@ -172,7 +216,9 @@ def _pairs(items: list[tuple[str, str]]) -> str:
 
 
 class RedisStore:
-    """Shared store; keys are `<prefix>:idem:<group>:<idempotency key>`."""
+    """Shared store; keys are `<prefix>:idem:<group>:<idempotency key>` on one Redis, and
+    `<prefix>:idem:<group>:{<bucket tag>}:<idempotency key>` on a Redis Cluster (a
+    `redis+cluster://` URL; see BUCKET_TAGS and docs/redis-cluster.md)."""
 
     def __init__(self, url: str, prefix: str, group: str, owner: str, lease_ms: int, done_ttl_s: int) -> None:
         import redis
@@ -181,6 +227,10 @@ class RedisStore:
         self.owner = owner
         self.lease_ms = lease_ms
         self.done_ttl_s = done_ttl_s
+        self.cluster = is_cluster_url(url)
+        if self.cluster:
+            self._init_cluster(url)
+            return
         # A bounded pool that waits for a free connection: many concurrent callers must
         # queue, not fail with "Too many connections".
         pool = aredis.BlockingConnectionPool.from_url(url, max_connections=16, timeout=10, socket_timeout=5,
@@ -193,12 +243,42 @@ class RedisStore:
         # this now", the same as a refused connection.
         self._errors = (redis.ConnectionError, redis.TimeoutError, redis.ResponseError, OSError)
 
+    def _init_cluster(self, url: str) -> None:
+        import redis
+        if "{" in self.namespace:
+            raise ValueError(f"on a Redis Cluster the key prefix and the group may not contain '{{' (the "
+                             f"store's hash tags must be the first in every key): {self.namespace!r}")
+        # Pools are per node and raise MaxConnectionsError instead of waiting (redisconn): one
+        # apply sends at most one pipeline per master, and the session keeps at most
+        # MAX_CLAIM_CALLS + 1 calls in flight, so 64 per node leaves room for mark_done_in's
+        # WATCHes. Retries are bounded: the session retries a failed call itself (with the
+        # same tokens) and counts the store down meanwhile; redis-py's default (10, back-off up
+        # to 10 s) would hide a failover for many seconds inside one call.
+        self._r = async_client(url, max_connections=CLUSTER_MAX_CONNECTIONS, socket_timeout=5,
+                               socket_connect_timeout=3, retries=CLUSTER_RETRIES)
+        self._ns = [f"{self.namespace}{{{t}}}:" for t in BUCKET_TAGS]      # one namespace per bucket
+        self._alive = [ns + "~a:" + self.owner for ns in self._ns]         # our heartbeat, per bucket
+        import hashlib
+        self._sha = hashlib.sha1(_CLUSTER_LUA.encode()).hexdigest()
+        self._beating = False
+        self._errors = (*redis_errors(), redis.ResponseError)
+
     def full_key(self, key: str) -> str:
+        if self.cluster:
+            return self._ns[bucket_of(key)] + key
         return self.namespace + key
+
+    def hash_tag(self, key: str) -> str:
+        """The hash tag of `key`'s claim on a Redis Cluster, braces included (`{u0}`), "" on one
+        Redis: put it in your own keys that `mark_done_in` commits together with the done
+        mark, e.g. `f"orders:{store.hash_tag(k)}:{order_id}"`, so one MULTI stays in one slot."""
+        return "{" + BUCKET_TAGS[bucket_of(key)] + "}" if self.cluster else ""
 
     async def apply(self, b: Batch) -> Answer:
         if not b:
             return Answer([])
+        if self.cluster:
+            return await self._apply_cluster(b)
         plen = len(self.owner) + 1
         args = [self.namespace, self.owner, b.seq0, self.lease_ms, self.done_ttl_s, "0" if self._beating else "1",
                 "\0".join([t[plen:] for _, t in b.done]), _pairs(b.release), "\0".join(b.claims)]
@@ -211,6 +291,89 @@ class RedisStore:
         lost_now = self._beating and lost in (b"1", "1")
         self._beating = True
         return Answer(_parse(codes), lost_now)
+
+    async def _apply_cluster(self, b: Batch) -> Answer:
+        """`apply` on a Cluster: the batch split by bucket, one script call per bucket with work,
+        and a heartbeat (`SET alive 1 PX lease GET`) in every other bucket, so the heartbeat
+        lives wherever claims may be held; all in one cluster pipeline (one round trip per
+        master, the masters in parallel), the answers merged back in the batch's order.
+
+        A failure of any part fails the call (StoreUnavailable); the session then resends it
+        whole with the same tokens: the buckets that did apply answer CLAIMED again for the
+        same tokens, and done bits, releases and heartbeats are idempotent. redis-py's own
+        retry of a pipeline after an unknown outcome (CLUSTER_RETRIES) is safe for the same
+        reason; at worst it hides one heartbeat loss, which fencing covers (a stale owner's
+        done mark or mark_done_in applies to nothing the new owner holds)."""
+        n = BUCKETS
+        plen = len(self.owner) + 1
+        ckeys: list[list[str]] = [[] for _ in range(n)]
+        cseqs: list[list[str]] = [[] for _ in range(n)]
+        cpos: list[list[int]] = [[] for _ in range(n)]
+        seq0 = b.seq0
+        for i, k in enumerate(b.claims):
+            j = zlib.crc32(k.encode()) % n
+            ckeys[j].append(k)
+            cseqs[j].append(str(seq0 + i))
+            cpos[j].append(i)
+        done: list[list[str]] = [[] for _ in range(n)]
+        for k, t in b.done:
+            done[zlib.crc32(k.encode()) % n].append(t[plen:])
+        rel: list[list[tuple[str, str]]] = [[] for _ in range(n)]
+        for k, t in b.release:
+            rel[zlib.crc32(k.encode()) % n].append((k, t))
+        first = "0" if self._beating else "1"
+        work = {j for j in range(n) if ckeys[j] or done[j] or rel[j]}
+        try:
+            res = await self._cluster_calls(work, ckeys, cseqs, done, rel, first)
+        except self._errors as e:
+            raise StoreUnavailable(f"redis cluster: {type(e).__name__}: {e}") from e
+        out = bytearray(len(b.claims))
+        lost = False
+        for j, r in zip(range(n), res):
+            if j in work:
+                codes, lost_j = r
+                if isinstance(codes, str):
+                    codes = codes.encode()
+                for pos, c in zip(cpos[j], codes):
+                    out[pos] = c
+                lost = lost or lost_j in (b"1", "1")
+            else:
+                lost = lost or r is None                 # SET ... GET: the heartbeat was missing
+        lost_now = self._beating and lost
+        self._beating = True
+        return Answer(_parse(bytes(out)), lost_now)
+
+    async def _cluster_calls(self, work: set[int], ckeys: list[list[str]], cseqs: list[list[str]],
+                             done: list[list[str]], rel: list[list[tuple[str, str]]], first: str) -> list[Any]:
+        """One pipeline: EVALSHA per bucket in `work`, the heartbeat elsewhere; answers per bucket.
+        A NOSCRIPT (a new or restarted master, a promoted replica) loads the script on every
+        master and sends those calls again."""
+        from redis.exceptions import NoScriptError
+
+        def call(pipe: Any, j: int) -> None:
+            pipe.execute_command("EVALSHA", self._sha, 1, self._alive[j], self._ns[j], self.owner, "\0".join(cseqs[j]),
+                                 self.lease_ms, self.done_ttl_s, first, "\0".join(done[j]), _pairs(rel[j]),
+                                 "\0".join(ckeys[j]))
+
+        pipe = self._r.pipeline(transaction=False)
+        for j in range(BUCKETS):
+            if j in work:
+                call(pipe, j)
+            else:
+                pipe.set(self._alive[j], "1", px=self.lease_ms, get=True)
+        res = await pipe.execute(raise_on_error=False)
+        again = [j for j, r in zip(range(BUCKETS), res) if isinstance(r, NoScriptError)]
+        if again:
+            await self._r.script_load(_CLUSTER_LUA)           # every master (redis-py's target for it)
+            pipe = self._r.pipeline(transaction=False)
+            for j in again:
+                call(pipe, j)
+            for j, r in zip(again, await pipe.execute(raise_on_error=False)):
+                res[j] = r
+        for r in res:
+            if isinstance(r, BaseException):
+                raise r
+        return res
 
     def _guard(self, pipeline: Any) -> list[Any]:
         """Shared part of `done_in`: what the user queued so far, set aside for the WATCH."""
@@ -236,6 +399,16 @@ class RedisStore:
     def done_many_in(self, pipeline: Any, marks: list[tuple[str, str]]) -> None:
         """`done_in` for several keys in one MULTI (a batch handler's): every key is WATCHed
         and checked; one key no longer ours refuses the whole transaction."""
+        if self.cluster:
+            strategy, stack, full = self._cluster_guard(pipeline, marks)
+            try:
+                pipeline.watch(*full)
+            except Exception as e:
+                raise self._cross_slot(e, marks) from e
+            curs = pipeline.execute_command("MGET", *full)      # (MGET is immediate once WATCHing)
+            self._check(marks, curs, pipeline.reset)
+            self._cluster_queue(pipeline, strategy, stack, full)
+            return
         stack = self._guard(pipeline)
         full = [self.full_key(k) for k, _ in marks]
         pipeline.watch(*full)
@@ -245,6 +418,20 @@ class RedisStore:
 
     async def done_many_in_async(self, pipeline: Any, marks: list[tuple[str, str]]) -> None:
         """`done_many_in` for redis.asyncio pipelines."""
+        if self.cluster:
+            strategy, stack, full = self._cluster_guard(pipeline, marks)
+            try:
+                await pipeline.watch(*full)
+            except Exception as e:
+                raise self._cross_slot(e, marks) from e
+            curs = await pipeline.execute_command("MGET", *full)
+            try:
+                self._check(marks, curs, lambda: None)
+            except ClaimLost:
+                await pipeline.reset()
+                raise
+            self._cluster_queue(pipeline, strategy, stack, full)
+            return
         stack = self._guard(pipeline)
         full = [self.full_key(k) for k, _ in marks]
         await pipeline.watch(*full)
@@ -255,6 +442,40 @@ class RedisStore:
             await pipeline.reset()
             raise
         self._queue(pipeline, stack, full)
+
+    def _cluster_guard(self, pipeline: Any, marks: list[tuple[str, str]]) -> tuple[Any, list[Any], list[str]]:
+        """`_guard` for a cluster pipeline (redis-py's TransactionStrategy: WATCH, MULTI and EXEC
+        on the connection to the master of one slot). Every key of the MULTI must be in ONE hash
+        slot: the done marks of messages whose claims are in different buckets cannot share it."""
+        strategy = getattr(pipeline, "_execution_strategy", None)
+        if strategy is None or type(strategy).__name__ != "TransactionStrategy":
+            raise TypeError("mark_done_in on a Redis Cluster needs a transactional cluster pipeline: "
+                            "pipeline(transaction=True) of a RedisCluster client (afc.runtime.redisconn)")
+        if strategy._explicit_transaction:
+            raise TypeError("call mark_done_in before pipeline.multi()")
+        tags = sorted({self.hash_tag(k) for k, _ in marks})
+        if len(tags) > 1:
+            raise ValueError(
+                f"on a Redis Cluster every key of one MULTI must be in one hash slot, and these "
+                f"{len(marks)} messages' claims carry {len(tags)} hash tags ({', '.join(tags)}): mark "
+                f"them in one transaction per tag (group the batch by msg.hash_tag), or use "
+                f"mark_done_in per message")
+        stack = list(strategy._command_queue)
+        strategy._command_queue.clear()
+        return strategy, stack, [self.full_key(k) for k, _ in marks]
+
+    def _cross_slot(self, e: Exception, marks: list[tuple[str, str]]) -> Exception:
+        from redis.exceptions import CrossSlotTransactionError
+        if isinstance(e, CrossSlotTransactionError):
+            return ValueError(f"on a Redis Cluster the keys of your MULTI must share the claim's hash tag "
+                              f"{self.hash_tag(marks[0][0])} (use msg.hash_tag in their names): {e}")
+        return e
+
+    def _cluster_queue(self, pipeline: Any, strategy: Any, stack: list[Any], full: list[str]) -> None:
+        pipeline.multi()
+        strategy._command_queue.extend(stack)
+        for f in full:
+            pipeline.set(f, DONE_VALUE, ex=self.done_ttl_s)
 
     @staticmethod
     def _check(marks: list[tuple[str, str]], curs: list[Any], reset: Any) -> None:
@@ -270,7 +491,19 @@ class RedisStore:
             pipeline.set(f, DONE_VALUE, ex=self.done_ttl_s)
 
     async def check(self) -> dict[str, Any]:
-        """What the store says about its durability (`maxmemory-policy`); raises if down."""
+        """What the store says about its durability (`maxmemory-policy`); raises if down. On a
+        Cluster every master is asked and the most dangerous policy is the answer (one evicting
+        master loses that master's done marks)."""
+        if self.cluster:
+            from redis.asyncio.cluster import RedisCluster
+            try:
+                infos = await self._r.info("memory", target_nodes=RedisCluster.PRIMARIES)
+            except self._errors as e:
+                raise StoreUnavailable(f"redis cluster: {type(e).__name__}: {e}") from e
+            policies = {node: i.get("maxmemory_policy", "unknown") for node, i in sorted(infos.items())}
+            worst = next((p for p in EVICTING_POLICIES if p in policies.values()),
+                         next((p for p in policies.values() if p != "noeviction"), "noeviction"))
+            return {"maxmemory_policy": worst, "maxmemory_policies": policies}
         try:
             info = await self._r.info("memory")
         except self._errors as e:
@@ -299,6 +532,9 @@ class SqliteStore:
 
     def full_key(self, key: str) -> str:
         return self.namespace + key
+
+    def hash_tag(self, key: str) -> str:
+        return ""
 
     def _get(self, k: str, now: float) -> str | None:
         row = self._db.execute("SELECT v, exp FROM idem WHERE k = ?", (k,)).fetchone()
