@@ -132,13 +132,14 @@ return {table.concat(out), lost}
 # The bucket is a stable hash of the idempotency key (not the partition: the same key from
 # another partition or the retry topic must find the same claim). The tags are pinned short
 # strings whose CRC16 slot lies near the middle of each 1/BUCKETS of 0..16383, so buckets spread
-# over the masters as evenly as the slots do (tests/unit/test_idempotency_buckets.py checks
-# both). Changing BUCKETS or a tag moves every key: existing claims and done marks would no
-# longer be found, so they are constants, not settings.
-BUCKET_TAGS = ("u0", "3", "dj", "j", "d2", "2", "uh", "k", "ly", "h9", "uv", "u", "9s", "qn", "dt", "t")
+# over the masters as evenly as the slots do: 12 buckets split exactly over 2, 3, 4 or 6 masters
+# of an evenly sliced cluster (tests/unit/test_idempotency_buckets.py). More buckets spread
+# finer but cost a command per bucket per call; changing BUCKETS or a tag moves every key
+# (claims and done marks would no longer be found), so they are constants, not settings.
+BUCKET_TAGS = ("t3", "f1", "n", "e1", "w3", "o", "mz", "jb", "l", "8p", "nz", "i")
 BUCKETS = len(BUCKET_TAGS)
 CLUSTER_MAX_CONNECTIONS = 64    # per node; a cluster pool raises at once when exhausted (redisconn)
-CLUSTER_RETRIES = 3             # redis-py's retries of one call (MOVED, connection errors...)
+CLUSTER_RETRIES = 3             # redis-py's retries of one command (topology, check, script load)
 
 
 def bucket_of(key: str) -> int:
@@ -248,16 +249,21 @@ class RedisStore:
         if "{" in self.namespace:
             raise ValueError(f"on a Redis Cluster the key prefix and the group may not contain '{{' (the "
                              f"store's hash tags must be the first in every key): {self.namespace!r}")
-        # Pools are per node and raise MaxConnectionsError instead of waiting (redisconn): one
-        # apply sends at most one pipeline per master, and the session keeps at most
-        # MAX_CLAIM_CALLS + 1 calls in flight, so 64 per node leaves room for mark_done_in's
-        # WATCHes. Retries are bounded: the session retries a failed call itself (with the
-        # same tokens) and counts the store down meanwhile; redis-py's default (10, back-off up
-        # to 10 s) would hide a failover for many seconds inside one call.
+        # The cluster client knows the slot layout and follows failovers; `apply` sends its
+        # commands straight to the nodes' connections (see _cluster_calls). Pools are per node
+        # and raise MaxConnectionsError instead of waiting (redisconn): one apply takes at most
+        # one connection per master, the session keeps at most MAX_CLAIM_CALLS + 1 calls in
+        # flight, so 64 per node leaves room for the users' mark_done_in WATCHes. Retries are
+        # bounded: the session retries a failed call itself (same tokens) and counts the store
+        # down meanwhile; redis-py's default (10, back-off up to 10 s) would hide a failover
+        # inside one call for many seconds.
         self._r = async_client(url, max_connections=CLUSTER_MAX_CONNECTIONS, socket_timeout=5,
                                socket_connect_timeout=3, retries=CLUSTER_RETRIES)
+        from redis.crc import key_slot
         self._ns = [f"{self.namespace}{{{t}}}:" for t in BUCKET_TAGS]      # one namespace per bucket
         self._alive = [ns + "~a:" + self.owner for ns in self._ns]         # our heartbeat, per bucket
+        self._slots = [key_slot(t.encode()) for t in BUCKET_TAGS]
+        self._beat_at = [float("-inf")] * BUCKETS     # when each bucket's heartbeat was last set
         import hashlib
         self._sha = hashlib.sha1(_CLUSTER_LUA.encode()).hexdigest()
         self._beating = False
@@ -269,7 +275,7 @@ class RedisStore:
         return self.namespace + key
 
     def hash_tag(self, key: str) -> str:
-        """The hash tag of `key`'s claim on a Redis Cluster, braces included (`{u0}`), "" on one
+        """The hash tag of `key`'s claim on a Redis Cluster, braces included (`{t3}`), "" on one
         Redis: put it in your own keys that `mark_done_in` commits together with the done
         mark, e.g. `f"orders:{store.hash_tag(k)}:{order_id}"`, so one MULTI stays in one slot."""
         return "{" + BUCKET_TAGS[bucket_of(key)] + "}" if self.cluster else ""
@@ -293,17 +299,21 @@ class RedisStore:
         return Answer(_parse(codes), lost_now)
 
     async def _apply_cluster(self, b: Batch) -> Answer:
-        """`apply` on a Cluster: the batch split by bucket, one script call per bucket with work,
-        and a heartbeat (`SET alive 1 PX lease GET`) in every other bucket, so the heartbeat
-        lives wherever claims may be held; all in one cluster pipeline (one round trip per
-        master, the masters in parallel), the answers merged back in the batch's order.
+        """`apply` on a Cluster: the batch split by bucket, one script call per bucket with work
+        (it sets the bucket's heartbeat too), and `SET alive 1 PX lease GET` in each other bucket
+        whose heartbeat is a third of the lease old, so the heartbeat lives in every bucket
+        where a claim may be held (the session calls at least every third of the lease while
+        it holds claims: a bucket is beaten at least every two thirds). One pipeline per master,
+        the masters at once; the answers merged back in the batch's order. `lost`: a bucket's
+        heartbeat had expired, as on one Redis (every claim held is reported lost).
 
-        A failure of any part fails the call (StoreUnavailable); the session then resends it
-        whole with the same tokens: the buckets that did apply answer CLAIMED again for the
-        same tokens, and done bits, releases and heartbeats are idempotent. redis-py's own
-        retry of a pipeline after an unknown outcome (CLUSTER_RETRIES) is safe for the same
-        reason; at worst it hides one heartbeat loss, which fencing covers (a stale owner's
-        done mark or mark_done_in applies to nothing the new owner holds)."""
+        A failure of any part fails the call (StoreUnavailable); the session resends it whole
+        with the same tokens: the buckets that did apply answer CLAIMED again for the same
+        tokens, and done bits, releases and heartbeats are idempotent. The same holds for the
+        one resend here after a redirection or a lost connection, and for redis-py's retries
+        of a command after an unknown outcome; at worst a resend hides one heartbeat loss,
+        which fencing covers (a stale owner's done mark or mark_done_in applies to nothing the
+        new owner holds)."""
         n = BUCKETS
         plen = len(self.owner) + 1
         ckeys: list[list[str]] = [[] for _ in range(n)]
@@ -322,15 +332,25 @@ class RedisStore:
         for k, t in b.release:
             rel[zlib.crc32(k.encode()) % n].append((k, t))
         first = "0" if self._beating else "1"
-        work = {j for j in range(n) if ckeys[j] or done[j] or rel[j]}
+        now = time.monotonic()
+        due = now - self.lease_ms / 3000
+        cmds: dict[int, tuple[Any, ...]] = {}
+        for j in range(n):
+            if ckeys[j] or done[j] or rel[j]:
+                cmds[j] = ("EVALSHA", self._sha, 1, self._alive[j], self._ns[j], self.owner, "\0".join(cseqs[j]),
+                           self.lease_ms, self.done_ttl_s, first, "\0".join(done[j]), _pairs(rel[j]),
+                           "\0".join(ckeys[j]))
+            elif self._beat_at[j] <= due or not self._beating:
+                cmds[j] = ("SET", self._alive[j], "1", "PX", self.lease_ms, "GET")
         try:
-            res = await self._cluster_calls(work, ckeys, cseqs, done, rel, first)
+            res = await self._cluster_calls(cmds)
         except self._errors as e:
             raise StoreUnavailable(f"redis cluster: {type(e).__name__}: {e}") from e
         out = bytearray(len(b.claims))
         lost = False
-        for j, r in zip(range(n), res):
-            if j in work:
+        for j, r in res.items():
+            self._beat_at[j] = now
+            if cmds[j][0] == "EVALSHA":
                 codes, lost_j = r
                 if isinstance(codes, str):
                     codes = codes.encode()
@@ -343,37 +363,48 @@ class RedisStore:
         self._beating = True
         return Answer(_parse(bytes(out)), lost_now)
 
-    async def _cluster_calls(self, work: set[int], ckeys: list[list[str]], cseqs: list[list[str]],
-                             done: list[list[str]], rel: list[list[tuple[str, str]]], first: str) -> list[Any]:
-        """One pipeline: EVALSHA per bucket in `work`, the heartbeat elsewhere; answers per bucket.
-        A NOSCRIPT (a new or restarted master, a promoted replica) loads the script on every
-        master and sends those calls again."""
-        from redis.exceptions import NoScriptError
-
-        def call(pipe: Any, j: int) -> None:
-            pipe.execute_command("EVALSHA", self._sha, 1, self._alive[j], self._ns[j], self.owner, "\0".join(cseqs[j]),
-                                 self.lease_ms, self.done_ttl_s, first, "\0".join(done[j]), _pairs(rel[j]),
-                                 "\0".join(ckeys[j]))
-
-        pipe = self._r.pipeline(transaction=False)
-        for j in range(BUCKETS):
-            if j in work:
-                call(pipe, j)
-            else:
-                pipe.set(self._alive[j], "1", px=self.lease_ms, get=True)
-        res = await pipe.execute(raise_on_error=False)
-        again = [j for j, r in zip(range(BUCKETS), res) if isinstance(r, NoScriptError)]
-        if again:
-            await self._r.script_load(_CLUSTER_LUA)           # every master (redis-py's target for it)
-            pipe = self._r.pipeline(transaction=False)
-            for j in again:
-                call(pipe, j)
-            for j, r in zip(again, await pipe.execute(raise_on_error=False)):
-                res[j] = r
-        for r in res:
-            if isinstance(r, BaseException):
-                raise r
-        return res
+    async def _cluster_calls(self, cmds: dict[int, tuple[Any, ...]]) -> dict[int, Any]:
+        """Send each bucket's command to the master of its slot, one pipeline per master, all at
+        once, on the cluster client's own node connections (redis-py's cluster pipeline works
+        out each command's slot and policy again, ~4x the client CPU of this). A NOSCRIPT (a
+        new, restarted or promoted master) loads the script on every master; a redirection or a
+        lost connection (a failover) reloads the slot layout; either way the failed commands
+        are sent once more, then an error is raised."""
+        from redis.asyncio.cluster import PipelineCommand
+        from redis.exceptions import (AskError, ClusterDownError, ConnectionError, MovedError, NoScriptError,
+                                      TimeoutError, TryAgainError)
+        r = self._r
+        if r._initialize:
+            await r.initialize()
+        results: dict[int, Any] = {}
+        todo = dict(cmds)
+        for attempt in (0, 1):
+            by_node: dict[str, tuple[Any, list[tuple[int, Any]]]] = {}
+            for j, args in todo.items():
+                node = r.nodes_manager.get_node_from_slot(self._slots[j])
+                by_node.setdefault(node.name, (node, []))[1].append((j, PipelineCommand(j, *args)))
+            sent = await asyncio.gather(*(node.execute_pipeline([c for _, c in pcs])
+                                          for node, pcs in by_node.values()), return_exceptions=True)
+            failed: BaseException | None = None
+            noscript = []
+            for (node, pcs), s in zip(by_node.values(), sent):
+                for j, c in pcs:
+                    results[j] = s if isinstance(s, BaseException) else c.result
+                if any(isinstance(results[j], NoScriptError) for j, _ in pcs):
+                    noscript.append(node)
+            todo = {j: cmds[j] for j, v in results.items() if isinstance(v, BaseException)}
+            if not todo:
+                return results
+            failed = next(iter(results[j] for j in todo))
+            if attempt:
+                break
+            for node in noscript:                            # load it where it was missing
+                await node.execute_command("SCRIPT", "LOAD", _CLUSTER_LUA)
+            if any(isinstance(results[j], (MovedError, AskError, TryAgainError, ClusterDownError, ConnectionError,
+                                           TimeoutError, OSError)) for j in todo):
+                await r.nodes_manager.initialize()           # the layout after a failover or a reshard
+        assert failed is not None
+        raise failed
 
     def _guard(self, pipeline: Any) -> list[Any]:
         """Shared part of `done_in`: what the user queued so far, set aside for the WATCH."""
@@ -417,21 +448,15 @@ class RedisStore:
         self._queue(pipeline, stack, full)
 
     async def done_many_in_async(self, pipeline: Any, marks: list[tuple[str, str]]) -> None:
-        """`done_many_in` for redis.asyncio pipelines."""
+        """`done_many_in` for redis.asyncio pipelines (one Redis only, see below)."""
         if self.cluster:
-            strategy, stack, full = self._cluster_guard(pipeline, marks)
-            try:
-                await pipeline.watch(*full)
-            except Exception as e:
-                raise self._cross_slot(e, marks) from e
-            curs = await pipeline.execute_command("MGET", *full)
-            try:
-                self._check(marks, curs, lambda: None)
-            except ClaimLost:
-                await pipeline.reset()
-                raise
-            self._cluster_queue(pipeline, strategy, stack, full)
-            return
+            # redis-py 8.1's asyncio cluster transaction sends WATCH and every command before
+            # MULTI through asyncio.run() in a thread of its own: it blocks this event loop for
+            # the round trip and leaves the connection bound to a closed loop, so the next
+            # command or the client's close fails with "Event loop is closed" (seen on the bed).
+            raise TypeError("mark_done_in_async on a Redis Cluster: redis-py's asyncio cluster transactions are "
+                            "not usable (WATCH runs in a throw-away event loop); use a sync cluster pipeline "
+                            "with msg.mark_done_in, from a sync handler or asyncio.to_thread")
         stack = self._guard(pipeline)
         full = [self.full_key(k) for k, _ in marks]
         await pipeline.watch(*full)
