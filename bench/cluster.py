@@ -207,10 +207,10 @@ def cleanup_cluster_keys(url: str, prefix: str) -> int | str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("-n", "--messages", type=int, default=300_000)
+    ap.add_argument("-n", "--messages", type=int, default=400_000)
     ap.add_argument("--partitions", type=int, default=12)
     ap.add_argument("--consumers", type=int, default=3)
-    ap.add_argument("--rounds", type=int, default=2, help="rounds per target (single, cluster alternating)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds per target (single, cluster alternating)")
     ap.add_argument("--budget-s", type=float, default=90, help="most seconds one round may take")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "cluster.json")
     ap.add_argument("--bootstrap", default=os.environ.get("AFC_KAFKA_BOOTSTRAP", "127.0.0.1:19092"))
