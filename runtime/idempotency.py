@@ -366,45 +366,53 @@ class RedisStore:
     async def _cluster_calls(self, cmds: dict[int, tuple[Any, ...]]) -> dict[int, Any]:
         """Send each bucket's command to the master of its slot, one pipeline per master, all at
         once, on the cluster client's own node connections (redis-py's cluster pipeline works
-        out each command's slot and policy again, ~4x the client CPU of this). A NOSCRIPT (a
-        new, restarted or promoted master) loads the script on every master; a redirection or a
-        lost connection (a failover) reloads the slot layout; either way the failed commands
-        are sent once more, then an error is raised."""
+        out every command's slot and command policy again, which took most of a call's client
+        CPU in a profile). A NOSCRIPT (a new, restarted or promoted master) loads the script on
+        that node; a MOVED points the slot at the node it names (as redis-py does); any other
+        failure (a lost connection, a slot without a master while a failover is under way)
+        reloads the slot layout and drops the node's idle connections. The failed commands are
+        then sent again, at most twice (a reload can lead to a master that lacks the script, as
+        after a fail-back); then the error is raised."""
         from redis.asyncio.cluster import PipelineCommand
-        from redis.exceptions import (AskError, ClusterDownError, ConnectionError, MovedError, NoScriptError,
-                                      TimeoutError, TryAgainError)
+        from redis.exceptions import MovedError, NoScriptError
         r = self._r
         if r._initialize:
             await r.initialize()
         results: dict[int, Any] = {}
         todo = dict(cmds)
-        for attempt in (0, 1):
-            by_node: dict[str, tuple[Any, list[tuple[int, Any]]]] = {}
-            for j, args in todo.items():
-                node = r.nodes_manager.get_node_from_slot(self._slots[j])
-                by_node.setdefault(node.name, (node, []))[1].append((j, PipelineCommand(j, *args)))
-            sent = await asyncio.gather(*(node.execute_pipeline([c for _, c in pcs])
-                                          for node, pcs in by_node.values()), return_exceptions=True)
-            failed: BaseException | None = None
-            noscript = []
-            for (node, pcs), s in zip(by_node.values(), sent):
-                for j, c in pcs:
-                    results[j] = s if isinstance(s, BaseException) else c.result
-                if any(isinstance(results[j], NoScriptError) for j, _ in pcs):
-                    noscript.append(node)
+        for attempt in range(3):                 # a reload can lead to a master without the script
+            noscript: list[Any] = []
+            try:
+                by_node: dict[str, tuple[Any, list[tuple[int, Any]]]] = {}
+                for j, args in todo.items():
+                    node = r.nodes_manager.get_node_from_slot(self._slots[j])
+                    by_node.setdefault(node.name, (node, []))[1].append((j, PipelineCommand(j, *args)))
+            except self._errors as e:                       # SlotNotCoveredError: no master known for it
+                results.update({j: e for j in todo})
+            else:
+                sent = await asyncio.gather(*(node.execute_pipeline([c for _, c in pcs])
+                                              for node, pcs in by_node.values()), return_exceptions=True)
+                for (node, pcs), out in zip(by_node.values(), sent):
+                    for j, c in pcs:
+                        results[j] = out if isinstance(out, BaseException) else c.result
+                    if any(isinstance(results[j], NoScriptError) for j, _ in pcs):
+                        noscript.append(node)
+                    if isinstance(out, BaseException):       # its idle connections may be dead too
+                        node.update_active_connections_for_reconnect()
+                        await node.disconnect_free_connections()
             todo = {j: cmds[j] for j, v in results.items() if isinstance(v, BaseException)}
             if not todo:
                 return results
-            failed = next(iter(results[j] for j in todo))
-            if attempt:
+            if attempt == 2:
                 break
+            moved = [results[j] for j in todo if isinstance(results[j], MovedError)]
+            for e in moved:                                  # the node that serves the slot now, as it says
+                await r.nodes_manager.move_slot(e)
+            if any(not isinstance(results[j], (NoScriptError, MovedError)) for j in todo):
+                await r.nodes_manager.initialize()           # the layout after a failover or a reshard
             for node in noscript:                            # load it where it was missing
                 await node.execute_command("SCRIPT", "LOAD", _CLUSTER_LUA)
-            if any(isinstance(results[j], (MovedError, AskError, TryAgainError, ClusterDownError, ConnectionError,
-                                           TimeoutError, OSError)) for j in todo):
-                await r.nodes_manager.initialize()           # the layout after a failover or a reshard
-        assert failed is not None
-        raise failed
+        raise next(iter(results[j] for j in todo))
 
     def _guard(self, pipeline: Any) -> list[Any]:
         """Shared part of `done_in`: what the user queued so far, set aside for the WATCH."""
