@@ -222,3 +222,21 @@ async def capacity_downstream(msg) -> None:
         await asyncio.sleep(0.005 * max(1.0, _ds_active / cap))
     finally:
         _ds_active -= 1
+
+
+_rc = None
+
+
+def cluster_effect(msg) -> None:
+    """RPUSHes the idempotency key to `<AFC_TEST_LIST>:<the claim's hash tag>` on the Redis Cluster
+    (AFC_TEST_CLUSTER_URL) in one MULTI with the done mark (mark_done_in): exactly-once effects."""
+    global _rc
+    with _r_lock:
+        if _rc is None:
+            from afc.runtime.redisconn import sync_client
+            _rc = sync_client(os.environ["AFC_TEST_CLUSTER_URL"], socket_timeout=5, retries=3)
+    key = msg.idempotency_key
+    pipe = _rc.pipeline(transaction=True)
+    pipe.rpush(f"{os.environ['AFC_TEST_LIST']}:{msg._store.hash_tag(key)}", key)
+    msg.mark_done_in(pipe)
+    pipe.execute()

@@ -242,3 +242,44 @@ def test_consumers_on_the_cluster_handle_each_message_once_through_a_master_fail
     print(f"\ncluster failover: promotion {figures['failover_s']:.1f}s after the kill, 200 more handled "
           f"{figures['back_s']:.1f}s after it; failed store calls {figures['errors']:.0f}, claims lost "
           f"{figures['lost']:.0f}")
+
+
+@pytest.mark.kafka
+def test_mark_done_in_effects_stay_exactly_once_through_a_master_failover(
+        testbed, make_topic, names, redis_cluster, redis_cluster_bed, tmp_path) -> None:
+    """A handler whose effect (RPUSH to a list carrying the claim's hash tag) commits in one MULTI
+    with the done mark, on the cluster; the master of one bucket is SIGKILLed mid-way. Every
+    message's effect is there exactly once (a transaction cut by the kill either applied, and its
+    retry finds the key done, or did not, and runs again)."""
+    topic = make_topic("in", partitions=4)
+    n = 4000
+    produce_json(testbed.bootstrap, topic, [{"n": i} for i in range(n)],
+                 headers_of=lambda i, d: [("idempotency-key", f"order-{d['n']}".encode())])
+    effects = f"{names.redis_prefix}effects"
+    env = {"AFC_IDEMPOTENCY__REDIS_URL": testbed.redis_cluster_url, "AFC_TEST_CLUSTER_URL": testbed.redis_cluster_url,
+           "AFC_TEST_LIST": effects, "AFC_FLOW__WORKERS": "4", "AFC_ROUTING__ENABLED": "false"}
+    c = ConsumerProcess(testbed, [topic], names.group, "afc_test_handlers:cluster_effect", tmp_path / "c.log",
+                        instance_id=f"{names.stem}-0", env=env, redis_prefix=names.redis_prefix).start()
+    probe = store(testbed, names, "probe")
+    lists = sorted({f"{effects}:{probe.hash_tag(f'order-{i}')}" for i in range(n)})
+
+    def applied() -> int:
+        return sum(redis_cluster.llen(k) for k in lists)
+
+    try:
+        c.wait_ready()
+        wait_for(lambda: applied() >= n // 4, 60, 0.1, what="a quarter applied")
+        with redis_cluster_bed.failover(probe.full_key("order-0")):
+            at_promotion = applied()
+        wait_for(lambda: lag(testbed, topic, names.group) == 0, 120, 0.5, what="every message consumed")
+        errors = c.metrics().get("afc_idempotency_store_errors_total", 0)
+    finally:
+        asyncio.run(probe.close())
+        code = c.stop()
+    assert code == 0, c.log_tail()
+    assert at_promotion < n, "the failover came after the last message"
+    got = Counter(k.decode() for lst in lists for k in redis_cluster.lrange(lst, 0, -1))
+    assert len(got) == n, f"{n - len(got)} effects missing"
+    assert set(got.values()) == {1}, {k: v for k, v in got.items() if v != 1}
+    print(f"\nmark_done_in through a failover: {n} effects once each; {at_promotion} applied at the "
+          f"promotion, {errors:.0f} failed store calls")
