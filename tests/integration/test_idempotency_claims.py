@@ -129,7 +129,8 @@ async def test_a_message_costs_one_redis_write(testbed, names, redis_client) -> 
     assert len(keys) <= writes <= len(keys) + 8 * 3 + 20, writes
 
 
-def test_racing_claimers_never_both_win(testbed, names) -> None:
+def test_racing_claimers_never_both_win(testbed, names, redis_client) -> None:
+    # (redis_client: its fixture deletes the test's keys afterwards; they were left behind)
     keys = [f"race-{i}" for i in range(2000)]
     wins: dict[str, list[str]] = {}
     lock = threading.Lock()
