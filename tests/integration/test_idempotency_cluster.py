@@ -126,6 +126,14 @@ async def test_mark_done_in_with_effect_keys_in_the_claims_slot(testbed, names, 
         with pytest.raises(ValueError, match="one hash slot"):
             sa.done_many_in(redis_cluster.pipeline(transaction=True), [("order-2", a.tokens["order-2"]),
                                                                         (two, a.tokens[two])])
+        # a batch whose claims share one tag: one MULTI, every mark applied
+        same = [k for k in (f"batch-{i}" for i in range(200)) if sa.hash_tag(k) == sa.hash_tag("order-1")][:3]
+        assert await a.claim(*same) == [Claim.CLAIMED] * 3
+        pipe = redis_cluster.pipeline(transaction=True)
+        pipe.rpush(effects("order-1"), *same)
+        sa.done_many_in(pipe, [(k, a.tokens[k]) for k in same])
+        pipe.execute()
+        assert [redis_cluster.get(sa.full_key(k)) for k in same] == [b"d"] * 3
         # lost: the lease ran out and b took the key: a's transaction is refused whole
         await asyncio.sleep(0.4)
         assert await b.claim("order-2") == [Claim.CLAIMED]
