@@ -8,7 +8,7 @@ PYTEST := .venv/bin/pytest
 TESTBED := python3 scripts/testbed.py
 PYTEST_ARGS ?=
 
-.PHONY: deps testbed testbed-down testbed-clean testbed-status test unit demo demo-runtime bench bench-scaling bench-rollout bench-operator bench-concurrency bench-report soak crds pins
+.PHONY: deps testbed testbed-down testbed-clean testbed-status test unit demo demo-runtime bench bench-scaling bench-rollout bench-operator bench-concurrency bench-cluster bench-report soak crds pins
 
 deps:
 	bash scripts/install-deps.sh
@@ -49,7 +49,12 @@ demo-runtime: testbed
 
 bench: testbed
 	set -a; source .testbed/env; set +a; $(PY) -P bench/run.py && $(PY) -P bench/concurrency.py && $(PY) -P bench/scaling.py \
-		&& $(PY) -P bench/rollout.py && $(PY) -P bench/operator.py
+		&& $(PY) -P bench/rollout.py && $(PY) -P bench/operator.py && $(PY) -P bench/cluster.py
+
+# A 3-process group's throughput with the idempotency store on the single Redis and on the
+# bed's 3-master Redis Cluster, alternating rounds; bench/results/cluster.json (~2 minutes).
+bench-cluster: testbed
+	set -a; source .testbed/env; set +a; $(PY) -P bench/cluster.py
 
 # Issue 13's adaptive handler concurrency against fixed flow.workers on a simulated downstream of
 # known capacity (async 5 ms, sync 1 ms, a mid-run slowdown); bench/results/concurrency.json and .png (~4 minutes).

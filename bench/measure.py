@@ -113,9 +113,12 @@ class ServerCpu:
     and Redis's own per-command time (INFO commandstats; commands run inside Lua scripts are
     counted both under their own name and in the script's EVALSHA)."""
 
-    def __init__(self, testbed_dir: str | None, redis_url: str | None = None) -> None:
+    def __init__(self, testbed_dir: str | None, redis_url: str | None = None,
+                 parts: tuple[str, ...] = ("kafka", "redis")) -> None:
+        """`parts`: the bed's process names to time (e.g. one node of the Redis Cluster,
+        `redis-cluster-1`, with that node's `redis://` URL for its commandstats)."""
         self.procs: dict[str, psutil.Process] = {}
-        for name in ("kafka", "redis"):
+        for name in parts:
             try:
                 pid = int(Path(testbed_dir or "", "pids", f"{name}.pid").read_text())
                 self.procs[name] = psutil.Process(pid)

@@ -37,11 +37,13 @@ import logging
 import sqlite3
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, Protocol
 
 from .errors import ClaimLost, StoreUnavailable
+from .redisconn import async_client, is_cluster_url, redis_errors
 
 log = logging.getLogger("afc.runtime.idempotency")
 
@@ -123,6 +125,48 @@ end
 return {table.concat(out), lost}
 """ % (DONE_CHUNK, BITFIELD_MARKS)
 
+# ---------------------------------------------------------------------------- Redis Cluster
+# A Lua script may only touch keys of one slot on a Cluster, so the keys are spread over
+# BUCKETS hash-tagged namespaces `<prefix>:idem:<group>:{<tag>}:`, each with its own copy of
+# the owner's heartbeat and done bits, and one script call per bucket touches one slot only.
+# The bucket is a stable hash of the idempotency key (not the partition: the same key from
+# another partition or the retry topic must find the same claim). The tags are pinned short
+# strings whose CRC16 slot lies near the middle of each 1/BUCKETS of 0..16383, so buckets spread
+# over the masters as evenly as the slots do: 12 buckets split exactly over 2, 3, 4 or 6 masters
+# of an evenly sliced cluster (tests/unit/test_idempotency_buckets.py). More buckets spread
+# finer but cost a command per bucket per call; changing BUCKETS or a tag moves every key
+# (claims and done marks would no longer be found), so they are constants, not settings.
+BUCKET_TAGS = ("t3", "f1", "n", "e1", "w3", "o", "mz", "jb", "l", "8p", "nz", "i")
+BUCKETS = len(BUCKET_TAGS)
+CLUSTER_MAX_CONNECTIONS = 64    # per node; a cluster pool raises at once when exhausted (redisconn)
+CLUSTER_RETRIES = 3             # redis-py's retries of one command (topology, check, script load)
+
+
+def bucket_of(key: str) -> int:
+    """The bucket of an idempotency key: stable across processes and versions (CRC32)."""
+    return zlib.crc32(key.encode()) % BUCKETS
+
+
+def _derive_cluster_lua(single: str) -> str:
+    """The same script for one bucket, told each claim's sequence number (a bucket's claims are
+    not consecutive ones of the batch): ARGV[3] is NUL-separated sequence numbers, not seq0.
+    KEYS[1] is the bucket's heartbeat key: it routes the call to the bucket's slot, which every
+    key the script touches shares (the other owners' heartbeat and done-bit keys it reads on the
+    slow path cannot be known in advance; Redis 7 runs a script without a shebang in its
+    compatibility mode, which lets it touch undeclared keys of the declared slot and refuses
+    any other slot)."""
+    edits = (("local ns, owner, seq0, lease, ttl, first = ARGV[1], ARGV[2], tonumber(ARGV[3]),",
+              "local ns, owner, seqs, lease, ttl, first = ARGV[1], ARGV[2], string.gmatch(ARGV[3], \"([^%z]+)\"),"),
+             ("local out, i = {}, seq0\n", "local out = {}\n"),
+             ("  local token = prefix .. i\n  i = i + 1\n", "  local token = prefix .. seqs()\n"))
+    for old, new in edits:
+        assert single.count(old) == 1, old
+        single = single.replace(old, new)
+    return single
+
+
+_CLUSTER_LUA = _derive_cluster_lua(_APPLY_LUA)
+
 
 @dataclass
 class Batch:
@@ -148,6 +192,7 @@ class IdempotencyStore(Protocol):
     owner: str
 
     def full_key(self, key: str) -> str: ...
+    def hash_tag(self, key: str) -> str: ...
     def done_in(self, pipeline: Any, key: str, token: str) -> None: ...
     async def done_in_async(self, pipeline: Any, key: str, token: str) -> None: ...
     def done_many_in(self, pipeline: Any, marks: list[tuple[str, str]]) -> None: ...
@@ -172,7 +217,9 @@ def _pairs(items: list[tuple[str, str]]) -> str:
 
 
 class RedisStore:
-    """Shared store; keys are `<prefix>:idem:<group>:<idempotency key>`."""
+    """Shared store; keys are `<prefix>:idem:<group>:<idempotency key>` on one Redis, and
+    `<prefix>:idem:<group>:{<bucket tag>}:<idempotency key>` on a Redis Cluster (a
+    `redis+cluster://` URL; see BUCKET_TAGS and docs/redis-cluster.md)."""
 
     def __init__(self, url: str, prefix: str, group: str, owner: str, lease_ms: int, done_ttl_s: int) -> None:
         import redis
@@ -181,6 +228,10 @@ class RedisStore:
         self.owner = owner
         self.lease_ms = lease_ms
         self.done_ttl_s = done_ttl_s
+        self.cluster = is_cluster_url(url)
+        if self.cluster:
+            self._init_cluster(url)
+            return
         # A bounded pool that waits for a free connection: many concurrent callers must
         # queue, not fail with "Too many connections".
         pool = aredis.BlockingConnectionPool.from_url(url, max_connections=16, timeout=10, socket_timeout=5,
@@ -193,12 +244,47 @@ class RedisStore:
         # this now", the same as a refused connection.
         self._errors = (redis.ConnectionError, redis.TimeoutError, redis.ResponseError, OSError)
 
+    def _init_cluster(self, url: str) -> None:
+        import redis
+        if "{" in self.namespace:
+            raise ValueError(f"on a Redis Cluster the key prefix and the group may not contain '{{' (the "
+                             f"store's hash tags must be the first in every key): {self.namespace!r}")
+        # The cluster client knows the slot layout and follows failovers; `apply` sends its
+        # commands straight to the nodes' connections (see _cluster_calls). Pools are per node
+        # and raise MaxConnectionsError instead of waiting (redisconn): one apply takes at most
+        # one connection per master, the session keeps at most MAX_CLAIM_CALLS + 1 calls in
+        # flight, so 64 per node leaves room for the users' mark_done_in WATCHes. Retries are
+        # bounded: the session retries a failed call itself (same tokens) and counts the store
+        # down meanwhile; redis-py's default (10, back-off up to 10 s) would hide a failover
+        # inside one call for many seconds.
+        self._r = async_client(url, max_connections=CLUSTER_MAX_CONNECTIONS, socket_timeout=5,
+                               socket_connect_timeout=3, retries=CLUSTER_RETRIES)
+        from redis.crc import key_slot
+        self._ns = [f"{self.namespace}{{{t}}}:" for t in BUCKET_TAGS]      # one namespace per bucket
+        self._alive = [ns + "~a:" + self.owner for ns in self._ns]         # our heartbeat, per bucket
+        self._slots = [key_slot(t.encode()) for t in BUCKET_TAGS]
+        self._beat_at = [float("-inf")] * BUCKETS     # when each bucket's heartbeat was last set
+        import hashlib
+        self._sha = hashlib.sha1(_CLUSTER_LUA.encode()).hexdigest()
+        self._beating = False
+        self._errors = (*redis_errors(), redis.ResponseError)
+
     def full_key(self, key: str) -> str:
+        if self.cluster:
+            return self._ns[bucket_of(key)] + key
         return self.namespace + key
+
+    def hash_tag(self, key: str) -> str:
+        """The hash tag of `key`'s claim on a Redis Cluster, braces included (`{t3}`), "" on one
+        Redis: put it in your own keys that `mark_done_in` commits together with the done
+        mark, e.g. `f"orders:{store.hash_tag(k)}:{order_id}"`, so one MULTI stays in one slot."""
+        return "{" + BUCKET_TAGS[bucket_of(key)] + "}" if self.cluster else ""
 
     async def apply(self, b: Batch) -> Answer:
         if not b:
             return Answer([])
+        if self.cluster:
+            return await self._apply_cluster(b)
         plen = len(self.owner) + 1
         args = [self.namespace, self.owner, b.seq0, self.lease_ms, self.done_ttl_s, "0" if self._beating else "1",
                 "\0".join([t[plen:] for _, t in b.done]), _pairs(b.release), "\0".join(b.claims)]
@@ -211,6 +297,122 @@ class RedisStore:
         lost_now = self._beating and lost in (b"1", "1")
         self._beating = True
         return Answer(_parse(codes), lost_now)
+
+    async def _apply_cluster(self, b: Batch) -> Answer:
+        """`apply` on a Cluster: the batch split by bucket, one script call per bucket with work
+        (it sets the bucket's heartbeat too), and `SET alive 1 PX lease GET` in each other bucket
+        whose heartbeat is a third of the lease old, so the heartbeat lives in every bucket
+        where a claim may be held (the session calls at least every third of the lease while
+        it holds claims: a bucket is beaten at least every two thirds). One pipeline per master,
+        the masters at once; the answers merged back in the batch's order. `lost`: a bucket's
+        heartbeat had expired, as on one Redis (every claim held is reported lost).
+
+        A failure of any part fails the call (StoreUnavailable); the session resends it whole
+        with the same tokens: the buckets that did apply answer CLAIMED again for the same
+        tokens, and done bits, releases and heartbeats are idempotent. The same holds for the
+        one resend here after a redirection or a lost connection, and for redis-py's retries
+        of a command after an unknown outcome; at worst a resend hides one heartbeat loss,
+        which fencing covers (a stale owner's done mark or mark_done_in applies to nothing the
+        new owner holds)."""
+        n = BUCKETS
+        plen = len(self.owner) + 1
+        ckeys: list[list[str]] = [[] for _ in range(n)]
+        cseqs: list[list[str]] = [[] for _ in range(n)]
+        cpos: list[list[int]] = [[] for _ in range(n)]
+        seq0 = b.seq0
+        for i, k in enumerate(b.claims):
+            j = zlib.crc32(k.encode()) % n
+            ckeys[j].append(k)
+            cseqs[j].append(str(seq0 + i))
+            cpos[j].append(i)
+        done: list[list[str]] = [[] for _ in range(n)]
+        for k, t in b.done:
+            done[zlib.crc32(k.encode()) % n].append(t[plen:])
+        rel: list[list[tuple[str, str]]] = [[] for _ in range(n)]
+        for k, t in b.release:
+            rel[zlib.crc32(k.encode()) % n].append((k, t))
+        first = "0" if self._beating else "1"
+        now = time.monotonic()
+        due = now - self.lease_ms / 3000
+        cmds: dict[int, tuple[Any, ...]] = {}
+        for j in range(n):
+            if ckeys[j] or done[j] or rel[j]:
+                cmds[j] = ("EVALSHA", self._sha, 1, self._alive[j], self._ns[j], self.owner, "\0".join(cseqs[j]),
+                           self.lease_ms, self.done_ttl_s, first, "\0".join(done[j]), _pairs(rel[j]),
+                           "\0".join(ckeys[j]))
+            elif self._beat_at[j] <= due or not self._beating:
+                cmds[j] = ("SET", self._alive[j], "1", "PX", self.lease_ms, "GET")
+        try:
+            res = await self._cluster_calls(cmds)
+        except self._errors as e:
+            raise StoreUnavailable(f"redis cluster: {type(e).__name__}: {e}") from e
+        out = bytearray(len(b.claims))
+        lost = False
+        for j, r in res.items():
+            self._beat_at[j] = now
+            if cmds[j][0] == "EVALSHA":
+                codes, lost_j = r
+                if isinstance(codes, str):
+                    codes = codes.encode()
+                for pos, c in zip(cpos[j], codes):
+                    out[pos] = c
+                lost = lost or lost_j in (b"1", "1")
+            else:
+                lost = lost or r is None                 # SET ... GET: the heartbeat was missing
+        lost_now = self._beating and lost
+        self._beating = True
+        return Answer(_parse(bytes(out)), lost_now)
+
+    async def _cluster_calls(self, cmds: dict[int, tuple[Any, ...]]) -> dict[int, Any]:
+        """Send each bucket's command to the master of its slot, one pipeline per master, all at
+        once, on the cluster client's own node connections (redis-py's cluster pipeline works
+        out every command's slot and command policy again, which took most of a call's client
+        CPU in a profile). A NOSCRIPT (a new, restarted or promoted master) loads the script on
+        that node; a MOVED points the slot at the node it names (as redis-py does); any other
+        failure (a lost connection, a slot without a master while a failover is under way)
+        reloads the slot layout and drops the node's idle connections. The failed commands are
+        then sent again, at most twice (a reload can lead to a master that lacks the script, as
+        after a fail-back); then the error is raised."""
+        from redis.asyncio.cluster import PipelineCommand
+        from redis.exceptions import MovedError, NoScriptError
+        r = self._r
+        if r._initialize:
+            await r.initialize()
+        results: dict[int, Any] = {}
+        todo = dict(cmds)
+        for attempt in range(3):                 # a reload can lead to a master without the script
+            noscript: list[Any] = []
+            try:
+                by_node: dict[str, tuple[Any, list[tuple[int, Any]]]] = {}
+                for j, args in todo.items():
+                    node = r.nodes_manager.get_node_from_slot(self._slots[j])
+                    by_node.setdefault(node.name, (node, []))[1].append((j, PipelineCommand(j, *args)))
+            except self._errors as e:                       # SlotNotCoveredError: no master known for it
+                results.update({j: e for j in todo})
+            else:
+                sent = await asyncio.gather(*(node.execute_pipeline([c for _, c in pcs])
+                                              for node, pcs in by_node.values()), return_exceptions=True)
+                for (node, pcs), out in zip(by_node.values(), sent):
+                    for j, c in pcs:
+                        results[j] = out if isinstance(out, BaseException) else c.result
+                    if any(isinstance(results[j], NoScriptError) for j, _ in pcs):
+                        noscript.append(node)
+                    if isinstance(out, BaseException):       # its idle connections may be dead too
+                        node.update_active_connections_for_reconnect()
+                        await node.disconnect_free_connections()
+            todo = {j: cmds[j] for j, v in results.items() if isinstance(v, BaseException)}
+            if not todo:
+                return results
+            if attempt == 2:
+                break
+            moved = [results[j] for j in todo if isinstance(results[j], MovedError)]
+            for e in moved:                                  # the node that serves the slot now, as it says
+                await r.nodes_manager.move_slot(e)
+            if any(not isinstance(results[j], (NoScriptError, MovedError)) for j in todo):
+                await r.nodes_manager.initialize()           # the layout after a failover or a reshard
+            for node in noscript:                            # load it where it was missing
+                await node.execute_command("SCRIPT", "LOAD", _CLUSTER_LUA)
+        raise next(iter(results[j] for j in todo))
 
     def _guard(self, pipeline: Any) -> list[Any]:
         """Shared part of `done_in`: what the user queued so far, set aside for the WATCH."""
@@ -236,6 +438,16 @@ class RedisStore:
     def done_many_in(self, pipeline: Any, marks: list[tuple[str, str]]) -> None:
         """`done_in` for several keys in one MULTI (a batch handler's): every key is WATCHed
         and checked; one key no longer ours refuses the whole transaction."""
+        if self.cluster:
+            strategy, stack, full = self._cluster_guard(pipeline, marks)
+            try:
+                pipeline.watch(*full)
+            except Exception as e:
+                raise self._cross_slot(e, marks) from e
+            curs = pipeline.execute_command("MGET", *full)      # (MGET is immediate once WATCHing)
+            self._check(marks, curs, pipeline.reset)
+            self._cluster_queue(pipeline, strategy, stack, full)
+            return
         stack = self._guard(pipeline)
         full = [self.full_key(k) for k, _ in marks]
         pipeline.watch(*full)
@@ -244,7 +456,15 @@ class RedisStore:
         self._queue(pipeline, stack, full)
 
     async def done_many_in_async(self, pipeline: Any, marks: list[tuple[str, str]]) -> None:
-        """`done_many_in` for redis.asyncio pipelines."""
+        """`done_many_in` for redis.asyncio pipelines (one Redis only, see below)."""
+        if self.cluster:
+            # redis-py 8.1's asyncio cluster transaction sends WATCH and every command before
+            # MULTI through asyncio.run() in a thread of its own: it blocks this event loop for
+            # the round trip and leaves the connection bound to a closed loop, so the next
+            # command or the client's close fails with "Event loop is closed" (seen on the bed).
+            raise TypeError("mark_done_in_async on a Redis Cluster: redis-py's asyncio cluster transactions are "
+                            "not usable (WATCH runs in a throw-away event loop); use a sync cluster pipeline "
+                            "with msg.mark_done_in, from a sync handler or asyncio.to_thread")
         stack = self._guard(pipeline)
         full = [self.full_key(k) for k, _ in marks]
         await pipeline.watch(*full)
@@ -255,6 +475,40 @@ class RedisStore:
             await pipeline.reset()
             raise
         self._queue(pipeline, stack, full)
+
+    def _cluster_guard(self, pipeline: Any, marks: list[tuple[str, str]]) -> tuple[Any, list[Any], list[str]]:
+        """`_guard` for a cluster pipeline (redis-py's TransactionStrategy: WATCH, MULTI and EXEC
+        on the connection to the master of one slot). Every key of the MULTI must be in ONE hash
+        slot: the done marks of messages whose claims are in different buckets cannot share it."""
+        strategy = getattr(pipeline, "_execution_strategy", None)
+        if strategy is None or type(strategy).__name__ != "TransactionStrategy":
+            raise TypeError("mark_done_in on a Redis Cluster needs a transactional cluster pipeline: "
+                            "pipeline(transaction=True) of a RedisCluster client (afc.runtime.redisconn)")
+        if strategy._explicit_transaction:
+            raise TypeError("call mark_done_in before pipeline.multi()")
+        tags = sorted({self.hash_tag(k) for k, _ in marks})
+        if len(tags) > 1:
+            raise ValueError(
+                f"on a Redis Cluster every key of one MULTI must be in one hash slot, and these "
+                f"{len(marks)} messages' claims carry {len(tags)} hash tags ({', '.join(tags)}): mark "
+                f"them in one transaction per tag (group the batch by msg.hash_tag), or use "
+                f"mark_done_in per message")
+        stack = list(strategy._command_queue)
+        strategy._command_queue.clear()
+        return strategy, stack, [self.full_key(k) for k, _ in marks]
+
+    def _cross_slot(self, e: Exception, marks: list[tuple[str, str]]) -> Exception:
+        from redis.exceptions import CrossSlotTransactionError
+        if isinstance(e, CrossSlotTransactionError):
+            return ValueError(f"on a Redis Cluster the keys of your MULTI must share the claim's hash tag "
+                              f"{self.hash_tag(marks[0][0])} (use msg.hash_tag in their names): {e}")
+        return e
+
+    def _cluster_queue(self, pipeline: Any, strategy: Any, stack: list[Any], full: list[str]) -> None:
+        pipeline.multi()
+        strategy._command_queue.extend(stack)
+        for f in full:
+            pipeline.set(f, DONE_VALUE, ex=self.done_ttl_s)
 
     @staticmethod
     def _check(marks: list[tuple[str, str]], curs: list[Any], reset: Any) -> None:
@@ -270,7 +524,19 @@ class RedisStore:
             pipeline.set(f, DONE_VALUE, ex=self.done_ttl_s)
 
     async def check(self) -> dict[str, Any]:
-        """What the store says about its durability (`maxmemory-policy`); raises if down."""
+        """What the store says about its durability (`maxmemory-policy`); raises if down. On a
+        Cluster every master is asked and the most dangerous policy is the answer (one evicting
+        master loses that master's done marks)."""
+        if self.cluster:
+            from redis.asyncio.cluster import RedisCluster
+            try:
+                infos = await self._r.info("memory", target_nodes=RedisCluster.PRIMARIES)
+            except self._errors as e:
+                raise StoreUnavailable(f"redis cluster: {type(e).__name__}: {e}") from e
+            policies = {node: i.get("maxmemory_policy", "unknown") for node, i in sorted(infos.items())}
+            worst = next((p for p in EVICTING_POLICIES if p in policies.values()),
+                         next((p for p in policies.values() if p != "noeviction"), "noeviction"))
+            return {"maxmemory_policy": worst, "maxmemory_policies": policies}
         try:
             info = await self._r.info("memory")
         except self._errors as e:
@@ -299,6 +565,9 @@ class SqliteStore:
 
     def full_key(self, key: str) -> str:
         return self.namespace + key
+
+    def hash_tag(self, key: str) -> str:
+        return ""
 
     def _get(self, k: str, now: float) -> str | None:
         row = self._db.execute("SELECT v, exp FROM idem WHERE k = ?", (k,)).fetchone()

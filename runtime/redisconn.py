@@ -1,7 +1,7 @@
 """Redis clients from a URL: one place that knows a single Redis from a Redis Cluster.
 
 Every Redis client of the runtime (the backpressure publisher, the producer's signal reader,
-the operator's reader of the signal; the idempotency store next) is built here, so the way a
+the operator's reader of the signal; the idempotency store's cluster client) is built here, so the way a
 user says "this is a cluster" is the same everywhere: the URL's scheme.
 
     redis://[user:password@]host:port/db          one Redis (also rediss://, unix://)
@@ -17,8 +17,8 @@ is needed; a silently ignored one would be worse than an error).
 The scheme rides in the URL, which already comes from a Secret (`idempotency.redisUrlSecretRef`,
 `backpressure.redisUrlSecretRef`) or an env var (`AFC_IDEMPOTENCY__REDIS_URL`,
 `AFC_BACKPRESSURE__REDIS_URL`, the producer's `AFC_PRODUCER__REDIS_URL`...), so neither the
-settings nor the CRD need a field for it. (The idempotency store does not take a cluster URL
-yet: docs/redis-cluster.md.)
+settings nor the CRD need a field for it. (The idempotency store on a cluster:
+docs/redis-cluster.md.)
 
 Pool behaviour differs, and callers should know it:
 - single Redis: with `max_connections`, a BlockingConnectionPool, a caller waits up to

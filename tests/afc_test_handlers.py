@@ -237,3 +237,21 @@ def value_or_caught_payload(msg) -> None:
         _redis().hset(os.environ["AFC_TEST_HASH"], str(msg.offset), b"caught")
         return
     _redis().hset(os.environ["AFC_TEST_HASH"], str(msg.offset), repr(doc))
+
+
+_rc = None
+
+
+def cluster_effect(msg) -> None:
+    """RPUSHes the idempotency key to `<AFC_TEST_LIST>:<the claim's hash tag>` on the Redis Cluster
+    (AFC_TEST_CLUSTER_URL) in one MULTI with the done mark (mark_done_in): exactly-once effects."""
+    global _rc
+    with _r_lock:
+        if _rc is None:
+            from afc.runtime.redisconn import sync_client
+            _rc = sync_client(os.environ["AFC_TEST_CLUSTER_URL"], socket_timeout=5, retries=3)
+    key = msg.idempotency_key
+    pipe = _rc.pipeline(transaction=True)
+    pipe.rpush(f"{os.environ['AFC_TEST_LIST']}:{msg.hash_tag}", key)
+    msg.mark_done_in(pipe)
+    pipe.execute()
