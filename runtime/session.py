@@ -216,15 +216,14 @@ class Session:
         held, prefix, claimed = self.held, self.owner + ".", Claim.CLAIMED
         claims = out.claims
         for i, ((key, target), code) in enumerate(zip(group, answer.claims)):
+            token = prefix + str(seq0 + i)          # token_of, inlined on the per-message path
             if code is claimed:
-                token = held[key] = prefix + str(seq0 + i)
-            else:
-                token = ""
+                held[key] = token
             if isinstance(target, asyncio.Future):
                 if not target.done():
-                    target.set_result((code, token or self.token_of(seq0 + i)))
+                    target.set_result((code, token))
                 continue
-            if token:
+            if code is claimed:
                 target.token = token
             claims.append((target, code))
         for _, _, target in done:
