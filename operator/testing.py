@@ -150,10 +150,15 @@ def mark_pods_ready(core_api: Any, namespace: str, selector: str, names: Iterabl
         ready = any(c.type == "Ready" and c.status == "True" for c in (pod.status.conditions or []))
         if pod.status.phase == "Running" and ready:
             continue
-        core_api.patch_namespaced_pod_status(pod.metadata.name, namespace, {"status": {
-            "phase": "Running",
-            "conditions": [{"type": "Ready", "status": "True"}, {"type": "ContainersReady", "status": "True"}],
-        }})
+        try:
+            core_api.patch_namespaced_pod_status(pod.metadata.name, namespace, {"status": {
+                "phase": "Running",
+                "conditions": [{"type": "Ready", "status": "True"}, {"type": "ContainersReady", "status": "True"}],
+            }})
+        except Exception as e:  # noqa: BLE001 - only a pod gone since the list is expected
+            if getattr(e, "status", None) != 404:
+                raise
+            continue  # deleted between the list and the patch (a rollout replaces it): a kubelet would skip it too
         marked.append(pod.metadata.name)
     return marked
 
