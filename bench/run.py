@@ -51,7 +51,11 @@ PY = sys.executable
 AFC_CONSUMER = str(Path(sys.executable).parent / "afc-consumer")
 SAMPLE_S = 0.1
 VARIANTS = ("afc", "afc-batch", "naive", "naive-batch", "raw", "redis_per_message")
-PHASE_VARIANTS = ("afc-slow",)      # run by a phase of their own (slowdown), not chosen with --variants
+PHASE_VARIANTS = ("afc-slow", "afc-fetchwait")  # run by a phase of their own, not chosen with --variants
+# afc-fetchwait: the broker holds each fetch until FETCH_WAIT_MS passed (or a MiB is there), so a
+# consumer at a modest rate is handed fewer, larger batches (latency phase only, beside afc).
+FETCH_WAIT_MS = 2
+FETCH_WAIT_EXTRA = {"fetch.wait.max.ms": str(FETCH_WAIT_MS), "fetch.min.bytes": str(1 << 20)}
 ALIASES = {"redis": "redis_per_message"}
 BASELINE_ARG = {"naive": "naive", "naive-batch": "naive-batch", "raw": "raw", "redis_per_message": "redis"}
 # Variants that commit nothing: done when their own count reaches the target, rated by it.
@@ -62,6 +66,11 @@ DESCRIPTIONS = {
     "afc": "afc-consumer run: Redis idempotency (claim per fetched batch via Lua, done marks batched), "
            "offset commits every offsets.commitIntervalMs, a sync no-op handler per message on adaptive "
            "concurrency (threads capped by the handler's CPU share), defaults otherwise",
+    "afc-fetchwait": f"afc as above with kafka.extra {FETCH_WAIT_EXTRA} (latency phase only): the broker "
+                     f"answers a fetch after {FETCH_WAIT_MS} ms unless a MiB is waiting, so at a modest rate "
+                     "afc takes fewer, larger batches (less CPU per message) for up to "
+                     f"{FETCH_WAIT_MS} ms more latency; an idle consumer then fetches {1000 // FETCH_WAIT_MS} "
+                     "times a second (librdkafka's default, 1 byte / 500 ms: twice)",
     "afc-batch": "afc as above with a batch handler (@batch, handler.maxBatch=500): one call per batch of "
                  "ready records, idempotency and done marks still per message",
     "naive": "confluent Consumer, poll() per message, enable.auto.commit=True (interval 100 ms), "
@@ -199,8 +208,10 @@ def spawn(ctx: Ctx, variant: str, topic: str, group: str, latency_file: Path | N
     ctx.groups.append(group)
     extra = {"AFC_BENCH_LAT_FILE": str(latency_file)} if latency_file else {}
     name = group.removeprefix(ctx.run + "-")
-    if variant in ("afc", "afc-batch", "afc-slow"):
+    if variant in ("afc", "afc-batch", "afc-slow", "afc-fetchwait"):
         port = measure.free_port()
+        if variant == "afc-fetchwait":
+            extra["AFC_KAFKA__EXTRA"] = json.dumps(FETCH_WAIT_EXTRA)
         handler = ("bench.handlers:" + ("batch_" if variant == "afc-batch" else "")
                    + ("record_latency" if latency_file else "slow_downstream" if variant == "afc-slow" else "noop"))
         if profile_dir is not None:
@@ -894,6 +905,8 @@ def run(ctx: Ctx) -> dict[str, Any]:
                     "no handler to record in and no commits to tell when it caught up")
                 continue
             doc["latency"][v] = _guard(lambda: latency(ctx, v), v)
+        if "afc" in a.variants:
+            doc["latency"]["afc-fetchwait"] = _guard(lambda: latency(ctx, "afc-fetchwait"), "afc-fetchwait")
     doc["goals"] = goals(doc["throughput"], doc["latency"], doc.get("slowdown"))
     doc["findings"] = findings(doc["environment"], doc["throughput"], doc["latency"], doc["profile"] or {})
     doc["duration_s"] = round(time.time() - t_start, 1)

@@ -57,6 +57,7 @@ log = logging.getLogger("afc.runtime.consumer")
 TOPIC_ID = "topic-id"          # pause reason: the topic's id is being looked up
 EXIT_FATAL = 3
 WATCHDOG_S = 0.01               # how often the loop checks for stuck and overdue handler calls
+PAUSE_WALK_S = 0.01             # how often the partitions' pause reasons are walked when nothing asked for it
 # Group membership as /readyz reports it: ready only while HOLDING. librdkafka calls the assign
 # callback after every rebalance (eager, cooperative and KIP-848 alike, an empty list included),
 # so every state below ends at the next assignment.
@@ -176,6 +177,9 @@ class Runtime:
         self._hard_stop = False
         self._drain_deadline = 0.0
         self._saturated_since: float | None = None
+        self._flow_on = False                         # FLOW is among every partition's reasons
+        self._walk_at = 0.0                           # next time _pauses walks the partitions anyway
+        self._rewalk = True                           # a reason changed: walk them at the next tick
         # completed, transient errors, latency sum, peak, queue wait, fastest successful call
         self._win: list[Any] = [0, 0, 0.0, 0, 0.0, math.inf]
         self._last_limit = self.ctl.limit
@@ -392,6 +396,7 @@ class Runtime:
             self.parts[tp] = part
         self.paused -= {tp for tp, _ in assigned}
         self.fresh |= {tp for tp, _ in assigned}
+        self._rewalk = True
         if ask:
             assert self.loop is not None
             fut = self.loop.run_in_executor(None, self._describe_topics, sorted(ask))
@@ -434,6 +439,7 @@ class Runtime:
             if p.tp[0] in ids:
                 p.topic_id = ids[p.tp[0]]
                 p.reasons.discard(TOPIC_ID)
+                self._rewalk = True
 
     def _forget(self, tps: set[TP]) -> list[Partition]:
         """Stop all not-started work of these partitions (they are leaving)."""
@@ -461,6 +467,7 @@ class Runtime:
         for tp in tps:
             if tp in self.parts:
                 self.parts[tp].revoking = True
+        self._rewalk = True
         self._set_membership(REVOKING, f"revoke of {len(tps)} partitions")
         bound = 0.0 if self.state in ("closing", "closed") else self._revoke_bound()
         self.revokes.append(Revoke(tps, reply, time.monotonic() + bound))
@@ -555,6 +562,7 @@ class Runtime:
                 # Its position keys need the topic's id, still being looked up: fetched again later.
                 if part.admissible(off, seq):
                     part.rewind(off)
+                    self._rewalk = True
                 continue
             headers = m.headers()
             attempts = 0
@@ -584,6 +592,7 @@ class Runtime:
         (Spring Kafka's retry topics pause likewise; nothing sleeps, nothing busy-polls)."""
         delay = max(0.0, due_ms / 1000 - time.time())
         part.defer(offset, time.monotonic() + delay)
+        self._rewalk = True
         log.debug("event=retry-deferred topic=%s partition=%d offset=%d due_in_s=%.2f", part.tp[0], part.tp[1],
                   offset, delay)
 
@@ -850,6 +859,7 @@ class Runtime:
     def _on_blocked(self, msg: Message, on: bool) -> None:
         part = msg._part
         part.route_blocked += 1 if on else -1
+        self._rewalk = True
         log.log(logging.WARNING if on else logging.INFO, "event=partition-%s topic=%s partition=%d reason=route-failing",
                 "blocked" if on else "unblocked", part.tp[0], part.tp[1])
 
@@ -947,7 +957,13 @@ class Runtime:
         return sum(p.inflight - p.marking for p in self.parts.values())
 
     def _pauses(self, now: float) -> None:
-        """Recompute every partition's pause reasons and send the difference (and seeks)."""
+        """Recompute every partition's pause reasons and send the difference (and seeks).
+
+        The flow decision is made every tick; the walk over the partitions only when it
+        flips, when something asked for it (`_rewalk`: an assignment, a revoke, a deferral or
+        rewind, a blocked route), or every PAUSE_WALK_S for the reasons that change with time
+        and the offset window (a due retry, window-full). At a low rate, a tick per event made
+        the walk the loop's largest own cost."""
         ctl = self.ctl
         store_down = self.session is not None and self.session.down
         outstanding = self.in_work
@@ -957,11 +973,14 @@ class Runtime:
         elif self._saturated_since is None:
             self._saturated_since = now
         flow = store_down or self.state != "running" or should_pause(
-            paused=any(FLOW in p.reasons for p in self.parts.values()), outstanding=outstanding, limit=ctl.limit,
+            paused=self._flow_on, outstanding=outstanding, limit=ctl.limit,
             overloaded=ctl.overloaded, store_down=store_down,
             saturated_for_s=0.0 if self._saturated_since is None else now - self._saturated_since)
         self._flow_state("stopping" if self.state != "running" else "store-down" if store_down
                          else "overloaded" if ctl.overloaded else "saturated" if flow else "open")
+        if flow == self._flow_on and not self._rewalk and now < self._walk_at:
+            return
+        self._flow_on, self._rewalk, self._walk_at = flow, False, now + PAUSE_WALK_S
         window_max = self.s.offsets.max_window
         want: set[TP] = set()
         seeks: list[tuple[TP, int]] = []
