@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None):  # noqa: ANN201
     ap.add_argument("--service-ms", type=float, default=10, help="downstream time per call")
     ap.add_argument("--target-latency-ms", type=float, default=25)
     ap.add_argument("--partitions", type=int, default=6)
-    ap.add_argument("--budget-s", type=float, default=120, help="most seconds one variant may take")
+    ap.add_argument("--budget-s", type=float, default=240, help="most seconds one variant may take (with the signal a run took 116-125 s)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "backpressure.json")
     ap.add_argument("--bootstrap", default=os.environ.get("AFC_KAFKA_BOOTSTRAP", "127.0.0.1:19092"))
     ap.add_argument("--redis-url", default=os.environ.get("AFC_REDIS_URL", "redis://127.0.0.1:19079/0"))
