@@ -172,6 +172,20 @@ def backpressure_section(doc: dict[str, Any], out: Path, name: str) -> list[str]
     return lines + [""] + _findings(doc) + [""]
 
 
+def lowrate_section(doc: dict[str, Any], out: Path, name: str) -> list[str]:
+    lines = ["## At a modest rate: CPU by thread", "", label(doc, name) + ".", "",
+             "| variant | offered msg/s | handled msg/s | records per store call | µs CPU per message | "
+             "CPU % of a core | loop | librdkafka | other Python |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for v, run in (doc.get("variants") or {}).items():
+        for r in run.get("rates") or []:
+            c = r.get("cpu_pct") or {}
+            lines.append(f"| {v} | {_fmt(r.get('rate'))} | {_fmt(r.get('msgs_per_s'))} | "
+                         f"{_fmt(r.get('msgs_per_store_call'), '{:.1f}')} | {_fmt(r.get('cpu_us_per_msg'), '{:.1f}')} | "
+                         f"{_fmt(c.get('total'), '{:.1f}')} | {_fmt(c.get('loop'), '{:.1f}')} | "
+                         f"{_fmt(c.get('librdkafka'), '{:.1f}')} | {_fmt(c.get('python'), '{:.1f}')} |")
+    return lines + [""]
+
+
 def scaling_section(doc: dict[str, Any], out: Path, name: str) -> list[str]:
     stamp = label(doc, name)
     lines = ["## Autoscaling: afc's policy against KEDA + HPA (simulated)", "", stamp + ".", ""]
@@ -252,9 +266,11 @@ SECTIONS: dict[str, Callable[[dict[str, Any], Path, str], list[str]]] = {
     "scaling.json": scaling_section,
     "rollout.json": rollout_section,
     "chaos.json": chaos_section,
+    "lowrate.json": lowrate_section,
 }
 COMMANDS = {"runtime.json": "make bench", "backpressure.json": "make bench", "scaling.json": "make bench-scaling",
-            "rollout.json": "make bench-rollout", "chaos.json": "make soak"}
+            "rollout.json": "make bench-rollout", "chaos.json": "make soak",
+            "lowrate.json": "make bench-lowrate"}
 
 
 def report(results: Path, out: Path) -> Path:

@@ -54,3 +54,15 @@ def test_every_throughput_variant_gets_a_row_with_cpu_rss_and_redis_commands(tmp
     for v, t in tput.items():
         assert f"| {v} | {t['msgs_per_s']:,} | 0.93 | 4.6 | 0.50 | 88.5 | 3.002 | ok |" in md
     assert "- **not met**: afc >= 0.6x the raw consume() loop (value 0.059, target 0.6)" in md
+
+
+def test_the_lowrate_run_gets_a_row_per_variant_and_rate_with_its_cpu_by_thread(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    rate = {"rate": 5000.0, "msgs_per_s": 4998.2, "msgs_per_store_call": 6.53, "cpu_us_per_msg": 118.4,
+            "cpu_pct": {"loop": 38.9, "librdkafka": 11.2, "python": 9.1, "total": 59.2}}
+    (results / "lowrate.json").write_text(json.dumps({"date": "2026-01-01T00:00:00Z", "variants": {
+        "afc": {"rates": [rate]}, "afc-fetchwait": {"rates": [{**rate, "msgs_per_store_call": 10.04}]}}}))
+    md = report.report(results, tmp_path / "docs").read_text()
+    assert "| afc | 5,000 | 4,998 | 6.5 | 118.4 | 59.2 | 38.9 | 11.2 | 9.1 |" in md
+    assert "| afc-fetchwait | 5,000 | 4,998 | 10.0 | 118.4 |" in md
