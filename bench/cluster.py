@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -39,7 +38,7 @@ if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))             # appended: the repo's operator/ must not shadow `operator`
 
 from bench import measure, workload  # noqa: E402
-from bench.run import (AFC_CONSUMER, Child, Ctx, _raise_interrupt, afc_env, delete_redis_keys,  # noqa: E402
+from bench.run import (AFC_CONSUMER, Child, Ctx, afc_env, begin, delete_redis_keys,  # noqa: E402
                        dump_json)
 
 log = logging.getLogger("bench.cluster")
@@ -225,14 +224,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_interrupt)             # cleanup runs on SIGTERM too
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
-                        format="ts=%(asctime)s level=%(levelname)s logger=%(name)s %(message)s")
-    logging.Formatter.converter = time.gmtime
-    ctx = Ctx(argparse.Namespace(bootstrap=args.bootstrap, redis_url=args.redis_url))
+    ctx, doc = begin(args, "afc-bench-cluster/1", "bench/cluster.py", argv, __doc__)
     t_start = time.time()
-    doc: dict[str, Any] = {**measure.doc_header("afc-bench-cluster/1", "bench/cluster.py", argv),
-                           "method": __doc__.split("\n\n", 1)[1].split("\n\nThe results file")[0]}
     topic = f"{ctx.run}-tput"
     try:
         workload.create_topic(ctx.bootstrap, topic, args.partitions)

@@ -29,7 +29,6 @@ import argparse
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -41,7 +40,7 @@ if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))             # appended: the repo's operator/ must not shadow `operator`
 
 from bench import measure, workload  # noqa: E402
-from bench.run import (AFC_CONSUMER, FETCH_WAIT_EXTRA, PY, Child, Ctx, _raise_interrupt, afc_env,  # noqa: E402
+from bench.run import (AFC_CONSUMER, FETCH_WAIT_EXTRA, PY, Child, Ctx, afc_env, begin,  # noqa: E402
                        child_pythonpath, delete_redis_keys, dump_json, wait_ready)
 
 log = logging.getLogger("bench.lowrate")
@@ -148,15 +147,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_interrupt)             # cleanup runs on SIGTERM too
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
-                        format="ts=%(asctime)s level=%(levelname)s logger=%(name)s %(message)s")
-    logging.Formatter.converter = time.gmtime
-    ctx = Ctx(argparse.Namespace(bootstrap=args.bootstrap, redis_url=args.redis_url))
+    ctx, doc = begin(args, "afc-bench-lowrate/1", "bench/lowrate.py", argv, __doc__)
     t_start = time.time()
-    doc: dict[str, Any] = {**measure.doc_header("afc-bench-lowrate/1", "bench/lowrate.py", argv),
-                           "method": __doc__.split("\n\n", 1)[1].split("\n\nThe results file")[0],
-                           "load_avg_at_start": measure.load_avg(), "variants": {}}
+    doc.update(load_avg_at_start=measure.load_avg(), variants={})
     try:
         for v in args.variants:
             doc["variants"][v] = one_variant(ctx, args, v)

@@ -863,6 +863,20 @@ def _raise_interrupt(signum: int, _frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def begin(args: argparse.Namespace, schema: str, script: str, argv: list[str] | None,
+          docstring: str) -> tuple[Ctx, dict[str, Any]]:
+    """The common start of a bench script: SIGTERM runs its cleanup, one log event per line on
+    stderr, a run context, and the results document's header with the method (the module
+    docstring's middle, up to "The results file")."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                        format="ts=%(asctime)s level=%(levelname)s logger=%(name)s %(message)s")
+    logging.Formatter.converter = time.gmtime
+    ctx = Ctx(argparse.Namespace(bootstrap=args.bootstrap, redis_url=args.redis_url))
+    return ctx, {**measure.doc_header(schema, script, argv),
+                 "method": docstring.split("\n\n", 1)[1].split("\n\nThe results file")[0]}
+
+
 def run(ctx: Ctx) -> dict[str, Any]:
     a = ctx.args
     t_start = time.time()
