@@ -130,7 +130,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rates", default="0,500,5000", help="comma-separated msg/s; 0 measures the idle consumer")
     ap.add_argument("--seconds", type=float, default=10, help="measured window per rate")
-    ap.add_argument("--warmup-s", type=float, default=3)
+    ap.add_argument("--warmup-s", type=float, default=5, help="producer running before the window opens")
     ap.add_argument("--partitions", type=int, default=12)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "lowrate.json")
