@@ -12,7 +12,7 @@ producer (bench/workload.py, linger.ms 1) runs for warm-up + window seconds, and
 
 - CPU % of one core of the consumer process, split by thread: the event loop (the main thread),
   librdkafka's threads (`rdk:*`) and the other Python threads (handler workers, the Kafka call
-  thread, routing's producer), from /proc/<pid>/task/*/stat;
+  thread, routing's producer), per thread as the kernel counts it (bench.measure.ProcSampler);
 - messages handled per second and idempotency store calls per second (from /metrics), their
   ratio (records per fetched batch: one claim call per fetch), and CPU µs per message.
 
@@ -40,29 +40,11 @@ if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))             # appended: the repo's operator/ must not shadow `operator`
 
 from bench import measure, workload  # noqa: E402
-from bench.run import (AFC_CONSUMER, FETCH_WAIT_EXTRA, PY, Child, Ctx, afc_env, begin,  # noqa: E402
-                       child_pythonpath, delete_redis_keys, dump_json, wait_ready)
+from bench.run import (PY, VARIANT_ENV, Child, Ctx, begin, child_pythonpath, delete_redis_keys,  # noqa: E402
+                       dump_json, spawn, wait_ready)
 
 log = logging.getLogger("bench.lowrate")
-VARIANTS = {"afc": {}, "afc-fetchwait": {"AFC_KAFKA__EXTRA": json.dumps(FETCH_WAIT_EXTRA)}}
-TICK_S = os.sysconf("SC_CLK_TCK")
-
-
-def thread_cpu(pid: int) -> dict[str, float]:
-    """CPU seconds so far of the process's threads, grouped: loop (the main thread),
-    librdkafka (rdk:*), python (every other thread)."""
-    out = {"loop": 0.0, "librdkafka": 0.0, "python": 0.0}
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
-        except OSError:
-            continue                                      # a thread that just ended
-        comm = stat[stat.index("(") + 1:stat.rindex(")")]
-        fields = stat.rsplit(")", 1)[1].split()
-        cpu = (int(fields[11]) + int(fields[12])) / TICK_S
-        group = "loop" if int(tid) == pid else "librdkafka" if comm.startswith("rdk:") else "python"
-        out[group] += cpu
-    return out
+VARIANTS = ("afc", "afc-fetchwait")
 
 
 def counters(port: int) -> tuple[float, float]:
@@ -79,9 +61,9 @@ def one_rate(ctx: Ctx, args: argparse.Namespace, child: Child, port: int, topic:
                                 env=dict(os.environ, PYTHONPATH=child_pythonpath(ctx)))
     try:
         time.sleep(args.warmup_s)
-        c0, (h0, k0), t0 = thread_cpu(child.p.pid), counters(port), time.time()
+        c0, (h0, k0), t0 = child.sampler.cpu_by_role(), counters(port), time.time()
         time.sleep(args.seconds)
-        c1, (h1, k1), t1 = thread_cpu(child.p.pid), counters(port), time.time()
+        c1, (h1, k1), t1 = child.sampler.cpu_by_role(), counters(port), time.time()
     finally:
         produced = None
         if prod is not None:
@@ -108,12 +90,9 @@ def one_variant(ctx: Ctx, args: argparse.Namespace, name: str) -> dict[str, Any]
     topic = f"{ctx.run}-{name}"
     workload.create_topic(ctx.bootstrap, topic, args.partitions)
     ctx.topics.append(topic)
-    group = f"{ctx.run}-{name}-g"
-    ctx.groups.append(group)
-    port = measure.free_port()
-    child = Child(ctx, name, [AFC_CONSUMER, "run", "--handler", "bench.handlers:noop"],
-                  afc_env(ctx, topic, group, port, VARIANTS[name]), events=False)
-    out: dict[str, Any] = {"variant": name, "env": VARIANTS[name]}
+    child, port = spawn(ctx, name, topic, f"{ctx.run}-{name}-g")     # the no-op handler, as in make bench
+    assert port is not None
+    out: dict[str, Any] = {"variant": name, "env": VARIANT_ENV.get(name, {})}
     try:
         if not wait_ready(child, port, 90):
             out.update(status="failed: consumer not ready within 90 s", log_tail=child.tail())

@@ -81,25 +81,40 @@ class ProcSampler:
             return None
         return None
 
-    def threads(self) -> list[dict[str, Any]]:
-        """CPU per OS thread, grouped by thread name (librdkafka names its threads rdk:*;
-        Python threads carry the process name)."""
-        groups: dict[str, dict[str, Any]] = {}
+    def _thread_times(self) -> list[tuple[int, str, float]]:
+        """(thread id, OS thread name, CPU seconds) of every live thread; [] once the process is gone."""
+        out = []
         try:
             for th in self.proc.threads():
                 try:
                     name = Path(f"/proc/{self.pid}/task/{th.id}/comm").read_text().strip()
                 except OSError:
                     name = "?"
-                if name.startswith("rdk:broker"):
-                    name = "rdk:broker*"
-                g = groups.setdefault(name, {"threads": 0, "cpu_s": 0.0})
-                g["threads"] += 1
-                g["cpu_s"] += th.user_time + th.system_time
+                out.append((th.id, name, th.user_time + th.system_time))
         except psutil.Error:
             return []
+        return out
+
+    def threads(self) -> list[dict[str, Any]]:
+        """CPU per OS thread, grouped by thread name (librdkafka names its threads rdk:*;
+        Python threads carry the process name)."""
+        groups: dict[str, dict[str, Any]] = {}
+        for _, name, cpu in self._thread_times():
+            if name.startswith("rdk:broker"):
+                name = "rdk:broker*"
+            g = groups.setdefault(name, {"threads": 0, "cpu_s": 0.0})
+            g["threads"] += 1
+            g["cpu_s"] += cpu
         return sorted(({"name": k, "threads": v["threads"], "cpu_s": round(v["cpu_s"], 2)}
                        for k, v in groups.items()), key=lambda d: -d["cpu_s"])
+
+    def cpu_by_role(self) -> dict[str, float]:
+        """CPU seconds so far by role: loop (the main thread, afc's event loop), librdkafka
+        (its rdk:* threads) and python (every other thread: handler workers, the Kafka calls)."""
+        out = {"loop": 0.0, "librdkafka": 0.0, "python": 0.0}
+        for tid, name, cpu in self._thread_times():
+            out["loop" if tid == self.pid else "librdkafka" if name.startswith("rdk:") else "python"] += cpu
+        return out
 
     def summary(self) -> dict[str, Any]:
         hwm = self.vm_hwm()

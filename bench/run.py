@@ -56,6 +56,7 @@ PHASE_VARIANTS = ("afc-slow", "afc-fetchwait")  # run by a phase of their own, n
 # consumer at a modest rate is handed fewer, larger batches (latency phase only, beside afc).
 FETCH_WAIT_MS = 2
 FETCH_WAIT_EXTRA = {"fetch.wait.max.ms": str(FETCH_WAIT_MS), "fetch.min.bytes": str(1 << 20)}
+VARIANT_ENV = {"afc-fetchwait": {"AFC_KAFKA__EXTRA": json.dumps(FETCH_WAIT_EXTRA)}}   # afc variants' own settings
 ALIASES = {"redis": "redis_per_message"}
 BASELINE_ARG = {"naive": "naive", "naive-batch": "naive-batch", "raw": "raw", "redis_per_message": "redis"}
 # Variants that commit nothing: done when their own count reaches the target, rated by it.
@@ -210,8 +211,7 @@ def spawn(ctx: Ctx, variant: str, topic: str, group: str, latency_file: Path | N
     name = group.removeprefix(ctx.run + "-")
     if variant in ("afc", "afc-batch", "afc-slow", "afc-fetchwait"):
         port = measure.free_port()
-        if variant == "afc-fetchwait":
-            extra["AFC_KAFKA__EXTRA"] = json.dumps(FETCH_WAIT_EXTRA)
+        extra.update(VARIANT_ENV.get(variant, {}))
         handler = ("bench.handlers:" + ("batch_" if variant == "afc-batch" else "")
                    + ("record_latency" if latency_file else "slow_downstream" if variant == "afc-slow" else "noop"))
         if profile_dir is not None:

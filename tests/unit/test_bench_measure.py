@@ -92,19 +92,18 @@ def test_progress_dates_the_idle_report_to_the_last_message(capsys: pytest.Captu
 
 
 def test_lowrate_splits_a_process_cpu_by_thread_and_counts_it_all() -> None:
-    """bench/lowrate.py's per-thread CPU: the main thread is the loop, every thread is counted once."""
+    """bench/lowrate.py's per-thread CPU (ProcSampler.cpu_by_role): the main thread is the loop,
+    every thread is counted once."""
     import os
     import threading
     import time
-
-    from bench import lowrate
     stop = time.process_time() + 0.3
     while time.process_time() < stop:          # the main thread burns a little CPU
         pass
     spin = threading.Thread(target=lambda: sum(range(3_000_000)))
     spin.start()
     spin.join()
-    cpu = lowrate.thread_cpu(os.getpid())
+    cpu = measure.ProcSampler(os.getpid()).cpu_by_role()
     assert set(cpu) == {"loop", "librdkafka", "python"}
     assert cpu["loop"] >= 0.2
     assert sum(cpu.values()) <= time.process_time() + 0.05    # nothing counted twice
