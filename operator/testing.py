@@ -140,6 +140,7 @@ class OperatorProcess:
 def mark_pods_ready(core_api: Any, namespace: str, selector: str, names: Iterable[str] | None = None) -> list[str]:
     """Report Pending pods as Running and Ready through the status subresource, as a kubelet
     would once the containers pass their readiness probes. Returns the names marked."""
+    from kubernetes.client.exceptions import ApiException
     wanted = set(names) if names is not None else None
     marked = []
     for pod in core_api.list_namespaced_pod(namespace, label_selector=selector).items:
@@ -155,8 +156,8 @@ def mark_pods_ready(core_api: Any, namespace: str, selector: str, names: Iterabl
                 "phase": "Running",
                 "conditions": [{"type": "Ready", "status": "True"}, {"type": "ContainersReady", "status": "True"}],
             }})
-        except Exception as e:  # noqa: BLE001 - only a pod gone since the list is expected
-            if getattr(e, "status", None) != 404:
+        except ApiException as e:
+            if e.status != 404:
                 raise
             continue  # deleted between the list and the patch (a rollout replaces it): a kubelet would skip it too
         marked.append(pod.metadata.name)
