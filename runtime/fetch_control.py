@@ -73,7 +73,7 @@ class WindowStats:
 class FetchDecision:
     inflight_limit: int
     batch_size: int
-    reason: str             # "overload-latency", "overload-errors", "grow", "hold-idle", "hold", "follow-concurrency"
+    reason: str             # "overload-latency", "overload-errors", "grow", "grow-early", "hold-idle", "hold", ...
 
 
 class FetchController:
@@ -117,6 +117,23 @@ class FetchController:
                 self.limit = floor
                 reason = "follow-concurrency"
         return FetchDecision(self.limit, self.batch_size(), reason)
+
+    def early(self, w: WindowStats) -> FetchDecision | None:
+        """Slow start per round trip, not per window: once a whole limit's worth of messages
+        completed since the last step (`w` covers them), none of them over target, erroring
+        above the bound or queued, with the limit in use, the limit doubles now instead of at
+        the window's end. TCP's slow start doubles per round trip for the same reason: a fast
+        handler goes through a limit of 100 in a millisecond, and doubling once per 250 ms
+        window took 1.5 s to reach 5,000 (the bench's consumer ran at a fraction of its speed
+        meanwhile). None: no step (the window's own decision still comes)."""
+        f = self.flow
+        if not self.slow_start or w.completed < self.limit or self.limit >= f.max_inflight:
+            return None
+        if (w.mean_latency_ms > f.target_latency_ms or w.error_rate > self.error_baseline + f.max_error_rate
+                or w.queued or w.peak_outstanding < self.limit * 0.5):
+            return None
+        self.limit = min(f.max_inflight, 2 * self.limit)
+        return FetchDecision(self.limit, self.batch_size(), "grow-early")
 
     def batch_size(self) -> int:
         return max(self.flow.min_batch, min(self.flow.max_batch, self.limit))

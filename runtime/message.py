@@ -38,7 +38,7 @@ def decode_raw(value: bytes | None) -> Any:
 DECODERS: dict[str, Decoder] = {"json": decode_json, "text": decode_text, "raw": decode_raw}
 
 
-_UNREAD: Any = object()          # the payload has not been decoded yet
+UNREAD: Any = object()          # the payload has not been decoded yet
 
 
 class Message:
@@ -55,9 +55,9 @@ class Message:
                  "_part", "_store", "_fenced")
 
     def __init__(self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None,
-                 headers: list[tuple[str, bytes]] | None, timestamp: int, payload: Any = _UNREAD,
+                 headers: list[tuple[str, bytes]] | None, timestamp: int, payload: Any = UNREAD,
                  decode_error: Exception | None = None, idempotency_key: str = "",
-                 decoder: Decoder | None = None) -> None:
+                 decoder: Decoder | None = None, part: Any = None, store: Any = None) -> None:
         self.topic = topic
         self.partition = partition
         self.offset = offset
@@ -65,7 +65,7 @@ class Message:
         self.value = value
         self.headers = headers or []
         self.timestamp = timestamp          # ms since the epoch (producer or log-append time)
-        self._payload = payload if payload is not _UNREAD or decoder is not None else None
+        self._payload = payload if payload is not UNREAD or decoder is not None else None
         self._derr = decode_error
         self._decoder = decoder             # decodes `value` at the first read of `payload`
         self.idempotency_key = idempotency_key
@@ -73,14 +73,14 @@ class Message:
         self.claimed = False                # this message holds its idempotency claim (or needs none)
         self.token = ""                     # the claim's fencing token
         self.queued_at = 0.0                # perf_counter when handed to a worker
-        self._part: Any = None              # the runtime's Partition
-        self._store: Any = None             # the idempotency store, for mark_done_in
+        self._part: Any = part              # the runtime's Partition
+        self._store: Any = store            # the idempotency store, for mark_done_in
         self._fenced = False                # mark_done_in was used: a WatchError means the claim was lost
 
     @property
     def payload(self) -> Any:
         p = self._payload
-        if p is _UNREAD:
+        if p is UNREAD:
             if self._derr is not None:
                 raise self._derr
             p = self._decode()
@@ -93,7 +93,7 @@ class Message:
     @property
     def decode_error(self) -> Exception | None:
         """Why the payload cannot be decoded (None: it can); decodes it if not done yet."""
-        if self._derr is None and self._payload is _UNREAD:
+        if self._derr is None and self._payload is UNREAD:
             try:
                 self._decode()
             except Exception:  # noqa: BLE001 - kept in _derr
@@ -220,6 +220,37 @@ def idempotency_key(msg: Message, header: str, payload_field: str | None, topic_
                 return v                # already what exact() would return, without the round trip
             return exact(str(v).encode("utf-8", "surrogatepass"))   # a lone surrogate: escaped, not a crash
     return position_key(msg.topic, msg.partition, msg.offset, topic_id)
+
+
+def key_deriver(decoder: Decoder, header: str, payload_field: str | None) -> Callable[[Message, str | None], str]:
+    """`idempotency_key` for one configuration, as a function of (message, topic id).
+
+    The common case at full speed, a JSON payload keyed by a top-level string field and no
+    key header, is done in one call: the payload is decoded here (and kept, so the handler
+    does not decode it again) and the field taken as it is when `exact` would not change
+    it. Anything else (a header, a nested or non-string field, an undecodable payload) is
+    answered by `idempotency_key` itself, so the two never differ (tests compare them)."""
+    def generic(msg: Message, topic_id: str | None) -> str:
+        return idempotency_key(msg, header, payload_field, topic_id)
+
+    if decoder is not decode_json or not payload_field or "." in payload_field:
+        return generic
+    name, loads, bad = payload_field, orjson.loads, orjson.JSONDecodeError
+
+    def derive(msg: Message, topic_id: str | None) -> str:
+        value = msg.value
+        if not msg.headers and value is not None and msg._payload is UNREAD:
+            try:
+                doc = loads(value)
+            except bad:
+                return generic(msg, topic_id)        # keeps the DecodeError, keys by position
+            msg._payload = doc
+            if type(doc) is dict:
+                v = doc.get(name)
+                if type(v) is str and v and v.isascii() and v[0] != "~" and "\0" not in v:
+                    return v
+        return generic(msg, topic_id)
+    return derive
 
 
 def position_key(topic: str, partition: int, offset: int, topic_id: str | None) -> str:

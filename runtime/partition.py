@@ -26,7 +26,7 @@ WINDOW_FULL = "window-full"     # too far ahead of its commit point
 
 
 class Partition:
-    __slots__ = ("tp", "epoch", "retry", "unfinished", "high", "committed", "reasons", "due_at",
+    __slots__ = ("tp", "epoch", "retry", "_u", "_h", "high", "committed", "reasons", "due_at",
                  "seek_to", "skip_from", "skip_until_fetch", "route_blocked", "revoking", "inflight", "marking", "topic_id")
 
     def __init__(self, tp: TP, epoch: int, retry: bool = False, topic_id: str | None = None) -> None:
@@ -34,7 +34,10 @@ class Partition:
         self.epoch = epoch
         self.retry = retry                  # a retry topic: records wait for their due time
         self.topic_id = topic_id            # the topic's id: keys by position survive a re-created topic
-        self.unfinished: list[int] = []     # accepted, not finished; sorted
+        # Accepted and not finished: `_u[_h:]`, sorted. Records mostly finish in offset order,
+        # so the head moves by an index (`del u[0]` moved the whole list: O(in flight) per record).
+        self._u: list[int] = []
+        self._h = 0
         self.high: int | None = None        # highest accepted offset + 1
         self.committed: int | None = None   # what the broker last acknowledged (or we last sent)
         self.reasons: set[str] = set()
@@ -64,7 +67,7 @@ class Partition:
         """Take `offset` into work, if admissible."""
         if not self.admissible(offset, fetch_seq):
             return False
-        self.unfinished.append(offset)
+        self._u.append(offset)
         self.high = offset + 1
         self.inflight += 1
         return True
@@ -74,12 +77,24 @@ class Partition:
         self.marking -= 1
         self.finish(offset)
 
+    @property
+    def unfinished(self) -> list[int]:
+        """Accepted offsets not finished, in order."""
+        return self._u[self._h:]
+
     def finish(self, offset: int) -> None:
-        u = self.unfinished
-        if u and u[0] == offset:
-            del u[0]
+        u, h = self._u, self._h
+        if h < len(u) and u[h] == offset:
+            h += 1
+            if h == len(u):
+                u.clear()
+                h = 0
+            elif h >= 512 and 2 * h >= len(u):
+                del u[:h]                   # amortised: the finished head goes in one move
+                h = 0
+            self._h = h
         else:
-            i = bisect_left(u, offset)
+            i = bisect_left(u, offset, h)
             if i == len(u) or u[i] != offset:
                 return                      # not ours (a stale result): nothing to do
             del u[i]
@@ -90,9 +105,8 @@ class Partition:
         self.inflight -= 1
 
     def commit_point(self) -> int | None:
-        if self.unfinished:
-            return self.unfinished[0]
-        return self.high
+        u, h = self._u, self._h
+        return u[h] if h < len(u) else self.high
 
     def to_commit(self) -> int | None:
         """The commit point if it moved past what was last committed."""

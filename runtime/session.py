@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from itertools import count
 import logging
 import time
 from dataclasses import dataclass, field
@@ -50,7 +51,9 @@ Target = Any          # a Message (runtime claim) or an asyncio.Future (a router
 class ClaimCall:
     """One call carrying claims, kept in call order until its answer is handed over."""
     seq0: int
-    group: list[tuple[str, "Target"]]
+    keys: list[str]
+    targets: list["Target"]               # beside keys: the answer is zipped with them in C
+    futures: bool = False                 # some targets are a router's futures (not messages)
     state: str = "flying"                 # flying | answered | failed
     outcome: "Outcome | None" = None
 
@@ -73,7 +76,9 @@ class Session:
         self.owner = store.owner
         self.seq = 0
         self.held: dict[str, str] = {}               # key -> token of the claims we hold
-        self._claims: list[tuple[str, Target]] = []
+        self._keys: list[str] = []                   # claims asked since the last call...
+        self._targets: list[Target] = []             # ...and whom each answer goes to
+        self._futures = False                        # a router's future is among the targets
         self._calls: deque[ClaimCall] = deque()     # claim calls not yet handed over, in call order
         self._done: list[tuple[str, str, Any]] = []                       # (key, token, message or future)
         self._release: list[tuple[str, str]] = []
@@ -91,7 +96,8 @@ class Session:
     def claim(self, key: str, target: Target) -> None:
         """(The loop flushes at the end of the tick that asked; only callers outside a tick,
         the router's marker calls, need to wake it.)"""
-        self._claims.append((key, target))
+        self._keys.append(key)
+        self._targets.append(target)
 
     def done(self, key: str, token: str, target: Any) -> None:
         """Queue the done mark; `target` comes back in `Outcome.written` once it is stored."""
@@ -99,6 +105,16 @@ class Session:
         if not self._done:
             self._marks_since = self.clock()
         self._done.append((key, token, target))
+
+    def done_all(self, marks: list[tuple[str, str, Any]]) -> None:
+        """`done` for many (key, token, target), in order: one call per batch of results."""
+        held = self.held
+        for key, token, _ in marks:
+            if held.get(key) == token:
+                del held[key]
+        if not self._done:
+            self._marks_since = self.clock()
+        self._done.extend(marks)
 
     def release(self, key: str, token: str) -> None:
         self._unhold(key, token)
@@ -112,6 +128,7 @@ class Session:
     async def claim_key(self, key: str) -> tuple[Claim, str]:
         fut: asyncio.Future[tuple[Claim, str]] = asyncio.get_running_loop().create_future()
         self.claim(key, fut)
+        self._futures = True
         self.wake()
         return await fut
 
@@ -131,7 +148,7 @@ class Session:
 
     @property
     def pending(self) -> bool:
-        return bool(self._claims or self._failed_calls() or self._done or self._release)
+        return bool(self._keys or self._failed_calls() or self._done or self._release)
 
     @property
     def busy(self) -> bool:
@@ -163,18 +180,18 @@ class Session:
             if not self.tasks:                # one resend at a time, alone
                 call = failed[0]
                 call.state = "flying"
-        elif self._claims and len(self.tasks) < MAX_CLAIM_CALLS:
-            call = ClaimCall(self.seq, self._claims)
-            self._claims = []
-            self.seq += len(call.group)
+        elif self._keys and len(self.tasks) < MAX_CLAIM_CALLS:
+            call = ClaimCall(self.seq, self._keys, self._targets, self._futures)
+            self._keys, self._targets, self._futures = [], [], False
+            self.seq += len(call.keys)
             self._calls.append(call)
         if call is None and not (marks_free and (self._beat_due(now) or self._release or (self._done and (
                 len(self._done) >= MARK_BATCH or now - self._marks_since >= MARK_LINGER_S)))):
             return False
         done, self._done = self._done, []
         release, self._release = self._release, []
-        seq0, group = (call.seq0, call.group) if call is not None else (self.seq, [])
-        batch = Batch([k for k, _ in group], seq0, [(k, t) for k, t, _ in done], release, beat=True)
+        seq0, keys = (call.seq0, call.keys) if call is not None else (self.seq, [])
+        batch = Batch(keys, seq0, [(k, t) for k, t, _ in done], release, beat=True)
         self._beat_at = max(self._beat_at, now)   # (a failed call puts it back: see _failed)
         task = asyncio.get_running_loop().create_task(self._call(batch, call, done, release))
         if call is not None:
@@ -212,20 +229,8 @@ class Session:
         if answer.lost:                       # our heartbeat had expired: whatever we held may be taken
             out.lost = list(self.held)
             self.held.clear()
-        group, seq0 = (call.group, call.seq0) if call is not None else ([], 0)
-        held, prefix, claimed = self.held, self.owner + ".", Claim.CLAIMED
-        claims = out.claims
-        for i, ((key, target), code) in enumerate(zip(group, answer.claims)):
-            token = prefix + str(seq0 + i)          # token_of, inlined on the per-message path
-            if code is claimed:
-                held[key] = token
-            if isinstance(target, asyncio.Future):
-                if not target.done():
-                    target.set_result((code, token))
-                continue
-            if code is claimed:
-                target.token = token
-            claims.append((target, code))
+        if call is not None:
+            self._answer(call, answer.claims, out)
         for _, _, target in done:
             if isinstance(target, asyncio.Future):
                 if not target.done():
@@ -237,6 +242,29 @@ class Session:
             return
         call.state, call.outcome = "answered", out
         self._hand_over()
+
+    def _answer(self, call: ClaimCall, codes: list[Claim], out: Outcome) -> None:
+        """Claims answered: tokens for those we now hold, the answers for the loop (a
+        router's futures are resolved here). Per message: only a claimed one costs a step."""
+        held, prefix, claimed = self.held, self.owner + ".", Claim.CLAIMED
+        if not call.futures:
+            for i, key, target, code in zip(count(call.seq0), call.keys, call.targets, codes):
+                if code is claimed:
+                    target.token = held[key] = prefix + str(i)     # token_of, inlined
+            out.claims = list(zip(call.targets, codes))
+            return
+        claims = out.claims
+        for i, key, target, code in zip(count(call.seq0), call.keys, call.targets, codes):
+            token = prefix + str(i)
+            if code is claimed:
+                held[key] = token
+            if isinstance(target, asyncio.Future):
+                if not target.done():
+                    target.set_result((code, token))
+                continue
+            if code is claimed:
+                target.token = token
+            claims.append((target, code))
 
     def _hand_over(self) -> None:
         """Post the answered calls at the head of the line: a call's claims never reach the

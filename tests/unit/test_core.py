@@ -522,3 +522,78 @@ def test_a_pause_computed_before_a_revoke_is_not_applied_to_the_partition_assign
     assert calls == []
     rt._set_paused([("t", 0)], [], [(("t", 0), 7)], {("t", 0): 5})
     assert calls == [("pause", [("t", 0)]), ("seek", [("t", 0, 7)])]
+
+
+def test_head_finishes_move_an_index_and_match_a_sorted_list_model() -> None:
+    """Offsets finish mostly in order: the head moves by an index (compacted now and then),
+    out-of-order finishes are removed where they are; the commit point and the unfinished
+    offsets always equal those of a plain sorted list."""
+    import random
+    rnd = random.Random(7)
+    p = Partition(("t", 0), epoch=1)
+    model: list[int] = []
+    nxt = 0
+    for _ in range(20_000):
+        if rnd.random() < 0.55 or not model:
+            n = rnd.randint(1, 40)
+            for o in range(nxt, nxt + n):
+                assert p.accept(o, 1)
+                model.append(o)
+            nxt += n + rnd.choice((0, 0, 3))                 # gaps, as compaction leaves them
+        else:
+            o = model[0] if rnd.random() < 0.8 else rnd.choice(model)
+            model.remove(o)
+            p.finish(o)
+            p.finish(o)                                      # a stale repeat changes nothing
+        assert p.commit_point() == (model[0] if model else p.high)
+        assert p.inflight == len(model)
+    assert p.unfinished == model
+    assert len(p._u) <= 2 * len(model) + 512                 # finished heads do not pile up
+
+
+def _bare_runtime():
+    from afc.runtime.config import load_settings
+    from afc.runtime.consumer import Runtime
+    rt = Runtime(load_settings(kafka={"topics": ["t"]}, handler={"handler": "afc.runtime.handlers:noop"}))
+
+    class Handoffs:  # the dispatcher's surface: what the loop hands to the workers, in order
+        def __init__(self) -> None:
+            self.calls: list[list[int]] = []
+
+        def submit(self, msgs: list[Message]) -> None:
+            self.calls.append([m.offset for m in msgs])
+
+        def reported(self, n: int) -> None:
+            pass
+
+    rt.dispatcher = Handoffs()                                # type: ignore[assignment]
+    part = Partition(("t", 0), epoch=1)
+    rt.parts[part.tp] = part
+    return rt, part
+
+
+def test_records_released_by_one_batch_of_results_are_handed_over_together_in_order() -> None:
+    rt, part = _bare_runtime()
+    ms = [msg(o, key=k, part=part) for o, k in enumerate((b"a", b"b", b"c", b"a", b"b", b"c"))]
+    for m in ms:
+        part.accept(m.offset, 1)
+    rt._admit(ms[:3])
+    rt._admit(ms[3:])                                        # a later fetch: waits behind its keys
+    assert rt.dispatcher.calls == [[0, 1, 2]]
+    rt._on_results([(m, Outcome.OK, None, 0.001, 0.01, 0.0) for m in ms[:3]])
+    assert rt.dispatcher.calls == [[0, 1, 2], [3, 4, 5]]     # one hand-off, not one per key
+    assert part.commit_point() == 3
+
+
+def test_a_parked_records_followers_go_before_a_fresh_record_of_the_same_key() -> None:
+    """A store answer both settles a parked record (DONE: the records behind its key are
+    released) and claims a newer record of that key: the released ones were fetched first."""
+    from afc.runtime.session import Outcome as StoreOutcome
+    rt, part = _bare_runtime()
+    parked, behind, newer = msg(0, part=part, claimed=False), msg(1, part=part), msg(2, part=part, claimed=False)
+    for m in (parked, behind, newer):
+        part.accept(m.offset, 1)
+    rt._admit([parked, behind])
+    assert rt.dispatcher.calls == [] and id(parked) in rt.parked
+    rt._on_store(StoreOutcome(claims=[(parked, Claim.DONE), (newer, Claim.CLAIMED)]))
+    assert rt.dispatcher.calls == [[1, 2]]

@@ -131,3 +131,27 @@ def test_the_buffer_keeps_twice_the_concurrency_limit_unless_overloaded() -> Non
     assert (d.inflight_limit, d.reason) == (300, "overload-latency")
     assert c.decide(slow).inflight_limit == 150
 
+
+
+def test_slow_start_steps_early_once_a_whole_limit_completed_within_target() -> None:
+    c = FetchController(flow())
+    assert c.early(healthy(100, n=99)) is None                   # not a round trip of the limit yet
+    d = c.early(healthy(100, n=100))
+    assert d is not None and (d.inflight_limit, d.reason) == (200, "grow-early")
+    assert c.early(healthy(200, n=400)).inflight_limit == 400
+    assert c.early(healthy(400, n=800)).inflight_limit == 800
+    assert c.early(healthy(800, n=900)).inflight_limit == 1000   # the ceiling
+    assert c.early(healthy(1000, n=5000)) is None
+
+
+def test_no_early_step_when_over_target_erroring_queued_unused_or_past_slow_start() -> None:
+    slow = WindowStats(completed=100, errors=0, latency_sum_s=100 * 0.3, peak_outstanding=100)
+    failing = WindowStats(completed=100, errors=50, latency_sum_s=0.1, peak_outstanding=100)
+    queued = WindowStats(completed=100, errors=0, latency_sum_s=0.1, peak_outstanding=100, queue_wait_sum_s=100 * 0.02)
+    unused = WindowStats(completed=100, errors=0, latency_sum_s=0.1, peak_outstanding=40)
+    for w in (slow, failing, queued, unused):
+        c = FetchController(flow())
+        assert c.early(w) is None and c.limit == 100, w
+    c = FetchController(flow())
+    c.decide(slow)                                               # the first overload ends slow start
+    assert not c.slow_start and c.early(healthy(c.limit, n=10_000)) is None

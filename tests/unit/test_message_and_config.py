@@ -142,3 +142,26 @@ def test_backoff_is_exponential_capped_and_jittered() -> None:
     assert [backoff_s(a, 0.1, 1.0, jitter=0) for a in (1, 2, 3, 4, 5, 6)] == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
     vals = {round(backoff_s(3, 0.1, 10, jitter=0.2, rnd=r), 4) for _ in range(50)}
     assert len(vals) > 10 and all(0.32 <= v <= 0.48 for v in vals)
+
+
+def test_the_key_deriver_gives_exactly_idempotency_keys_answer() -> None:
+    """The inlined common case (JSON, a top-level string field, no header) and its
+    fallbacks must never differ from `idempotency_key`, and must keep the decoded payload."""
+    from afc.runtime.message import DECODERS, UNREAD, key_deriver
+    values = [b'{"id": "o-1"}', b'{"id": 42}', b'{"id": ""}', b'{"id": null}', b'{"id": "~x"}',
+              b'{"id": "a\\u0000b"}', b'{"id": "\xc3\xa9t\xc3\xa9"}', b'{"id": "\\ud800"}', b'{"other": 1}',
+              b'[1, 2]', b'"id"', b"not json", b"", None, b'{"order": {"id": "n-1"}}', b'{"id": {"x": 1}}']
+    headers = [None, [("idempotency-key", b"h-1")], [("traceparent", b"00-1")], [("idempotency-key", b"")]]
+    for decoder in ("json", "text", "raw"):
+        for field in ("id", "order.id", None):
+            derive = key_deriver(DECODERS[decoder], "idempotency-key", field)
+            for v in values:
+                for h in headers:
+                    for topic_id in (None, "tid"):
+                        a = Message("orders", 3, 7, b"k", v, h, 0, UNREAD, None, "", DECODERS[decoder])
+                        b = Message("orders", 3, 7, b"k", v, h, 0, UNREAD, None, "", DECODERS[decoder])
+                        want = idempotency_key(a, "idempotency-key", field, topic_id)
+                        assert derive(b, topic_id) == want, (decoder, field, v, h)
+                        assert (b.decode_error is None) == (a.decode_error is None)
+                        if a.decode_error is None:
+                            assert b.payload == a.payload
