@@ -7,6 +7,9 @@
 
 - naive: `poll()` one message at a time, `enable.auto.commit=True`, `json.loads` the value,
   call the handler. No dedup: a crash replays up to one auto-commit interval.
+- naive with `--fetch-queue-backoff-ms 50` (the bench's `naive-tuned`): the same loop with the
+  librdkafka setting afc's defaults change (kafka.fetchQueueBackoffMs), to show what of afc's
+  lead over `naive` is that setting.
 - naive-batch: the same, but `consume(num_messages=1000)` batches instead of `poll()`
   (auto-commit stores the offsets of every message a `consume()` returned).
 - raw: `consume(num_messages=1000)` in a loop and count what came back: no decode, no handler,
@@ -65,6 +68,8 @@ def make_consumer(ns: argparse.Namespace, auto_commit: bool) -> Consumer:
                             "auto.offset.reset": "earliest", "enable.auto.commit": auto_commit}
     if auto_commit:
         conf["auto.commit.interval.ms"] = ns.auto_commit_interval_ms
+    if ns.fetch_queue_backoff_ms is not None:
+        conf["fetch.queue.backoff.ms"] = ns.fetch_queue_backoff_ms
     c = Consumer(conf)
     c.subscribe([ns.topic], on_assign=lambda _c, parts: emit("assigned", partitions=len(parts)))
     return c
@@ -214,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefix", default="afcbench:base:", help="Redis key prefix (redis variant)")
     ap.add_argument("--ttl-s", type=int, default=7 * 86_400)
     ap.add_argument("--auto-commit-interval-ms", type=int, default=100)
+    ap.add_argument("--fetch-queue-backoff-ms", type=int, default=None,
+                    help="librdkafka's fetch.queue.backoff.ms (default: librdkafka's own, 1000)")
     ap.add_argument("--latency", action="store_true", help="record latencies (file from AFC_BENCH_LAT_FILE)")
     ns = ap.parse_args(argv)
     return RUNNERS[ns.variant](ns)

@@ -21,7 +21,7 @@ matplotlib.use("Agg")               # files only, never a display
 import matplotlib.pyplot as plt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-VARIANT_COLOURS = {"afc": "tab:blue", "afc-batch": "tab:cyan", "naive": "tab:gray", "naive-batch": "silver", "raw": "black",
+VARIANT_COLOURS = {"afc": "tab:blue", "afc-batch": "tab:cyan", "naive": "tab:gray", "naive-tuned": "dimgray", "naive-batch": "silver", "raw": "black",
                    "redis_per_message": "tab:red"}
 
 
@@ -71,7 +71,9 @@ def _goals(doc: dict[str, Any]) -> list[str]:
     if isinstance(goals, list):
         for g in goals:
             if isinstance(g, dict) and "goal" in g:
-                lines.append(f"- {'met' if g.get('met') else '**not met**'}: {g['goal']} (value {_fmt(g.get('value'), '{:,}')}"
+                verdict = ("above" if g.get("met") else "below") + " the same target, not a goal" \
+                    if g.get("informational") else ("met" if g.get("met") else "**not met**")
+                lines.append(f"- {verdict}: {g['goal']} (value {_fmt(g.get('value'), '{:,}')}"
                              + (f", target {_fmt(g['target'], '{:,}')})" if g.get("target") is not None else ")"))
     elif isinstance(goals, dict):
         for k, g in goals.items():
