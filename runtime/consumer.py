@@ -554,6 +554,10 @@ class Runtime:
         out = []
         decode, parts, key_of = self.decode, self.parts, self._key_of
         max_bytes, store = self.s.routing.max_message_bytes, self.store
+        topic: str | None = None
+        pn = -1
+        part: Partition | None = None
+        waits_id = False
         for m in raw:
             err = m.error()
             if err is not None:
@@ -563,12 +567,16 @@ class Runtime:
                     else:
                         log.warning("event=fetch-error error=%s", err)
                 continue
-            tp = (m.topic(), m.partition())
-            part = parts.get(tp)
+            t, p = m.topic(), m.partition()
+            if p != pn or t != topic:                    # a fetch's records come by partition
+                topic, pn = t, p
+                part = parts.get((t, p))
+                waits_id = part is not None and TOPIC_ID in part.reasons
             if part is None or part.revoking:
                 continue
+            tp = part.tp
             off = m.offset()
-            if TOPIC_ID in part.reasons:
+            if waits_id:
                 # Its position keys need the topic's id, still being looked up: fetched again later.
                 if part.admissible(off, seq):
                     part.rewind(off)

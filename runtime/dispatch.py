@@ -628,6 +628,7 @@ class ThreadDispatcher(Dispatcher):
         calls (finishing one record and taking the next are one critical section: the loop's
         watchdog sees either the record running or none), and released around each call."""
         handler, perf, loop, lock, cpu = self.handler, time.perf_counter, self.loop, c.lock, time.thread_time
+        wall, ok = time.time, Outcome.OK
         results: list[Result] = []
         failed: set[bytes] | None = None
         last = perf()
@@ -666,7 +667,11 @@ class ThreadDispatcher(Dispatcher):
                 c.cur = None
                 if w.abandoned:                # timed out: the loop has failed this record already
                     break
-                failed = _record(results, m, err, t0, t1, failed)
+                if err is None:                # _record's common case, inlined (one per message)
+                    dt = t1 - t0
+                    results.append((m, ok, None, dt, wall() - m.timestamp / 1000.0 - dt, t0 - m.queued_at))
+                else:
+                    failed = _record(results, m, err, t0, t1, failed)
                 if t1 - last >= REPORT_EVERY_S:
                     lock.release()
                     try:

@@ -65,7 +65,8 @@ class Partition:
 
     def accept(self, offset: int, fetch_seq: int) -> bool:
         """Take `offset` into work, if admissible."""
-        if not self.admissible(offset, fetch_seq):
+        h = self.high
+        if (self.skip_from is not None or (h is not None and offset < h)) and not self.admissible(offset, fetch_seq):
             return False
         self._u.append(offset)
         self.high = offset + 1
