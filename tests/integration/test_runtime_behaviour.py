@@ -60,12 +60,15 @@ def test_a_consumer_that_caught_up_commits_without_waiting_for_the_interval(test
     runs = f"{names.redis_prefix}runs"
     c = consumer(testbed, names, tmp_path, topic, "afc_test_handlers:slow_count",
                  {"AFC_TEST_HASH": runs, "AFC_OFFSETS__COMMIT_INTERVAL_MS": "60000"}).start()
-    c.wait_ready()
-    t0 = time.monotonic()
-    wait_for(lambda: group_lag(testbed.bootstrap, topic, names.group) == (50, 0), 30, 0.2,
-             what="every record committed, well before the 60 s commit interval")
-    assert time.monotonic() - t0 < 30 and total_runs(redis_client, runs) == 50
-    assert c.stop(timeout=30) == 0, c.log_tail()
+    try:
+        c.wait_ready()
+        t0 = time.monotonic()
+        wait_for(lambda: group_lag(testbed.bootstrap, topic, names.group) == (50, 0), 30, 0.2,
+                 what="every record committed, well before the 60 s commit interval")
+        assert time.monotonic() - t0 < 30 and total_runs(redis_client, runs) == 50
+    finally:
+        rc = c.stop(timeout=30)
+    assert rc == 0, c.log_tail()
 
 
 def test_second_signal_exits_at_once(testbed, make_topic, names, redis_client, tmp_path) -> None:
