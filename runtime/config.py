@@ -361,9 +361,12 @@ class RoutingSettings(Section):
 
 class OffsetSettings(Section):
     commit_interval_ms: int = Field(1_000, ge=50, le=60_000,
-                                    description="How often offsets are committed while records are in flight; a "
-                                                "consumer with nothing in flight commits within 0.1 s, so the "
-                                                "committed lag (what autoscaling reads) is current once caught up.")
+                                    description="How often offsets are committed while records are in flight.")
+    caught_up_commit_ms: int = Field(100, ge=0, le=60_000,
+                                     description="With nothing in flight, commit at most this often instead of "
+                                                 "waiting for commitIntervalMs, so the committed lag (what autoscaling "
+                                                 "and dashboards read) is current once caught up; 0: only at "
+                                                 "commitIntervalMs.")
     max_window: int = Field(100_000, ge=100, le=100_000_000, description="Most offsets a partition may run ahead "
                             "of its commit point (what a crash re-delivers); past it the partition pauses.")
 

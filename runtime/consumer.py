@@ -58,7 +58,6 @@ TOPIC_ID = "topic-id"          # pause reason: the topic's id is being looked up
 EXIT_FATAL = 3
 WATCHDOG_S = 0.01               # how often the loop checks for stuck and overdue handler calls
 PAUSE_WALK_S = 0.01             # how often the partitions' pause reasons are walked when nothing asked for it
-CAUGHT_UP_COMMIT_S = 0.1       # with nothing in flight, commit at most this often (not only every commitIntervalMs)
 MAX_FETCHES = 2                 # fetches on their way to the Kafka thread at once (see Runtime._maybe_fetch)
 # Group membership as /readyz reports it: ready only while HOLDING. librdkafka calls the assign
 # callback after every rebalance (eager, cooperative and KIP-848 alike, an empty list included),
@@ -1269,7 +1268,7 @@ class Runtime:
         lease_tick = self.s.idempotency.lease_ms / 4000
         now = time.monotonic()
         next_commit, next_decide, next_lag, next_parked = now + interval, now + window, now + 1, now + 0.2
-        next_caught_up = now
+        next_caught_up, caught_up = now, self.s.offsets.caught_up_commit_ms / 1000
         next_watch = now
         drain_started = False
         loop = asyncio.get_running_loop()
@@ -1304,11 +1303,12 @@ class Runtime:
                 if now >= next_commit and self.state == "running":
                     self._commit("interval")
                     next_commit = now + interval
-                elif now >= next_caught_up and self.state == "running" and self.parts and not self.outstanding:
+                elif caught_up and now >= next_caught_up and self.state == "running" and self.parts \
+                        and not self.outstanding:
                     # Caught up (nothing in flight): commit now, not at the interval, so the
                     # committed lag the autoscaler and dashboards read is not a second stale.
                     self._commit("caught-up")
-                    next_caught_up = now + CAUGHT_UP_COMMIT_S
+                    next_caught_up = now + caught_up
                 if now >= next_lag and self.parts:
                     self._kop(self._watermarks, list(self.parts), then="lag")
                     next_lag = now + 5

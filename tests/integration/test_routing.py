@@ -165,7 +165,7 @@ def test_kill9_between_dead_letter_and_commit_routes_once(testbed, make_topic, n
                                                           tmp_path) -> None:
     topic = make_topic("in", partitions=1)
     produce_json(testbed.bootstrap, topic, [{"fail": "always"}])
-    env = {"AFC_OFFSETS__COMMIT_INTERVAL_MS": "60000"}                      # the commit cannot come first
+    env = {"AFC_OFFSETS__COMMIT_INTERVAL_MS": "60000", "AFC_OFFSETS__CAUGHT_UP_COMMIT_MS": "0"}   # no commit first
     c = run(testbed, names, tmp_path, topic, env=env, name="c1").start()
     try:
         assert len(read_topic(testbed.bootstrap, topic + ".dlq", 1)) == 1
