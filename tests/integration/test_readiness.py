@@ -23,12 +23,15 @@ def dynamic_member(testbed, topic: str, names, log: Path, handler: str, env: dic
 
 
 def watch_ready(c: ConsumerProcess, until, timeout: float) -> list[tuple[float, int]]:
-    """(time, /readyz code) every ~50 ms until `until()` or the timeout; 0 = no answer."""
+    """(time, /readyz code) every ~50 ms until `until(code)` or the timeout; 0 = no answer.
+    `until` judges the code just recorded: asking /readyz again inside it could see a 200 that
+    ends the watch but never reaches the list (a rehearsal failed on exactly that)."""
     seen: list[tuple[float, int]] = []
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        seen.append((time.monotonic(), c.http("/readyz")[0]))
-        if until():
+        code = c.http("/readyz")[0]
+        seen.append((time.monotonic(), code))
+        if until(code):
             break
         time.sleep(0.05)
     return seen
@@ -59,7 +62,7 @@ def test_readyz_is_503_while_a_revoke_is_handled_and_200_after_the_next_assignme
         wait_for(lambda: len(lag_series(a)) >= 2, 10, what="A reporting the lag of both partitions")
         b.start()
         joined = time.monotonic()
-        seen = watch_ready(a, lambda: b.http("/readyz")[0] == 200 and a.http("/readyz")[0] == 200, 45)
+        seen = watch_ready(a, lambda code: code == 200 and b.http("/readyz")[0] == 200, 45)
         b_ready = b.http("/readyz")[0]
         a_lag_series, a_log_then = lag_series(a), a.log_path.read_text()
     finally:
@@ -121,9 +124,9 @@ def test_readyz_is_503_after_the_assignment_is_lost_until_the_member_is_assigned
                      what="B holding all 4 partitions after A's session expired")
         finally:
             os.kill(a.proc.pid, signal.SIGCONT)
-        def back() -> bool:
+        def back(code: int) -> bool:
             text = a.log_path.read_text()
-            return "to=lost" in text and "to=holding" in text.split("to=lost", 1)[1] and a.http("/readyz")[0] == 200
+            return code == 200 and "to=lost" in text and "to=holding" in text.split("to=lost", 1)[1]
         seen = watch_ready(a, back, 45)
     finally:
         for c in (a, b):
