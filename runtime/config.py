@@ -234,6 +234,11 @@ class FlowSettings(Section):
     decrease_factor: float = Field(0.5, gt=0, lt=1, description="Multiplicative cut on overload (AIMD).")
     increase_ratio: float = Field(0.1, ge=0, le=1, description="Growth per healthy window, as a share of the limit (at least +1).")
     window_ms: int = Field(250, ge=10, le=60_000, description="How often the controller decides.")
+    fetch_linger_ms: float = Field(
+        1.0, ge=0, le=50, description="When a fetch finds a stream of records (more than one already "
+        "there, fewer than the batch allows), wait up to this long for more before handing them on: "
+        "fewer, larger batches at modest rates (each batch costs a store call and thread hand-offs). "
+        "A lone record is never held; a full batch never waits. 0: off.")
     workers: int = Field(0, ge=0, le=1024, description="Upper bound of handler concurrency (tasks for async "
                          "handlers; threads for sync ones, grown and shrunk within it); with concurrency fixed, "
                          "the concurrency itself. 0: 256 for async handlers, 64 for sync ones.")

@@ -175,6 +175,7 @@ class Runtime:
         self.fetching = 0                             # fetches sent to the Kafka thread, not yet applied
         self._reserved = 0                            # their budgets (messages they may bring)
         self._full = False                            # the last applied fetch brought its whole budget
+        self._linger_s = settings.flow.fetch_linger_ms / 1000   # see _fetch
         self.commit_inflight = False
         self._commit_started = 0.0
         self.state = "new"                            # new, running, draining, committing, closing, closed
@@ -229,7 +230,11 @@ class Runtime:
             pass
 
     def _fetch(self, budget: int, timeout: float) -> list[Any]:
-        """Kafka thread: wait for one message, then take what is already there."""
+        """Kafka thread: wait for one message, then take what is already there. If more than
+        one was there but fewer than the budget (records arriving as a stream), wait up to
+        flow.fetchLingerMs for the rest: at a modest rate a fetch otherwise brings a handful,
+        and each batch costs a store call and four thread hand-offs whatever its size. A lone
+        record (a trickle) is handed on at once."""
         c = self.consumer
         assert c is not None
         first = c.poll(timeout)
@@ -237,7 +242,10 @@ class Runtime:
             return []
         if budget <= 1:
             return [first]
-        return [first, *c.consume(budget - 1, 0)]
+        out = [first, *c.consume(budget - 1, 0)]
+        if self._linger_s and 1 < len(out) < budget:
+            out += c.consume(budget - len(out), self._linger_s)
+        return out
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         out = []

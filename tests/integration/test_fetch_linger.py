@@ -1,0 +1,93 @@
+"""flow.fetchLingerMs on a real broker: the Kafka thread's fetch (Runtime._fetch) waits for
+more records only when they arrive as a stream, never for a lone record or a full batch."""
+from __future__ import annotations
+
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from afc.runtime.consumer import Runtime
+from afctest import produce_json
+
+pytestmark = [pytest.mark.kafka]
+
+
+def fetcher(testbed, names, topic: str, linger_s: float, after_first=None):
+    """What _fetch reads of the runtime: its consumer (assigned, not subscribed: no group
+    round to wait for) and the linger. `after_first` runs once the fetch's first poll returned."""
+    from confluent_kafka import Consumer, TopicPartition
+    c = Consumer({"bootstrap.servers": testbed.bootstrap, "group.id": names.group,
+                  "enable.auto.commit": False, "fetch.queue.backoff.ms": 50})
+    c.assign([TopicPartition(topic, 0, 0)])
+
+    class Polled:
+        """The real consumer; its poll() also starts `after_first` (to time the next records)."""
+        def poll(self, timeout: float):
+            m = c.poll(timeout)
+            if after_first is not None:
+                after_first()
+            return m
+
+        def consume(self, n: int, timeout: float):
+            return c.consume(n, timeout)
+
+    return SimpleNamespace(consumer=Polled(), _linger_s=linger_s), c
+
+
+@pytest.mark.parametrize("linger_s, expect", [(5.0, 10), (0.0, 5)])
+def test_a_fetch_that_finds_a_stream_waits_for_the_rest(testbed, make_topic, names, linger_s, expect) -> None:
+    """5 records are there when the fetch starts and 5 more come 0.3 s after its first poll
+    returned: with a linger the fetch hands on all 10 in one batch (the budget, so it stops
+    waiting then); without one it hands on the 5 it found."""
+    topic = make_topic("in", partitions=1)
+    produce_json(testbed.bootstrap, topic, [{"n": i} for i in range(5)])
+    sent: list[threading.Thread] = []
+
+    def send_more() -> None:
+        def run() -> None:
+            time.sleep(0.3)
+            produce_json(testbed.bootstrap, topic, [{"n": i} for i in range(5, 10)])
+        sent.append(threading.Thread(target=run, daemon=True))
+        sent[0].start()
+
+    f, c = fetcher(testbed, names, topic, linger_s, after_first=send_more)
+    try:
+        t0 = time.monotonic()
+        got = Runtime._fetch(f, 10, 15.0)
+        took = time.monotonic() - t0
+        sent[0].join(15)
+    finally:
+        c.close()
+    assert [m.offset() for m in got] == list(range(expect))
+    assert took < 4.5                                # the full budget ended the linger, not its 5 s
+
+
+def test_a_lone_record_and_a_full_batch_are_not_held(testbed, make_topic, names) -> None:
+    """A trickle (one record per fetch) is never held for company, nor is a batch that
+    already has its whole budget: with a 5 s linger, each fetch still returns at once."""
+    from confluent_kafka import TopicPartition
+    topic = make_topic("in", partitions=1)
+    produce_json(testbed.bootstrap, topic, [{"n": 0}])
+    f, c = fetcher(testbed, names, topic, 5.0)
+    try:
+        t0 = time.monotonic()
+        lone = Runtime._fetch(f, 100, 15.0)          # one record there: handed on at once
+        took_lone = time.monotonic() - t0
+        produce_json(testbed.bootstrap, topic, [{"n": i} for i in range(1, 6)])
+        full_first = c.poll(15)                      # wait for the next fetch, then read it again
+        assert full_first is not None and full_first.offset() == 1
+        c.seek(TopicPartition(topic, 0, 1))
+        time.sleep(1.0)                              # the refetch lands in the local queue
+        t0 = time.monotonic()
+        full = Runtime._fetch(f, 5, 15.0)            # the whole budget there: no wait
+        took_full = time.monotonic() - t0
+        t0 = time.monotonic()
+        nothing = Runtime._fetch(f, 100, 0.2)        # and with nothing there, the poll's timeout
+        took_nothing = time.monotonic() - t0
+    finally:
+        c.close()
+    assert [m.offset() for m in lone] == [0] and took_lone < 4.5   # the first fetch's own wait, well under 5 s
+    assert [m.offset() for m in full] == [1, 2, 3, 4, 5] and took_full < 2.5
+    assert nothing == [] and took_nothing < 2.5
