@@ -288,6 +288,51 @@ def percentiles(values: list[float]) -> dict[str, float | int | None]:
             "mean_ms": round(1000 * sum(v) / len(v), 3)}
 
 
+# ---------------------------------------------------------------------------- scheduler
+
+# A process of its own that asks to sleep 1 ms, over and over, and records how late it woke:
+# on this shared 2-core machine a thread that is ready to run can wait for a core, and that
+# wait falls on every hop of a consumer's path. Printed as one JSON line of oversleeps in s.
+_STALL_CODE = """
+import json, sys, time
+end = time.monotonic() + float(sys.argv[1]); late = []
+while time.monotonic() < end:
+    t0 = time.perf_counter(); time.sleep(0.001); late.append(time.perf_counter() - t0 - 0.001)
+print(json.dumps(late))
+"""
+
+
+class StallProbe:
+    """How long a ready thread waited for a core, measured beside a run (see _STALL_CODE)."""
+
+    def __init__(self, seconds: float) -> None:
+        import subprocess
+        self.p = subprocess.Popen([sys.executable, "-c", _STALL_CODE, str(seconds)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+        self.seconds = seconds
+
+    def result(self) -> dict[str, Any]:
+        """Percentiles of the oversleep (a 1 ms sleep that took 1 ms + x: x), and how many
+        wake-ups came more than 10 ms late; stops the probe if it is still running."""
+        import subprocess
+        try:
+            out, _ = self.p.communicate(timeout=self.seconds + 30)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+            self.p.communicate()
+            return {"error": "stall probe did not finish"}
+        try:
+            late = json.loads(out)
+        except ValueError:
+            return {"error": "stall probe printed no result"}
+        return {**percentiles(late), "late_over_10ms": sum(1 for x in late if x > 0.010)}
+
+    def stop(self) -> None:
+        if self.p.poll() is None:
+            self.p.kill()
+            self.p.wait(5)
+
+
 # ---------------------------------------------------------------------------- profile
 
 BLOCKING = ("poll' of 'cimpl", "consume' of 'cimpl", "commit' of 'cimpl", "'get' of '_queue",

@@ -404,6 +404,10 @@ def wait_ready(child: Child, port: int | None, timeout: float) -> bool:
     return False
 
 
+STALLS_WHAT = ("how late a separate process woke from 1 ms sleeps while the producer ran: the wait of a "
+               "ready thread for a core on this machine, which every hop of a consumer's path can meet")
+
+
 def latency(ctx: Ctx, variant: str) -> dict[str, Any]:
     """Steady paced load on a fresh topic; percentiles of handler start - CreateTime."""
     a = ctx.args
@@ -426,7 +430,12 @@ def latency(ctx: Ctx, variant: str) -> dict[str, Any]:
     child.sampler.sample()
     cpu0, t0 = child.sampler.cpu_s, time.time()
     acks_file = ctx.tmp / f"{variant}.acks"
-    prod = _paced_producer(ctx, topic, child, acks_file)
+    stalls = measure.StallProbe(a.latency_seconds)
+    try:
+        prod = _paced_producer(ctx, topic, child, acks_file)
+        out["scheduler_stalls"] = {**stalls.result(), "what": STALLS_WHAT}
+    finally:
+        stalls.stop()
     target = prod.get("delivered", 0)
     drain_deadline = time.time() + a.drain_s
     c = None

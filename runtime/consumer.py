@@ -628,13 +628,19 @@ class Runtime:
         if out.error is not None:
             self.metrics.store_errors.inc()
             return
+        self._collecting_released(lambda: self._apply_store(out))
+
+    def _collecting_released(self, apply: Callable[[], list[Message] | None]) -> None:
+        """Apply one answer (store or results) with the records it releases behind their keys
+        collected (`_releasing`, see `_release_behind`), then admit them in one hand-off, ahead
+        of the fresh records `apply` returns: they were fetched before any fresh record of
+        their key."""
         self._releasing = released = []
-        fresh: list[Message] = []
+        fresh: list[Message] | None = None
         try:
-            fresh = self._apply_store(out)
+            fresh = apply()
         finally:
             self._releasing = None
-            # Released records first: they were fetched before any fresh record of their key.
             if released or fresh:
                 self._admit_released(released, fresh)
 
@@ -736,13 +742,7 @@ class Runtime:
         self._post(("results", results))
 
     def _on_results(self, results: list[Result]) -> None:
-        self._releasing = released = []
-        try:
-            self._apply_results(results)
-        finally:
-            self._releasing = None
-            if released:
-                self._admit_released(released)
+        self._collecting_released(lambda: self._apply_results(results))
 
     def _apply_results(self, results: list[Result]) -> None:
         assert self.dispatcher is not None
@@ -759,6 +759,7 @@ class Runtime:
         # released, and its offset passes once its done mark is written (the marks of the
         # whole batch go to the session in one call).
         ok, settle, released, session = Outcome.OK, self.gate.settle, self._releasing, self.session
+        assert released is not None                   # (run by _collecting_released)
         marks: list[tuple[str, str, Message]] = []
         for msg, outcome, err, dt, e2e, wait in results:
             if outcome is ok and msg._derr is None:
@@ -766,10 +767,7 @@ class Runtime:
                 latencies.append(dt)
                 e2es.append(e2e)
                 if msg.key is not None and (nxt := settle(msg)):
-                    if released is None:
-                        self._admit_released(nxt)
-                    else:
-                        released.extend(nxt)
+                    released.extend(nxt)              # _release_behind, inlined
                 if session is not None and msg.token:
                     msg._part.marking += 1
                     marks.append((msg.idempotency_key, msg.token, msg))

@@ -101,10 +101,7 @@ class Session:
 
     def done(self, key: str, token: str, target: Any) -> None:
         """Queue the done mark; `target` comes back in `Outcome.written` once it is stored."""
-        self._unhold(key, token)
-        if not self._done:
-            self._marks_since = self.clock()
-        self._done.append((key, token, target))
+        self.done_all([(key, token, target)])
 
     def done_all(self, marks: list[tuple[str, str, Any]]) -> None:
         """`done` for many (key, token, target), in order: one call per batch of results."""

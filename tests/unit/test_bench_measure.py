@@ -107,3 +107,16 @@ def test_lowrate_splits_a_process_cpu_by_thread_and_counts_it_all() -> None:
     assert set(cpu) == {"loop", "librdkafka", "python"}
     assert cpu["loop"] >= 0.2
     assert sum(cpu.values()) <= time.process_time() + 0.05    # nothing counted twice
+
+
+def test_the_stall_probe_reports_how_late_a_1_ms_sleep_woke() -> None:
+    """A real process of its own (nothing to stand in for): it sleeps 1 ms at a time for the
+    given seconds and reports the oversleeps; a busy core here makes them later, not absent."""
+    probe = measure.StallProbe(0.3)
+    try:
+        r = probe.result()
+    finally:
+        probe.stop()
+    assert r["count"] >= 10                       # at most ~30 ms a round, even on a loaded machine
+    assert 0 <= r["p50_ms"] <= r["p99_ms"] <= r["max_ms"]
+    assert 0 <= r["late_over_10ms"] <= r["count"]
