@@ -174,3 +174,15 @@ def test_rule_names_are_unique_across_the_runtime_and_the_api() -> None:
     names = api + list(runtime_rules())
     assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
     assert len(api) >= 20
+
+
+def test_an_error_in_a_librdkafka_property_names_it_as_written() -> None:
+    """kafka.extra's keys are librdkafka's names: an error names the key as the user wrote it
+    and the one environment variable that holds the whole map (it read
+    `kafka.extra.socket.Timeout.Ms (AFC_KAFKA__EXTRA__SOCKET.TIMEOUT.MS)` before)."""
+    with pytest.raises(rc.ConfigError) as e:
+        rc.load_settings(kafka={"extra": {"socket.timeout.ms": [1]}})
+    assert 'kafka.extra["socket.timeout.ms"] (AFC_KAFKA__EXTRA): ' in str(e.value)
+    assert "Timeout" not in str(e.value)
+    assert rc.field_label(("membership", "session_timeout_ms")) == \
+        "membership.sessionTimeoutMs (AFC_MEMBERSHIP__SESSION_TIMEOUT_MS)"
