@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping
 from pydantic import ValidationError
 
 from afc.operator.crd import API_VERSION, KIND, AdaptiveConsumerSpec, SecretKeyRef
-from afc.runtime.config import RuntimeSettings
+from afc.runtime.config import FREE_FORM_MAPS, RuntimeSettings
 
 FIELD_MANAGER = "afc-operator"
 MANAGED_BY = "afc-operator"
@@ -76,7 +76,11 @@ def parse_spec(spec: Mapping[str, Any]) -> AdaptiveConsumerSpec:
 
 
 def _describe(err: Mapping[str, Any]) -> str:
-    path = ".".join(["spec", *(str(p) for p in err["loc"])])
+    loc = [str(p) for p in err["loc"]]
+    path = ".".join(["spec", *loc])
+    for m in FREE_FORM_MAPS:                  # a map's key in brackets, as Kubernetes writes it
+        if len(loc) > len(m) and tuple(loc[:len(m)]) == m:
+            path = ".".join(["spec", *m]) + f"[{'.'.join(loc[len(m):])}]"
     if err["type"] == "crd_rule":
         return "; ".join(f"{path}.{f}: {m}" if f else f"{path}: {m}" for f, m in err["ctx"]["failures"])
     return f"{path}: {str(err['msg']).removeprefix('Value error, ')}"

@@ -483,7 +483,8 @@ FREE_FORM_MAPS = (("kafka", "extra"),)    # maps whose keys are someone else's n
 
 def field_label(loc: tuple[Any, ...]) -> str:
     """`membership.sessionTimeoutMs (AFC_MEMBERSHIP__SESSION_TIMEOUT_MS)` for an error location;
-    a free-form map's key as it was written (`kafka.extra["socket.timeout.ms"] (AFC_KAFKA__EXTRA)`:
+    a free-form map's key as it was written, in brackets as Kubernetes writes map keys
+    (`kafka.extra[socket.timeout.ms] (AFC_KAFKA__EXTRA)`:
     the map is one JSON value in the environment), not camel-cased into a name nobody wrote."""
     parts = [str(p) for p in loc if not isinstance(p, int)]
     if not parts:
@@ -491,7 +492,7 @@ def field_label(loc: tuple[Any, ...]) -> str:
     for m in FREE_FORM_MAPS:
         if len(parts) > len(m) and tuple(parts[:len(m)]) == m:
             head = field_label(m).split(" ")
-            return f'{head[0]}["{".".join(parts[len(m):])}"] {head[1]}'
+            return f'{head[0]}[{".".join(parts[len(m):])}] {head[1]}'
     camel = ".".join(to_camel(p) for p in parts)
     env = "AFC_" + "__".join(p.upper() for p in parts)
     return f"{camel} ({env})"

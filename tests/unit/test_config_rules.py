@@ -182,7 +182,10 @@ def test_an_error_in_a_librdkafka_property_names_it_as_written() -> None:
     `kafka.extra.socket.Timeout.Ms (AFC_KAFKA__EXTRA__SOCKET.TIMEOUT.MS)` before)."""
     with pytest.raises(rc.ConfigError) as e:
         rc.load_settings(kafka={"extra": {"socket.timeout.ms": [1]}})
-    assert 'kafka.extra["socket.timeout.ms"] (AFC_KAFKA__EXTRA): ' in str(e.value)
+    assert "kafka.extra[socket.timeout.ms] (AFC_KAFKA__EXTRA): " in str(e.value)
     assert "Timeout" not in str(e.value)
     assert rc.field_label(("membership", "session_timeout_ms")) == \
         "membership.sessionTimeoutMs (AFC_MEMBERSHIP__SESSION_TIMEOUT_MS)"
+    with pytest.raises(render.InvalidSpec) as s:          # the operator: the key in brackets, as kubectl
+        render.parse_spec(merged(VALID_SPEC, {"kafka": {"extra": {"socket.timeout.ms": [1]}}}))
+    assert str(s.value).startswith("spec.kafka.extra[socket.timeout.ms]: ")
