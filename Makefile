@@ -8,7 +8,7 @@ PYTEST := .venv/bin/pytest
 TESTBED := python3 scripts/testbed.py
 PYTEST_ARGS ?=
 
-.PHONY: deps testbed testbed-down testbed-clean testbed-status test unit demo demo-runtime bench bench-scaling bench-rollout bench-operator bench-concurrency bench-cluster bench-lowrate bench-report soak crds pins
+.PHONY: deps testbed testbed-down testbed-clean testbed-status test unit demo demo-runtime bench bench-scaling bench-rollout bench-operator bench-concurrency bench-cluster bench-lowrate bench-stages bench-report soak crds pins
 
 deps:
 	bash scripts/install-deps.sh
@@ -49,12 +49,19 @@ demo-runtime: testbed
 
 bench: testbed
 	set -a; source .testbed/env; set +a; $(PY) -P bench/run.py && $(PY) -P bench/concurrency.py && $(PY) -P bench/scaling.py \
-		&& $(PY) -P bench/rollout.py && $(PY) -P bench/operator.py && $(PY) -P bench/cluster.py && $(PY) -P bench/lowrate.py
+		&& $(PY) -P bench/rollout.py && $(PY) -P bench/operator.py && $(PY) -P bench/cluster.py && $(PY) -P bench/lowrate.py \
+		&& $(PY) -P bench/stages.py
 
 # afc's CPU by thread idle, at 500 and at 5,000 msg/s, with librdkafka's fetch defaults and with a
 # 2 ms broker-side fetch wait; bench/results/lowrate.json (~2 minutes).
 bench-lowrate: testbed
 	set -a; source .testbed/env; set +a; $(PY) -P bench/lowrate.py
+
+# A record's time inside afc step by step (fetch, loop, claim and hand-off, handler) at 500 and
+# 5,000 msg/s, with and without the fetch linger, beside a scheduler-stall probe;
+# bench/results/stages.json (~3 minutes).
+bench-stages: testbed
+	set -a; source .testbed/env; set +a; $(PY) -P bench/stages.py
 
 # A 3-process group's throughput with the idempotency store on the single Redis and on the
 # bed's 3-master Redis Cluster, alternating rounds; bench/results/cluster.json (~2 minutes).

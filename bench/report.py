@@ -192,6 +192,29 @@ def lowrate_section(doc: dict[str, Any], out: Path, name: str) -> list[str]:
     return lines + [""]
 
 
+def stages_section(doc: dict[str, Any], out: Path, name: str) -> list[str]:
+    """bench/stages.py: a record's time inside afc, step by step, per rate and fetch linger."""
+    steps = ("fetched->loop", "loop->submitted", "submitted->handler", "fetched->handler")
+    lines = ["## Inside afc at a modest rate: a record's steps (in-process, stamped)", "", label(doc, name) + ".", "",
+             "| msg/s | linger ms | round | records per store call | µs CPU per record | "
+             + " | ".join(f"{s} p50 / p99 ms" for s in steps) + " | store call p50 / p99 ms | scheduler stall max ms |",
+             "|" + "---:|" * (7 + len(steps))]
+    for r in doc.get("runs") or []:
+        if r.get("error"):
+            lines.append(f"| {_fmt(r.get('rate'))} | {_fmt(r.get('fetch_linger_ms'), '{:g}')} | {r.get('round')} | "
+                         f"failed: {str(r['error'])[-120:]!r} |")
+            continue
+        st = r.get("steps") or {}
+        cells = [f"{_fmt((st.get(s) or {}).get('p50_ms'), '{:.2f}')} / {_fmt((st.get(s) or {}).get('p99_ms'), '{:.1f}')}"
+                 for s in steps]
+        sc = r.get("store_call") or {}
+        lines.append(f"| {_fmt(r.get('rate'))} | {_fmt(r.get('fetch_linger_ms'), '{:g}')} | {r.get('round')} | "
+                     f"{_fmt(r.get('records_per_store_call'), '{:.1f}')} | {_fmt(r.get('cpu_us_per_record'), '{:.0f}')} | "
+                     + " | ".join(cells) + f" | {_fmt(sc.get('p50_ms'), '{:.2f}')} / {_fmt(sc.get('p99_ms'), '{:.1f}')} | "
+                     f"{_fmt((r.get('scheduler_stalls') or {}).get('max_ms'), '{:.1f}')} |")
+    return lines + [""]
+
+
 def scaling_section(doc: dict[str, Any], out: Path, name: str) -> list[str]:
     stamp = label(doc, name)
     lines = ["## Autoscaling: afc's policy against KEDA + HPA (simulated)", "", stamp + ".", ""]
@@ -273,10 +296,11 @@ SECTIONS: dict[str, Callable[[dict[str, Any], Path, str], list[str]]] = {
     "rollout.json": rollout_section,
     "chaos.json": chaos_section,
     "lowrate.json": lowrate_section,
+    "stages.json": stages_section,
 }
 COMMANDS = {"runtime.json": "make bench", "backpressure.json": "make bench", "scaling.json": "make bench-scaling",
             "rollout.json": "make bench-rollout", "chaos.json": "make soak",
-            "lowrate.json": "make bench-lowrate"}
+            "lowrate.json": "make bench-lowrate", "stages.json": "make bench-stages"}
 
 
 def report(results: Path, out: Path) -> Path:

@@ -66,3 +66,18 @@ def test_the_lowrate_run_gets_a_row_per_variant_and_rate_with_its_cpu_by_thread(
     md = report.report(results, tmp_path / "docs").read_text()
     assert "| afc | 5,000 | 4,998 | 6.5 | 118.4 | 59.2 | 38.9 | 11.2 | 9.1 |" in md
     assert "| afc-fetchwait | 5,000 | 4,998 | 10.0 | 118.4 |" in md
+
+
+def test_the_stages_run_gets_a_row_per_run_and_a_failed_one_says_why(tmp_path: Path) -> None:
+    step = {"p50_ms": 0.5, "p99_ms": 3.0}
+    doc = {"date": "2026-11-27T20:00:00Z", "runs": [
+        {"rate": 5000.0, "fetch_linger_ms": 1.0, "round": 0, "records_per_store_call": 14.0, "cpu_us_per_record": 91.2,
+         "steps": {s: step for s in ("fetched->loop", "loop->submitted", "submitted->handler", "fetched->handler")},
+         "store_call": {"p50_ms": 0.68, "p99_ms": 8.3}, "scheduler_stalls": {"max_ms": 13.2}},
+        {"rate": 500.0, "fetch_linger_ms": 0.0, "round": 1, "error": "Traceback: broker down"}]}
+    lines = report.stages_section(doc, tmp_path, "stages.json")
+    rows = [x for x in lines if x.startswith("| ") and not x.startswith("| msg/s")]
+    assert rows[0].startswith("| 5,000 | 1 | 0 | 14.0 | 91 | 0.50 / 3.0 |") and rows[0].endswith("| 0.68 / 8.3 | 13.2 |")
+    assert "failed" in rows[1] and "broker down" in rows[1]
+    i = next(i for i, x in enumerate(lines) if x.startswith("| msg/s"))
+    assert lines[i].count("|") == lines[i + 1].count("|") == rows[0].count("|")   # a table that renders

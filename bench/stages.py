@@ -1,0 +1,222 @@
+"""`make bench-stages`: where a record's time goes inside afc at a modest rate, step by step,
+and how late the machine itself runs a ready thread meanwhile.
+
+`make bench`'s latency phase measures afc from the outside (handler start against the
+record's CreateTime and the producer's ack). This probe runs the runtime in-process, with the
+Redis idempotency store and a no-op handler, on a fresh 12-partition topic fed by a paced
+producer (bench/workload.py, linger.ms 1), and stamps every record at four points:
+
+- `fetched`: the Kafka thread's fetch (`Runtime._fetch`) returned it;
+- `loop`: the event loop took the fetch's result (`Runtime._on_fetched`);
+- `submitted`: claimed, it was handed to the handler's workers (`Dispatcher.submit`);
+- `handler`: the handler started.
+
+For each configuration (rate x `flow.fetchLingerMs`) it reports the percentiles of each step,
+the store calls' own latency, records per fetch and per store call, the process's CPU per
+record, and a scheduler-stall probe beside it (a separate process that sleeps 1 ms at a time
+and records how late it woke: a ready thread waiting for a core). The stamps cost CPU of their
+own (a dict entry per record per step), so the CPU figures here are above `make bench-lowrate`'s;
+compare configurations within one run.
+
+The results file is written by this script only: bench/results/stages.json.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))             # appended: the repo's operator/ must not shadow `operator`
+
+from bench import measure, workload  # noqa: E402
+
+STEPS = (("fetched->loop", "fetched", "loop"), ("loop->submitted", "loop", "submitted"),
+         ("submitted->handler", "submitted", "handler"), ("fetched->handler", "fetched", "handler"))
+
+
+def child(a: argparse.Namespace) -> dict[str, Any]:
+    """In-process run of one configuration; returns its figures."""
+    os.environ.update({"AFC_KAFKA__BOOTSTRAP_SERVERS": a.bootstrap, "AFC_KAFKA__TOPICS": json.dumps([a.topic]),
+                       "AFC_KAFKA__GROUP_ID": f"{a.topic}-g", "AFC_IDEMPOTENCY__REDIS_URL": a.redis_url,
+                       "AFC_IDEMPOTENCY__KEY_PREFIX": a.prefix, "AFC_IDEMPOTENCY__KEY_FIELD": "id",
+                       "AFC_FLOW__FETCH_LINGER_MS": str(a.linger_ms), "AFC_SERVER__PORT": "0",
+                       "AFC_INSTANCE_ID": f"{a.topic}-0", "AFC_LOG_LEVEL": "WARNING"})
+    from afc.runtime import consumer as rc, dispatch, idempotency
+    from afc.runtime.config import load_settings
+
+    on = [False]
+    stamps: dict[str, dict[tuple[int, int], float]] = {"fetched": {}, "loop": {}, "submitted": {}}
+    rows: list[tuple[float, ...]] = []
+    store_ms: list[float] = []
+    counts = {"fetches": 0, "fetched": 0, "store_calls": 0}
+
+    fetch0, fetched0, submit0, apply0 = (rc.Runtime._fetch, rc.Runtime._on_fetched, dispatch.Dispatcher.submit,
+                                         idempotency.RedisStore.apply)
+
+    def fetch(self: Any, budget: int, timeout: float) -> list[Any]:
+        out = fetch0(self, budget, timeout)
+        t, s = time.perf_counter(), stamps["fetched"]
+        for m in out:
+            s[(m.partition(), m.offset())] = t
+        if on[0] and out:
+            counts["fetches"] += 1
+            counts["fetched"] += len(out)
+        return out
+
+    def on_fetched(self: Any, seq: int, fut: Any, budget: int) -> None:
+        t, s = time.perf_counter(), stamps["loop"]
+        if not fut.cancelled() and fut.exception() is None:
+            for m in fut.result():
+                s[(m.partition(), m.offset())] = t
+        fetched0(self, seq, fut, budget)
+
+    def submit(self: Any, msgs: list[Any]) -> None:
+        t, s = time.perf_counter(), stamps["submitted"]
+        for m in msgs:
+            s[(m.partition, m.offset)] = t
+        submit0(self, msgs)
+
+    async def apply(self: Any, batch: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return await apply0(self, batch)
+        finally:
+            if on[0] and batch.claims:
+                counts["store_calls"] += 1
+                store_ms.append(time.perf_counter() - t0)
+
+    rc.Runtime._fetch, rc.Runtime._on_fetched = fetch, on_fetched          # type: ignore[method-assign]
+    dispatch.Dispatcher.submit, idempotency.RedisStore.apply = submit, apply  # type: ignore[method-assign]
+
+    def handler(m: Any) -> None:
+        t = time.perf_counter()
+        k = (m.partition, m.offset)
+        got = [stamps[s].pop(k, None) for s in ("fetched", "loop", "submitted")]
+        if on[0] and None not in got:
+            rows.append((*got, t))
+
+    async def main() -> dict[str, Any]:
+        rt = rc.Runtime(load_settings(), handler=handler)
+        await rt.start()
+        task = asyncio.create_task(rt.run())
+        try:
+            await asyncio.sleep(4)                      # assignment
+            prod = subprocess.Popen([sys.executable, "-m", "bench.workload", "paced", "--bootstrap", a.bootstrap,
+                                     "--topic", a.topic, "--rate", str(a.rate),
+                                     "--seconds", str(a.warmup_s + a.seconds + 2), "--run", a.prefix],
+                                    cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                await asyncio.sleep(a.warmup_s)
+                stalls = measure.StallProbe(a.seconds)
+                try:
+                    on[0] = True
+                    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+                    await asyncio.sleep(a.seconds)
+                    on[0] = False
+                    r1, t1 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+                    stall = stalls.result()
+                finally:
+                    stalls.stop()
+            finally:
+                prod.wait(a.seconds + 60)
+        finally:
+            rt.request_stop()
+            await asyncio.wait_for(task, 30)
+        dt = t1 - t0
+        cpu = r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime
+        n = len(rows)
+        idx = {"fetched": 0, "loop": 1, "submitted": 2, "handler": 3}
+        return {"rate": a.rate, "fetch_linger_ms": a.linger_ms, "window_s": round(dt, 2),
+                "handled_per_s": round(n / dt, 1),
+                "cpu_pct": round(100 * cpu / dt, 1), "cpu_us_per_record": round(cpu / n * 1e6, 1) if n else None,
+                "voluntary_switches_per_s": round((r1.ru_nvcsw - r0.ru_nvcsw) / dt),
+                "records_per_fetch": round(counts["fetched"] / counts["fetches"], 2) if counts["fetches"] else None,
+                "records_per_store_call": round(n / counts["store_calls"], 2) if counts["store_calls"] else None,
+                "steps": {name: measure.percentiles([r[idx[b]] - r[idx[e_]] for r in rows])
+                          for name, e_, b in STEPS},
+                "store_call": measure.percentiles(store_ms),
+                "scheduler_stalls": stall}
+
+    return asyncio.run(main())
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rates", default="500,5000", help="comma-separated msg/s")
+    ap.add_argument("--lingers", default="0,1", help="comma-separated flow.fetchLingerMs values")
+    ap.add_argument("--rounds", type=int, default=2, help="runs of each configuration, interleaved")
+    ap.add_argument("--seconds", type=float, default=10, help="measured window per run")
+    ap.add_argument("--warmup-s", type=float, default=3)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "stages.json")
+    ap.add_argument("--bootstrap", default=os.environ.get("AFC_KAFKA_BOOTSTRAP", "127.0.0.1:19092"))
+    ap.add_argument("--redis-url", default=os.environ.get("AFC_REDIS_URL", "redis://127.0.0.1:19079/0"))
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--rate", type=float, help=argparse.SUPPRESS)
+    ap.add_argument("--linger-ms", type=float, help=argparse.SUPPRESS)
+    ap.add_argument("--topic", help=argparse.SUPPRESS)
+    ap.add_argument("--prefix", help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    if a.child:
+        print(json.dumps(child(a)))
+        return 0
+    from bench.run import delete_redis_keys, dump_json
+    run = f"stages-{time.strftime('%m%d%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:4]}"
+    doc: dict[str, Any] = {**measure.doc_header("afc-bench-stages/1", "bench/stages.py", argv),
+                           "method": __doc__.split("\n\n", 1)[1].split("\n\nThe results file")[0], "runs": []}
+    topics: list[str] = []
+    t_start = time.time()
+    try:
+        for rnd in range(a.rounds):
+            for rate in (float(r) for r in a.rates.split(",") if r):
+                for linger in (float(x) for x in a.lingers.split(",") if x):
+                    topic = f"{run}-r{rate:g}-l{linger:g}-{rnd}".replace(".", "_")
+                    workload.create_topic(a.bootstrap, topic, 12)
+                    topics.append(topic)
+                    argv_c = [sys.executable, "-P", str(Path(__file__)), "--child", "--rate", str(rate),
+                              "--linger-ms", str(linger), "--seconds", str(a.seconds), "--warmup-s", str(a.warmup_s),
+                              "--topic", topic, "--prefix", run, "--bootstrap", a.bootstrap,
+                              "--redis-url", a.redis_url]
+                    p = subprocess.run(argv_c, cwd=ROOT, capture_output=True, text=True,
+                                       timeout=a.warmup_s + a.seconds + 120)
+                    try:
+                        res = json.loads(p.stdout.strip().splitlines()[-1])
+                    except (ValueError, IndexError):
+                        res = {"rate": rate, "fetch_linger_ms": linger, "error": p.stderr[-800:]}
+                    res["round"] = rnd
+                    doc["runs"].append(res)
+                    s = res.get("steps", {}).get("fetched->handler", {})
+                    print(f"rate={rate:g} linger={linger:g} round={rnd} cpu_us={res.get('cpu_us_per_record')} "
+                          f"per_call={res.get('records_per_store_call')} fetch->handler p50={s.get('p50_ms')} "
+                          f"p99={s.get('p99_ms')} stall_max={res.get('scheduler_stalls', {}).get('max_ms')}",
+                          file=sys.stderr, flush=True)
+    finally:
+        doc["cleanup"] = {"redis_keys_deleted": delete_redis_keys(a.redis_url, run)}
+        if topics:
+            from confluent_kafka.admin import AdminClient
+            for f in AdminClient({"bootstrap.servers": a.bootstrap}).delete_topics(topics).values():
+                try:
+                    f.result(30)
+                except Exception:  # noqa: BLE001 - best effort: the names are unique
+                    pass
+        doc["duration_s"] = round(time.time() - t_start, 1)
+    dump_json(doc, a.out)
+    print(f"wrote {a.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
