@@ -30,7 +30,6 @@ import resource
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -173,22 +172,21 @@ def main(argv: list[str] | None = None) -> int:
     if a.child:
         print(json.dumps(child(a)))
         return 0
-    from bench.run import delete_redis_keys, dump_json
-    run = f"stages-{time.strftime('%m%d%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:4]}"
-    doc: dict[str, Any] = {**measure.doc_header("afc-bench-stages/1", "bench/stages.py", argv),
-                           "method": __doc__.split("\n\n", 1)[1].split("\n\nThe results file")[0], "runs": []}
-    topics: list[str] = []
+    from bench.run import begin, delete_redis_keys, dump_json
+    ctx, doc = begin(a, "afc-bench-stages/1", "bench/stages.py", argv, __doc__)
+    doc["runs"] = []
     t_start = time.time()
     try:
         for rnd in range(a.rounds):
             for rate in (float(r) for r in a.rates.split(",") if r):
                 for linger in (float(x) for x in a.lingers.split(",") if x):
-                    topic = f"{run}-r{rate:g}-l{linger:g}-{rnd}".replace(".", "_")
+                    topic = f"{ctx.run}-r{rate:g}-l{linger:g}-{rnd}".replace(".", "_")
                     workload.create_topic(a.bootstrap, topic, 12)
-                    topics.append(topic)
+                    ctx.topics.append(topic)
+                    ctx.groups.append(f"{topic}-g")                 # the child's group (see child)
                     argv_c = [sys.executable, "-P", str(Path(__file__)), "--child", "--rate", str(rate),
                               "--linger-ms", str(linger), "--seconds", str(a.seconds), "--warmup-s", str(a.warmup_s),
-                              "--topic", topic, "--prefix", run, "--bootstrap", a.bootstrap,
+                              "--topic", topic, "--prefix", ctx.prefix, "--bootstrap", a.bootstrap,
                               "--redis-url", a.redis_url]
                     p = subprocess.run(argv_c, cwd=ROOT, capture_output=True, text=True,
                                        timeout=a.warmup_s + a.seconds + 120)
@@ -204,14 +202,9 @@ def main(argv: list[str] | None = None) -> int:
                           f"p99={s.get('p99_ms')} stall_max={res.get('scheduler_stalls', {}).get('max_ms')}",
                           file=sys.stderr, flush=True)
     finally:
-        doc["cleanup"] = {"redis_keys_deleted": delete_redis_keys(a.redis_url, run)}
-        if topics:
-            from confluent_kafka.admin import AdminClient
-            for f in AdminClient({"bootstrap.servers": a.bootstrap}).delete_topics(topics).values():
-                try:
-                    f.result(30)
-                except Exception:  # noqa: BLE001 - best effort: the names are unique
-                    pass
+        doc["cleanup"] = {"topics": workload.delete_topics(ctx.bootstrap, ctx.topics),
+                          "groups": workload.delete_groups(ctx.bootstrap, ctx.groups),
+                          "redis_keys_deleted": delete_redis_keys(a.redis_url, ctx.prefix)}
         doc["duration_s"] = round(time.time() - t_start, 1)
     dump_json(doc, a.out)
     print(f"wrote {a.out}", file=sys.stderr)
