@@ -73,8 +73,11 @@ def _goals(doc: dict[str, Any]) -> list[str]:
             if isinstance(g, dict) and "goal" in g:
                 verdict = ("above" if g.get("met") else "below") + " the same target, not a goal" \
                     if g.get("informational") else ("met" if g.get("met") else "**not met**")
+                rounds = (f"; {g['basis']}: {', '.join(_fmt(x, '{:,}') for x in g['per_round'])}"
+                          if g.get("basis") and g.get("per_round") else "")
                 lines.append(f"- {verdict}: {g['goal']} (value {_fmt(g.get('value'), '{:,}')}"
-                             + (f", target {_fmt(g['target'], '{:,}')})" if g.get("target") is not None else ")"))
+                             + (f", target {_fmt(g['target'], '{:,}')}" if g.get("target") is not None else "")
+                             + rounds + ")")
     elif isinstance(goals, dict):
         for k, g in goals.items():
             if isinstance(g, dict) and "holds" in g:
@@ -118,6 +121,15 @@ def runtime_section(doc: dict[str, Any], out: Path, name: str) -> list[str]:
                          f"{_fmt(res.get('peak_rss_mib'), '{:.1f}')} | {_fmt(t.get('redis_commands_per_message'), '{:.3f}')} | "
                          f"{t.get('status', '-')} |")
         lines.append("")
+        rt = (doc.get("rounds") or {}).get("throughput") or {}
+        if rt:
+            n = max(len(r) for r in rt.values())
+            lines += ["Rounds (the first pass above, then interleaved; the ratio goals take their median):", "",
+                      "| variant | " + " | ".join(f"round {i + 1} msg/s" for i in range(n)) + " |",
+                      "|---|" + "---:|" * n]
+            for v, rs in rt.items():
+                lines.append(f"| {v} | " + " | ".join(_fmt(r.get("msgs_per_s")) for r in rs) + " |")
+            lines.append("")
     lat = doc.get("latency") or {}
     if lat:
         qs = ("p50_ms", "p90_ms", "p99_ms", "p999_ms")
@@ -144,6 +156,15 @@ def runtime_section(doc: dict[str, Any], out: Path, name: str) -> list[str]:
                          f"{_fmt(a.get('p50_ms'), '{:.1f}')} | {_fmt(a.get('p99_ms'), '{:.1f}')} | "
                          f"{_fmt(b.get('p99_ms'), '{:.1f}')} | "
                          f"{_fmt(st.get('p99_ms'), '{:.1f}')} / {_fmt(st.get('max_ms'), '{:.1f}')} |")
+        lr = ((doc.get("rounds") or {}).get("latency") or {}).get("afc") or []
+        if lr:
+            lines += ["", "afc's latency rounds (the first is the row above; the goal takes the median of "
+                      "p99 over the ack p99):", "",
+                      "| round | p99 ms | broker ack p99 | over ack | after ack p99 | stall max ms |",
+                      "|---:|---:|---:|---:|---:|---:|"]
+            lines += [f"| {i + 1} | {_fmt(r.get('p99_ms'), '{:.1f}')} | {_fmt(r.get('ack_p99_ms'), '{:.1f}')} | "
+                      f"{_fmt(r.get('over_ack_ms'), '{:+.1f}')} | {_fmt(r.get('after_ack_p99_ms'), '{:.1f}')} | "
+                      f"{_fmt(r.get('stall_max_ms'), '{:.1f}')} |" for i, r in enumerate(lr)]
         lines += ["", "Scheduler stall: how late a separate process woke from 1 ms sleeps while the producer "
                   "ran (a ready thread waiting for a core; every hop of a consumer's path can meet it).", ""]
     return lines + ["Goals:", ""] + _goals(doc) + ["", "Findings:", ""] + _findings(doc) + [""]

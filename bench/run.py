@@ -15,7 +15,12 @@ goes on):
 4. latency: per variant, a fresh topic, the consumer started and assigned first, then a
    paced producer at 5,000 msg/s for 20 s; the handler records handler-start minus the
    record's CreateTime.
-5. cleanup: topics, groups and the run's Redis keys are deleted; every process is stopped.
+5. rounds: the goals that compare runs (afc against the naive and raw loops; afc's p99 over
+   the broker's ack) are noisy on a shared machine (raw alone moved 214-276k msg/s between
+   runs), so afc, naive and raw run --rounds times in all (after the first pass, interleaved:
+   afc, naive, raw, afc, ...), afc's latency too, and those goals take the median of the
+   per-round figures (each round's ratio pairs runs minutes apart, not a whole bench apart).
+6. cleanup: topics, groups and the run's Redis keys are deleted; every process is stopped.
 
 The results file is written by this script only: bench/results/runtime.json.
 """
@@ -99,6 +104,7 @@ GOAL_P99_MS = 12.0
 GOAL_VS_NAIVE = 1.0
 GOAL_VS_RAW = 0.6
 GOAL_OVER_ACK_MS = 2.0          # afc's p99 over the producer's ack p99 (issue 13)
+ROUND_VARIANTS = ("afc", "naive", "raw")   # run --rounds times: the ratio goals compare them
 SLOW_CALL_MS = 30               # the slowdown phase's downstream call...
 SLOWDOWN_X = 300                # ...300x a 0.1 ms one
 GOAL_SLOW_RSS_X = 1.5           # memory bounded: peak RSS with the slow downstream <= 1.5x the full-speed peak
@@ -408,14 +414,14 @@ STALLS_WHAT = ("how late a separate process woke from 1 ms sleeps while the prod
                "ready thread for a core on this machine, which every hop of a consumer's path can meet")
 
 
-def latency(ctx: Ctx, variant: str) -> dict[str, Any]:
+def latency(ctx: Ctx, variant: str, tag: str = "lat") -> dict[str, Any]:
     """Steady paced load on a fresh topic; percentiles of handler start - CreateTime."""
     a = ctx.args
-    topic = f"{ctx.run}-lat-{variant.replace('_', '-')}"
+    topic = f"{ctx.run}-{tag}-{variant.replace('_', '-')}"
     workload.create_topic(ctx.bootstrap, topic, a.partitions)
     ctx.topics.append(topic)
-    lat_file = ctx.tmp / f"{variant}.lat"
-    group = f"{ctx.run}-{variant}-lat"
+    lat_file = ctx.tmp / f"{variant}-{tag}.lat"
+    group = f"{ctx.run}-{variant}-{tag}"
     child, port = spawn(ctx, variant, topic, group, latency_file=lat_file)
     out: dict[str, Any] = {"variant": variant, "topic_partitions": a.partitions}
     if not wait_ready(child, port, 90):
@@ -429,7 +435,7 @@ def latency(ctx: Ctx, variant: str) -> dict[str, Any]:
     ctx.servers.begin()
     child.sampler.sample()
     cpu0, t0 = child.sampler.cpu_s, time.time()
-    acks_file = ctx.tmp / f"{variant}.acks"
+    acks_file = ctx.tmp / f"{variant}-{tag}.acks"
     stalls = measure.StallProbe(a.latency_seconds)
     try:
         prod = _paced_producer(ctx, topic, child, acks_file)
@@ -654,7 +660,46 @@ METHOD = {
 }
 
 
-def goals(tput: dict[str, Any], lat: dict[str, Any], slow: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+def _round_of(res: dict[str, Any]) -> dict[str, Any]:
+    """What a throughput round keeps: its rate, CPU and status (the first pass keeps its whole row)."""
+    return {"msgs_per_s": res.get("msgs_per_s"), "cpu_us_per_message": res.get("cpu_us_per_message"),
+            "status": res.get("status")}
+
+
+def _latency_round_of(res: dict[str, Any]) -> dict[str, Any]:
+    ack = (res.get("producer_ack_after_createtime") or {}).get("p99_ms")
+    p99 = res.get("p99_ms")
+    return {"p99_ms": p99, "ack_p99_ms": ack, "over_ack_ms": round(p99 - ack, 3) if p99 is not None and ack is not None
+            else None, "after_ack_p99_ms": (res.get("after_producer_ack") or {}).get("p99_ms"),
+            "stall_max_ms": (res.get("scheduler_stalls") or {}).get("max_ms"),
+            "kept_up": res.get("kept_up"), "status": res.get("status")}
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
+def _rounds_ratio(goal: dict[str, Any], rounds: dict[str, list[dict[str, Any]]], num: str, den: str,
+                  target: float) -> dict[str, Any]:
+    """Turn a single-run ratio goal into the median of the rounds' ratios (round i of `num`
+    against round i of `den`); kept as it is unless at least two rounds have both figures."""
+    pairs = [(a.get("msgs_per_s"), b.get("msgs_per_s")) for a, b in zip(rounds.get(num, []), rounds.get(den, []))]
+    ratios = [round(x / y, 3) for x, y in pairs if x and y]
+    if len(ratios) < 2:
+        return goal
+    m = round(_median(ratios), 3)
+    single = {k: v for k, v in goal.items() if k not in ("numerator", "denominator")}
+    return {**single, "value": m, "ratio_to_target": round(m / target, 3), "met": m >= target,
+            "basis": f"median of {len(ratios)} rounds' ratios", "per_round": ratios, "first_pass": goal["value"]}
+
+
+def goals(tput: dict[str, Any], lat: dict[str, Any], slow: dict[str, Any] | None = None,
+          rounds: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The issue's goals from this run's figures. With `rounds` (see --rounds), the ratio goals
+    and the p99-over-ack goal are the medians of the per-round figures, with every round listed."""
+    tr = (rounds or {}).get("throughput") or {}
     afc = (tput.get("afc") or {}).get("msgs_per_s")
     base = (tput.get("redis_per_message") or {}).get("msgs_per_s")
     p99 = (lat.get("afc") or {}).get("p99_ms")
@@ -663,8 +708,8 @@ def goals(tput: dict[str, Any], lat: dict[str, Any], slow: dict[str, Any] | None
             "met": bool(afc and afc >= GOAL_THROUGHPUT)}]
     out.append(measure.ratio_goal("afc >= 5x the per-message Redis pattern", afc, base, GOAL_RATIO))
     rate = {v: (tput.get(v) or {}).get("msgs_per_s") for v in ("naive", "naive-tuned", "raw")}
-    out.append(measure.ratio_goal("afc >= 1.0x the naive poll() loop (msgs/s ratio, same run)",
-                                  afc, rate["naive"], GOAL_VS_NAIVE))
+    out.append(_rounds_ratio(measure.ratio_goal("afc >= 1.0x the naive poll() loop (msgs/s ratio, same run)",
+                                                afc, rate["naive"], GOAL_VS_NAIVE), tr, "afc", "naive", GOAL_VS_NAIVE))
     if rate["naive-tuned"]:
         # Not a goal of the issue: the same ratio against the naive loop given afc's librdkafka
         # fetch.queue.backoff.ms, so a reader sees what of the lead is that one setting.
@@ -672,17 +717,24 @@ def goals(tput: dict[str, Any], lat: dict[str, Any], slow: dict[str, Any] | None
                                   f"{TUNED_BACKOFF_MS} like afc's defaults", afc, rate["naive-tuned"], GOAL_VS_NAIVE)
         info["informational"] = True
         out.append(info)
-    out.append(measure.ratio_goal("afc >= 0.6x the raw consume() loop (msgs/s ratio, same run)",
-                                  afc, rate["raw"], GOAL_VS_RAW))
+    out.append(_rounds_ratio(measure.ratio_goal("afc >= 0.6x the raw consume() loop (msgs/s ratio, same run)",
+                                                afc, rate["raw"], GOAL_VS_RAW), tr, "afc", "raw", GOAL_VS_RAW))
     out.append({"goal": "afc p99 end-to-end latency <= 12 ms at 5,000 msg/s", "target": GOAL_P99_MS, "value": p99,
                 "ratio_to_target": round(p99 / GOAL_P99_MS, 3) if p99 else None,
                 "met": bool(p99 is not None and p99 <= GOAL_P99_MS and (lat.get("afc") or {}).get("kept_up"))})
     ack = ((lat.get("afc") or {}).get("producer_ack_after_createtime") or {}).get("p99_ms")
     over = round(p99 - ack, 3) if p99 is not None and ack is not None else None
-    out.append({"goal": f"afc p99 end-to-end <= the broker's ack p99 + {GOAL_OVER_ACK_MS:g} ms at 5,000 msg/s "
-                        "(the consumer's share of the tail)", "target": GOAL_OVER_ACK_MS, "value": over,
-                "ack_p99_ms": ack, "afc_p99_ms": p99,
-                "met": bool(over is not None and over <= GOAL_OVER_ACK_MS and (lat.get("afc") or {}).get("kept_up"))})
+    g = {"goal": f"afc p99 end-to-end <= the broker's ack p99 + {GOAL_OVER_ACK_MS:g} ms at 5,000 msg/s "
+                 "(the consumer's share of the tail)", "target": GOAL_OVER_ACK_MS, "value": over,
+         "ack_p99_ms": ack, "afc_p99_ms": p99,
+         "met": bool(over is not None and over <= GOAL_OVER_ACK_MS and (lat.get("afc") or {}).get("kept_up"))}
+    lr = ((rounds or {}).get("latency") or {}).get("afc") or []
+    overs = [r["over_ack_ms"] for r in lr if r.get("over_ack_ms") is not None and r.get("kept_up")]
+    if len(overs) >= 2:
+        m = round(_median(overs), 3)
+        g = {**g, "value": m, "met": m <= GOAL_OVER_ACK_MS and len(overs) == len(lr),
+             "basis": f"median of {len(overs)} rounds", "per_round": overs, "first_pass": over}
+    out.append(g)
     if slow and slow.get("peak_rss_mib") and slow.get("fast_peak_rss_mib"):
         out.append(measure.ratio_goal(f"afc's peak RSS with a {SLOWDOWN_X}x slower downstream <= "
                                       f"{GOAL_SLOW_RSS_X}x its peak at full speed (memory bounded)",
@@ -793,7 +845,8 @@ def summary(doc: dict[str, Any]) -> str:
                          f"{f((lt.get('resources') or {}).get('cpu_pct_during_load')):>7}  {lt.get('status', '-')[:48]}")
     lines.append("")
     for g in doc["goals"]:
-        lines.append(f"{'MET    ' if g['met'] else 'NOT MET'} {g['goal']}: value={g['value']} target={g['target']}")
+        lines.append(f"{'MET    ' if g['met'] else 'NOT MET'} {g['goal']}: value={g['value']} target={g['target']}"
+                     + (f" ({g['basis']}: {g['per_round']})" if g.get("basis") else ""))
     prof = doc.get("profile") or {}
     if prof.get("top_own_time_excluding_blocking_calls"):
         lines += ["", "afc under cProfile: Python CPU by thread " + ", ".join(
@@ -867,6 +920,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--slowdown-s", type=float, default=20,
                     help=f"afc with a {SLOWDOWN_X}x slower downstream for this long (peak RSS); 0 skips it")
     ap.add_argument("--no-throughput", action="store_true")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="runs of " + ", ".join(ROUND_VARIANTS) + " (throughput) and of afc (latency) in all; the "
+                         "goals comparing runs take the median of the rounds (1: the first pass alone)")
     ap.add_argument("--group-wait-s", type=float, default=60,
                     help="cleanup: how long to retry deleting groups still held by static members")
     ap.add_argument("--no-backpressure", action="store_true",
@@ -934,6 +990,13 @@ def run(ctx: Ctx) -> dict[str, Any]:
         doc["profile"] = _guard(lambda: profile(ctx, topic), "profile")
     if a.slowdown_s and "afc" in a.variants and not a.no_throughput:
         doc["slowdown"] = _guard(lambda: slowdown(ctx, topic, doc["throughput"].get("afc") or {}), "slowdown")
+    if a.rounds > 1 and not a.no_throughput:
+        doc["rounds"] = {"throughput": {v: [_round_of(doc["throughput"].get(v) or {})]
+                                        for v in ROUND_VARIANTS if v in a.variants}}
+        for r in range(1, a.rounds):
+            for v in doc["rounds"]["throughput"]:
+                res = _guard(lambda: throughput(ctx, v, topic, a.messages, a.budget_s, tag=f"tput-r{r}"), v)
+                doc["rounds"]["throughput"][v].append(_round_of(res))
     if not a.no_latency:
         doc["latency_setup"] = {"rate": a.rate, "seconds": a.latency_seconds, "warmup_s": a.warmup_s,
                                 "drain_s": a.drain_s, "handler": "bench.handlers:record_latency / same recorder"}
@@ -945,7 +1008,12 @@ def run(ctx: Ctx) -> dict[str, Any]:
             doc["latency"][v] = _guard(lambda: latency(ctx, v), v)
         if "afc" in a.variants:
             doc["latency"]["afc-fetchwait"] = _guard(lambda: latency(ctx, "afc-fetchwait"), "afc-fetchwait")
-    doc["goals"] = goals(doc["throughput"], doc["latency"], doc.get("slowdown"))
+            if a.rounds > 1:
+                rounds = [_latency_round_of(doc["latency"]["afc"])]
+                for r in range(1, a.rounds):
+                    rounds.append(_latency_round_of(_guard(lambda: latency(ctx, "afc", tag=f"lat-r{r}"), "afc")))
+                doc.setdefault("rounds", {})["latency"] = {"afc": rounds}
+    doc["goals"] = goals(doc["throughput"], doc["latency"], doc.get("slowdown"), doc.get("rounds"))
     doc["findings"] = findings(doc["environment"], doc["throughput"], doc["latency"], doc["profile"] or {})
     doc["duration_s"] = round(time.time() - t_start, 1)
     return doc

@@ -67,6 +67,37 @@ def test_the_run_reports_afc_against_naive_and_raw_as_goals() -> None:
     assert not any(g["met"] for k, g in missing.items() if "naive" in k or "raw" in k)
 
 
+def test_with_rounds_the_ratio_goals_are_the_median_of_each_rounds_ratio() -> None:
+    tput = {"afc": {"msgs_per_s": 120_000}, "naive": {"msgs_per_s": 100_000}, "raw": {"msgs_per_s": 250_000}}
+    rounds = {"throughput": {"afc": [{"msgs_per_s": 120_000}, {"msgs_per_s": 130_000}, {"msgs_per_s": 125_000}],
+                             "naive": [{"msgs_per_s": 100_000}, {"msgs_per_s": 140_000}, {"msgs_per_s": 110_000}],
+                             "raw": [{"msgs_per_s": 250_000}, {"msgs_per_s": 200_000}, {"msgs_per_s": 190_000}]}}
+    by = {g["goal"]: g for g in bench_run.goals(tput, {}, rounds=rounds)}
+    raw = next(g for k, g in by.items() if "raw" in k)
+    naive = next(g for k, g in by.items() if "naive poll" in k)
+    # per round: 0.48, 0.65, 0.658 -> median 0.65 (not the first pass's 0.48, nor the medians' ratio 0.625)
+    assert raw["per_round"] == [0.48, 0.65, 0.658] and raw["value"] == 0.65 and raw["met"] is True
+    assert raw["first_pass"] == 0.48 and "median of 3" in raw["basis"]
+    assert naive["per_round"] == [1.2, 0.929, 1.136] and naive["value"] == 1.136 and naive["met"] is True
+    # A round that failed (no rate) is left out; one usable round is not a median: the first pass stands.
+    rounds["throughput"]["raw"] = [{"msgs_per_s": 250_000}, {"msgs_per_s": None}, {"msgs_per_s": None}]
+    raw = next(g for g in bench_run.goals(tput, {}, rounds=rounds) if "raw" in g["goal"])
+    assert raw["value"] == 0.48 and "basis" not in raw
+
+
+def test_with_rounds_the_p99_over_ack_goal_is_their_median_and_every_round_must_keep_up() -> None:
+    def lat(p99: float, ack: float, kept: bool = True) -> dict:
+        return {"p99_ms": p99, "producer_ack_after_createtime": {"p99_ms": ack}, "kept_up": kept}
+    first = lat(30.0, 20.0)
+    rounds = {"latency": {"afc": [bench_run._latency_round_of(first), bench_run._latency_round_of(lat(11.5, 10.0)),
+                                  bench_run._latency_round_of(lat(9.0, 8.0))]}}
+    g = next(g for g in bench_run.goals({}, {"afc": first}, rounds=rounds) if "ack p99" in g["goal"])
+    assert g["per_round"] == [10.0, 1.5, 1.0] and g["value"] == 1.5 and g["met"] is True and g["first_pass"] == 10.0
+    rounds["latency"]["afc"][2] = bench_run._latency_round_of(lat(9.0, 8.0, kept=False))
+    g = next(g for g in bench_run.goals({}, {"afc": first}, rounds=rounds) if "ack p99" in g["goal"])
+    assert g["per_round"] == [10.0, 1.5] and g["met"] is False      # a round that fell behind fails the goal
+
+
 def test_variants_parse_with_the_redis_alias() -> None:
     ns = bench_run.parse_args(["--variants", "afc,afc-batch,naive,naive-tuned,naive-batch,raw,redis"])
     assert ns.variants == ["afc", "afc-batch", "naive", "naive-tuned", "naive-batch", "raw", "redis_per_message"]

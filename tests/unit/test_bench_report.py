@@ -56,6 +56,23 @@ def test_every_throughput_variant_gets_a_row_with_cpu_rss_and_redis_commands(tmp
     assert "- **not met**: afc >= 0.6x the raw consume() loop (value 0.059, target 0.6)" in md
 
 
+def test_the_rounds_get_a_table_and_the_goal_names_its_basis(tmp_path: Path) -> None:
+    tput = {"afc": {"msgs_per_s": 120_000}, "raw": {"msgs_per_s": 250_000}}
+    rounds = {"throughput": {"afc": [{"msgs_per_s": 120_000}, {"msgs_per_s": 130_000}],
+                             "raw": [{"msgs_per_s": 250_000}, {"msgs_per_s": 200_000}]},
+              "latency": {"afc": [{"p99_ms": 30.0, "ack_p99_ms": 20.0, "over_ack_ms": 10.0, "after_ack_p99_ms": 12.0,
+                                   "stall_max_ms": 9.5}]}}
+    goals = [{"goal": "afc >= 0.6x the raw consume() loop", "target": 0.6, "value": 0.565, "met": False,
+              "basis": "median of 2 rounds' ratios", "per_round": [0.48, 0.65]}]
+    lat = {"afc": {"p99_ms": 30.0, "after_producer_ack": {"p50_ms": 1.0, "p99_ms": 12.0}}}
+    md = "\n".join(report.runtime_section({"date": "2026-01-01T00:00:00Z", "throughput": tput, "latency": lat,
+                                           "rounds": rounds, "goals": goals}, tmp_path, "runtime.json"))
+    assert "| afc | 120,000 | 130,000 |" in md and "| raw | 250,000 | 200,000 |" in md
+    assert "| 1 | 30.0 | 20.0 | +10.0 | 12.0 | 9.5 |" in md
+    assert ("- **not met**: afc >= 0.6x the raw consume() loop (value 0.565, target 0.6; median of 2 rounds' "
+            "ratios: 0.48, 0.65)") in md
+
+
 def test_the_lowrate_run_gets_a_row_per_variant_and_rate_with_its_cpu_by_thread(tmp_path: Path) -> None:
     results = tmp_path / "results"
     results.mkdir()
