@@ -290,9 +290,10 @@ def percentiles(values: list[float]) -> dict[str, float | int | None]:
 
 # ---------------------------------------------------------------------------- scheduler
 
-# A process of its own that asks to sleep 1 ms, over and over, and records how late it woke:
-# on this shared 2-core machine a thread that is ready to run can wait for a core, and that
-# wait falls on every hop of a consumer's path. Printed as one JSON line of oversleeps in s.
+# What StallProbe measures, in the words every results file and report carries.
+STALLS_WHAT = ("how late a separate process woke from 1 ms sleeps beside the run: the wait of a ready thread "
+               "for a core on this machine, which every hop of a consumer's path can meet")
+# The probe's process: prints one JSON line of oversleeps in s.
 _STALL_CODE = """
 import json, sys, time
 end = time.monotonic() + float(sys.argv[1]); late = []
@@ -303,7 +304,7 @@ print(json.dumps(late))
 
 
 class StallProbe:
-    """How long a ready thread waited for a core, measured beside a run (see _STALL_CODE)."""
+    """STALLS_WHAT, measured beside a run."""
 
     def __init__(self, seconds: float) -> None:
         import subprocess
@@ -325,7 +326,7 @@ class StallProbe:
             late = json.loads(out)
         except ValueError:
             return {"error": "stall probe printed no result"}
-        return {**percentiles(late), "late_over_10ms": sum(1 for x in late if x > 0.010)}
+        return {**percentiles(late), "late_over_10ms": sum(1 for x in late if x > 0.010), "what": STALLS_WHAT}
 
     def stop(self) -> None:
         if self.p.poll() is None:

@@ -87,6 +87,12 @@ def _goals(doc: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _stall_caption(runs: Any) -> list[str]:
+    """What the scheduler-stall columns measured, in the results file's own words."""
+    what = next((r["scheduler_stalls"]["what"] for r in runs if (r.get("scheduler_stalls") or {}).get("what")), None)
+    return ["", f"Scheduler stall: {what}."] if what else []
+
+
 def _findings(doc: dict[str, Any], limit: int = 12) -> list[str]:
     f = doc.get("findings") or []
     return [f"- {x}" for x in f[:limit] if isinstance(x, str)]
@@ -165,8 +171,7 @@ def runtime_section(doc: dict[str, Any], out: Path, name: str) -> list[str]:
             lines += [f"| {i + 1} | {_fmt(r.get('p99_ms'), '{:.1f}')} | {_fmt(r.get('ack_p99_ms'), '{:.1f}')} | "
                       f"{_fmt(r.get('over_ack_ms'), '{:+.1f}')} | {_fmt(r.get('after_ack_p99_ms'), '{:.1f}')} | "
                       f"{_fmt(r.get('stall_max_ms'), '{:.1f}')} |" for i, r in enumerate(lr)]
-        lines += ["", "Scheduler stall: how late a separate process woke from 1 ms sleeps while the producer "
-                  "ran (a ready thread waiting for a core; every hop of a consumer's path can meet it).", ""]
+        lines += _stall_caption(lat.values()) + [""]
     return lines + ["Goals:", ""] + _goals(doc) + ["", "Findings:", ""] + _findings(doc) + [""]
 
 
@@ -233,7 +238,7 @@ def stages_section(doc: dict[str, Any], out: Path, name: str) -> list[str]:
                      f"{_fmt(r.get('records_per_store_call'), '{:.1f}')} | {_fmt(r.get('cpu_us_per_record'), '{:.0f}')} | "
                      + " | ".join(cells) + f" | {_fmt(sc.get('p50_ms'), '{:.2f}')} / {_fmt(sc.get('p99_ms'), '{:.1f}')} | "
                      f"{_fmt((r.get('scheduler_stalls') or {}).get('max_ms'), '{:.1f}')} |")
-    return lines + [""]
+    return lines + _stall_caption(doc.get("runs") or []) + [""]
 
 
 def scaling_section(doc: dict[str, Any], out: Path, name: str) -> list[str]:

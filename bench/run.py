@@ -410,10 +410,6 @@ def wait_ready(child: Child, port: int | None, timeout: float) -> bool:
     return False
 
 
-STALLS_WHAT = ("how late a separate process woke from 1 ms sleeps while the producer ran: the wait of a "
-               "ready thread for a core on this machine, which every hop of a consumer's path can meet")
-
-
 def latency(ctx: Ctx, variant: str, tag: str = "lat") -> dict[str, Any]:
     """Steady paced load on a fresh topic; percentiles of handler start - CreateTime."""
     a = ctx.args
@@ -439,7 +435,7 @@ def latency(ctx: Ctx, variant: str, tag: str = "lat") -> dict[str, Any]:
     stalls = measure.StallProbe(a.latency_seconds)
     try:
         prod = _paced_producer(ctx, topic, child, acks_file)
-        out["scheduler_stalls"] = {**stalls.result(), "what": STALLS_WHAT}
+        out["scheduler_stalls"] = stalls.result()
     finally:
         stalls.stop()
     target = prod.get("delivered", 0)

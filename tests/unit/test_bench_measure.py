@@ -151,3 +151,4 @@ def test_the_stall_probe_reports_how_late_a_1_ms_sleep_woke() -> None:
     assert r["count"] >= 10                       # at most ~30 ms a round, even on a loaded machine
     assert 0 <= r["p50_ms"] <= r["p99_ms"] <= r["max_ms"]
     assert 0 <= r["late_over_10ms"] <= r["count"]
+    assert r["what"] == measure.STALLS_WHAT           # the results file says what it measured
