@@ -739,6 +739,25 @@ def goals(tput: dict[str, Any], lat: dict[str, Any], slow: dict[str, Any] | None
     return out
 
 
+def _machine_budget(afc: dict[str, Any], raw_rate: float | None, nproc: int) -> str | None:
+    """afc's run as a share of the machine: its CPU, Redis's and the broker's per message (each
+    over the variant's whole run, start-up included: an upper bound), the rate the machine's
+    cores could sustain at that cost, and the cost 0.6x raw's rate would allow. On a machine
+    shared by all three, the afc/raw goal is a CPU budget, not only a property of afc."""
+    res, n = afc.get("resources") or {}, afc.get("committed_at_end")
+    parts = [res.get("cpu_s"), res.get("redis_cpu_s"), res.get("kafka_cpu_s")]
+    if not n or any(x is None for x in parts):
+        return None
+    us = 1e6 * sum(parts) / n
+    c, r, k = (1e6 * x / n for x in parts)
+    text = (f"afc: the machine's CPU per message in afc's run: {us:.1f} us (consumer {c:.1f}, Redis {r:.1f}, "
+            f"broker {k:.1f}; whole run); {nproc} cores sustain at most {nproc * 1e6 / us:,.0f} msg/s at that cost")
+    if raw_rate:
+        text += (f"; 0.6x raw ({0.6 * raw_rate:,.0f} msg/s) allows at most {nproc * 1e6 / (0.6 * raw_rate):.1f} us "
+                 "across the three")
+    return text + "."
+
+
 def findings(env: dict[str, Any], tput: dict[str, Any], lat: dict[str, Any], prof: dict[str, Any]) -> list[str]:
     """Statements computed from this run's numbers (no hand-written claims)."""
     out = []
@@ -765,6 +784,9 @@ def findings(env: dict[str, Any], tput: dict[str, Any], lat: dict[str, Any], pro
                    f"({cmds['evalsha']['calls']} calls, {a['committed_at_end'] / cmds['evalsha']['calls']:.0f} messages "
                    f"per call); Redis runs commands on one thread, so one Redis caps afc at about "
                    f"{1e6 / us:,.0f} msg/s before any other cost.")
+    budget = _machine_budget(a, (tput.get("raw") or {}).get("msgs_per_s"), nproc)
+    if budget:
+        out.append(budget)
     tl = a.get("timeline") or []
     limits = [row for row in tl if row[5] is not None]
     if limits:

@@ -98,6 +98,14 @@ def test_with_rounds_the_p99_over_ack_goal_is_their_median_and_every_round_must_
     assert g["per_round"] == [10.0, 1.5] and g["met"] is False      # a round that fell behind fails the goal
 
 
+def test_the_machine_budget_finding_adds_consumer_redis_and_broker_cpu_per_message() -> None:
+    afc = {"committed_at_end": 1_000_000, "resources": {"cpu_s": 7.0, "redis_cpu_s": 6.0, "kafka_cpu_s": 2.0}}
+    text = bench_run._machine_budget(afc, 250_000, 2)
+    assert "15.0 us (consumer 7.0, Redis 6.0, broker 2.0" in text and "at most 133,333 msg/s" in text
+    assert "0.6x raw (150,000 msg/s) allows at most 13.3 us" in text
+    assert bench_run._machine_budget({**afc, "resources": {"cpu_s": 7.0}}, 250_000, 2) is None
+
+
 def test_variants_parse_with_the_redis_alias() -> None:
     ns = bench_run.parse_args(["--variants", "afc,afc-batch,naive,naive-tuned,naive-batch,raw,redis"])
     assert ns.variants == ["afc", "afc-batch", "naive", "naive-tuned", "naive-batch", "raw", "redis_per_message"]
