@@ -172,7 +172,7 @@ def runtime_section(doc: dict[str, Any], out: Path, name: str) -> list[str]:
                       f"{_fmt(r.get('over_ack_ms'), '{:+.1f}')} | {_fmt(r.get('after_ack_p99_ms'), '{:.1f}')} | "
                       f"{_fmt(r.get('stall_max_ms'), '{:.1f}')} |" for i, r in enumerate(lr)]
         lines += _stall_caption(lat.values()) + [""]
-    return lines + ["Goals:", ""] + _goals(doc) + ["", "Findings:", ""] + _findings(doc) + [""]
+    return lines + ["Goals:", ""] + _goals(doc) + ["", "Findings:", ""] + _findings(doc, limit=40) + [""]
 
 
 def backpressure_section(doc: dict[str, Any], out: Path, name: str) -> list[str]:
