@@ -33,7 +33,7 @@ class Claimer:
 
 
 WRITES = ("set", "setnx", "setex", "psetex", "del", "unlink", "expire", "pexpire", "bitfield", "setbit",
-          "hset", "getset", "incr")
+          "setrange", "hset", "getset", "incr")
 
 
 def writes_in(stats: dict[str, Any]) -> int:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import threading
 import time
 
@@ -10,7 +11,7 @@ import pytest
 import redis
 
 from afc.runtime.errors import ClaimLost
-from afc.runtime.idempotency import Batch, Claim, RedisStore
+from afc.runtime.idempotency import DONE_CHUNK, Batch, Claim, RedisStore
 from afctest import ConsumerProcess, group_lag, produce_json, wait_for
 from idemtest import Claimer, writes_in
 
@@ -125,8 +126,43 @@ async def test_a_message_costs_one_redis_write(testbed, names, redis_client) -> 
         await x.s.close()
     finally:
         await c.s.close()
-    # 2,000 claim SETs; per call one heartbeat SET, and per done call one BITFIELD and EXPIRE
-    assert len(keys) <= writes <= len(keys) + 8 * 3 + 20, writes
+    # 2,000 claim SETs; per call one heartbeat SET, and per done call (its marks one run) a
+    # SETRANGE, a BITFIELD for the run's ends and an EXPIRE
+    assert len(keys) <= writes <= len(keys) + 8 * 4 + 20, writes
+
+
+async def test_done_marks_set_their_own_bits_and_no_other(testbed, names, redis_client) -> None:
+    """A call's done marks are set by runs of consecutive sequence numbers (one SETRANGE of whole
+    bytes, single bits at the ends): every mark's bit is set and no other, whatever the order,
+    with duplicates, runs shorter than two bytes, runs across bytes and across done-bit keys."""
+    s = store(testbed, names, "bits", lease_ms=30_000)
+    rnd = random.Random(5)
+    ch = DONE_CHUNK
+    seqs = ({0, 3, 4, 7, 8, 15, 16} | set(range(21, 40)) | set(range(64, 64 + 800)) | {900, 902, 904}
+            | set(rnd.sample(range(1_000, ch - 100), 400)) | set(range(ch - 13, ch + 29))
+            | set(range(2 * ch - 8, 2 * ch + 8)))
+    marks = [(f"k{n}", f"{s.owner}.{n}") for n in seqs]
+    marks += rnd.sample(marks, 30)                                    # the same mark twice
+    rnd.shuffle(marks)
+    try:
+        await s.apply(Batch(done=marks))
+        for c in range(3):
+            key = f"{s.namespace}~d:{s.owner}:{c}"
+            raw = redis_client.get(key) or b""
+            got = {c * ch + 8 * i + b for i, byte in enumerate(raw) for b in range(8) if byte >> (7 - b) & 1}
+            assert got == {n for n in seqs if n // ch == c}, c
+            assert 0 < redis_client.ttl(key) <= 3600
+        x = Claimer(store(testbed, names, "other"))
+        sample = sorted(rnd.sample(sorted(seqs), 50))
+        # Another owner finds these keys held by "bits" with the marked tokens: done, not busy.
+        for n in sample:
+            redis_client.set(s.full_key(f"k{n}"), f"{s.owner}.{n}")
+        redis_client.set(s.full_key("k-unmarked"), f"{s.owner}.{max(seqs) + 5}")
+        assert await x.claim(*(f"k{n}" for n in sample)) == [Claim.DONE] * len(sample)
+        assert await x.claim("k-unmarked") == [Claim.BUSY]             # our heartbeat lives: held, not done
+        await x.s.close()
+    finally:
+        await s.close()
 
 
 def test_racing_claimers_never_both_win(testbed, names, redis_client) -> None:
