@@ -113,10 +113,9 @@ def run_variant(ctx: Ctx, topic: str, name: str, handler: str, flow: dict[str, s
     log.info("event=variant-start variant=%s flow=%s pid=%d", name, flow, child.p.pid)
     samples: list[list[float]] = []
     first: float | None = None
-    status = "ok"
-    deadline = time.time() + ctx.args.budget_s
-    while True:
-        tick = time.time()
+
+    def step(tick: float) -> bool:
+        nonlocal first
         m = measure.scrape(port)
         handled = m.get("afc_messages_handled_total", 0.0)
         if first is None and handled > 0:
@@ -124,17 +123,10 @@ def run_variant(ctx: Ctx, topic: str, name: str, handler: str, flow: dict[str, s
         if first is not None:
             samples.append([round(tick - first, 2), handled, m.get("afc_handler_concurrency_limit", 0.0),
                             m.get("afc_handler_concurrency", 0.0), m.get("afc_inflight_limit", 0.0)])
-        if stop_at is not None and handled >= stop_at:
-            break
-        if stop_after_s is not None and first is not None and tick - first >= stop_after_s:
-            break
-        if not child.alive():
-            status = f"failed: exited with {child.p.returncode}"
-            break
-        if tick >= deadline:
-            status = "partial: budget exhausted"
-            break
-        time.sleep(max(0.0, SAMPLE_S - (time.time() - tick)))
+        return ((stop_at is not None and handled >= stop_at)
+                or (stop_after_s is not None and first is not None and tick - first >= stop_after_s))
+
+    status = child.watch(step, time.time() + ctx.args.budget_s, SAMPLE_S)
     child.sampler.sample()
     ex = child.stop()
     res: dict[str, Any] = {"variant": name, "flow": flow, "status": status, "exit": ex,

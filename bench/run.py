@@ -40,7 +40,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -168,6 +168,20 @@ class Child:
     def alive(self) -> bool:
         return self.p.poll() is None
 
+    def watch(self, step: Callable[[float], bool], deadline: float, period: float) -> str:
+        """The sampling loop of a phase that waits on this consumer: `step(tick)` every `period`
+        s until it returns True ("ok"), the consumer exits, or `deadline` (time.time()) passes;
+        returns the phase's status."""
+        while True:
+            tick = time.time()
+            if step(tick):
+                return "ok"
+            if not self.alive():
+                return f"failed: exited with {self.p.returncode} before finishing"
+            if time.time() >= deadline:
+                return "partial: budget exhausted"
+            time.sleep(max(0.0, period - (time.time() - tick)))
+
     def stop(self, timeout: float = 30) -> dict[str, Any]:
         """SIGTERM (drain and exit cleanly), SIGKILL after `timeout`."""
         t0, killed = time.monotonic(), False
@@ -276,10 +290,10 @@ def throughput(ctx: Ctx, variant: str, topic: str, target: int, budget_s: float,
     own: list[tuple[float, int]] = []
     timeline: list[list[Any]] = []
     first_msg: float | None = None
-    status, next_tl, last_cpu = "ok", 0.0, (child.t_spawn, 0.0)
-    deadline = child.t_spawn + budget_s
-    while True:
-        tick = time.time()
+    next_tl, last_cpu = 0.0, (child.t_spawn, 0.0)
+
+    def step(_tick: float) -> bool:
+        nonlocal first_msg, next_tl, last_cpu
         c = watch.committed()
         child.sampler.sample()
         metrics = measure.scrape(port) if port else {}
@@ -298,15 +312,9 @@ def throughput(ctx: Ctx, variant: str, topic: str, target: int, budget_s: float,
                              round(child.sampler.peak_rss / 2**20, 1), metrics.get("afc_inflight_limit")])
             next_tl = now + 1.0
         done = n_own if own_only else c
-        if done is not None and done >= target:
-            break
-        if not child.alive():
-            status = f"failed: exited with {child.p.returncode} before finishing"
-            break
-        if now >= deadline:
-            status = "partial: budget exhausted"
-            break
-        time.sleep(max(0.0, SAMPLE_S - (time.time() - tick)))
+        return done is not None and done >= target
+
+    status = child.watch(step, child.t_spawn + budget_s, SAMPLE_S)
     child.sampler.sample()
     if own_only:
         # Every progress event the loop sent, each stamped with its own time (the polled `own`

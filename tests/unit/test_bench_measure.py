@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -104,6 +106,21 @@ def test_the_machine_budget_finding_adds_consumer_redis_and_broker_cpu_per_messa
     assert "15.0 us (consumer 7.0, Redis 6.0, broker 2.0" in text and "at most 133,333 msg/s" in text
     assert "0.6x raw (150,000 msg/s) allows at most 13.3 us" in text
     assert bench_run._machine_budget({**afc, "resources": {"cpu_s": 7.0}}, 250_000, 2) is None
+
+
+def test_a_phase_waits_on_its_consumer_until_done_exited_or_out_of_budget(tmp_path) -> None:
+    """Child.watch, the sampling loop of run.py's and concurrency.py's phases, on real processes."""
+    ctx = SimpleNamespace(tmp=tmp_path, children=[])
+    sleeper = bench_run.Child(ctx, "sleeper", [sys.executable, "-c", "import time; time.sleep(30)"], {}, False)
+    try:
+        calls: list[float] = []
+        assert sleeper.watch(lambda t: calls.append(t) or len(calls) >= 3, time.time() + 30, 0.01) == "ok"
+        assert len(calls) == 3
+        assert sleeper.watch(lambda t: False, time.time() + 0.1, 0.01) == "partial: budget exhausted"
+    finally:
+        sleeper.stop(5)
+    quitter = bench_run.Child(ctx, "quitter", [sys.executable, "-c", "raise SystemExit(3)"], {}, False)
+    assert quitter.watch(lambda t: False, time.time() + 30, 0.01) == "failed: exited with 3 before finishing"
 
 
 def test_variants_parse_with_the_redis_alias() -> None:
