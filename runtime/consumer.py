@@ -554,8 +554,7 @@ class Runtime:
                 m.claimed = True
             self._admit(msgs)
             return
-        for m in msgs:
-            self.session.claim(m.idempotency_key, m)
+        self.session.claim_all([m.idempotency_key for m in msgs], msgs)
 
     def _wrap(self, raw: list[Any], seq: int) -> list[Message]:
         out = []
@@ -683,18 +682,37 @@ class Runtime:
                 fresh.append(m)
         if skipped:
             self.metrics.skipped.inc(skipped)
-        for m in out.written:
-            part = m._part
-            if self.parts.get(part.tp) is part:
-                if m.token:
-                    part.marked(m.offset)
-                else:
-                    part.finish(m.offset)          # a routed record whose routing marker is written
+        if out.written:
+            self._finish_written(out.written)
         if out.lost:
             self.metrics.claims_lost.inc(len(out.lost))
             log.warning("event=claims-lost keys=%d detail=\"our heartbeat ran out while handlers ran; their done marks "
                         "no longer apply\"", len(out.lost))
         return fresh
+
+    def _finish_written(self, written: list[Message]) -> None:
+        """Records whose done mark (or routing marker) is written finish, a partition's run
+        of them at once (`Partition.finish_many`)."""
+        parts = self.parts
+        seen: Partition | None = None
+        live = False
+        offs: list[int] = []
+        marks = 0
+        for m in written:
+            if m._part is not seen:
+                if live and offs:
+                    seen.marking -= marks               # type: ignore[union-attr]
+                    seen.finish_many(offs)              # type: ignore[union-attr]
+                seen = m._part
+                live = parts.get(seen.tp) is seen       # else it left us meanwhile: nothing to finish
+                offs, marks = [], 0
+            if live:
+                offs.append(m.offset)
+                if m.token:
+                    marks += 1                          # a done mark (else a routed record's marker)
+        if live and offs:
+            seen.marking -= marks                       # type: ignore[union-attr]
+            seen.finish_many(offs)                      # type: ignore[union-attr]
 
     def _admit(self, msgs: list[Message]) -> None:
         run, park = self.gate.admit(msgs)

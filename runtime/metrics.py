@@ -6,9 +6,7 @@ more than a no-op handler does.
 """
 from __future__ import annotations
 
-from bisect import bisect_left
-from collections import Counter as Tally
-from itertools import repeat
+from bisect import bisect_left, bisect_right
 from typing import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -31,12 +29,23 @@ class FastHistogram(Collector):
         self.count += 1
 
     def observe_many(self, values: list[float]) -> None:
-        """A batch of observations: the bucket of each found and counted in C (map, Counter)."""
-        counts = self.counts
-        for i, c in Tally(map(bisect_left, repeat(self.bounds), values)).items():
-            counts[i] += c
-        self.sum += sum(values)
-        self.count += len(values)
+        """A batch of observations: sorted once (in C), then each bound's cumulative count is
+        one binary search, so the Python steps are per bucket, not per value (a bisect and a
+        count per value cost ~3 % of the loop's time at full speed)."""
+        n = len(values)
+        if not n:
+            return
+        s = sorted(values)
+        counts, below = self.counts, 0
+        for i, b in enumerate(self.bounds):
+            at_or_below = bisect_right(s, b)
+            counts[i] += at_or_below - below
+            below = at_or_below
+            if below == n:
+                break
+        counts[-1] += n - below
+        self.sum += sum(s)
+        self.count += n
 
     def quantile(self, q: float) -> float:
         """Upper bound of the bucket holding quantile q (for logs and status, not for SLOs)."""

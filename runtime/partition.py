@@ -73,11 +73,6 @@ class Partition:
         self.inflight += 1
         return True
 
-    def marked(self, offset: int) -> None:
-        """A handled record's done mark is written: it finishes."""
-        self.marking -= 1
-        self.finish(offset)
-
     @property
     def unfinished(self) -> list[int]:
         """Accepted offsets not finished, in order."""
@@ -100,6 +95,25 @@ class Partition:
                 return                      # not ours (a stale result): nothing to do
             del u[i]
         self.inflight -= 1
+
+    def finish_many(self, offsets: list[int]) -> None:
+        """`finish` for many offsets. The common case, the head's next offsets in order (a
+        batch's done marks land together), is one list comparison and a move of the head."""
+        u, h = self._u, self._h
+        n = len(offsets)
+        if n > 1 and u[h:h + n] == offsets:
+            h += n
+            if h == len(u):
+                u.clear()
+                h = 0
+            elif h >= 512 and 2 * h >= len(u):
+                del u[:h]
+                h = 0
+            self._h = h
+            self.inflight -= n
+            return
+        for o in offsets:
+            self.finish(o)
 
     def drop(self, offset: int) -> None:
         """Forget an accepted record that will be fetched again (it holds the commit point)."""

@@ -99,6 +99,11 @@ class Session:
         self._keys.append(key)
         self._targets.append(target)
 
+    def claim_all(self, keys: list[str], targets: list[Target]) -> None:
+        """`claim` for a fetched batch: keys[i] for targets[i]."""
+        self._keys += keys
+        self._targets += targets
+
     def done(self, key: str, token: str, target: Any) -> None:
         """Queue the done mark; `target` comes back in `Outcome.written` once it is stored."""
         self.done_all([(key, token, target)])

@@ -524,6 +524,14 @@ def test_a_pause_computed_before_a_revoke_is_not_applied_to_the_partition_assign
     assert calls == [("pause", [("t", 0)]), ("seek", [("t", 0, 7)])]
 
 
+def _accept_run(p: Partition, model: list[int], nxt: int, n: int, gap: int) -> int:
+    """Accept offsets nxt..nxt+n-1 into `p` and the model; returns the next offset, `gap` on."""
+    for o in range(nxt, nxt + n):
+        assert p.accept(o, 1)
+        model.append(o)
+    return nxt + n + gap
+
+
 def test_head_finishes_move_an_index_and_match_a_sorted_list_model() -> None:
     """Offsets finish mostly in order: the head moves by an index (compacted now and then),
     out-of-order finishes are removed where they are; the commit point and the unfinished
@@ -535,11 +543,7 @@ def test_head_finishes_move_an_index_and_match_a_sorted_list_model() -> None:
     nxt = 0
     for _ in range(20_000):
         if rnd.random() < 0.55 or not model:
-            n = rnd.randint(1, 40)
-            for o in range(nxt, nxt + n):
-                assert p.accept(o, 1)
-                model.append(o)
-            nxt += n + rnd.choice((0, 0, 3))                 # gaps, as compaction leaves them
+            nxt = _accept_run(p, model, nxt, rnd.randint(1, 40), rnd.choice((0, 0, 3)))  # gaps, as compaction leaves them
         else:
             o = model[0] if rnd.random() < 0.8 else rnd.choice(model)
             model.remove(o)
@@ -549,6 +553,39 @@ def test_head_finishes_move_an_index_and_match_a_sorted_list_model() -> None:
         assert p.inflight == len(model)
     assert p.unfinished == model
     assert len(p._u) <= 2 * len(model) + 512                 # finished heads do not pile up
+
+
+def test_finish_many_equals_finishing_one_by_one() -> None:
+    """`finish_many` (a batch's done marks at once): head runs take its fast path, anything
+    else (out of order, stale repeats, offsets not ours) must end exactly as `finish` of each
+    would, against a sorted-list model."""
+    import random
+    rnd = random.Random(11)
+    p = Partition(("t", 0), epoch=1)
+    model: list[int] = []
+    nxt = 0
+    fast = 0
+    for _ in range(5_000):
+        if rnd.random() < 0.5 or not model:
+            nxt = _accept_run(p, model, nxt, rnd.randint(1, 60), rnd.choice((0, 0, 2)))
+            continue
+        kind = rnd.random()
+        if kind < 0.6:
+            batch = model[:rnd.randint(1, len(model))]                 # the head's run, in order
+        elif kind < 0.8:
+            batch = rnd.sample(model, rnd.randint(1, len(model)))      # any order
+        else:
+            batch = model[:3] + model[:2] + [nxt + 1000]               # stale repeats, a stranger
+        before = p._h
+        p.finish_many(batch)
+        fast += p._h - before == len(batch) and len(batch) > 1
+        for o in set(batch):
+            if o in model:
+                model.remove(o)
+        assert p.commit_point() == (model[0] if model else p.high)
+        assert p.inflight == len(model)
+        assert p.unfinished == model
+    assert fast > 100                                                  # the fast path was taken
 
 
 def _bare_runtime():
