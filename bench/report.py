@@ -238,7 +238,27 @@ def stages_section(doc: dict[str, Any], out: Path, name: str) -> list[str]:
                      f"{_fmt(r.get('records_per_store_call'), '{:.1f}')} | {_fmt(r.get('cpu_us_per_record'), '{:.0f}')} | "
                      + " | ".join(cells) + f" | {_fmt(sc.get('p50_ms'), '{:.2f}')} / {_fmt(sc.get('p99_ms'), '{:.1f}')} | "
                      f"{_fmt((r.get('scheduler_stalls') or {}).get('max_ms'), '{:.1f}')} |")
-    return lines + _stall_caption(doc.get("runs") or []) + [""]
+    return lines + _stall_caption(doc.get("runs") or []) + [""] + _claim_split(doc.get("runs") or [])
+
+
+def _claim_split(runs: list[dict[str, Any]]) -> list[str]:
+    """The claim step in three, and the collector's pauses (runs from before the split: none)."""
+    split = ("loop->sent", "sent->answered", "answered->submitted")
+    runs = [r for r in runs if not r.get("error") and all(k in (r.get("steps") or {}) for k in split)]
+    if not runs:
+        return []
+    lines = ["The claim step (`loop->submitted`) split at its store call: waiting for a call to carry the "
+             "claim, the call, and the answer's way to the workers (in call order, applied by the loop, past the "
+             "key gate); and the garbage collector's pauses in the window.", "",
+             "| msg/s | linger ms | round | " + " | ".join(f"{s} p50 / p99 ms" for s in split)
+             + " | GC pauses (gen: count, max ms) |", "|" + "---:|" * (4 + len(split))]
+    for r in runs:
+        st = r["steps"]
+        gcs = ", ".join(f"{g}: {v['count']}, {_fmt(v['max_ms'], '{:.1f}')}" for g, v in (r.get("gc_pauses") or {}).items())
+        lines.append(f"| {_fmt(r.get('rate'))} | {_fmt(r.get('fetch_linger_ms'), '{:g}')} | {r.get('round')} | "
+                     + " | ".join(f"{_fmt(st[s].get('p50_ms'), '{:.2f}')} / {_fmt(st[s].get('p99_ms'), '{:.1f}')}"
+                                  for s in split) + f" | {gcs or 'none'} |")
+    return lines + [""]
 
 
 def scaling_section(doc: dict[str, Any], out: Path, name: str) -> list[str]:

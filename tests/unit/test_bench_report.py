@@ -98,3 +98,18 @@ def test_the_stages_run_gets_a_row_per_run_and_a_failed_one_says_why(tmp_path: P
     assert "failed" in rows[1] and "broker down" in rows[1]
     i = next(i for i, x in enumerate(lines) if x.startswith("| msg/s"))
     assert lines[i].count("|") == lines[i + 1].count("|") == rows[0].count("|")   # a table that renders
+    assert not any("claim step" in x for x in lines)            # runs from before the split: no second table
+
+
+def test_the_stages_claim_split_and_gc_pauses_get_a_table_of_their_own(tmp_path: Path) -> None:
+    names = ("fetched->loop", "loop->submitted", "submitted->handler", "fetched->handler", "loop->sent",
+             "sent->answered", "answered->submitted")
+    run = {"rate": 5000.0, "fetch_linger_ms": 1.0, "round": 0, "records_per_store_call": 14.0,
+           "steps": {s: {"p50_ms": 0.25 * (i + 1), "p99_ms": 2.0 * (i + 1)} for i, s in enumerate(names)},
+           "store_call": {"p50_ms": 0.7, "p99_ms": 5.3}, "gc_pauses": {"gen0": {"count": 1, "max_ms": 10.36}}}
+    lines = report.stages_section({"date": "2026-11-28T03:00:00Z", "runs": [run, {**run, "round": 1, "gc_pauses": {}}]},
+                                  tmp_path, "stages.json")
+    i = next(i for i, x in enumerate(lines) if x.startswith("| msg/s | linger ms | round | loop->sent"))
+    assert lines[i + 2] == "| 5,000 | 1 | 0 | 1.25 / 10.0 | 1.50 / 12.0 | 1.75 / 14.0 | gen0: 1, 10.4 |"
+    assert lines[i + 3].endswith("| none |")
+    assert lines[i].count("|") == lines[i + 1].count("|") == lines[i + 2].count("|")
