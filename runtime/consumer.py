@@ -34,6 +34,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import groupby
 from typing import Any, Callable
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
@@ -66,6 +67,11 @@ JOINING = "joining"            # started, no assignment yet
 HOLDING = "holding"            # assigned (possibly nothing) and holding it
 REVOKING = "revoking"          # a revoke is being handled: the group is rebalancing around us
 LOST = "lost"                  # the group moved on without us (session timeout, fenced epoch)
+
+
+def _part_of(m: Message) -> Partition:
+    """A record's partition (the key that groups written done marks by partition run)."""
+    return m._part
 
 
 def kafka_config(s: RuntimeSettings, instance_id: str | None) -> dict[str, Any]:
@@ -694,25 +700,12 @@ class Runtime:
         """Records whose done mark (or routing marker) is written finish, a partition's run
         of them at once (`Partition.finish_many`)."""
         parts = self.parts
-        seen: Partition | None = None
-        live = False
-        offs: list[int] = []
-        marks = 0
-        for m in written:
-            if m._part is not seen:
-                if live and offs:
-                    seen.marking -= marks               # type: ignore[union-attr]
-                    seen.finish_many(offs)              # type: ignore[union-attr]
-                seen = m._part
-                live = parts.get(seen.tp) is seen       # else it left us meanwhile: nothing to finish
-                offs, marks = [], 0
-            if live:
-                offs.append(m.offset)
-                if m.token:
-                    marks += 1                          # a done mark (else a routed record's marker)
-        if live and offs:
-            seen.marking -= marks                       # type: ignore[union-attr]
-            seen.finish_many(offs)                      # type: ignore[union-attr]
+        for part, run in groupby(written, _part_of):
+            if parts.get(part.tp) is not part:          # it left us meanwhile: nothing to finish
+                continue
+            recs = list(run)
+            part.marking -= sum(1 for m in recs if m.token)  # done marks (else routed records' markers)
+            part.finish_many([m.offset for m in recs])
 
     def _admit(self, msgs: list[Message]) -> None:
         run, park = self.gate.admit(msgs)

@@ -81,14 +81,7 @@ class Partition:
     def finish(self, offset: int) -> None:
         u, h = self._u, self._h
         if h < len(u) and u[h] == offset:
-            h += 1
-            if h == len(u):
-                u.clear()
-                h = 0
-            elif h >= 512 and 2 * h >= len(u):
-                del u[:h]                   # amortised: the finished head goes in one move
-                h = 0
-            self._h = h
+            self._move_head(h + 1)
         else:
             i = bisect_left(u, offset, h)
             if i == len(u) or u[i] != offset:
@@ -102,18 +95,22 @@ class Partition:
         u, h = self._u, self._h
         n = len(offsets)
         if n > 1 and u[h:h + n] == offsets:
-            h += n
-            if h == len(u):
-                u.clear()
-                h = 0
-            elif h >= 512 and 2 * h >= len(u):
-                del u[:h]
-                h = 0
-            self._h = h
+            self._move_head(h + n)
             self.inflight -= n
             return
         for o in offsets:
             self.finish(o)
+
+    def _move_head(self, h: int) -> None:
+        """The unfinished offsets now start at index `h` of `_u`."""
+        u = self._u
+        if h == len(u):
+            u.clear()
+            h = 0
+        elif h >= 512 and 2 * h >= len(u):
+            del u[:h]                       # amortised: the finished head goes in one move
+            h = 0
+        self._h = h
 
     def drop(self, offset: int) -> None:
         """Forget an accepted record that will be fetched again (it holds the commit point)."""
