@@ -44,7 +44,7 @@ from bench.run import (PY, VARIANT_ENV, Child, Ctx, begin, child_pythonpath, del
                        dump_json, spawn, wait_ready)
 
 log = logging.getLogger("bench.lowrate")
-VARIANTS = ("afc", "afc-fetchwait")
+VARIANTS = ("afc", "afc-fetchwait", "afc-asyncio")
 
 
 def counters(port: int) -> tuple[float, float]:

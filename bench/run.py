@@ -57,13 +57,14 @@ log = logging.getLogger("bench")
 PY = sys.executable
 AFC_CONSUMER = str(Path(sys.executable).parent / "afc-consumer")
 SAMPLE_S = 0.1
-VARIANTS = ("afc", "afc-batch", "naive", "naive-tuned", "naive-batch", "raw", "redis_per_message")
+VARIANTS = ("afc", "afc-asyncio", "afc-batch", "naive", "naive-tuned", "naive-batch", "raw", "redis_per_message")
 PHASE_VARIANTS = ("afc-slow", "afc-fetchwait")  # run by a phase of their own, not chosen with --variants
 # afc-fetchwait: the broker holds each fetch until FETCH_WAIT_MS passed (or a MiB is there), so a
 # consumer at a modest rate is handed fewer, larger batches (latency phase only, beside afc).
 FETCH_WAIT_MS = 2
 FETCH_WAIT_EXTRA = {"fetch.wait.max.ms": str(FETCH_WAIT_MS), "fetch.min.bytes": str(1 << 20)}
-VARIANT_ENV = {"afc-fetchwait": {"AFC_KAFKA__EXTRA": json.dumps(FETCH_WAIT_EXTRA)}}   # afc variants' own settings
+VARIANT_ENV = {"afc-fetchwait": {"AFC_KAFKA__EXTRA": json.dumps(FETCH_WAIT_EXTRA)},   # afc variants' own settings
+               "afc-asyncio": {"AFC_HANDLER__EVENT_LOOP": "asyncio"}}
 ALIASES = {"redis": "redis_per_message"}
 BASELINE_ARG = {"naive": "naive", "naive-tuned": "naive", "naive-batch": "naive-batch", "raw": "raw",
                 "redis_per_message": "redis"}
@@ -83,6 +84,8 @@ DESCRIPTIONS = {
                      "afc takes fewer, larger batches (less CPU per message) for up to "
                      f"{FETCH_WAIT_MS} ms more latency; an idle consumer then fetches {1000 // FETCH_WAIT_MS} "
                      "times a second (librdkafka's default, 1 byte / 500 ms: twice)",
+    "afc-asyncio": "afc as above on asyncio's own event loop (handler.eventLoop=asyncio) instead of uvloop, "
+                   "the default: what uvloop saves",
     "afc-batch": "afc as above with a batch handler (@batch, handler.maxBatch=500): one call per batch of "
                  "ready records, idempotency and done marks still per message",
     "naive": "confluent Consumer, poll() per message, enable.auto.commit=True (interval 100 ms), "
@@ -105,7 +108,7 @@ GOAL_P99_MS = 12.0
 GOAL_VS_NAIVE = 1.0
 GOAL_VS_RAW = 0.6
 GOAL_OVER_ACK_MS = 2.0          # afc's p99 over the producer's ack p99 (issue 13)
-ROUND_VARIANTS = ("afc", "naive", "raw")   # run --rounds times: the ratio goals compare them
+ROUND_VARIANTS = ("afc", "afc-asyncio", "naive", "raw")   # run --rounds times: the ratio goals compare afc, naive and raw
 SLOW_CALL_MS = 30               # the slowdown phase's downstream call...
 SLOWDOWN_X = 300                # ...300x a 0.1 ms one
 GOAL_SLOW_RSS_X = 1.5           # memory bounded: peak RSS with the slow downstream <= 1.5x the full-speed peak
@@ -238,7 +241,7 @@ def spawn(ctx: Ctx, variant: str, topic: str, group: str, latency_file: Path | N
     ctx.groups.append(group)
     extra = {"AFC_BENCH_LAT_FILE": str(latency_file)} if latency_file else {}
     name = group.removeprefix(ctx.run + "-")
-    if variant in ("afc", "afc-batch", "afc-slow", "afc-fetchwait"):
+    if variant in ("afc", "afc-batch", "afc-slow", "afc-fetchwait", "afc-asyncio"):
         port = measure.free_port()
         extra.update(VARIANT_ENV.get(variant, {}))
         handler = ("bench.handlers:" + ("batch_" if variant == "afc-batch" else "")
@@ -717,7 +720,7 @@ def goals(tput: dict[str, Any], lat: dict[str, Any], slow: dict[str, Any] | None
             "ratio_to_target": round(afc / GOAL_THROUGHPUT, 3) if afc else None,
             "met": bool(afc and afc >= GOAL_THROUGHPUT)}]
     out.append(measure.ratio_goal("afc >= 5x the per-message Redis pattern", afc, base, GOAL_RATIO))
-    rate = {v: (tput.get(v) or {}).get("msgs_per_s") for v in ("naive", "naive-tuned", "raw")}
+    rate = {v: (tput.get(v) or {}).get("msgs_per_s") for v in ("naive", "naive-tuned", "raw", "afc-asyncio")}
     out.append(_rounds_ratio(measure.ratio_goal("afc >= 1.0x the naive poll() loop (msgs/s ratio, same run)",
                                                 afc, rate["naive"], GOAL_VS_NAIVE), tr, "afc", "naive", GOAL_VS_NAIVE))
     if rate["naive-tuned"]:
@@ -725,6 +728,13 @@ def goals(tput: dict[str, Any], lat: dict[str, Any], slow: dict[str, Any] | None
         # fetch.queue.backoff.ms, so a reader sees what of the lead is that one setting.
         info = measure.ratio_goal(f"(for comparison) afc vs the naive loop with fetch.queue.backoff.ms="
                                   f"{TUNED_BACKOFF_MS} like afc's defaults", afc, rate["naive-tuned"], GOAL_VS_NAIVE)
+        info["informational"] = True
+        out.append(info)
+    if rate["afc-asyncio"]:
+        # Not a goal either: what the default event loop (uvloop) gives over asyncio's own.
+        info = _rounds_ratio(measure.ratio_goal("(for comparison) afc on uvloop (handler.eventLoop's default) vs "
+                                                "afc on asyncio's own loop", afc, rate["afc-asyncio"], 1.0),
+                             tr, "afc", "afc-asyncio", 1.0)
         info["informational"] = True
         out.append(info)
     out.append(_rounds_ratio(measure.ratio_goal("afc >= 0.6x the raw consume() loop (msgs/s ratio, same run)",

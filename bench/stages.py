@@ -63,6 +63,7 @@ def child(a: argparse.Namespace) -> dict[str, Any]:
                        "AFC_FLOW__FETCH_LINGER_MS": str(a.linger_ms), "AFC_SERVER__PORT": "0",
                        "AFC_INSTANCE_ID": f"{a.topic}-0", "AFC_LOG_LEVEL": "WARNING"})
     from afc.runtime import consumer as rc, dispatch, idempotency
+    from afc.runtime.cli import loop_factory
     from afc.runtime.config import load_settings
 
     on = [False]
@@ -136,8 +137,10 @@ def child(a: argparse.Namespace) -> dict[str, Any]:
             flat.extend(got)
             flat.append(t)
 
+    settings = load_settings()
+
     async def main() -> dict[str, Any]:
-        rt = rc.Runtime(load_settings(), handler=handler)
+        rt = rc.Runtime(settings, handler=handler)
         await rt.start()
         task = asyncio.create_task(rt.run())
         try:
@@ -182,7 +185,8 @@ def child(a: argparse.Namespace) -> dict[str, Any]:
                 "store_call": measure.percentiles(store_ms),
                 "scheduler_stalls": stall}
 
-    return asyncio.run(main())
+    with asyncio.Runner(loop_factory=loop_factory(settings.handler.event_loop)) as runner:   # as afc-consumer runs
+        return runner.run(main())
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

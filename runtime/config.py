@@ -329,6 +329,9 @@ class HandlerSettings(Section):
                                        "a timeout; past this many the process exits (code 3) to reclaim them.")
     steal_after_ms: int = Field(500, ge=10, le=600_000, description="A handler call running this long has the "
                                 "records queued behind it (other keys) handed to other workers.")
+    event_loop: Literal["uvloop", "asyncio"] = Field(
+        "uvloop", description="The event loop the runtime and async handlers run on: uvloop (libuv; less CPU per "
+        "fetched batch and store call) or asyncio's own, for a handler library that needs it.")
 
 
 

@@ -1215,10 +1215,11 @@ class Runtime:
         gc.set_threshold(50_000, 20, 20)
         self.state = "running"
         log.info("event=started group=%s instance=%s topics=%s workers=%d concurrency=%s handler=%s store=%s "
-                 "timeout_s=%g", self.s.kafka.group_id, self.instance_id, ",".join(self.s.kafka.topics),
+                 "timeout_s=%g loop=%s", self.s.kafka.group_id, self.instance_id, ",".join(self.s.kafka.topics),
                  self.dispatcher.n, self.s.flow.concurrency,
                  self.s.handler.handler or self.s.handler.http_sink_url or getattr(self._handler, "__name__", "?"),
-                 type(self.store).__name__ if self.store else "none", h.timeout_s)
+                 type(self.store).__name__ if self.store else "none", h.timeout_s,
+                 type(self.loop).__module__.split(".")[0])
 
     async def _check_store(self) -> None:
         """Warn when the store may lose done marks on its own (an evicting maxmemory-policy)."""

@@ -61,13 +61,16 @@ _running = 0
 
 
 async def async_ordered(msg) -> None:
-    """Async: records the sequence of each key, and the highest concurrency seen."""
+    """Async: records the sequence of each key, the highest concurrency seen, and the event
+    loop it runs on (its class's top-level module: uvloop or asyncio)."""
     import asyncio
     import random
     global _running
     _running += 1
     try:
         r = _redis()
+        if "AFC_TEST_LOOP_KEY" in os.environ:
+            r.set(os.environ["AFC_TEST_LOOP_KEY"], type(asyncio.get_running_loop()).__module__.split(".")[0])
         r.set(os.environ["AFC_TEST_MAX_CONC"], _running, get=False) if _running > int(
             r.get(os.environ["AFC_TEST_MAX_CONC"]) or 0) else None
         await asyncio.sleep(random.random() * 0.01)

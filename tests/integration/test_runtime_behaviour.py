@@ -139,15 +139,21 @@ def test_idempotency_store_down_pauses_then_resumes_without_duplicates(testbed, 
     assert "event=idempotency-store-back" in (tmp_path / "c.log").read_text()
 
 
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
 def test_async_handler_keeps_key_order_and_runs_keys_concurrently(testbed, make_topic, names, redis_client,
-                                                                   tmp_path) -> None:
+                                                                   tmp_path, loop) -> None:
+    """On either event loop (handler.eventLoop; uvloop by default, the case without the
+    setting), the handler runs on the loop asked for."""
     topic = make_topic("in", partitions=3)
     keys, per_key = 40, 50
     docs = [{"k": i % keys, "seq": i // keys} for i in range(keys * per_key)]
     produce_json(testbed.bootstrap, topic, docs, key_of=lambda i, d: f"key{d['k']}".encode())
     lists = f"{names.redis_prefix}seq"
-    c = consumer(testbed, names, tmp_path, topic, "afc_test_handlers:async_ordered",
-                 {"AFC_TEST_LIST": lists, "AFC_TEST_MAX_CONC": f"{names.redis_prefix}conc"}).start()
+    env = {"AFC_TEST_LIST": lists, "AFC_TEST_MAX_CONC": f"{names.redis_prefix}conc",
+           "AFC_TEST_LOOP_KEY": f"{names.redis_prefix}loop"}
+    if loop != "uvloop":
+        env["AFC_HANDLER__EVENT_LOOP"] = loop
+    c = consumer(testbed, names, tmp_path, topic, "afc_test_handlers:async_ordered", env).start()
     try:
         wait_for(lambda: group_lag(testbed.bootstrap, topic, names.group)[1] == 0, 120, 0.5, what="all handled")
     finally:
@@ -156,6 +162,8 @@ def test_async_handler_keeps_key_order_and_runs_keys_concurrently(testbed, make_
         seen = [int(x) for x in redis_client.lrange(f"{lists}:key{k}", 0, -1)]
         assert seen == list(range(per_key)), (k, seen[:10])
     assert int(redis_client.get(f"{names.redis_prefix}conc")) > 1
+    assert redis_client.get(f"{names.redis_prefix}loop") == loop.encode()
+    assert f"loop={loop}" in (tmp_path / "c.log").read_text()
 
 
 def test_http_sink_posts_each_message_and_retries_a_503_later(testbed, make_topic, names, tmp_path) -> None:

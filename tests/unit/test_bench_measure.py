@@ -124,8 +124,8 @@ def test_a_phase_waits_on_its_consumer_until_done_exited_or_out_of_budget(tmp_pa
 
 
 def test_variants_parse_with_the_redis_alias() -> None:
-    ns = bench_run.parse_args(["--variants", "afc,afc-batch,naive,naive-tuned,naive-batch,raw,redis"])
-    assert ns.variants == ["afc", "afc-batch", "naive", "naive-tuned", "naive-batch", "raw", "redis_per_message"]
+    ns = bench_run.parse_args(["--variants", "afc,afc-asyncio,afc-batch,naive,naive-tuned,naive-batch,raw,redis"])
+    assert ns.variants == ["afc", "afc-asyncio", "afc-batch", "naive", "naive-tuned", "naive-batch", "raw", "redis_per_message"]
     assert set(ns.variants) == set(bench_run.VARIANTS)
     assert set(bench_run.VARIANTS) | set(bench_run.PHASE_VARIANTS) == set(bench_run.DESCRIPTIONS)
     assert set(bench_run.BASELINE_ARG.values()) == set(baselines.RUNNERS)
