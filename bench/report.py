@@ -222,23 +222,28 @@ def stages_section(doc: dict[str, Any], out: Path, name: str) -> list[str]:
     """bench/stages.py: a record's time inside afc, step by step, per rate and fetch linger."""
     steps = ("fetched->loop", "loop->submitted", "submitted->handler", "fetched->handler")
     lines = ["## Inside afc at a modest rate: a record's steps (in-process, stamped)", "", label(doc, name) + ".", "",
-             "| msg/s | linger ms | round | records per store call | µs CPU per record | "
+             "| msg/s | linger ms | loop | round | records per store call | µs CPU per record | "
              + " | ".join(f"{s} p50 / p99 ms" for s in steps) + " | store call p50 / p99 ms | scheduler stall max ms |",
-             "|" + "---:|" * (7 + len(steps))]
+             "|" + "---:|" * 2 + "---|" + "---:|" * (5 + len(steps))]
     for r in doc.get("runs") or []:
         if r.get("error"):
-            lines.append(f"| {_fmt(r.get('rate'))} | {_fmt(r.get('fetch_linger_ms'), '{:g}')} | {r.get('round')} | "
-                         f"failed: {str(r['error'])[-120:]!r} |")
+            lines.append(f"| {_fmt(r.get('rate'))} | {_fmt(r.get('fetch_linger_ms'), '{:g}')} | {_loop(r)} | "
+                         f"{r.get('round')} | failed: {str(r['error'])[-120:]!r} |")
             continue
         st = r.get("steps") or {}
         cells = [f"{_fmt((st.get(s) or {}).get('p50_ms'), '{:.2f}')} / {_fmt((st.get(s) or {}).get('p99_ms'), '{:.1f}')}"
                  for s in steps]
         sc = r.get("store_call") or {}
-        lines.append(f"| {_fmt(r.get('rate'))} | {_fmt(r.get('fetch_linger_ms'), '{:g}')} | {r.get('round')} | "
+        lines.append(f"| {_fmt(r.get('rate'))} | {_fmt(r.get('fetch_linger_ms'), '{:g}')} | {_loop(r)} | {r.get('round')} | "
                      f"{_fmt(r.get('records_per_store_call'), '{:.1f}')} | {_fmt(r.get('cpu_us_per_record'), '{:.0f}')} | "
                      + " | ".join(cells) + f" | {_fmt(sc.get('p50_ms'), '{:.2f}')} / {_fmt(sc.get('p99_ms'), '{:.1f}')} | "
                      f"{_fmt((r.get('scheduler_stalls') or {}).get('max_ms'), '{:.1f}')} |")
     return lines + _stall_caption(doc.get("runs") or []) + [""] + _claim_split(doc.get("runs") or [])
+
+
+def _loop(run: dict[str, Any]) -> str:
+    """The run's event loop (runs from before handler.eventLoop ran on asyncio's)."""
+    return str(run.get("event_loop") or "asyncio")
 
 
 def _claim_split(runs: list[dict[str, Any]]) -> list[str]:
@@ -250,12 +255,12 @@ def _claim_split(runs: list[dict[str, Any]]) -> list[str]:
     lines = ["The claim step (`loop->submitted`) split at its store call: waiting for a call to carry the "
              "claim, the call, and the answer's way to the workers (in call order, applied by the loop, past the "
              "key gate); and the garbage collector's pauses in the window.", "",
-             "| msg/s | linger ms | round | " + " | ".join(f"{s} p50 / p99 ms" for s in split)
-             + " | GC pauses (gen: count, max ms) |", "|" + "---:|" * (4 + len(split))]
+             "| msg/s | linger ms | loop | round | " + " | ".join(f"{s} p50 / p99 ms" for s in split)
+             + " | GC pauses (gen: count, max ms) |", "|" + "---:|" * 2 + "---|" + "---:|" * (2 + len(split))]
     for r in runs:
         st = r["steps"]
         gcs = ", ".join(f"{g}: {v['count']}, {_fmt(v['max_ms'], '{:.1f}')}" for g, v in (r.get("gc_pauses") or {}).items())
-        lines.append(f"| {_fmt(r.get('rate'))} | {_fmt(r.get('fetch_linger_ms'), '{:g}')} | {r.get('round')} | "
+        lines.append(f"| {_fmt(r.get('rate'))} | {_fmt(r.get('fetch_linger_ms'), '{:g}')} | {_loop(r)} | {r.get('round')} | "
                      + " | ".join(f"{_fmt(st[s].get('p50_ms'), '{:.2f}')} / {_fmt(st[s].get('p99_ms'), '{:.1f}')}"
                                   for s in split) + f" | {gcs or 'none'} |")
     return lines + [""]

@@ -17,7 +17,8 @@ its time divides into waiting for a call, the call itself, and the answer's way 
 workers (handed over in call order, applied by the loop, admitted past the key gate). The
 collector's pauses in the window are counted per generation (`gc.callbacks`).
 
-For each configuration (rate x `flow.fetchLingerMs`) it reports the percentiles of each step,
+For each configuration (rate x `flow.fetchLingerMs` x `handler.eventLoop`, interleaved within
+each round) it reports the percentiles of each step,
 the store calls' own latency, records per fetch and per store call, the process's CPU per
 record, and a scheduler-stall probe beside it (a separate process that sleeps 1 ms at a time
 and records how late it woke: a ready thread waiting for a core). The stamps cost CPU of their
@@ -61,6 +62,7 @@ def child(a: argparse.Namespace) -> dict[str, Any]:
                        "AFC_KAFKA__GROUP_ID": f"{a.topic}-g", "AFC_IDEMPOTENCY__REDIS_URL": a.redis_url,
                        "AFC_IDEMPOTENCY__KEY_PREFIX": a.prefix, "AFC_IDEMPOTENCY__KEY_FIELD": "id",
                        "AFC_FLOW__FETCH_LINGER_MS": str(a.linger_ms), "AFC_SERVER__PORT": "0",
+                       "AFC_HANDLER__EVENT_LOOP": a.event_loop,
                        "AFC_INSTANCE_ID": f"{a.topic}-0", "AFC_LOG_LEVEL": "WARNING"})
     from afc.runtime import consumer as rc, dispatch, idempotency
     from afc.runtime.cli import loop_factory
@@ -171,7 +173,8 @@ def child(a: argparse.Namespace) -> dict[str, Any]:
         rows = [flat[i:i + width] for i in range(0, len(flat), width)]
         n = len(rows)
         idx = {name: i for i, name in enumerate((*STAMPS, "handler"))}
-        return {"rate": a.rate, "fetch_linger_ms": a.linger_ms, "window_s": round(dt, 2),
+        return {"rate": a.rate, "fetch_linger_ms": a.linger_ms, "event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
+                "window_s": round(dt, 2),
                 "handled_per_s": round(n / dt, 1),
                 "cpu_pct": round(100 * cpu / dt, 1), "cpu_us_per_record": round(cpu / n * 1e6, 1) if n else None,
                 "voluntary_switches_per_s": round((r1.ru_nvcsw - r0.ru_nvcsw) / dt),
@@ -193,6 +196,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rates", default="500,5000", help="comma-separated msg/s")
     ap.add_argument("--lingers", default="0,1", help="comma-separated flow.fetchLingerMs values")
+    ap.add_argument("--loops", default="uvloop,asyncio", help="comma-separated handler.eventLoop values")
     ap.add_argument("--rounds", type=int, default=2, help="runs of each configuration, interleaved")
     ap.add_argument("--seconds", type=float, default=10, help="measured window per run")
     ap.add_argument("--warmup-s", type=float, default=3)
@@ -202,6 +206,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--rate", type=float, help=argparse.SUPPRESS)
     ap.add_argument("--linger-ms", type=float, help=argparse.SUPPRESS)
+    ap.add_argument("--event-loop", help=argparse.SUPPRESS)
     ap.add_argument("--topic", help=argparse.SUPPRESS)
     ap.add_argument("--prefix", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
@@ -219,13 +224,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for rnd in range(a.rounds):
             for rate in (float(r) for r in a.rates.split(",") if r):
-                for linger in (float(x) for x in a.lingers.split(",") if x):
-                    topic = f"{ctx.run}-r{rate:g}-l{linger:g}-{rnd}".replace(".", "_")
+                for linger, loop in ((float(x), lp) for x in a.lingers.split(",") if x
+                                     for lp in a.loops.split(",") if lp):
+                    topic = f"{ctx.run}-r{rate:g}-l{linger:g}-{loop}-{rnd}".replace(".", "_")
                     workload.create_topic(a.bootstrap, topic, 12)
                     ctx.topics.append(topic)
                     ctx.groups.append(f"{topic}-g")                 # the child's group (see child)
                     argv_c = [sys.executable, "-P", str(Path(__file__)), "--child", "--rate", str(rate),
-                              "--linger-ms", str(linger), "--seconds", str(a.seconds), "--warmup-s", str(a.warmup_s),
+                              "--linger-ms", str(linger), "--event-loop", loop, "--seconds", str(a.seconds),
+                              "--warmup-s", str(a.warmup_s),
                               "--topic", topic, "--prefix", ctx.prefix, "--bootstrap", a.bootstrap,
                               "--redis-url", a.redis_url]
                     p = subprocess.run(argv_c, cwd=ROOT, capture_output=True, text=True,
@@ -233,11 +240,11 @@ def main(argv: list[str] | None = None) -> int:
                     try:
                         res = json.loads(p.stdout.strip().splitlines()[-1])
                     except (ValueError, IndexError):
-                        res = {"rate": rate, "fetch_linger_ms": linger, "error": p.stderr[-800:]}
+                        res = {"rate": rate, "fetch_linger_ms": linger, "event_loop": loop, "error": p.stderr[-800:]}
                     res["round"] = rnd
                     doc["runs"].append(res)
                     s = res.get("steps", {}).get("fetched->handler", {})
-                    print(f"rate={rate:g} linger={linger:g} round={rnd} cpu_us={res.get('cpu_us_per_record')} "
+                    print(f"rate={rate:g} linger={linger:g} loop={loop} round={rnd} cpu_us={res.get('cpu_us_per_record')} "
                           f"per_call={res.get('records_per_store_call')} fetch->handler p50={s.get('p50_ms')} "
                           f"p99={s.get('p99_ms')} stall_max={res.get('scheduler_stalls', {}).get('max_ms')}",
                           file=sys.stderr, flush=True)

@@ -88,14 +88,15 @@ def test_the_lowrate_run_gets_a_row_per_variant_and_rate_with_its_cpu_by_thread(
 def test_the_stages_run_gets_a_row_per_run_and_a_failed_one_says_why(tmp_path: Path) -> None:
     step = {"p50_ms": 0.5, "p99_ms": 3.0}
     doc = {"date": "2026-11-27T20:00:00Z", "runs": [
-        {"rate": 5000.0, "fetch_linger_ms": 1.0, "round": 0, "records_per_store_call": 14.0, "cpu_us_per_record": 91.2,
+        {"rate": 5000.0, "fetch_linger_ms": 1.0, "event_loop": "uvloop", "round": 0, "records_per_store_call": 14.0,
+         "cpu_us_per_record": 91.2,
          "steps": {s: step for s in ("fetched->loop", "loop->submitted", "submitted->handler", "fetched->handler")},
          "store_call": {"p50_ms": 0.68, "p99_ms": 8.3}, "scheduler_stalls": {"max_ms": 13.2}},
         {"rate": 500.0, "fetch_linger_ms": 0.0, "round": 1, "error": "Traceback: broker down"}]}
     lines = report.stages_section(doc, tmp_path, "stages.json")
     rows = [x for x in lines if x.startswith("| ") and not x.startswith("| msg/s")]
-    assert rows[0].startswith("| 5,000 | 1 | 0 | 14.0 | 91 | 0.50 / 3.0 |") and rows[0].endswith("| 0.68 / 8.3 | 13.2 |")
-    assert "failed" in rows[1] and "broker down" in rows[1]
+    assert rows[0].startswith("| 5,000 | 1 | uvloop | 0 | 14.0 | 91 | 0.50 / 3.0 |") and rows[0].endswith("| 0.68 / 8.3 | 13.2 |")
+    assert "failed" in rows[1] and "broker down" in rows[1] and "| asyncio |" in rows[1]   # (runs before the loop choice)
     i = next(i for i, x in enumerate(lines) if x.startswith("| msg/s"))
     assert lines[i].count("|") == lines[i + 1].count("|") == rows[0].count("|")   # a table that renders
     assert not any("claim step" in x for x in lines)            # runs from before the split: no second table
@@ -109,7 +110,7 @@ def test_the_stages_claim_split_and_gc_pauses_get_a_table_of_their_own(tmp_path:
            "store_call": {"p50_ms": 0.7, "p99_ms": 5.3}, "gc_pauses": {"gen0": {"count": 1, "max_ms": 10.36}}}
     lines = report.stages_section({"date": "2026-11-28T03:00:00Z", "runs": [run, {**run, "round": 1, "gc_pauses": {}}]},
                                   tmp_path, "stages.json")
-    i = next(i for i, x in enumerate(lines) if x.startswith("| msg/s | linger ms | round | loop->sent"))
-    assert lines[i + 2] == "| 5,000 | 1 | 0 | 1.25 / 10.0 | 1.50 / 12.0 | 1.75 / 14.0 | gen0: 1, 10.4 |"
+    i = next(i for i, x in enumerate(lines) if x.startswith("| msg/s | linger ms | loop | round | loop->sent"))
+    assert lines[i + 2] == "| 5,000 | 1 | asyncio | 0 | 1.25 / 10.0 | 1.50 / 12.0 | 1.75 / 14.0 | gen0: 1, 10.4 |"
     assert lines[i + 3].endswith("| none |")
     assert lines[i].count("|") == lines[i + 1].count("|") == lines[i + 2].count("|")
