@@ -165,3 +165,23 @@ def test_the_key_deriver_gives_exactly_idempotency_keys_answer() -> None:
                         assert (b.decode_error is None) == (a.decode_error is None)
                         if a.decode_error is None:
                             assert b.payload == a.payload
+
+
+def test_the_event_loop_setting_picks_the_loop_and_falls_back_without_uvloop(monkeypatch, caplog) -> None:
+    """handler.eventLoop: uvloop by default, asyncio's own when asked, and asyncio's own with a
+    warning where uvloop cannot be imported (never a crash at start)."""
+    import asyncio
+    import sys
+
+    from afc.runtime.cli import loop_factory
+    assert load_settings().handler.event_loop == "uvloop"
+    with pytest.raises(ConfigError):
+        load_settings(handler={"eventLoop": "trio"})
+    make = loop_factory("uvloop")
+    with asyncio.Runner(loop_factory=make) as r:
+        assert type(r.get_loop()).__module__.split(".")[0] == "uvloop"
+    assert loop_factory("asyncio") is None
+    monkeypatch.setitem(sys.modules, "uvloop", None)          # import uvloop -> ImportError
+    with caplog.at_level("WARNING", logger="afc.runtime.cli"):
+        assert loop_factory("uvloop") is None
+    assert "event=event-loop-fallback" in caplog.text
