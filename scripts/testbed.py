@@ -270,6 +270,16 @@ def need_binary(path: str, hint: str) -> None:
         raise TestbedError(f"{path} not found: {hint}")
 
 
+def kafka_cluster_id() -> str:
+    """A random cluster id as Kafka's own `Uuid.randomUuid()` makes it: URL-safe base64 of 16
+    random bytes, drawn again while it starts with "-" (the storage tool's argument parser takes
+    "-t -abc..." for a missing argument; one id in 64 began so and failed the bed's start)."""
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cid.startswith("-"):
+            return cid
+
+
 def prepare_kafka() -> list[str]:
     need_binary("java", "install a JDK >= 17 (apt-get install openjdk-17-jre-headless)")
     libs = CACHE / "kafka" / KAFKA_VERSION / "libs"
@@ -306,7 +316,7 @@ def prepare_kafka() -> list[str]:
     ]) + "\n")
     cp = f"{libs}/*"
     if not (d / "data" / "meta.properties").exists():
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        cluster_id = kafka_cluster_id()
         r = subprocess.run(["java", "-Xmx256m", f"-Dlog4j2.configurationFile={log4j}", "-cp", cp,
                             "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)],
                            capture_output=True, text=True, timeout=120)
