@@ -53,13 +53,13 @@ bench: testbed
 		&& $(PY) -P bench/stages.py
 
 # afc's CPU by thread idle, at 500 and at 5,000 msg/s, with librdkafka's fetch defaults and with a
-# 2 ms broker-side fetch wait; bench/results/lowrate.json (~2 minutes).
+# 2 ms broker-side fetch wait, and on asyncio's loop instead of uvloop; bench/results/lowrate.json (~3 minutes).
 bench-lowrate: testbed
 	set -a; source .testbed/env; set +a; $(PY) -P bench/lowrate.py
 
 # A record's time inside afc step by step (fetch, loop, claim and hand-off, handler) at 500 and
-# 5,000 msg/s, with and without the fetch linger, beside a scheduler-stall probe;
-# bench/results/stages.json (~3 minutes).
+# 5,000 msg/s, with and without the fetch linger, on uvloop and on asyncio's loop, beside a
+# scheduler-stall probe; bench/results/stages.json (~6 minutes).
 bench-stages: testbed
 	set -a; source .testbed/env; set +a; $(PY) -P bench/stages.py
 
