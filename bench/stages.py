@@ -173,8 +173,8 @@ def child(a: argparse.Namespace) -> dict[str, Any]:
         rows = [flat[i:i + width] for i in range(0, len(flat), width)]
         n = len(rows)
         idx = {name: i for i, name in enumerate((*STAMPS, "handler"))}
-        return {"rate": a.rate, "fetch_linger_ms": a.linger_ms, "event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
-                "window_s": round(dt, 2),
+        loop_name = type(asyncio.get_running_loop()).__module__.split(".")[0]     # uvloop | asyncio
+        return {"rate": a.rate, "fetch_linger_ms": a.linger_ms, "event_loop": loop_name, "window_s": round(dt, 2),
                 "handled_per_s": round(n / dt, 1),
                 "cpu_pct": round(100 * cpu / dt, 1), "cpu_us_per_record": round(cpu / n * 1e6, 1) if n else None,
                 "voluntary_switches_per_s": round((r1.ru_nvcsw - r0.ru_nvcsw) / dt),
