@@ -59,6 +59,13 @@ AFC_CONSUMER = str(Path(sys.executable).parent / "afc-consumer")
 SAMPLE_S = 0.1
 VARIANTS = ("afc", "afc-asyncio", "afc-batch", "naive", "naive-tuned", "naive-batch", "raw", "redis_per_message")
 PHASE_VARIANTS = ("afc-slow", "afc-fetchwait")  # run by a phase of their own, not chosen with --variants
+
+
+def is_afc(variant: str) -> bool:
+    """afc-consumer runs (with an HTTP port and idempotency keys), not a baseline loop."""
+    return variant == "afc" or variant.startswith("afc-")
+
+
 # afc-fetchwait: the broker holds each fetch until FETCH_WAIT_MS passed (or a MiB is there), so a
 # consumer at a modest rate is handed fewer, larger batches (latency phase only, beside afc).
 FETCH_WAIT_MS = 2
@@ -241,7 +248,7 @@ def spawn(ctx: Ctx, variant: str, topic: str, group: str, latency_file: Path | N
     ctx.groups.append(group)
     extra = {"AFC_BENCH_LAT_FILE": str(latency_file)} if latency_file else {}
     name = group.removeprefix(ctx.run + "-")
-    if variant in ("afc", "afc-batch", "afc-slow", "afc-fetchwait", "afc-asyncio"):
+    if is_afc(variant):
         port = measure.free_port()
         extra.update(VARIANT_ENV.get(variant, {}))
         handler = ("bench.handlers:" + ("batch_" if variant == "afc-batch" else "")
@@ -356,7 +363,7 @@ def _drop_claims(ctx: Ctx, variant: str, group: str, res: dict[str, Any]) -> Non
     under its own group's namespace, and a run of 1M leaves ~200 MiB of done keys; kept to the
     end, the rounds filled the test bed's 1 GiB Redis and the next afc run met OOM (store down,
     paused, as it should). (A variant's figures are taken before this.)"""
-    if variant.startswith("afc") and not ctx.args.keep:
+    if is_afc(variant) and not ctx.args.keep:
         res["redis_keys_deleted_after"] = delete_redis_keys(ctx.redis_url, f"{ctx.prefix}:idem:{group}")
 
 

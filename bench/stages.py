@@ -65,7 +65,7 @@ def child(a: argparse.Namespace) -> dict[str, Any]:
                        "AFC_HANDLER__EVENT_LOOP": a.event_loop,
                        "AFC_INSTANCE_ID": f"{a.topic}-0", "AFC_LOG_LEVEL": "WARNING"})
     from afc.runtime import consumer as rc, dispatch, idempotency
-    from afc.runtime.cli import loop_factory
+    from afc.runtime.eventloop import loop_factory, loop_name
     from afc.runtime.config import load_settings
 
     on = [False]
@@ -173,8 +173,8 @@ def child(a: argparse.Namespace) -> dict[str, Any]:
         rows = [flat[i:i + width] for i in range(0, len(flat), width)]
         n = len(rows)
         idx = {name: i for i, name in enumerate((*STAMPS, "handler"))}
-        loop_name = type(asyncio.get_running_loop()).__module__.split(".")[0]     # uvloop | asyncio
-        return {"rate": a.rate, "fetch_linger_ms": a.linger_ms, "event_loop": loop_name, "window_s": round(dt, 2),
+        return {"rate": a.rate, "fetch_linger_ms": a.linger_ms, "event_loop": loop_name(asyncio.get_running_loop()),
+                "window_s": round(dt, 2),
                 "handled_per_s": round(n / dt, 1),
                 "cpu_pct": round(100 * cpu / dt, 1), "cpu_us_per_record": round(cpu / n * 1e6, 1) if n else None,
                 "voluntary_switches_per_s": round((r1.ru_nvcsw - r0.ru_nvcsw) / dt),
@@ -206,7 +206,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--rate", type=float, help=argparse.SUPPRESS)
     ap.add_argument("--linger-ms", type=float, help=argparse.SUPPRESS)
-    ap.add_argument("--event-loop", help=argparse.SUPPRESS)
+    ap.add_argument("--event-loop", default="uvloop", help=argparse.SUPPRESS)
     ap.add_argument("--topic", help=argparse.SUPPRESS)
     ap.add_argument("--prefix", help=argparse.SUPPRESS)
     return ap.parse_args(argv)

@@ -19,6 +19,7 @@ import sys
 from typing import Any
 
 from .config import ConfigError, load_settings
+from .eventloop import loop_factory
 from .handlers import HandlerLoadError
 from .logs import setup_logging
 
@@ -70,23 +71,6 @@ async def _run(settings: Any) -> int:
         logging.shutdown()
         os._exit(rt.exit_code)
     return 0
-
-
-def loop_factory(name: str) -> Any:
-    """The `asyncio.Runner` loop factory for handler.eventLoop (None: asyncio's own loop).
-
-    uvloop runs the loop's machinery (polling, callbacks, sockets) in C: the runtime's loop
-    takes a few ticks per fetched batch (the Kafka thread's hand-over, the store call's
-    socket, handler results), which at a modest rate is most of its CPU. Without uvloop
-    installed (a platform it does not build on) the runtime says so and runs on asyncio's."""
-    if name != "uvloop":
-        return None
-    try:
-        import uvloop
-    except ImportError:
-        log.warning("event=event-loop-fallback wanted=uvloop using=asyncio reason=\"uvloop is not installed\"")
-        return None
-    return uvloop.new_event_loop
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,6 +44,7 @@ from .concurrency import ConcurrencyLimit, ConcurrencyWindow
 from .config import RuntimeSettings
 from .dispatch import KeyGate, Outcome, Result, TaskDispatcher, ThreadDispatcher
 from .errors import ClaimLost, PoisonError, StoreUnavailable
+from .eventloop import loop_name
 from .fetch_control import FetchController, WindowStats, should_pause
 from .handlers import build_handler, is_async
 from .idempotency import EVICTING_POLICIES, Claim, IdempotencyStore, RedisStore, SqliteStore
@@ -1219,7 +1220,7 @@ class Runtime:
                  self.dispatcher.n, self.s.flow.concurrency,
                  self.s.handler.handler or self.s.handler.http_sink_url or getattr(self._handler, "__name__", "?"),
                  type(self.store).__name__ if self.store else "none", h.timeout_s,
-                 type(self.loop).__module__.split(".")[0])
+                 loop_name(self.loop))
 
     async def _check_store(self) -> None:
         """Warn when the store may lose done marks on its own (an evicting maxmemory-policy)."""

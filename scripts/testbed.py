@@ -237,6 +237,9 @@ class Part:
     # False: no process of its own; `prepare` acts on the parts it needs (the Redis Cluster's
     # formation) and returns no command; `ready` says when that is done.
     process: bool = True
+    # A log the process writes itself, besides its stdout (`logfile`): Kafka logs through
+    # log4j2 to its server.log, and its stdout has little more than the start line.
+    own_log: Callable[[], Path] | None = None
 
     @property
     def pidfile(self) -> Path:
@@ -245,6 +248,13 @@ class Part:
     @property
     def logfile(self) -> Path:
         return STATE / "logs" / f"{self.name}.log"
+
+    def last_lines(self) -> str:
+        """What a start-up error shows: the tail of the stdout log, and of its own log if any."""
+        text = f"last lines of {self.logfile}:\n{tail(self.logfile)}"
+        if self.own_log is not None:
+            text += f"\nlast lines of {self.own_log()}:\n{tail(self.own_log(), 40)}"
+        return text
 
     def probe(self) -> bool:
         try:
@@ -517,7 +527,7 @@ PARTS: list[Part] = [
     Part("redis-cluster", [], form_cluster, lambda: not cluster_problems(),
          needs=[n.name for n in CLUSTER_NODE_PARTS], process=False),
     Part("kafka", ["kafka", "kafka_controller"], prepare_kafka,
-         lambda: kafka_metadata_brokers(ports()["kafka"]) >= 1),
+         lambda: kafka_metadata_brokers(ports()["kafka"]) >= 1, own_log=lambda: STATE / "kafka" / "server.log"),
     Part("etcd", ["etcd", "etcd_peer"], prepare_etcd,
          lambda: '"health":"true"' in http_get(f"http://{HOST}:{ports()['etcd']}/health")[1]),
     Part("kube-apiserver", ["apiserver"], prepare_apiserver, apiserver_ready, needs=["etcd"]),
@@ -586,12 +596,12 @@ def wait_ready(part: Part, pid: int | None) -> None:
             try:
                 os.kill(pid, 0)
             except ProcessLookupError:
-                raise TestbedError(f"{part.name} exited during start-up; last log lines:\n{tail(part.logfile)}")
+                raise TestbedError(f"{part.name} exited during start-up; {part.last_lines()}")
         time.sleep(0.3)
     if not part.process:
         raise TestbedError(f"{part.name} not ready after {READY_TIMEOUT:.0f}s: "
                            f"{'; '.join(cluster_problems()[:6]) if part.name == 'redis-cluster' else ''}")
-    raise TestbedError(f"{part.name} not ready after {READY_TIMEOUT:.0f}s; last log lines:\n{tail(part.logfile)}")
+    raise TestbedError(f"{part.name} not ready after {READY_TIMEOUT:.0f}s; {part.last_lines()}")
 
 
 def tail(path: Path, n: int = 15) -> str:

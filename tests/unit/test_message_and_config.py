@@ -173,15 +173,17 @@ def test_the_event_loop_setting_picks_the_loop_and_falls_back_without_uvloop(mon
     import asyncio
     import sys
 
-    from afc.runtime.cli import loop_factory
+    from afc.runtime.eventloop import loop_factory, loop_name
     assert load_settings().handler.event_loop == "uvloop"
     with pytest.raises(ConfigError):
         load_settings(handler={"eventLoop": "trio"})
     make = loop_factory("uvloop")
     with asyncio.Runner(loop_factory=make) as r:
-        assert type(r.get_loop()).__module__.split(".")[0] == "uvloop"
+        assert type(r.get_loop()).__module__.split(".")[0] == "uvloop" == loop_name(r.get_loop())
     assert loop_factory("asyncio") is None
+    with asyncio.Runner(loop_factory=loop_factory("asyncio")) as r:
+        assert type(r.get_loop()).__module__.split(".")[0] == "asyncio" == loop_name(r.get_loop())
     monkeypatch.setitem(sys.modules, "uvloop", None)          # import uvloop -> ImportError
-    with caplog.at_level("WARNING", logger="afc.runtime.cli"):
+    with caplog.at_level("WARNING", logger="afc.runtime.eventloop"):
         assert loop_factory("uvloop") is None
     assert "event=event-loop-fallback" in caplog.text

@@ -18,3 +18,28 @@ def test_kafka_cluster_ids_never_start_with_a_dash(tmp_path, monkeypatch) -> Non
     monkeypatch.undo()
     ids = [bed.kafka_cluster_id() for _ in range(2000)]
     assert len(set(ids)) == 2000 and all(len(i) == 22 and not i.startswith("-") for i in ids)
+
+
+def test_a_start_up_error_shows_the_parts_own_log(tmp_path, monkeypatch) -> None:
+    """Kafka's stdout holds little more than its start line, and a "kafka not ready" in a
+    rehearsal could not say why (2026-11-28): the error shows the tail of its server.log too."""
+    bed = load_bed_script(str(tmp_path))
+    server_log = tmp_path / "kafka" / "server.log"
+    server_log.parent.mkdir(parents=True)
+    server_log.write_text("[t] INFO starting (kafka.server.KafkaRaftServer)\n"
+                          "[t] ERROR Exiting Kafka due to fatal exception (kafka.Kafka)\n")
+    part = bed.Part("kafka", [], lambda: [], lambda: False, own_log=lambda: server_log)
+    part.logfile.parent.mkdir(parents=True)
+    part.logfile.write_text("==== start java ... kafka.Kafka\n")
+    monkeypatch.setattr(bed, "READY_TIMEOUT", 0.2)
+    try:
+        bed.wait_ready(part, None)
+    except bed.TestbedError as e:
+        text = str(e)
+    else:
+        raise AssertionError("a part that never gets ready must raise")
+    assert "kafka not ready after" in text
+    assert "==== start java" in text and "Exiting Kafka due to fatal exception" in text
+    plain = bed.Part("redis", [], lambda: [], lambda: False)
+    plain.logfile.write_text("redis log line\n")
+    assert "redis log line" in plain.last_lines() and "server.log" not in plain.last_lines()
