@@ -144,6 +144,10 @@ class ServerCpu:
         self.start: dict[str, float] = {}
         self.start_cmds: dict[str, dict[str, int]] = {}
 
+    def cpu_now(self) -> dict[str, float]:
+        """CPU seconds so far of each timed part, by name (for a window of one's own)."""
+        return self._now()
+
     def _now(self) -> dict[str, float]:
         out = {}
         for name, p in self.procs.items():
@@ -178,6 +182,24 @@ class ServerCpu:
         out: dict[str, Any] = {f"{k}_cpu_s": round(now[k] - self.start[k], 2) for k in now if k in self.start}
         out.update(commandstats_delta(self.start_cmds, self._cmds()))
         return out
+
+
+def machine_cpu_times() -> tuple[int, int] | None:
+    """(idle, total) jiffies of all cores from /proc/stat (idle counts iowait too); None if unreadable."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return v[3] + v[4], sum(v[:8])         # user nice system idle iowait irq softirq steal
+
+
+def idle_pct(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """The share of the machine's cores left idle between two readings: whether a phase was
+    short of CPU, or waited with cores to spare."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return round(100 * (after[0] - before[0]) / (after[1] - before[1]), 1)
 
 
 # The orchestrator's own commands in a window: the INFO commandstats that opened it (Redis

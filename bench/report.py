@@ -21,7 +21,7 @@ matplotlib.use("Agg")               # files only, never a display
 import matplotlib.pyplot as plt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-VARIANT_COLOURS = {"afc": "tab:blue", "afc-asyncio": "tab:purple", "afc-batch": "tab:cyan", "naive": "tab:gray", "naive-tuned": "dimgray", "naive-batch": "silver", "raw": "black",
+VARIANT_COLOURS = {"afc": "tab:blue", "afc-asyncio": "tab:purple", "afc-batch": "tab:cyan", "afc-nodedup": "tab:olive", "naive": "tab:gray", "naive-tuned": "dimgray", "naive-batch": "silver", "raw": "black",
                    "redis_per_message": "tab:red"}
 
 

@@ -57,7 +57,7 @@ log = logging.getLogger("bench")
 PY = sys.executable
 AFC_CONSUMER = str(Path(sys.executable).parent / "afc-consumer")
 SAMPLE_S = 0.1
-VARIANTS = ("afc", "afc-asyncio", "afc-batch", "naive", "naive-tuned", "naive-batch", "raw", "redis_per_message")
+VARIANTS = ("afc", "afc-asyncio", "afc-batch", "afc-nodedup", "naive", "naive-tuned", "naive-batch", "raw", "redis_per_message")
 PHASE_VARIANTS = ("afc-slow", "afc-fetchwait")  # run by a phase of their own, not chosen with --variants
 
 
@@ -71,7 +71,8 @@ def is_afc(variant: str) -> bool:
 FETCH_WAIT_MS = 2
 FETCH_WAIT_EXTRA = {"fetch.wait.max.ms": str(FETCH_WAIT_MS), "fetch.min.bytes": str(1 << 20)}
 VARIANT_ENV = {"afc-fetchwait": {"AFC_KAFKA__EXTRA": json.dumps(FETCH_WAIT_EXTRA)},   # afc variants' own settings
-               "afc-asyncio": {"AFC_HANDLER__EVENT_LOOP": "asyncio"}}
+               "afc-asyncio": {"AFC_HANDLER__EVENT_LOOP": "asyncio"},
+               "afc-nodedup": {"AFC_IDEMPOTENCY__ENABLED": "false"}}
 ALIASES = {"redis": "redis_per_message"}
 BASELINE_ARG = {"naive": "naive", "naive-tuned": "naive", "naive-batch": "naive-batch", "raw": "raw",
                 "redis_per_message": "redis"}
@@ -93,6 +94,10 @@ DESCRIPTIONS = {
                      "times a second (librdkafka's default, 1 byte / 500 ms: twice)",
     "afc-asyncio": "afc as above on asyncio's own event loop (handler.eventLoop=asyncio) instead of uvloop, "
                    "the default: what uvloop saves",
+    "afc-nodedup": "afc as above with idempotency.enabled=false: no claims and no done marks (the backpressure "
+                   "level still goes to Redis, a command a second); the key still derived, per-key order, commits "
+                   "and routing as afc. Not a way to run afc (a redelivered record is handled again): it shows what "
+                   "deduplication costs in rate and in latency",
     "afc-batch": "afc as above with a batch handler (@batch, handler.maxBatch=500): one call per batch of "
                  "ready records, idempotency and done marks still per message",
     "naive": "confluent Consumer, poll() per message, enable.auto.commit=True (interval 100 ms), "
@@ -302,14 +307,16 @@ def throughput(ctx: Ctx, variant: str, topic: str, target: int, budget_s: float,
     timeline: list[list[Any]] = []
     first_msg: float | None = None
     next_tl, last_cpu = 0.0, (child.t_spawn, 0.0)
+    window0: dict[str, Any] = {}
 
     def step(_tick: float) -> bool:
-        nonlocal first_msg, next_tl, last_cpu
+        nonlocal first_msg, next_tl, last_cpu, window0
         c = watch.committed()
         child.sampler.sample()
         metrics = measure.scrape(port) if port else {}
         if port and first_msg is None and metrics.get("afc_messages_consumed_total", 0) > 0:
             first_msg = time.time()
+            window0 = busy_reading(ctx, child)
         t_own, n_own = _own_counter(child, port, metrics)
         if n_own is not None and t_own is not None and (not own or own[-1] != (t_own, n_own)):
             own.append((t_own, n_own))
@@ -327,6 +334,7 @@ def throughput(ctx: Ctx, variant: str, topic: str, target: int, budget_s: float,
 
     status = child.watch(step, child.t_spawn + budget_s, SAMPLE_S)
     child.sampler.sample()
+    window = busy_window(window0, busy_reading(ctx, child)) if window0 else None
     if own_only:
         # Every progress event the loop sent, each stamped with its own time (the polled `own`
         # may have skipped some); the first at the target ends the measurement as a commit would.
@@ -339,6 +347,8 @@ def throughput(ctx: Ctx, variant: str, topic: str, target: int, budget_s: float,
     else:
         res = _throughput_result(ctx, variant, child, committed, own, first_msg, target, status)
     res["threads_cpu"] = child.sampler.threads()
+    if window:
+        res["consuming_window"] = window
     res["resources"] = {**child.sampler.summary(), **ctx.servers.end(), "load_avg_at_start": load0,
                         "load_avg_at_end": measure.load_avg()}
     handled = res["own_count_at_end"] if own_only else res.get("committed_at_end")
@@ -356,6 +366,29 @@ def throughput(ctx: Ctx, variant: str, topic: str, target: int, budget_s: float,
     log.info("event=variant-done phase=%s variant=%s status=%r msgs_per_s=%s cpu_s=%s",
              tag, variant, status, res.get("msgs_per_s"), res["resources"].get("cpu_s"))
     return res
+
+
+def busy_reading(ctx: Ctx, child: Child) -> dict[str, Any]:
+    """One end of a busy window: the time, afc's CPU by thread role, the servers' CPU, the
+    machine's idle and total jiffies."""
+    return {"t": time.monotonic(), "afc": child.sampler.cpu_by_role(), "servers": ctx.servers.cpu_now(),
+            "machine": measure.machine_cpu_times()}
+
+
+def busy_window(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any] | None:
+    """How busy afc's threads, the servers and the machine were between two readings (afc's
+    first message and the target), each as % of one core; the machine's idle share of all
+    cores. An event loop near 100 % is the limit; well below it, with cores idle, it waits
+    (on the store's answers, a fetch or a handler thread), and more CPU would not help."""
+    secs = b["t"] - a["t"]
+    if secs <= 0 or not a["afc"] or not b["afc"]:
+        return None
+    pct = {f"{k}_thread" if k == "loop" else f"{k}_threads": round(100 * (b["afc"][k] - a["afc"].get(k, 0.0)) / secs, 1)
+           for k in b["afc"]}
+    pct.update({k: round(100 * (b["servers"][k] - a["servers"][k]) / secs, 1)
+                for k in b["servers"] if k in a["servers"]})
+    return {"seconds": round(secs, 2), "cpu_pct_of_a_core": pct,
+            "machine_idle_pct": measure.idle_pct(a["machine"], b["machine"])}
 
 
 def _drop_claims(ctx: Ctx, variant: str, group: str, res: dict[str, Any]) -> None:
@@ -727,7 +760,8 @@ def goals(tput: dict[str, Any], lat: dict[str, Any], slow: dict[str, Any] | None
             "ratio_to_target": round(afc / GOAL_THROUGHPUT, 3) if afc else None,
             "met": bool(afc and afc >= GOAL_THROUGHPUT)}]
     out.append(measure.ratio_goal("afc >= 5x the per-message Redis pattern", afc, base, GOAL_RATIO))
-    rate = {v: (tput.get(v) or {}).get("msgs_per_s") for v in ("naive", "naive-tuned", "raw", "afc-asyncio")}
+    rate = {v: (tput.get(v) or {}).get("msgs_per_s") for v in ("naive", "naive-tuned", "raw", "afc-asyncio",
+                                                                "afc-nodedup")}
     out.append(_rounds_ratio(measure.ratio_goal("afc >= 1.0x the naive poll() loop (msgs/s ratio, same run)",
                                                 afc, rate["naive"], GOAL_VS_NAIVE), tr, "afc", "naive", GOAL_VS_NAIVE))
     if rate["naive-tuned"]:
@@ -742,6 +776,12 @@ def goals(tput: dict[str, Any], lat: dict[str, Any], slow: dict[str, Any] | None
         info = _rounds_ratio(measure.ratio_goal("(for comparison) afc on uvloop (handler.eventLoop's default) vs "
                                                 "afc on asyncio's own loop", afc, rate["afc-asyncio"], 1.0),
                              tr, "afc", "afc-asyncio", 1.0)
+        info["informational"] = True
+        out.append(info)
+    if rate["afc-nodedup"]:
+        # Not a goal: afc against itself without the store, what deduplication costs at full speed.
+        info = measure.ratio_goal("(for comparison) afc vs afc without deduplication (idempotency.enabled=false)",
+                                  afc, rate["afc-nodedup"], 1.0)
         info["informational"] = True
         out.append(info)
     out.append(_rounds_ratio(measure.ratio_goal("afc >= 0.6x the raw consume() loop (msgs/s ratio, same run)",
@@ -773,8 +813,9 @@ def goals(tput: dict[str, Any], lat: dict[str, Any], slow: dict[str, Any] | None
 def _machine_budget(afc: dict[str, Any], raw_rate: float | None, nproc: int) -> str | None:
     """afc's run as a share of the machine: its CPU, Redis's and the broker's per message (each
     over the variant's whole run, start-up included: an upper bound), the rate the machine's
-    cores could sustain at that cost, and the cost 0.6x raw's rate would allow. On a machine
-    shared by all three, the afc/raw goal is a CPU budget, not only a property of afc."""
+    cores could sustain at that cost, and the cost 0.6x raw's rate would allow: an upper bound
+    on a machine shared by all three. Whether the run reached it shows in `_loop_share` (idle
+    cores mean the bound was not what held afc back)."""
     res, n = afc.get("resources") or {}, afc.get("committed_at_end")
     parts = [res.get("cpu_s"), res.get("redis_cpu_s"), res.get("kafka_cpu_s")]
     if not n or any(x is None for x in parts):
@@ -787,6 +828,22 @@ def _machine_budget(afc: dict[str, Any], raw_rate: float | None, nproc: int) -> 
         text += (f"; 0.6x raw ({0.6 * raw_rate:,.0f} msg/s) allows at most {nproc * 1e6 / (0.6 * raw_rate):.1f} us "
                  "across the three")
     return text + "."
+
+
+def _loop_share(variant: str, r: dict[str, Any]) -> str | None:
+    """How busy afc's event loop, Redis and the machine were while afc consumed at full speed
+    (`busy_window`): a loop well short of a core on a machine with cores idle is waiting, not
+    short of CPU."""
+    w = r.get("consuming_window") or {}
+    pct, idle = w.get("cpu_pct_of_a_core") or {}, w.get("machine_idle_pct")
+    if not pct or idle is None:
+        return None
+    text = (f"{variant}: over the {w.get('seconds')} s from its first message to the target, its event loop's "
+            f"thread used {pct.get('loop_thread')}% of a core, its other Python threads {pct.get('python_threads')}%, "
+            f"librdkafka's {pct.get('librdkafka_threads')}%")
+    if pct.get("redis") is not None:
+        text += f"; Redis {pct['redis']}%, the broker {pct.get('kafka')}%"
+    return text + f"; the machine's cores were {idle}% idle."
 
 
 def findings(env: dict[str, Any], tput: dict[str, Any], lat: dict[str, Any], prof: dict[str, Any]) -> list[str]:
@@ -818,6 +875,10 @@ def findings(env: dict[str, Any], tput: dict[str, Any], lat: dict[str, Any], pro
     budget = _machine_budget(a, (tput.get("raw") or {}).get("msgs_per_s"), nproc)
     if budget:
         out.append(budget)
+    for v in ("afc", "afc-nodedup"):
+        waits = _loop_share(v, tput.get(v) or {})
+        if waits:
+            out.append(waits)
     tl = a.get("timeline") or []
     limits = [row for row in tl if row[5] is not None]
     if limits:

@@ -124,8 +124,10 @@ def test_a_phase_waits_on_its_consumer_until_done_exited_or_out_of_budget(tmp_pa
 
 
 def test_variants_parse_with_the_redis_alias() -> None:
-    ns = bench_run.parse_args(["--variants", "afc,afc-asyncio,afc-batch,naive,naive-tuned,naive-batch,raw,redis"])
-    assert ns.variants == ["afc", "afc-asyncio", "afc-batch", "naive", "naive-tuned", "naive-batch", "raw", "redis_per_message"]
+    ns = bench_run.parse_args(["--variants", "afc,afc-asyncio,afc-batch,afc-nodedup,naive,naive-tuned,naive-batch,raw,"
+                                            "redis"])
+    assert ns.variants == ["afc", "afc-asyncio", "afc-batch", "afc-nodedup", "naive", "naive-tuned", "naive-batch", "raw",
+                           "redis_per_message"]
     assert set(ns.variants) == set(bench_run.VARIANTS)
     assert set(bench_run.VARIANTS) | set(bench_run.PHASE_VARIANTS) == set(bench_run.DESCRIPTIONS)
     assert set(bench_run.BASELINE_ARG.values()) == set(baselines.RUNNERS)
@@ -177,3 +179,33 @@ def test_the_stall_probe_reports_how_late_a_1_ms_sleep_woke() -> None:
     assert 0 <= r["p50_ms"] <= r["p99_ms"] <= r["max_ms"]
     assert 0 <= r["late_over_10ms"] <= r["count"]
     assert r["what"] == measure.STALLS_WHAT           # the results file says what it measured
+
+
+def test_the_machine_idle_share_is_taken_between_two_readings_of_proc_stat() -> None:
+    assert measure.idle_pct((100, 1000), (400, 2000)) == 30.0
+    assert measure.idle_pct(None, (400, 2000)) is None and measure.idle_pct((100, 1000), (100, 1000)) is None
+    now = measure.machine_cpu_times()
+    assert now is not None and 0 <= now[0] <= now[1]
+
+
+def test_the_consuming_window_is_afc_redis_and_broker_as_shares_of_a_core_and_the_idle_machine() -> None:
+    a = {"t": 10.0, "afc": {"loop": 1.0, "python": 0.5, "librdkafka": 0.2}, "servers": {"redis": 3.0, "kafka": 1.0},
+         "machine": (100, 1000)}
+    b = {"t": 15.0, "afc": {"loop": 5.1, "python": 1.3, "librdkafka": 0.6}, "servers": {"redis": 6.1, "kafka": 1.1},
+         "machine": (320, 2000)}
+    w = bench_run.busy_window(a, b)
+    assert w == {"seconds": 5.0, "machine_idle_pct": 22.0,
+                 "cpu_pct_of_a_core": {"loop_thread": 82.0, "python_threads": 16.0, "librdkafka_threads": 8.0,
+                                       "redis": 62.0, "kafka": 2.0}}
+    assert bench_run.busy_window(a, {**b, "t": 10.0}) is None
+    text = bench_run._loop_share("afc", {"consuming_window": w})
+    assert "event loop's thread used 82.0% of a core" in text and "Redis 62.0%, the broker 2.0%" in text
+    assert text.endswith("the machine's cores were 22.0% idle.")
+    assert bench_run._loop_share("afc", {}) is None
+
+
+def test_afc_without_deduplication_is_an_informational_comparison() -> None:
+    tput = {"afc": {"msgs_per_s": 150_000}, "afc-nodedup": {"msgs_per_s": 240_000}}
+    g = next(g for g in bench_run.goals(tput, {}) if "without deduplication" in g["goal"])
+    assert g["value"] == 0.625 and g["informational"] is True
+    assert not any("without deduplication" in g["goal"] for g in bench_run.goals({"afc": {"msgs_per_s": 1}}, {}))
