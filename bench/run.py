@@ -57,7 +57,8 @@ log = logging.getLogger("bench")
 PY = sys.executable
 AFC_CONSUMER = str(Path(sys.executable).parent / "afc-consumer")
 SAMPLE_S = 0.1
-VARIANTS = ("afc", "afc-asyncio", "afc-batch", "afc-nodedup", "naive", "naive-tuned", "naive-batch", "raw", "redis_per_message")
+VARIANTS = ("afc", "afc-asyncio", "afc-batch", "afc-nodedup", "naive", "naive-tuned", "naive-batch", "raw",
+            "redis_per_message")
 PHASE_VARIANTS = ("afc-slow", "afc-fetchwait")  # run by a phase of their own, not chosen with --variants
 
 
@@ -383,8 +384,8 @@ def busy_window(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any] | None:
     secs = b["t"] - a["t"]
     if secs <= 0 or not a["afc"] or not b["afc"]:
         return None
-    pct = {f"{k}_thread" if k == "loop" else f"{k}_threads": round(100 * (b["afc"][k] - a["afc"].get(k, 0.0)) / secs, 1)
-           for k in b["afc"]}
+    pct = {(f"{k}_thread" if k == "loop" else f"{k}_threads"): round(100 * (v - a["afc"].get(k, 0.0)) / secs, 1)
+           for k, v in b["afc"].items()}
     pct.update({k: round(100 * (b["servers"][k] - a["servers"][k]) / secs, 1)
                 for k in b["servers"] if k in a["servers"]})
     return {"seconds": round(secs, 2), "cpu_pct_of_a_core": pct,
