@@ -380,7 +380,7 @@ def busy_window(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any] | None:
     """How busy afc's threads, the servers and the machine were between two readings (afc's
     first message and the target), each as % of one core; the machine's idle share of all
     cores. An event loop near 100 % is the limit; well below it, with cores idle, it waits
-    (on the store's answers, a fetch or a handler thread), and more CPU would not help."""
+    (on the store's answers, a fetch or a handler thread)."""
     secs = b["t"] - a["t"]
     if secs <= 0 or not a["afc"] or not b["afc"]:
         return None
@@ -833,8 +833,8 @@ def _machine_budget(afc: dict[str, Any], raw_rate: float | None, nproc: int) -> 
 
 def _loop_share(variant: str, r: dict[str, Any]) -> str | None:
     """How busy afc's event loop, Redis and the machine were while afc consumed at full speed
-    (`busy_window`): a loop well short of a core on a machine with cores idle is waiting, not
-    short of CPU."""
+    (`busy_window`): with cores idle, the loop and Redis took turns (each waiting on the other)
+    instead of overlapping, which the machine-budget bound does not show."""
     w = r.get("consuming_window") or {}
     pct, idle = w.get("cpu_pct_of_a_core") or {}, w.get("machine_idle_pct")
     if not pct or idle is None:
