@@ -43,3 +43,35 @@ def test_a_start_up_error_shows_the_parts_own_log(tmp_path, monkeypatch) -> None
     plain = bed.Part("redis", [], lambda: [], lambda: False)
     plain.logfile.write_text("redis log line\n")
     assert "redis log line" in plain.last_lines() and "server.log" not in plain.last_lines()
+
+
+def test_a_part_that_does_not_get_ready_is_started_once_more_only_if_it_may(tmp_path, monkeypatch, capsys) -> None:
+    """Kafka (restart_once) gets a second start after the first one's error is printed whole;
+    any other part fails at once. Every process started is in `started`, for `up` to stop."""
+    bed = load_bed_script(str(tmp_path))
+    monkeypatch.setattr(bed, "READY_TIMEOUT", 0.3)
+    starts: list[int] = []
+
+    def prepare() -> list[str]:
+        starts.append(1)
+        return ["sleep", "30"]
+
+    kafka = bed.Part("kafka", [], prepare, lambda: len(starts) >= 2, restart_once=True)
+    started: list = []
+    try:
+        bed.start_and_wait(kafka, started)
+        assert len(starts) == 2 and len(started) == 1          # the first process was stopped
+        first_error = capsys.readouterr().err
+        assert "kafka not ready after" in first_error and "event=restarting part=kafka" in first_error
+        starts.clear()
+        etcd = bed.Part("etcd", [], prepare, lambda: len(starts) >= 2)
+        try:
+            bed.start_and_wait(etcd, started)
+        except bed.TestbedError as e:
+            assert "etcd not ready after" in str(e)
+        else:
+            raise AssertionError("a part without restart_once fails on its first start")
+        assert len(starts) == 1 and [p.name for p, _ in started] == ["kafka", "etcd"]
+    finally:
+        for part, pid in started:
+            bed.stop_pid(pid, part.name, timeout=5)
