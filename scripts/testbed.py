@@ -11,7 +11,9 @@ kube-scheduler.
 answers a real request, writes `<state>/env` and prints the environment to use. A part
 whose pid file points at a dead process (a half-started bed) is cleaned and restarted.
 A port held by something that is not ours is an error that names the port and holder.
-If any part fails to come up, every process this invocation started is stopped again.
+If any part fails to come up, every process this invocation started is stopped again; the
+error shows the tail of the part's logs (Kafka's own server.log too). Kafka alone gets a
+second start when the first does not get ready in time (the first error is printed).
 
 Standard library only: it runs before the project's virtualenv exists.
 """
