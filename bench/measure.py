@@ -145,10 +145,7 @@ class ServerCpu:
         self.start_cmds: dict[str, dict[str, int]] = {}
 
     def cpu_now(self) -> dict[str, float]:
-        """CPU seconds so far of each timed part, by name (for a window of one's own)."""
-        return self._now()
-
-    def _now(self) -> dict[str, float]:
+        """CPU seconds so far of each timed part, by name (begin/end, or a window of one's own)."""
         out = {}
         for name, p in self.procs.items():
             try:
@@ -174,11 +171,11 @@ class ServerCpu:
                 for k, v in stats.items()}
 
     def begin(self) -> None:
-        self.start = self._now()
+        self.start = self.cpu_now()
         self.start_cmds = self._cmds()
 
     def end(self) -> dict[str, Any]:
-        now = self._now()
+        now = self.cpu_now()
         out: dict[str, Any] = {f"{k}_cpu_s": round(now[k] - self.start[k], 2) for k in now if k in self.start}
         out.update(commandstats_delta(self.start_cmds, self._cmds()))
         return out
