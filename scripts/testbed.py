@@ -258,7 +258,8 @@ class Part:
         # (with a log of its own, the stdout log has mostly start lines: a few suffice)
         text = f"last lines of {self.logfile}:\n{tail(self.logfile, 4 if self.own_log else 15)}"
         if self.own_log is not None:
-            text += f"\nlast lines of {self.own_log()}:\n{tail(self.own_log(), 40)}"
+            own = self.own_log()
+            text += f"\nlast lines of {own}:\n{tail(own, 40)}"
         return text
 
     def probe(self) -> bool:

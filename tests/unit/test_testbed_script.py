@@ -1,8 +1,10 @@
-"""scripts/testbed.py's pure parts, without starting anything."""
+"""scripts/testbed.py's parts that need no server: the cluster id, the start-up error's text and
+the second start (with `sleep` processes standing in for a part)."""
 from __future__ import annotations
 
 import uuid
 
+import pytest
 from redis_cluster_bed import load_bed_script
 
 
@@ -32,12 +34,9 @@ def test_a_start_up_error_shows_the_parts_own_log(tmp_path, monkeypatch) -> None
     part.logfile.parent.mkdir(parents=True)
     part.logfile.write_text("==== start java ... kafka.Kafka\n")
     monkeypatch.setattr(bed, "READY_TIMEOUT", 0.2)
-    try:
+    with pytest.raises(bed.TestbedError) as e:
         bed.wait_ready(part, None)
-    except bed.TestbedError as e:
-        text = str(e)
-    else:
-        raise AssertionError("a part that never gets ready must raise")
+    text = str(e.value)
     assert "kafka not ready after" in text
     assert "==== start java" in text and "Exiting Kafka due to fatal exception" in text
     plain = bed.Part("redis", [], lambda: [], lambda: False)
@@ -65,12 +64,8 @@ def test_a_part_that_does_not_get_ready_is_started_once_more_only_if_it_may(tmp_
         assert "kafka not ready after" in first_error and "event=restarting part=kafka" in first_error
         starts.clear()
         etcd = bed.Part("etcd", [], prepare, lambda: len(starts) >= 2)
-        try:
+        with pytest.raises(bed.TestbedError, match="etcd not ready after"):   # no second start
             bed.start_and_wait(etcd, started)
-        except bed.TestbedError as e:
-            assert "etcd not ready after" in str(e)
-        else:
-            raise AssertionError("a part without restart_once fails on its first start")
         assert len(starts) == 1 and [p.name for p, _ in started] == ["kafka", "etcd"]
     finally:
         for part, pid in started:
