@@ -45,7 +45,7 @@ Decision (in this order; the first hold wins)
        `Lag` mode holds increases of at most `lag_tolerance` (10 %), except when the
        recommendation reaches the partition cap or maxReplicas (no stall below the cap).
     5. down: counting each replica at 90 % of its rate (headroom to catch up after the
-       rebalance), to the highest recommendation within `scaleDownStabilizationS`, once that
+       rebalance), to the highest recommendation in force within `scaleDownStabilizationS` (`in_force`), once that
        much history exists, at most `maxScaleDownStep`, and only when at least
        `scale_down_band` (10 %) below the replicas or at minReplicas. In `DrainTime`, once
        the backlog is drained (`backlog_drained_since`), recommendations older than that
@@ -224,9 +224,18 @@ def stalled_partitions(window: Sequence[Observation], stall_after_s: float, auto
     for tp, now in last.partitions.items():
         pos = consumed_position(now, auto_offset_reset)
         if all(tp in o.partitions and consumed_position(o.partitions[tp], auto_offset_reset) == pos
-               and partition_lag(o.partitions[tp], auto_offset_reset) > 0 for o in span):
+               and partition_lag(o.partitions[tp], auto_offset_reset) > 0 for o in span) and held(span, tp):
             out.append(tp)
     return sorted(out)
+
+
+def held(span: Sequence[Observation], tp: TP) -> bool:
+    """One member owned the partition at every observation of the span (where the assignment
+    is known). A partition in a rebalance (the group not Stable: no assignment) or moved to
+    another member stands still because nobody consumes it yet, not because its consumer is
+    stuck: a loaded machine starting four consumers can take longer than `stallAfterS`."""
+    owners = {o.owners.get(tp) for o in span if o.owners is not None}
+    return len(owners) <= 1 and None not in owners
 
 
 def _rate(a: Observation, b: Observation, pick) -> float | None:
@@ -527,7 +536,7 @@ def decide(window: Sequence[Observation], policy: Policy, ctx: Context) -> Decis
     if rec > current:
         target = rec
         if policy.scale_up_stabilization_s > 0:
-            in_window = [r for t, r in ctx.recommendations if t >= ctx.now - policy.scale_up_stabilization_s]
+            in_window = in_force(ctx.recommendations, ctx.now - policy.scale_up_stabilization_s)
             target = min([rec, *in_window])
             if target <= current:
                 return out(inside, UP_STABILIZING if inside == current else CLAMPED,
@@ -562,7 +571,8 @@ def decide(window: Sequence[Observation], policy: Policy, ctx: Context) -> Decis
         released = backlog_drained_since(window, policy, m, rate) if policy.mode == "DrainTime" else None
         if released is not None and released > since:
             since = released    # recommendations made for a backlog that is gone no longer hold replicas
-        in_window = [r for t, r in history if t >= since]
+        # recommendations made for a drained backlog are released, the one in force then included
+        in_window = [r for t, r in history if t >= since] if since == released else in_force(history, since)
         target = max([rec_for_down, *in_window])
         if target < current and target > policy.min_replicas and target > current * (1 - policy.scale_down_band):
             return out(inside, DOWN_STABILIZING if inside == current else CLAMPED,
@@ -582,6 +592,15 @@ def decide(window: Sequence[Observation], policy: Policy, ctx: Context) -> Decis
         return out(current, STALLED, f"partitions {', '.join(f'{t}/{p}' for t, p in m.stalled)} are stalled "
                                      f"(committed offset frozen with lag): their lag does not scale up. {how}")
     return out(current, IDLE if current == 0 else STEADY, how)
+
+
+def in_force(history: Sequence[tuple[float, int]], since: float) -> list[int]:
+    """The recommendations in force at some time since `since`: those made since, and the last
+    one made before, which held until the next (the HPA's window takes only the former: with
+    its regular 15 s syncs nothing is lost, but a gap in the polls on a loaded machine would
+    leave a window holding only the newest, low recommendation)."""
+    before = [r for t, r in history if t <= since]
+    return before[-1:] + [r for t, r in history if t > since]
 
 
 def backlog_drained_since(window: Sequence[Observation], policy: Policy, m: Metrics,

@@ -147,12 +147,19 @@ def test_backlog_scales_up_within_two_polls_and_down_after_the_window(
         # (when the lag was measured, when it scaled): a loaded machine delays the polls and
         # the status writes, so when this test happens to read them says nothing.
         last_high: list[datetime] = []
+        trail: list[tuple[Any, ...]] = []   # what the operator said, for the failure message
 
         def scaled_down() -> dict[str, Any] | None:
             a = get(api, namespace)
             lag = a["status"].get("lag") or {}
             if lag.get("total", 0) > 1200 and lag.get("measuredAt"):
                 last_high.append(datetime.fromisoformat(lag["measuredAt"]))
+            sc_ = a["status"].get("scaling") or {}
+            seen = (lag.get("measuredAt"), lag.get("total"), a["spec"]["replicas"], sc_.get("recommendation"),
+                    sc_.get("reason"), (sc_.get("inputs") or {}).get("members"),
+                    (sc_.get("inputs") or {}).get("stalledPartitions"), (sc_.get("message") or "")[:160])
+            if not trail or trail[-1] != seen:
+                trail.append(seen)
             # the status (with the scale-down's time) follows the scale subresource's write
             down = a["spec"]["replicas"] == 1 and (a["status"].get("scaling") or {}).get("lastScaleTime") != scaled_up_at
             return a if down else None
@@ -160,7 +167,9 @@ def test_backlog_scales_up_within_two_polls_and_down_after_the_window(
                                  interval=0.1)
         scaled_at = datetime.fromisoformat(ac["status"]["scaling"]["lastScaleTime"])
         assert last_high, "the status showed the backlog while it was drained"
-        assert (scaled_at - max(last_high)).total_seconds() >= 4, "scaled down before the stabilization window"
+        assert (scaled_at - max(last_high)).total_seconds() >= 4, \
+            "scaled down before the stabilization window; (measuredAt, lag, replicas, recommendation, reason, " \
+            "members, stalled, message) as read:\n" + "\n".join(map(str, trail))
         operator.wait_until(lambda: [e for e in events(testbed, namespace) if e["reason"] == "ScaleDown"], 10,
                             "a ScaleDown Event")
         operator.wait_until(lambda: set(kubelet.exited) == {"orders-1", "orders-2", "orders-3"}, 60,

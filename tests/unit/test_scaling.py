@@ -97,8 +97,8 @@ def test_scale_up_is_immediate_scale_down_waits_for_the_window() -> None:
     recs = [(0.0, 10), (20.0, 8), (40.0, 3)]
     d = decide([uniform(50, 10, 10)], current=10, recommendations=recs, **p)
     assert (d.replicas, d.reason) == (10, sc.DOWN_STABILIZING)
-    # an older entry proves a whole window was seen; the highest within it wins
-    d = decide([uniform(100, 10, 10)], current=10, recommendations=[(30.0, 10), (45.0, 4), (70.0, 3)], **p)
+    # an older entry proves a whole window was seen; the highest in force within it wins
+    d = decide([uniform(100, 10, 10)], current=10, recommendations=[(30.0, 10), (40.0, 4), (70.0, 3)], **p)
     assert (d.replicas, d.reason) == (4, sc.SCALE_DOWN)
     # no history covering the window (operator restarted): wait
     d = decide([uniform(100, 10, 10)], current=10, recommendations=[(70.0, 1)], **p)
@@ -106,6 +106,24 @@ def test_scale_up_is_immediate_scale_down_waits_for_the_window() -> None:
     # step limit down
     d = decide([uniform(100, 10, 0)], current=10, recommendations=[(30.0, 1)], max_step_down=3, **p)
     assert d.replicas == 7
+
+
+def test_a_gap_in_the_polls_does_not_empty_the_window() -> None:
+    """CI, 2026-11-28: on a loaded machine the polls stopped for seconds while four consumers
+    started; the one recommendation made in the last 5 s was low, and the operator scaled down
+    1 s after a status that still showed the backlog. A recommendation holds until the next
+    one: the one in force when the window began counts."""
+    p = dict(lag_threshold=1_200, scale_down_stabilization_s=5)
+    recs = [(float(t), 4) for t in range(30, 39)] + [(45.0, 1)]
+    d = decide([uniform(46, 12, 0)], current=4, recommendations=recs, **p)
+    assert (d.replicas, d.reason) == (4, sc.DOWN_STABILIZING), d.message
+    # once the low recommendation has held for the whole window, down
+    d = decide([uniform(50.5, 12, 0)], current=4, recommendations=[*recs, (46.0, 1)], **p)
+    assert (d.replicas, d.reason) == (1, sc.SCALE_DOWN), d.message
+    # scale-up stabilization alike: the lower recommendation in force at the window's start holds
+    up = dict(lag_threshold=100, scale_up_stabilization_s=30)
+    d = decide([uniform(100, 10, 100)], current=2, recommendations=[(60.0, 2), (95.0, 10)], **up)
+    assert (d.replicas, d.reason) == (2, sc.UP_STABILIZING), d.message
 
 
 def test_scale_up_stabilization_takes_the_lowest_recent_recommendation() -> None:
@@ -131,6 +149,28 @@ def test_a_stalled_partition_does_not_drive_scale_up() -> None:
     assert d.replicas == 1 and d.reason == sc.STALLED and "orders/0" in d.message
     # before the stall is proven (window shorter than stallAfterS) its lag counts
     assert decide(w[:2], current=1, lag_threshold=1_000, stall_after_s=20).replicas == 4
+
+
+def test_a_partition_without_the_same_owner_all_along_is_not_stalled() -> None:
+    """CI, 2026-11-28 (stallAfterS 4): four consumers starting on a loaded machine rebalanced for
+    seconds; no member consumed (the group was not Stable: no assignment), the positions stood
+    still, and the backlog was judged stalled and scaled down. Burrow's stall is a consumer
+    that holds the partition and does not move: the partition must have had one owner at every
+    poll of the span."""
+    def w(owner_at) -> list[Observation]:
+        return [Observation(o.at, o.partitions, o.members, {tp: who for tp in o.partitions if (who := owner_at(o.at))})
+                for o in stuck_window()]
+    d = decide(w(lambda t: "m0"), current=1, lag_threshold=1_000, stall_after_s=20)
+    assert d.metrics.stalled == ((T, 0),)    # held by m0 all along: stalled
+    # rebalancing (no assignment) at t=20: not stalled until stallAfterS after it
+    d = decide(w(lambda t: None if t == 20 else "m0"), current=1, lag_threshold=1_000, stall_after_s=20)
+    assert d.metrics.stalled == () and d.replicas == 4, d.message
+    # moved to another member at t=20: not stalled either
+    d = decide(w(lambda t: "m1" if t >= 20 else "m0"), current=1, lag_threshold=1_000, stall_after_s=20)
+    assert d.metrics.stalled == () and d.replicas == 4, d.message
+    # the span since the rebalance long enough: stalled again
+    d = decide(w(lambda t: None if t == 0 else "m0"), current=1, lag_threshold=1_000, stall_after_s=20)
+    assert d.metrics.stalled == ((T, 0),)
 
 
 def test_a_group_without_members_is_absent_not_stalled() -> None:
@@ -197,7 +237,7 @@ def test_drain_time_mode_from_measured_rates() -> None:
 
 def test_drain_time_without_a_busy_window_uses_the_known_rate_or_the_lag_formula() -> None:
     idle = [uniform(t, 8, 0, committed=10 * t) for t in range(0, 70, 10)]  # caught up, 80 msg/s
-    d = decide(idle, current=4, mode="DrainTime", recommendations=[(-400.0, 4)], known_rate=40.0)
+    d = decide(idle, current=4, mode="DrainTime", recommendations=[(-400.0, 4), (-300.0, 2)], known_rate=40.0)
     # ceil(80 msg/s / 40) = 2 exactly at capacity: a scale-down leaves 10 % headroom (36 msg/s each)
     assert d.metrics.per_replica_rate is None and d.recommendation == 2 and d.replicas == 3
     assert "headroom" in d.message
