@@ -245,8 +245,20 @@ def observe_sync(admin: Any, spec: AdaptiveConsumerSpec, timeout_s: float,
     except Exception as e:  # noqa: BLE001 - kafka-python's errors (KafkaError and subclasses)
         return Snapshot(lag_error=f"lag of group {k.group_id}: {type(e).__name__}: {e}")
     mine = {tp: m for tp, m in owners.items() if tp in partitions}
-    return Snapshot(observation=Observation(at, partitions, members, mine or None), instance_ids=ids, group_state=state,
-                    group_type=gtype)
+    return Snapshot(observation=Observation(at, partitions, members, mine or None, rebalancing(state)),
+                    instance_ids=ids, group_state=state, group_type=gtype)
+
+
+REBALANCING_STATES = ("preparingrebalance", "preparingrebalancing", "completingrebalance", "completingrebalancing",
+                      "assigning", "reconciling")
+
+
+def rebalancing(state: str | None) -> bool:
+    """The group is between assignments (classic PreparingRebalance/CompletingRebalance, KIP-848
+    Assigning/Reconciling): its members may be consuming nothing, whatever assignment the
+    broker still reports (Kafka 4's coordinator reports the old one during a classic
+    rebalance), so positions that stand still then say nothing of a stall."""
+    return (state or "").replace("_", "").lower() in REBALANCING_STATES
 
 
 _GROUP_LOCK = threading.Lock()    # a kafka-python client is not thread-safe; the probe's pool is

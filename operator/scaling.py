@@ -96,6 +96,7 @@ class Observation:
     # partition -> the member consuming it (the group's assignment), when known: the rate is
     # then measured on the members that were busy, not on the group (see `busy_member_rate`)
     owners: Mapping[TP, str] | None = None
+    rebalancing: bool = False       # the group was between assignments (no stall is judged across one)
 
 
 @dataclass(frozen=True)
@@ -206,9 +207,11 @@ def _since(window: Sequence[Observation], t0: float) -> list[Observation]:
 
 def stalled_partitions(window: Sequence[Observation], stall_after_s: float, auto_offset_reset: str) -> list[TP]:
     """Partitions whose position (committed offset, or where the group would start) stayed
-    the same for at least `stall_after_s` while they had lag and the group had members at
-    every observation of that span (Burrow's STALL/STOP). A group with no member at all is
-    not stalled but absent (scaled to zero, or pods not started): its lag must wake it."""
+    the same for at least `stall_after_s` while they had lag, one member held them and the
+    group had members and was not rebalancing at every observation of that span (Burrow's
+    STALL/STOP). A group with no member at all is not stalled but absent (scaled to zero, or
+    pods not started): its lag must wake it. Nor is a group whose consumers are still joining
+    (a rebalance in the span restarts the clock)."""
     if not window:
         return []
     last = window[-1]
@@ -219,8 +222,8 @@ def stalled_partitions(window: Sequence[Observation], stall_after_s: float, auto
         return []
     span = [older[-1], *[o for o in span if o.at > older[-1].at]]
     out = []
-    if any(o.members <= 0 for o in span):
-        return []
+    if any(o.members <= 0 or o.rebalancing for o in span):
+        return []       # absent, or rebalancing: members that consume nothing yet are not stuck
     for tp, now in last.partitions.items():
         pos = consumed_position(now, auto_offset_reset)
         if all(tp in o.partitions and consumed_position(o.partitions[tp], auto_offset_reset) == pos
@@ -231,9 +234,8 @@ def stalled_partitions(window: Sequence[Observation], stall_after_s: float, auto
 
 def held(span: Sequence[Observation], tp: TP) -> bool:
     """One member owned the partition at every observation of the span (where the assignment
-    is known). A partition in a rebalance (the group not Stable: no assignment) or moved to
-    another member stands still because nobody consumes it yet, not because its consumer is
-    stuck: a loaded machine starting four consumers can take longer than `stallAfterS`."""
+    is known). A partition moved to another member, or absent from a known assignment, stands
+    still because nobody consumes it yet, not because its consumer is stuck."""
     owners = {o.owners.get(tp) for o in span if o.owners is not None}
     return len(owners) <= 1 and None not in owners
 

@@ -3,6 +3,7 @@ member) is read with the offsets, for both group protocols, so the per-replica r
 measured on the members that were busy (afc.operator.scaling.busy_member_rate)."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -118,4 +119,55 @@ def test_the_per_replica_rate_is_measured_on_a_real_group(testbed: Testbed, make
         stop.set()
         for t in threads:
             t.join(10)
+        probe.close()
+
+
+def test_a_rebalancing_group_is_not_stalled(testbed: Testbed, make_topic, names) -> None:
+    """The CI failure of 2026-11-28: consumers starting one after another kept a classic group
+    rebalancing for seconds, the positions stood still, and with a short stallAfterS the backlog
+    was judged stalled. m0 holds all four partitions with a backlog and commits nothing: two
+    observations a second apart show a stall (the control). Then m0 stops polling and m1 joins:
+    the group waits for m0 in PreparingRebalance, the observation says so (the broker still
+    reports m0's assignment), and no stall is judged across it."""
+    from confluent_kafka import Consumer, Producer
+    from afc.operator import scaling as sc
+    topic = make_topic(partitions=4)
+    p = Producer({"bootstrap.servers": testbed.bootstrap})
+    for i in range(40):
+        p.produce(topic, b"x", partition=i % 4)
+    assert p.flush(30) == 0
+    spec_doc = yaml.safe_load(SAMPLE.read_text())["spec"]
+    spec_doc["kafka"].update(bootstrapServers=testbed.bootstrap, topics=[topic], groupId=names.group)
+    spec = AdaptiveConsumerSpec.model_validate(spec_doc)
+    conf = {"bootstrap.servers": testbed.bootstrap, "group.id": names.group, "enable.auto.commit": False,
+            "partition.assignment.strategy": "range", "max.poll.interval.ms": 60_000, "session.timeout.ms": 30_000}
+    m0 = Consumer({**conf, "group.instance.id": f"{names.stem}.m0"})
+    m1: Consumer | None = None
+    probe = KafkaProbe(timeout_s=5)
+    ccfg = client_config(spec, {}, 5)
+
+    def observe():
+        return observe_sync(probe.clients.admin(ccfg), spec, 5, lambda: probe.clients.leaver(ccfg))
+    try:
+        m0.subscribe([topic])
+        wait_for(lambda: m0.poll(0.2) is None and len(m0.assignment()) == 4, 60, 0.1, "m0 holds the four partitions")
+        first = wait_for(lambda: (s := observe()).observation is not None and s.observation.owners
+                         and len(s.observation.owners) == 4 and s, 30, 0.5, "the assignment observed")
+        assert first.group_state == "Stable" and not first.observation.rebalancing
+        time.sleep(1.0)
+        second = observe()
+        assert second.group_state == "Stable" and second.observation is not None
+        window = [first.observation, second.observation]
+        assert len(sc.stalled_partitions(window, 0.5, "earliest")) == 4, "the control: held, frozen, lagging"
+        m1 = Consumer({**conf, "group.instance.id": f"{names.stem}.m1"})
+        m1.subscribe([topic])
+        m1.poll(0.5)
+        snap = wait_for(lambda: (s := observe()).observation is not None and s.observation.rebalancing and s, 30, 0.3,
+                        "the group in a rebalance, waiting for m0 to rejoin")
+        assert snap.group_state == "PreparingRebalance" and snap.observation.members >= 1
+        assert sc.stalled_partitions([*window, snap.observation], 0.5, "earliest") == []
+    finally:
+        for c in (m0, m1):
+            if c is not None:
+                c.close()
         probe.close()
