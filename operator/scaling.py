@@ -45,8 +45,8 @@ Decision (in this order; the first hold wins)
        `Lag` mode holds increases of at most `lag_tolerance` (10 %), except when the
        recommendation reaches the partition cap or maxReplicas (no stall below the cap).
     5. down: counting each replica at 90 % of its rate (headroom to catch up after the
-       rebalance), to the highest recommendation in force within `scaleDownStabilizationS` (`in_force`), once that
-       much history exists, at most `maxScaleDownStep`, and only when at least
+       rebalance), to the highest recommendation in force within `scaleDownStabilizationS`
+       (`in_force`), once that much history exists, at most `maxScaleDownStep`, and only when at least
        `scale_down_band` (10 %) below the replicas or at minReplicas. In `DrainTime`, once
        the backlog is drained (`backlog_drained_since`), recommendations older than that
        no longer count: they were made for a backlog that is gone.
