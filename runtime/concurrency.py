@@ -19,7 +19,8 @@ theirs, from latency alone:
 - Each window compares its latency with it (`ratio`) and estimates, as Vegas does, the
   calls queued inside the downstream: `queue = limit * (1 - 1 / ratio)`.
   - ratio above `latencyTolerance` (1.5) and more than `BETA` calls queued: the downstream
-    queues. Cut to limit * knee / ratio (at most / 4, one slow-start step), the *knee* being a third of the
+    queues. Cut to n * knee / ratio (at most / 4, one slow-start step), n being the limit, or
+    the calls in progress when fewer ran (the limit was not in use), the *knee* being a third of the
     way from 1 to the tolerance (1.17 at 1.5): a downstream that queues beyond capacity C
     has latency about L * n / C, so this lands just above C in one step, where it is fully
     used and its latency is about 1.2 L.
@@ -110,21 +111,28 @@ class ConcurrencyLimit:
         ratio = lat / max(self.baseline_s, NOISE_FLOOR_S)
         top = self.workers
         floor = min(f.min_concurrency, top)
-        queue = self.limit * (1 - 1 / ratio) if ratio > 1 else 0.0
+        # The concurrency the window's latency belongs to: the limit when the window began with
+        # it in use, else the calls then in progress (the fetch path of a loaded machine, not the
+        # limit, held them lower). A cut from an unused limit lands above what runs and changes
+        # nothing, and the unchanged latency then reads as a slower downstream (seen in CI: 256 cut
+        # to 131 while 70 calls ran on a capacity of 32, and held there).
+        used = w.running_at_start >= math.floor(USED * self.limit)
+        basis = self.limit if used else max(1, min(self.limit, w.running_at_start))
+        queue = basis * (1 - 1 / ratio) if ratio > 1 else 0.0
         if w.drop:
             self.limit = max(floor, math.floor(self.limit * f.decrease_factor))
             self.slow_start = False
             reason = "cut-errors"
         elif ratio > f.latency_tolerance and queue > BETA:
             factor = max(MAX_CUT, self.knee / ratio)
-            new = max(floor, min(self.limit - 1, math.floor(self.limit * factor)))
+            new = max(floor, min(self.limit - 1, math.floor(basis * factor)))
             if new < self.limit:
                 self._cut = (lat, factor)
             self.limit = new
             self.slow_start = False
             reason = "cut-latency"
         elif ratio <= self.knee or queue <= ALPHA:
-            if w.running_at_start >= math.floor(USED * self.limit):
+            if used:
                 step = (SLOW_START - 1) * self.limit if self.slow_start and ratio <= self.knee \
                     else max(1, math.ceil(self.limit * f.increase_ratio))
                 self.limit = min(top, self.limit + step)

@@ -91,6 +91,35 @@ def test_a_downstream_slower_but_not_congested_does_not_pin_the_limit_at_the_flo
     assert limits[-1] >= 56 and abs(c.baseline_s - 0.020) < 1e-9
 
 
+def run_supplied(c: ConcurrencyLimit, steps: int, L: float, C: int, supply: int) -> list[int]:
+    """`run`, with at most `supply` calls in progress whatever the limit: the fetch path of a
+    loaded machine, not the limit, holds the concurrency."""
+    out = []
+    before = min(c.limit, supply)
+    for _ in range(steps):
+        n = min(c.limit, supply)
+        c.decide(window(min(before, n), L, C, running=before))
+        before = n
+        out.append(c.limit)
+    return out
+
+
+def test_a_limit_above_what_runs_is_cut_from_what_runs() -> None:
+    """CI, 2026-11-28: slow start went 4 -> 16 -> 64 -> 256 while a loaded machine kept about 70
+    calls going on a downstream of capacity 32. The cut from 256 landed at 131, still above
+    what ran, so latency did not move, the unchanged latency was read as a slower downstream
+    (the no-load latency reset to 2.2x), and 131 held with 70 calls queueing in the downstream.
+    The cut must start from the calls that ran."""
+    L, C = 0.005, 32
+    c = make(workers=256)                             # the trace: the limit at 256, 70 calls running
+    c.limit, c.baseline_s = 256, L
+    limits = run_supplied(c, 30, L, C, supply=70)
+    assert limits[0] < 70, limits                     # cut below what ran, in one step
+    assert all(n <= 1.5 * C for n in limits[3:]), limits
+    assert c.baseline_s == pytest.approx(L), "a cut that lowered latency is not a slower downstream"
+    assert latency(min(limits[-1], 70), L, C) <= 1.5 * L
+
+
 def test_errors_above_the_bound_halve_it() -> None:
     c = make(initial_concurrency=40)
     d = c.decide(window(40, 0.005, 1000, drop=True))
