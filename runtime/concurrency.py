@@ -17,7 +17,7 @@ theirs, from latency alone:
   (`initialConcurrency`, 4) so that it is measured below the downstream's capacity, then
   grows fast (slow start) until latency rises.
 - Each window compares its latency with it (`ratio`) and estimates, as Vegas does, the
-  calls queued inside the downstream: `queue = limit * (1 - 1 / ratio)`.
+  calls queued inside the downstream: `queue = n * (1 - 1 / ratio)` (n: see the cut below).
   - ratio above `latencyTolerance` (1.5) and more than `BETA` calls queued: the downstream
     queues. Cut to n * knee / ratio (at most / 4, one slow-start step), n being the limit, or
     the calls in progress when fewer ran (the limit was not in use), the *knee* being a third of the
@@ -114,8 +114,8 @@ class ConcurrencyLimit:
         # The concurrency the window's latency belongs to: the limit when the window began with
         # it in use, else the calls then in progress (the fetch path of a loaded machine, not the
         # limit, held them lower). A cut from an unused limit lands above what runs and changes
-        # nothing, and the unchanged latency then reads as a slower downstream (seen in CI: 256 cut
-        # to 131 while 70 calls ran on a capacity of 32, and held there).
+        # nothing, and the unchanged latency then reads as a slower downstream (seen in a CI run:
+        # 256 cut to 131 on a capacity of 32, and held there).
         used = w.running_at_start >= math.floor(USED * self.limit)
         basis = self.limit if used else max(1, min(self.limit, w.running_at_start))
         queue = basis * (1 - 1 / ratio) if ratio > 1 else 0.0

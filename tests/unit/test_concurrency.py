@@ -105,11 +105,11 @@ def run_supplied(c: ConcurrencyLimit, steps: int, L: float, C: int, supply: int)
 
 
 def test_a_limit_above_what_runs_is_cut_from_what_runs() -> None:
-    """CI, 2026-11-28: slow start went 4 -> 16 -> 64 -> 256 while a loaded machine kept about 70
-    calls going on a downstream of capacity 32. The cut from 256 landed at 131, still above
-    what ran, so latency did not move, the unchanged latency was read as a slower downstream
-    (the no-load latency reset to 2.2x), and 131 held with 70 calls queueing in the downstream.
-    The cut must start from the calls that ran."""
+    """CI, 2026-11-28: slow start went 4 -> 16 -> 64 -> 256 on a downstream of capacity 32 while a
+    loaded machine kept fewer calls going than the limit (70 here). The cut from 256 landed at
+    131, still above what ran, so latency did not move, the unchanged latency was read as a
+    slower downstream (the no-load latency reset to it), and 131 held with the downstream
+    queueing. The cut must start from the calls that ran."""
     L, C = 0.005, 32
     c = make(workers=256)                             # the trace: the limit at 256, 70 calls running
     c.limit, c.baseline_s = 256, L
