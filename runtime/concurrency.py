@@ -117,7 +117,7 @@ class ConcurrencyLimit:
         # nothing, and the unchanged latency then reads as a slower downstream (seen in a CI run:
         # 256 cut to 131 on a capacity of 32, and held there).
         used = w.running_at_start >= math.floor(USED * self.limit)
-        basis = self.limit if used else max(1, min(self.limit, w.running_at_start))
+        basis = self.limit if used else max(1, w.running_at_start)     # (not used: below the limit)
         queue = basis * (1 - 1 / ratio) if ratio > 1 else 0.0
         if w.drop:
             self.limit = max(floor, math.floor(self.limit * f.decrease_factor))

@@ -18,13 +18,24 @@ pytestmark = [pytest.mark.kafka]
 SAMPLE = Path(__file__).resolve().parents[2] / "manifests" / "samples" / "afc_v1alpha1_adaptiveconsumer.yaml"
 
 
+def sample_spec(testbed: Testbed, topic: str, names) -> AdaptiveConsumerSpec:
+    """The sample AdaptiveConsumer's spec, on the bed's broker, this topic and this test's group."""
+    doc = yaml.safe_load(SAMPLE.read_text())["spec"]
+    doc["kafka"].update(bootstrapServers=testbed.bootstrap, topics=[topic], groupId=names.group)
+    return AdaptiveConsumerSpec.model_validate(doc)
+
+
+def observe(probe: KafkaProbe, spec: AdaptiveConsumerSpec):
+    """One measurement of the group, as the operator's poll takes it."""
+    ccfg = client_config(spec, {}, 5)
+    return observe_sync(probe.clients.admin(ccfg), spec, 5, lambda: probe.clients.leaver(ccfg))
+
+
 @pytest.mark.parametrize("protocol", ["classic", "consumer"])
 def test_the_observation_carries_the_groups_assignment(testbed: Testbed, make_topic, names, protocol: str) -> None:
     from confluent_kafka import Consumer
     topic = make_topic(partitions=4)
-    spec_doc = yaml.safe_load(SAMPLE.read_text())["spec"]
-    spec_doc["kafka"].update(bootstrapServers=testbed.bootstrap, topics=[topic], groupId=names.group)
-    spec = AdaptiveConsumerSpec.model_validate(spec_doc)
+    spec = sample_spec(testbed, topic, names)
     conf = {"bootstrap.servers": testbed.bootstrap, "group.id": names.group, "enable.auto.commit": False}
     if protocol == "consumer":
         conf["group.protocol"] = "consumer"
@@ -41,12 +52,11 @@ def test_the_observation_carries_the_groups_assignment(testbed: Testbed, make_to
                 c.poll(0.2)
             return sum(len(c.assignment()) for c in consumers) == 4 and all(c.assignment() for c in consumers)
         wait_for(assigned, 60, 0.1, f"both {protocol} members hold partitions")
-        ccfg = client_config(spec, {}, 5)
 
         def observed() -> dict | None:
             for c in consumers:
                 c.poll(0.1)
-            snap = observe_sync(probe.clients.admin(ccfg), spec, 5, lambda: probe.clients.leaver(ccfg))
+            snap = observe(probe, spec)
             o = snap.observation
             return o.owners if o is not None and o.owners and len(o.owners) == 4 else None
         owners = wait_for(observed, 60, 0.5, "the observation names an owner for every partition")
@@ -76,9 +86,7 @@ def test_the_per_replica_rate_is_measured_on_a_real_group(testbed: Testbed, make
     for i in range(8_000):
         p.produce(topic, value=b"x", partition=i % 4)
     assert p.flush(30) == 0
-    spec_doc = yaml.safe_load(SAMPLE.read_text())["spec"]
-    spec_doc["kafka"].update(bootstrapServers=testbed.bootstrap, topics=[topic], groupId=names.group)
-    spec = AdaptiveConsumerSpec.model_validate(spec_doc)
+    spec = sample_spec(testbed, topic, names)
     stop = threading.Event()
 
     def member(i: int) -> None:
@@ -99,11 +107,10 @@ def test_the_per_replica_rate_is_measured_on_a_real_group(testbed: Testbed, make
         t.start()
     probe = KafkaProbe(timeout_s=5)
     try:
-        ccfg = client_config(spec, {}, 5)
         policy = sc.Policy(mode="DrainTime", rate_window_s=8, stall_after_s=1e9)
 
         def snap() -> sc.Observation | None:
-            o = observe_sync(probe.clients.admin(ccfg), spec, 5, lambda: probe.clients.leaver(ccfg)).observation
+            o = observe(probe, spec).observation
             return o if o is not None and o.owners and len(set(o.owners.values())) == 2 else None
         window = [wait_for(snap, 60, 0.5, "both members assigned")]
         end = time.monotonic() + 10
@@ -136,34 +143,28 @@ def test_a_rebalancing_group_is_not_stalled(testbed: Testbed, make_topic, names)
     for i in range(40):
         p.produce(topic, b"x", partition=i % 4)
     assert p.flush(30) == 0
-    spec_doc = yaml.safe_load(SAMPLE.read_text())["spec"]
-    spec_doc["kafka"].update(bootstrapServers=testbed.bootstrap, topics=[topic], groupId=names.group)
-    spec = AdaptiveConsumerSpec.model_validate(spec_doc)
+    spec = sample_spec(testbed, topic, names)
     conf = {"bootstrap.servers": testbed.bootstrap, "group.id": names.group, "enable.auto.commit": False,
             "partition.assignment.strategy": "range", "max.poll.interval.ms": 60_000, "session.timeout.ms": 30_000}
     m0 = Consumer({**conf, "group.instance.id": f"{names.stem}.m0"})
     m1: Consumer | None = None
     probe = KafkaProbe(timeout_s=5)
-    ccfg = client_config(spec, {}, 5)
-
-    def observe():
-        return observe_sync(probe.clients.admin(ccfg), spec, 5, lambda: probe.clients.leaver(ccfg))
     try:
         m0.subscribe([topic])
         wait_for(lambda: m0.poll(0.2) is None and len(m0.assignment()) == 4, 60, 0.1, "m0 holds the four partitions")
-        first = wait_for(lambda: (s := observe()).observation is not None and s.observation.owners
+        first = wait_for(lambda: (s := observe(probe, spec)).observation is not None and s.observation.owners
                          and len(s.observation.owners) == 4 and s, 30, 0.5, "the assignment observed")
         assert first.group_state == "Stable" and not first.observation.rebalancing
         time.sleep(1.0)
-        second = observe()
+        second = observe(probe, spec)
         assert second.group_state == "Stable" and second.observation is not None
         window = [first.observation, second.observation]
         assert len(sc.stalled_partitions(window, 0.5, "earliest")) == 4, "the control: held, frozen, lagging"
         m1 = Consumer({**conf, "group.instance.id": f"{names.stem}.m1"})
         m1.subscribe([topic])
         m1.poll(0.5)
-        snap = wait_for(lambda: (s := observe()).observation is not None and s.observation.rebalancing and s, 30, 0.3,
-                        "the group in a rebalance, waiting for m0 to rejoin")
+        snap = wait_for(lambda: (s := observe(probe, spec)).observation is not None and s.observation.rebalancing
+                        and s, 30, 0.3, "the group in a rebalance, waiting for m0 to rejoin")
         assert snap.group_state == "PreparingRebalance" and snap.observation.members >= 1
         assert sc.stalled_partitions([*window, snap.observation], 0.5, "earliest") == []
     finally:
