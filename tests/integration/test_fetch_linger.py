@@ -1,4 +1,4 @@
-"""flow.fetchLingerMs on a real broker: the Kafka thread's fetch (Runtime._fetch) waits for
+"""flow.fetchLingerMs on a real broker: the Kafka thread's fetch (Runtime._fetch_once) waits for
 more records only when they arrive as a stream, never for a lone record or a full batch."""
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from afc.runtime import consumer
 from afc.runtime.consumer import Runtime
 from afctest import produce_json
 
@@ -55,7 +56,7 @@ def test_a_fetch_that_finds_a_stream_waits_for_the_rest(testbed, make_topic, nam
     f, c = fetcher(testbed, names, topic, linger_s, after_first=send_more)
     try:
         t0 = time.monotonic()
-        got = Runtime._fetch(f, 10, 15.0)
+        got = Runtime._fetch_once(f, 10, 15.0)
         took = time.monotonic() - t0
         sent[0].join(15)
     finally:
@@ -73,7 +74,7 @@ def test_a_lone_record_and_a_full_batch_are_not_held(testbed, make_topic, names)
     f, c = fetcher(testbed, names, topic, 5.0)
     try:
         t0 = time.monotonic()
-        lone = Runtime._fetch(f, 100, 15.0)          # one record there: handed on at once
+        lone = Runtime._fetch_once(f, 100, 15.0)          # one record there: handed on at once
         took_lone = time.monotonic() - t0
         produce_json(testbed.bootstrap, topic, [{"n": i} for i in range(1, 6)])
         full_first = c.poll(15)                      # wait for the next fetch, then read it again
@@ -81,13 +82,87 @@ def test_a_lone_record_and_a_full_batch_are_not_held(testbed, make_topic, names)
         c.seek(TopicPartition(topic, 0, 1))
         time.sleep(1.0)                              # the refetch lands in the local queue
         t0 = time.monotonic()
-        full = Runtime._fetch(f, 5, 15.0)            # the whole budget there: no wait
+        full = Runtime._fetch_once(f, 5, 15.0)            # the whole budget there: no wait
         took_full = time.monotonic() - t0
         t0 = time.monotonic()
-        nothing = Runtime._fetch(f, 100, 0.2)        # and with nothing there, the poll's timeout
+        nothing = Runtime._fetch_once(f, 100, 0.2)        # and with nothing there, the poll's timeout
         took_nothing = time.monotonic() - t0
     finally:
         c.close()
     assert [m.offset() for m in lone] == [0] and took_lone < 4.5   # the first fetch's own wait, well under 5 s
     assert [m.offset() for m in full] == [1, 2, 3, 4, 5] and took_full < 2.5
     assert nothing == [] and took_nothing < 2.5
+
+
+def ticket(f, posted: list, on_part=None):
+    """What Runtime._fetch reads beside _fetch_once: the counters of Kafka calls sent and
+    begun, the state, and where parts go (on the loop's side, `posted`)."""
+    f._k_sent = f._k_started = 0
+    f.state = "running"
+    f._fetch_once = lambda budget, timeout: Runtime._fetch_once(f, budget, timeout)
+
+    def post(event) -> None:
+        posted.append(event)
+        if on_part is not None:
+            on_part(len(posted))
+    f._post_threadsafe = post
+    return f
+
+
+def test_a_fetch_hands_records_over_in_parts_until_a_kafka_call_waits(testbed, make_topic, names, monkeypatch) -> None:
+    """A fetch that brought less than its budget hands its records over and fetches again
+    (at a modest rate the loop does not wake the Kafka thread for every batch); once another
+    Kafka call waits behind it (a commit, a pause) it ends with what its next fetch brought.
+    Nothing is lost or handed over twice."""
+    monkeypatch.setattr(consumer, "FETCH_SPAN_S", 60.0)  # so only the waiting call can end it early
+    topic = make_topic("in", partitions=1)
+    produce_json(testbed.bootstrap, topic, [{"n": i} for i in range(3)])
+    posted: list = []
+
+    def on_part(n: int) -> None:            # on the Kafka thread, as each part is handed over
+        if n == 1:
+            produce_json(testbed.bootstrap, topic, [{"n": i} for i in range(3, 7)])
+        elif n == 2:
+            f._k_sent += 1                   # the loop sent another call: this fetch ends next
+            produce_json(testbed.bootstrap, topic, [{"n": i} for i in range(7, 9)])
+
+    f, c = fetcher(testbed, names, topic, 0.0)
+    ticket(f, posted, on_part)
+    try:
+        t0 = time.monotonic()
+        last = Runtime._fetch(f, 100, 10.0, 5)
+        took = time.monotonic() - t0
+    finally:
+        c.close()
+    assert [e[:2] for e in posted] == [("fetched-part", 5)] * len(posted) and len(posted) >= 2
+    handed = [m.offset() for e in posted for m in e[2]] + [m.offset() for m in last]
+    assert handed == list(range(9))
+    assert last and last[-1].offset() == 8           # ended by the waiting call, with the records it had
+    assert took < 9                                  # not by a poll's 10 s timeout
+
+
+def test_a_fetch_in_parts_ends_when_a_poll_finds_nothing_or_the_budget_is_reached(testbed, make_topic, names) -> None:
+    """The other two ends: a poll that times out (the part already handed over stays handed
+    over, the end brings nothing), and the budget (parts and end together, never more)."""
+    topic = make_topic("in", partitions=1)
+    produce_json(testbed.bootstrap, topic, [{"n": i} for i in range(3)])
+    posted: list = []
+    f, c = fetcher(testbed, names, topic, 0.0)
+    ticket(f, posted)
+    try:
+        t0 = time.monotonic()
+        idle_end = Runtime._fetch(f, 100, 0.5, 1)
+        took = time.monotonic() - t0
+        produce_json(testbed.bootstrap, topic, [{"n": i} for i in range(3, 12)])
+        posted_before = len(posted)
+        capped = []
+        while sum(map(len, capped)) < 9:          # budget 4: parts and end never pass it
+            out = Runtime._fetch(f, 4, 10.0, 2)
+            parts = [e[2] for e in posted[posted_before:]]
+            posted_before = len(posted)
+            assert sum(map(len, parts)) + len(out) <= 4
+            capped += [*parts, out]
+    finally:
+        c.close()
+    assert idle_end == [] and [m.offset() for m in posted[0][2]] == [0, 1, 2] and took >= 0.4
+    assert [m.offset() for p in capped for m in p] == list(range(3, 12))

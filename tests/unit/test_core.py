@@ -634,3 +634,38 @@ def test_a_parked_records_followers_go_before_a_fresh_record_of_the_same_key() -
     assert rt.dispatcher.calls == [] and id(parked) in rt.parked
     rt._on_store(StoreOutcome(claims=[(parked, Claim.DONE), (newer, Claim.CLAIMED)]))
     assert rt.dispatcher.calls == [[1, 2]]
+
+
+class _Raw:
+    """What _wrap reads of a fetched record (confluent_kafka.Message's getters)."""
+    def __init__(self, offset: int) -> None:
+        self._o = offset
+
+    def error(self): return None
+    def topic(self): return "t"
+    def partition(self): return 0
+    def offset(self): return self._o
+    def headers(self): return None
+    def value(self): return b'{"n": 1}'
+    def key(self): return b"k%d" % self._o
+    def timestamp(self): return (1, 0)
+
+
+@pytest.mark.parametrize("parts, last, full", [([[0, 1, 2], [3]], [4, 5], False), ([[0, 1, 2, 3]], [4, 5, 6, 7, 8, 9], True)])
+def test_a_fetch_handed_over_in_parts_releases_exactly_its_reservation(parts, last, full) -> None:
+    """A fetch that goes on after handing records over (Runtime._fetch): each part is taken in
+    order and frees its share of the reservation, the end frees the rest; a fetch whose parts
+    and end together brought its whole budget counts as full (a backlog: fetch again at once)."""
+    import concurrent.futures
+    rt, part = _bare_runtime()
+    rt.state, rt.fetching, rt._reserved, rt.fetch_seq = "running", 1, 10, 1
+    for p in parts:
+        rt._on_fetched_part(1, [_Raw(o) for o in p])
+    assert rt._reserved == 10 - sum(map(len, parts))
+    end: concurrent.futures.Future = concurrent.futures.Future()
+    end.set_result([_Raw(o) for o in last])
+    rt._on_fetched(1, end, 10)
+    assert rt.fetching == 0 and rt._reserved == 0 and rt._parts_taken == {}
+    assert rt._full is full
+    assert rt.dispatcher.calls == [*parts, last]
+    assert part.unfinished == [*sum(parts, []), *last]
