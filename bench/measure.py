@@ -110,10 +110,18 @@ class ProcSampler:
 
     def cpu_by_role(self) -> dict[str, float]:
         """CPU seconds so far by role: loop (the main thread, afc's event loop), librdkafka
-        (its rdk:* threads) and python (every other thread: handler workers, the Kafka calls)."""
+        (its rdk:* threads) and python: the rest of the process's CPU, which the kernel keeps
+        for threads that ended too (handler workers leave when idle; summing the live threads
+        lost their CPU, and a difference of two readings could come out negative)."""
         out = {"loop": 0.0, "librdkafka": 0.0, "python": 0.0}
+        try:
+            t = self.proc.cpu_times()
+        except psutil.Error:
+            return out
         for tid, name, cpu in self._thread_times():
-            out["loop" if tid == self.pid else "librdkafka" if name.startswith("rdk:") else "python"] += cpu
+            if tid == self.pid or name.startswith("rdk:"):
+                out["loop" if tid == self.pid else "librdkafka"] += cpu
+        out["python"] = max(0.0, t.user + t.system - out["loop"] - out["librdkafka"])
         return out
 
     def summary(self) -> dict[str, Any]:

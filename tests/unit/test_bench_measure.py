@@ -167,6 +167,27 @@ def test_lowrate_splits_a_process_cpu_by_thread_and_counts_it_all() -> None:
     assert sum(cpu.values()) <= time.process_time() + 0.05    # nothing counted twice
 
 
+def test_lowrate_counts_the_cpu_of_a_thread_that_ended_between_two_readings() -> None:
+    """A handler worker that leaves mid-window still spent its CPU in the window."""
+    import os
+    import threading
+    sampler = measure.ProcSampler(os.getpid())
+    before = sampler.cpu_by_role()
+    spent: list[float] = []
+
+    def spin() -> None:
+        import time
+        stop = time.thread_time() + 0.3
+        while time.thread_time() < stop:
+            pass
+        spent.append(time.thread_time())
+    t = threading.Thread(target=spin)
+    t.start()
+    t.join()
+    after = sampler.cpu_by_role()
+    assert after["python"] - before["python"] >= 0.9 * spent[0]
+
+
 def test_the_stall_probe_reports_how_late_a_1_ms_sleep_woke() -> None:
     """A real process of its own (nothing to stand in for): it sleeps 1 ms at a time for the
     given seconds and reports the oversleeps; a busy core here makes them later, not absent."""
