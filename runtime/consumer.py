@@ -246,21 +246,28 @@ class Runtime:
         except RuntimeError:            # loop closed during a hard exit
             pass
 
-    def _fetch(self, budget: int, timeout: float, seq: int) -> list[Any]:
+    def _fetch(self, budget: int, timeout: float, seq: int) -> None:
         """Kafka thread: one fetch of up to `budget` records (see _fetch_once). One that
         brings fewer hands them to the loop as a part and fetches again for the rest, while
-        no other Kafka call waits behind it and for at most FETCH_SPAN_S; what it returns is
-        its last part. At a modest rate each fetch brings a record or a few: the loop then
-        does not wake this thread for every batch (a context switch each; afc at 500 msg/s
-        took 31 % of a core with them, 27 % without: docs/performance.md). A call sent
-        meanwhile (a commit, a pause, a seek) waits at most one poll, as behind one fetch."""
+        no other Kafka call waits behind it and for at most FETCH_SPAN_S. At a modest rate
+        each fetch brings a record or a few: the loop then does not wake this thread for
+        every batch (a context switch each; afc at 500 msg/s took 31 % of a core with them,
+        27 % without: docs/performance.md). A call sent meanwhile (a commit, a pause, a seek)
+        waits at most one poll, as behind one fetch.
+
+        Parts and the end go to the loop in one channel (call_soon_threadsafe, first in first
+        out) with the rebalance callbacks, never through the executor's future: that comes
+        back a loop turn later, so the next fetch's first part overtook a fetch's end, and
+        the end's records looked like a re-fetch and were dropped. The future only reports
+        a failure."""
         taken = 0
         end = time.monotonic() + FETCH_SPAN_S
         while True:
             out = self._fetch_once(budget - taken, timeout)
             if not out or taken + len(out) >= budget or self._k_sent != self._k_started \
                     or self.state != "running" or time.monotonic() >= end:
-                return out
+                self._post_threadsafe(("fetched", seq, out, budget))
+                return
             taken += len(out)
             self._post_threadsafe(("fetched-part", seq, out))
 
@@ -405,6 +412,8 @@ class Runtime:
                 self._on_results(ev[1])
             elif kind == "fetched":
                 self._on_fetched(ev[1], ev[2], ev[3])
+            elif kind == "fetch-failed":
+                self._on_fetch_failed(ev[1], ev[2], ev[3])
             elif kind == "fetched-part":
                 self._on_fetched_part(ev[1], ev[2])
             elif kind == "store":
@@ -570,19 +579,21 @@ class Runtime:
 
     # ---------------------------------------------------------------- fetched records
 
-    def _on_fetched(self, seq: int, fut: "asyncio.Future[list[Any]]", budget: int) -> None:
+    def _on_fetched(self, seq: int, raw: list[Any], budget: int) -> None:
         """A fetch ended: its reservation is released (what its parts brought already was)."""
         taken = self._parts_taken.pop(seq, 0)
         self.fetching -= 1
         self._reserved -= budget - taken
-        try:
-            raw = fut.result()
-        except Exception as e:  # noqa: BLE001 - a failed poll is retried by the next tick
-            log.warning("event=fetch-failed error=%r", e)
-            self._full = False
-            return
         self._full = budget > 1 and taken + len(raw) >= budget
         self._take(raw, seq)
+
+    def _on_fetch_failed(self, seq: int, fut: "asyncio.Future[None]", budget: int) -> None:
+        """A fetch raised (its parts before that were taken): retried by the next tick."""
+        taken = self._parts_taken.pop(seq, 0)
+        self.fetching -= 1
+        self._reserved -= budget - taken
+        self._full = False
+        log.warning("event=fetch-failed error=%r", fut.exception())
 
     def _on_fetched_part(self, seq: int, raw: list[Any]) -> None:
         """Records of a fetch still going on (see _fetch): its reservation shrinks by what they are."""
@@ -1169,12 +1180,16 @@ class Runtime:
             self.in_work + self._reserved, starved)
         if budget <= 0 and (self.fetching or (self.parts and len(self.paused) < len(self.parts))):
             return                      # momentary saturation: wait for results, do not fetch more
+        self._send_fetch(budget, 0.05 if budget > 0 else 0.1)
+
+    def _send_fetch(self, budget: int, timeout: float) -> None:
         self.fetching += 1
         self._reserved += budget
         self.fetch_seq += 1
         seq = self.fetch_seq
-        fut = self._kop(self._fetch, budget, 0.05 if budget > 0 else 0.1, seq)
-        fut.add_done_callback(lambda f: self._post(("fetched", seq, f, budget)))
+        fut = self._kop(self._fetch, budget, timeout, seq)
+        fut.add_done_callback(lambda f: None if f.cancelled() or f.exception() is None
+                              else self._post(("fetch-failed", seq, f, budget)))
 
     def _watchdog(self) -> None:
         assert self.dispatcher is not None

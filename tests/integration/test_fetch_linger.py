@@ -130,14 +130,16 @@ def test_a_fetch_hands_records_over_in_parts_until_a_kafka_call_waits(testbed, m
     ticket(f, posted, on_part)
     try:
         t0 = time.monotonic()
-        last = Runtime._fetch(f, 100, 10.0, 5)
+        Runtime._fetch(f, 100, 10.0, 5)
         took = time.monotonic() - t0
     finally:
         c.close()
-    assert [e[:2] for e in posted] == [("fetched-part", 5)] * len(posted) and len(posted) >= 2
-    handed = [m.offset() for e in posted for m in e[2]] + [m.offset() for m in last]
+    *parts, end = posted
+    assert [e[:2] for e in parts] == [("fetched-part", 5)] * len(parts) and len(parts) >= 2
+    assert end[:2] == ("fetched", 5) and end[3] == 100      # the end, in the same channel, after the parts
+    handed = [m.offset() for e in posted for m in e[2]]
     assert handed == list(range(9))
-    assert last and last[-1].offset() == 8           # ended by the waiting call, with the records it had
+    assert end[2] and end[2][-1].offset() == 8       # ended by the waiting call, with the records it had
     assert took < 9                                  # not by a poll's 10 s timeout
 
 
@@ -151,18 +153,18 @@ def test_a_fetch_in_parts_ends_when_a_poll_finds_nothing_or_the_budget_is_reache
     ticket(f, posted)
     try:
         t0 = time.monotonic()
-        idle_end = Runtime._fetch(f, 100, 0.5, 1)
+        Runtime._fetch(f, 100, 0.5, 1)
         took = time.monotonic() - t0
+        idle = list(posted)
         produce_json(testbed.bootstrap, topic, [{"n": i} for i in range(3, 12)])
-        posted_before = len(posted)
-        capped = []
+        capped: list = []
         while sum(map(len, capped)) < 9:          # budget 4: parts and end never pass it
-            out = Runtime._fetch(f, 4, 10.0, 2)
-            parts = [e[2] for e in posted[posted_before:]]
-            posted_before = len(posted)
-            assert sum(map(len, parts)) + len(out) <= 4
-            capped += [*parts, out]
+            posted.clear()
+            Runtime._fetch(f, 4, 10.0, 2)
+            assert posted[-1][0] == "fetched" and sum(len(e[2]) for e in posted) <= 4
+            capped += [e[2] for e in posted]
     finally:
         c.close()
-    assert idle_end == [] and [m.offset() for m in posted[0][2]] == [0, 1, 2] and took >= 0.4
+    assert [e[0] for e in idle] == ["fetched-part", "fetched"] and took >= 0.4
+    assert [m.offset() for m in idle[0][2]] == [0, 1, 2] and idle[1][2] == []
     assert [m.offset() for p in capped for m in p] == list(range(3, 12))
