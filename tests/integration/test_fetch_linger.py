@@ -74,7 +74,7 @@ def test_a_lone_record_and_a_full_batch_are_not_held(testbed, make_topic, names)
     f, c = fetcher(testbed, names, topic, 5.0)
     try:
         t0 = time.monotonic()
-        lone = Runtime._fetch_once(f, 100, 15.0)          # one record there: handed on at once
+        lone = Runtime._fetch_once(f, 100, 15.0)     # one record there: handed on at once
         took_lone = time.monotonic() - t0
         produce_json(testbed.bootstrap, topic, [{"n": i} for i in range(1, 6)])
         full_first = c.poll(15)                      # wait for the next fetch, then read it again
@@ -82,10 +82,10 @@ def test_a_lone_record_and_a_full_batch_are_not_held(testbed, make_topic, names)
         c.seek(TopicPartition(topic, 0, 1))
         time.sleep(1.0)                              # the refetch lands in the local queue
         t0 = time.monotonic()
-        full = Runtime._fetch_once(f, 5, 15.0)            # the whole budget there: no wait
+        full = Runtime._fetch_once(f, 5, 15.0)       # the whole budget there: no wait
         took_full = time.monotonic() - t0
         t0 = time.monotonic()
-        nothing = Runtime._fetch_once(f, 100, 0.2)        # and with nothing there, the poll's timeout
+        nothing = Runtime._fetch_once(f, 100, 0.2)   # and with nothing there, the poll's timeout
         took_nothing = time.monotonic() - t0
     finally:
         c.close()
