@@ -275,7 +275,7 @@ class Runtime:
         """Kafka thread: wait for one message, then take what is already there. If more than
         one was there but fewer than the budget (records arriving as a stream), wait up to
         flow.fetchLingerMs for the rest: at a modest rate a fetch otherwise brings a handful,
-        and each batch costs a store call and four thread hand-offs whatever its size. A lone
+        and each batch costs a store call and three thread hand-offs whatever its size. A lone
         record (a trickle) is handed on at once."""
         c = self.consumer
         assert c is not None
