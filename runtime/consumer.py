@@ -579,19 +579,22 @@ class Runtime:
 
     # ---------------------------------------------------------------- fetched records
 
-    def _on_fetched(self, seq: int, raw: list[Any], budget: int) -> None:
-        """A fetch ended: its reservation is released (what its parts brought already was)."""
+    def _end_fetch(self, seq: int, budget: int) -> int:
+        """A fetch ended, done or failed: its reservation is released, less what its parts
+        brought (released as they came); returns that."""
         taken = self._parts_taken.pop(seq, 0)
         self.fetching -= 1
         self._reserved -= budget - taken
+        return taken
+
+    def _on_fetched(self, seq: int, raw: list[Any], budget: int) -> None:
+        taken = self._end_fetch(seq, budget)
         self._full = budget > 1 and taken + len(raw) >= budget
         self._take(raw, seq)
 
     def _on_fetch_failed(self, seq: int, fut: "asyncio.Future[None]", budget: int) -> None:
         """A fetch raised (its parts before that were taken): retried by the next tick."""
-        taken = self._parts_taken.pop(seq, 0)
-        self.fetching -= 1
-        self._reserved -= budget - taken
+        self._end_fetch(seq, budget)
         self._full = False
         log.warning("event=fetch-failed error=%r", fut.exception())
 
