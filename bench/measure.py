@@ -119,8 +119,10 @@ class ProcSampler:
         except psutil.Error:
             return out
         for tid, name, cpu in self._thread_times():
-            if tid == self.pid or name.startswith("rdk:"):
-                out["loop" if tid == self.pid else "librdkafka"] += cpu
+            if tid == self.pid:
+                out["loop"] += cpu
+            elif name.startswith("rdk:"):
+                out["librdkafka"] += cpu
         out["python"] = max(0.0, t.user + t.system - out["loop"] - out["librdkafka"])
         return out
 
